@@ -1,0 +1,246 @@
+"""Active Learning for Biomedical Image Segmentation (K. Jethaliya, Univ. at Buffalo; papers/ceal_mcdropout.md).
+
+Cost-Effective Active Learning (CEAL) with Monte Carlo dropout: the per-pixel variance of T stochastic
+predictions is an uncertainty map whose sum ranks the unlabelled pool; each iteration sends the least and
+the most uncertain samples, and a random draw from the low-uncertainty band, to the oracle, and
+pseudo-labels the most confident samples with the model's own prediction.
+
+  python ceal_mcdropout.py                                           # synthetic data, CPU, about 2 minutes
+  python ceal_mcdropout.py --data isic2017 --data-dir ~/data/isic2017 # the paper's ISIC 2017 protocol (GPU)
+  python ceal_mcdropout.py --data lgg --data-dir ~/data/kaggle_3m     # the paper's LGG protocol (GPU)
+"""
+import time
+
+import numpy as np
+import torch
+
+import common
+from unet import UNet
+
+# Defaults per dataset. The paper's numbers for its datasets (Tables 1-2, Sec. 4-5); the public CEAL code
+# (Gorriz et al., github.com/marc-gorriz/CEAL-Medical-Image-Segmentation) where the paper is silent.
+DEFAULTS = {
+    "isic2017": dict(split=[1600, 400, 600],  # Table 1: train 1600 (of the official 2000), val 400, official test 600
+                     initial=600,             # Table 1: 600 labelled / 1000 unlabelled
+                     query=35,                # Sec. 4.2: 10 lowest + 10 highest + 15 random from the low band
+                     rounds=10,               # paper silent: reference code nb_iterations = 10
+                     epochs_initial=20, epochs=5,  # Sec. 5: 20 epochs initial, 5 per iteration
+                     batch_size=32,           # paper silent: reference code fits with batch_size=32
+                     lr=1e-4,                 # paper silent: reference code Adam 1e-5 with Dice loss; 1e-4 with BCE+Dice here
+                     width=64,                # Sec. 1.2: about 31 M parameters
+                     image_size=256,          # paper silent: reference code 192x240; 256x256 keeps 2^4 poolings exact
+                     pseudo_step=20,          # Sec. 4.2: 20 x iteration pseudo-labelled samples
+                     mc_passes=20),           # paper silent ("t steps"): reference code nb_step_predictions = 20
+    "lgg": dict(split=[878, 220, 275], initial=329,  # Table 2 (1373 slices with tumour, split by patient here)
+                query=35, rounds=10, epochs_initial=20, epochs=5, batch_size=32, lr=1e-4, width=64,
+                image_size=256,  # the kaggle_3m slices are 256x256
+                pseudo_step=20, mc_passes=20),
+    # CPU-sized protocol: about two minutes on 2 cores. Same shape as the paper's, scaled down.
+    "synthetic": dict(split=[300, 60, 100], initial=60, query=10, rounds=6, epochs_initial=20, epochs=5,
+                      batch_size=16, lr=1e-3, width=16, image_size=64, pseudo_step=5, mc_passes=10),
+    # Any other dataset: the ISIC protocol, split sizes from the data (common.default_split).
+    "other": dict(split=None, initial=None, query=35, rounds=10, epochs_initial=20, epochs=5, batch_size=32,
+                  lr=1e-4, width=64, image_size=256, pseudo_step=20, mc_passes=20),
+}
+
+
+def parse_args(argv=None):
+    p = common.shared_parser(__doc__, ["ceal", "random", "full"], DEFAULTS)
+    # CEAL flags
+    p.add_argument("--mc-passes", type=int, help="T stochastic passes for the uncertainty map; default per --data: "
+                   "isic2017 20, synthetic 10 (paper silent: reference code 20)")
+    p.add_argument("--pseudo-step", type=int, help="pseudo-labels per iteration = pseudo_step x iteration "
+                   "(Sec. 4.2: 20); default per --data")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout probability (paper silent; reference code "
+                   "uses 0.5 at the bottleneck only; 0.2 between the convolutions of every block here; default 0.2)")
+    p.add_argument("--dropout-at", default="every", choices=["every", "bottleneck"],
+                   help="every block (Sec. 1.2, default) or bottleneck only (the public CEAL code)")
+    p.add_argument("--loss", default="bce+dice", choices=["bce+dice", "dice"],
+                   help="paper silent; the reference code trains on soft Dice (default: bce+dice)")
+    p.add_argument("--all-slices", action="store_true",
+                   help="lgg: keep slices without tumour (the paper keeps the 1373 with tumour)")
+    args = common.resolve(p.parse_args(argv), DEFAULTS)
+    return args
+
+
+def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6):
+    """Sec. 4.2 on the pool's uncertainty scores; returns positions into `scores` for the four groups:
+    1. the n_low lowest scores (lesions the model missed) -> oracle;
+    2. the n_high highest scores -> oracle;
+    3. n_band drawn at random from the low-uncertainty band of the histogram (Fig. 6): the bins from the
+       lowest up to band_bins above the histogram's mode (the reference code's get_thirt_index also
+       starts 6 of 80 bins above the mode) -> oracle;
+    4. n_pseudo closest to the centre of the histogram's mode bin, the "highly confident" samples (the
+       reference code's get_pseudo_index draws from that bin) -> pseudo-labelled by the model.
+    Groups never overlap; when the pool is smaller than asked, the oracle groups are served first."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="stable")
+    low = order[:n_low]
+    high = [i for i in order[::-1] if i not in set(low)][:n_high]
+    taken = set(low) | set(high)
+    counts, edges = np.histogram(scores, bins=bins)
+    mode = int(np.argmax(counts))
+    band_top = edges[min(mode + 1 + band_bins, bins)]
+    candidates = np.array([i for i in order if i not in taken and scores[i] <= band_top], dtype=np.int64)
+    band = rng.choice(candidates, size=min(n_band, len(candidates)), replace=False) if len(candidates) else candidates
+    taken |= set(band.tolist())
+    rest = np.array([i for i in order if i not in taken], dtype=np.int64)
+    centre = (edges[mode] + edges[mode + 1]) / 2
+    pseudo = rest[np.argsort(np.abs(scores[rest] - centre), kind="stable")[:n_pseudo]]
+    return np.asarray(low, np.int64), np.asarray(high, np.int64), band.astype(np.int64), pseudo
+
+
+def score_pool(model, x, y, pool, args, device):
+    """MC dropout (Sec. 4.1): per-pixel variance over T passes, summed per image; also the mean prediction
+    (pseudo-labels) and, for Fig. 5 only, the Dice of that prediction against the hidden ground truth."""
+    scores, pseudo_masks, dice = [], [], []
+    for b, mean, var in common.mc_dropout(model, x, pool, args.mc_passes, args.batch_size, device, args.amp):
+        scores.append(var.sum((1, 2)))
+        pseudo_masks.append((mean > 0.5).to(torch.uint8))
+        dice.append(common.dice_iou(mean > 0.5, y[b] > 0)[0])
+    cat = lambda t: torch.cat(t) if t else torch.zeros(0, device=device)
+    return cat(scores).cpu().numpy(), cat(pseudo_masks), cat(dice).cpu().numpy()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed, args.deterministic)
+    run = common.Run(__file__, args, device)
+
+    # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
+    data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
+                            n=sum(args.split) if args.split else None, workers=args.workers)
+    if args.data == "lgg" and not args.all_slices:
+        data = common.keep_positive(data)  # Sec. 2: the 1373 slices with tumour
+    if args.split is None:
+        args.split = common.default_split(data)
+    if args.initial is None:
+        args.initial = round(args.split[0] * 0.375)  # Sec. 4: D^L is 37.5 % of the training data
+    train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
+    common.check_budget(len(train_ids), args.initial, args.query if args.strategy != "full" else 0, args.rounds)
+    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
+                                   (("train", train_ids), ("val", val_ids), ("test", test_ids))})
+    x, y = common.to_device(data, device)
+    target = y.clone()  # the training target: ground truth for oracle labels, the model's mask for pseudo-labels
+
+    # ---- model, optimiser, sets ----
+    model = common.prepare_model(UNet(3, 1, args.width, dropout=args.dropout, dropout_at=args.dropout_at), device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = common.bce_dice_loss if args.loss == "bce+dice" else common.soft_dice_loss
+    rng = np.random.default_rng([args.seed, 1])  # query draws
+    gen = torch.Generator().manual_seed(args.seed)  # batch order
+    n_low = n_high = round(args.query * 2 / 7)  # 35 -> 10 / 10 / 15 (Sec. 4.2)
+    n_band = args.query - n_low - n_high
+    n_initial = len(train_ids) if args.strategy == "full" else args.initial
+    labeled = rng.choice(train_ids, n_initial, replace=False)
+    pseudo = np.zeros(0, np.int64)
+    pool = np.setdiff1d(train_ids, labeled)
+    rounds = 0 if args.strategy == "full" else args.rounds
+    epochs0 = args.epochs_initial + (args.rounds * args.epochs if args.strategy == "full" else 0)
+    start = 0
+    state = run.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        labeled, pseudo, pool = state["labeled"], state["pseudo"], state["pool"]
+        target[torch.as_tensor(pseudo, device=device)] = state["pseudo_masks"].to(device)
+        rng.bit_generator.state = state["rng_select"]
+        gen.set_state(state["rng_batches"])
+        start = state["round"] + 1
+    progress = common.Progress(run, epochs0 + rounds * args.epochs,
+                               0 if start == 0 else epochs0 + (start - 1) * args.epochs)
+
+    for rnd in range(start, rounds + 1):
+        # ---- selection (Sec. 4.1-4.3) ----
+        t0 = time.time()
+        queried = {}
+        if rnd > 0 and len(pool) == 0:
+            print(f"round {rnd}: the unlabelled pool is used up; stopping")
+            break
+        if rnd > 0 and args.strategy == "ceal":
+            scores, masks, pool_dice = score_pool(model, x, y, pool, args, device)
+            g1, g2, g3, g4 = ceal_groups(scores, n_low, n_high, n_band, args.pseudo_step * rnd, rng)
+            for how, g in (("oracle-lowest", g1), ("oracle-highest", g2), ("oracle-band", g3), ("pseudo", g4)):
+                queried[how] = [data.ids[i] for i in pool[g]]
+            target[torch.as_tensor(pool[g4], device=device)] = masks[torch.as_tensor(g4, device=device)]
+            labeled = np.concatenate([labeled, pool[g1], pool[g2], pool[g3]])
+            pseudo = np.concatenate([pseudo, pool[g4]])
+            group = np.full(len(pool), "", dtype=object)
+            for how, g in zip(("lowest", "highest", "band", "pseudo"), (g1, g2, g3, g4)):
+                group[g] = how
+            run.append_csv("pool_scores.csv", [{"round": rnd, "sample_id": data.ids[i], "uncertainty": float(s),
+                                                "dice": float(d), "group": h}  # Fig. 5 data; Dice is never used to select
+                                               for i, s, d, h in zip(pool, scores, pool_dice, group)])
+            figures(run, rnd, scores, pool_dice, (g1, g2, g3, g4))
+            pool = np.setdiff1d(pool, np.concatenate([pool[g1], pool[g2], pool[g3], pool[g4]]))
+        elif rnd > 0:  # random: the same oracle budget, no pseudo-labels
+            new = common.query_random(pool, args.query, rng)
+            queried["oracle-random"] = [data.ids[i] for i in new]
+            labeled = np.concatenate([labeled, new])
+            pool = np.setdiff1d(pool, new)
+        select_s = time.time() - t0
+
+        # ---- training: 20 epochs initially, then 5 per iteration, fine-tuning (Sec. 5) ----
+        t0 = time.time()
+        epochs = epochs0 if rnd == 0 else args.epochs
+
+        def on_epoch(e, loss, _s):
+            vd, _ = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)
+            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "val_dice": float(vd.mean())})
+            progress.epoch(rnd, e, epochs, loss, float(vd.mean()))
+            model.train()
+
+        common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size,
+                     device=device, amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
+        train_s = time.time() - t0
+
+        # ---- evaluation on the test set; the round is written before anything else happens ----
+        dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
+        val_dice, _ = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)
+        row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
+               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
+               "val_dice": float(val_dice.mean()), "oracle_queries": len(labeled) - n_initial, "pool_left": len(pool)}
+        run.log_round(row, queried)
+        run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "labeled": labeled,
+                             "pseudo": pseudo, "pool": pool, "rng_select": rng.bit_generator.state,
+                             "rng_batches": gen.get_state(),
+                             "pseudo_masks": target[torch.as_tensor(pseudo, device=device)].cpu()})
+        rows = run.read_csv("rounds.csv")
+        common.learning_curve(run, rows)
+        progress.round(row)
+
+    rows = run.read_csv("rounds.csv")
+    panel(run, model, data, x, y, pool if len(pool) else test_ids, args, device)
+    run.write_json("summary.json", {"final_dice": float(rows[-1]["dice_mean"]), "final_dice_std": float(rows[-1]["dice_std"]),
+                                    "final_iou": float(rows[-1]["iou_mean"]), "labeled": int(rows[-1]["labeled"]),
+                                    "pseudo": int(rows[-1]["pseudo"]), "rounds": len(rows) - 1,
+                                    "paper_dice": {"isic2017": 0.77, "lgg": 0.58}.get(args.data),
+                                    "wall_s": run.elapsed()})
+    print(f"done: test dice {float(rows[-1]['dice_mean']):.4f} with {rows[-1]['labeled']} labelled; {run.dir}")
+    return run.dir
+
+
+def figures(run, rnd, scores, pool_dice, groups):
+    """Fig. 6 (uncertainty histogram, the four groups marked) and Fig. 5 (uncertainty vs Dice of the pool)."""
+    marks = {name: scores[g] for name, g in zip(("lowest", "highest", "band", "pseudo"), groups)}
+    common.plot_hist(run.path("uncertainty_hist.png"), scores, 80, "uncertainty (sum of pixel variances)",
+                     f"pool uncertainty, round {rnd}", marks=marks)
+    series = {"pool": (scores, pool_dice)}
+    series.update({name: (scores[g], pool_dice[g]) for name, g in zip(("lowest", "highest", "band", "pseudo"), groups)})
+    common.plot(run.path("uncertainty_vs_dice.png"), series, "uncertainty", "Dice of the prediction",
+                f"round {rnd}", kind="scatter")
+
+
+def panel(run, model, data, x, y, ids, args, device, n=4):
+    """Fig. 2: image / ground truth / prediction / uncertainty map for a few samples."""
+    ids = np.asarray(ids)[:n]
+    rows = []
+    for b, mean, var in common.mc_dropout(model, x, ids, args.mc_passes, args.batch_size, device, args.amp):
+        for j, i in enumerate(b.tolist()):
+            rows.append([data.x[i], data.y[i], (mean[j] > 0.5).float().cpu().numpy(), var[j].float().cpu().numpy()])
+    common.save_panel(run.path("panel.png"), rows, 4, ["image", "ground truth", "prediction", "uncertainty"])
+
+
+if __name__ == "__main__":
+    common.run_main(main)

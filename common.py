@@ -1,0 +1,1024 @@
+"""Plumbing shared by the five active-learning scripts, and only plumbing.
+
+Data (official archive layouts, a uint8 cache, seeded splits, a synthetic generator), Dice/IoU, losses,
+seeding and device, the train loop, batched prediction, Monte Carlo dropout sampling, the query rules that
+several scripts share, the run folder (config, rounds.csv, queried ids, summary, checkpoint, figures) and
+--resume. It never imports a script.
+"""
+import argparse
+import concurrent.futures
+import csv
+import datetime
+import glob
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+
+class UserError(Exception):
+    """Bad input a user can fix: printed as one line, exit status 2, no traceback (see run_main)."""
+
+
+def run_main(main):
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished rounds are saved; continue with --resume RUN_DIR", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags shared by every script, in the agreed order, and per-dataset defaults
+# ----------------------------------------------------------------------------------------------------------
+DATASETS = ["synthetic", "isic2017", "isic2018", "ph2", "cvc-clinicdb", "kvasir-seg", "lgg", "folder"]
+PROTOCOL_FLAGS = ["initial", "query", "rounds", "epochs_initial", "epochs", "batch_size", "lr", "width"]
+
+
+def shared_parser(doc, strategies, defaults):
+    """argparse with the shared flags first, in the order every script uses; `defaults` is the script's
+    per-dataset table (the row "other" serves datasets the paper did not use). Flags left at None are
+    filled from that table by resolve()."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def per_data(key):
+        return "default per --data: " + ", ".join(f"{d} {row[key]}" for d, row in defaults.items() if key in row)
+
+    p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset (default: synthetic)")
+    p.add_argument("--data-dir", help="dataset root as downloaded (not needed for synthetic)")
+    p.add_argument("--image-size", type=int, help="images are resized to this square size; " + per_data("image_size"))
+    p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy, torch, the split and queries (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default: auto)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA/CPU (default: off)")
+    p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last finished round")
+    p.add_argument("--strategy", default=strategies[0], choices=strategies, help=f"query rule (default: {strategies[0]})")
+    p.add_argument("--initial", type=int, help="labelled samples before the first query; " + per_data("initial"))
+    p.add_argument("--query", type=int, help="samples sent to the oracle per round; " + per_data("query"))
+    p.add_argument("--rounds", type=int, help="active-learning rounds; " + per_data("rounds"))
+    p.add_argument("--epochs-initial", type=int, help="epochs of the initial training; " + per_data("epochs_initial"))
+    p.add_argument("--epochs", type=int, help="epochs per round; " + per_data("epochs"))
+    p.add_argument("--batch-size", type=int, help=per_data("batch_size"))
+    p.add_argument("--lr", type=float, help="learning rate; " + per_data("lr"))
+    p.add_argument("--width", type=int, help="U-Net width (channels of the first stage); " + per_data("width"))
+    p.add_argument("--split", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="split sizes (train pool, validation, test); " + per_data("split"))
+    p.add_argument("--deterministic", action="store_true", help="deterministic cuDNN / algorithms (slower)")
+    p.add_argument("--workers", type=int, default=0, help="threads for decoding images (default: all cores)")
+    return p
+
+
+def resolve(args, defaults):
+    """Fill every flag left at None from the script's table row for --data (or its "other" row)."""
+    row = defaults.get(args.data, defaults.get("other", {}))
+    for key, value in row.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeding and device
+# ----------------------------------------------------------------------------------------------------------
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name}: {e}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+    return dev
+
+
+def autocast(device, amp):
+    """bf16 autocast when --amp (no GradScaler needed for bf16)."""
+    return torch.autocast(device.type if device.type in ("cuda", "cpu") else "cpu", dtype=torch.bfloat16,
+                          enabled=bool(amp) and device.type in ("cuda", "cpu"))
+
+
+def prepare_model(model, device):
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the official layouts, read unmodified
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    x: np.ndarray                 # (N, C, S, S) uint8 images
+    y: np.ndarray                 # (N, S, S) uint8 masks in {0, 1}
+    ids: list                     # sample ids (file stems), used in every file the run writes
+    official: dict = field(default_factory=dict)   # split name -> indices, where the dataset defines splits
+    groups: np.ndarray = None     # patient of each sample (lgg): splits never cut a group
+    name: str = ""
+
+    def __len__(self):
+        return len(self.ids)
+
+    def subset(self, keep):
+        keep = np.asarray(keep)
+        pos = -np.ones(len(self.ids), dtype=np.int64)
+        pos[keep] = np.arange(len(keep))
+        official = {k: pos[v][pos[v] >= 0] for k, v in self.official.items()}
+        return Data(self.x[keep], self.y[keep], [self.ids[i] for i in keep], official,
+                    None if self.groups is None else self.groups[keep], self.name)
+
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".webp")
+
+
+def _files(folder, patterns, what):
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: folder not found; expected {what}")
+    found = sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
+    if not found:
+        raise UserError(f"no files found under {folder}: expected {what}")
+    return found
+
+
+def _pair(images, masks, image_key, mask_key, image_dir, mask_dir, mask_what):
+    """Pair image and mask paths by key; an image without a mask (or the reverse) is an error."""
+    by_key = {mask_key(m): m for m in masks}
+    img_keys = {image_key(i): i for i in images}
+    missing = sorted(set(img_keys) - set(by_key))
+    if missing:
+        raise UserError(f"{img_keys[missing[0]]}: no mask for this image in {mask_dir} (expected {mask_what}); "
+                        f"{len(missing)} image(s) lack a mask")
+    extra = sorted(set(by_key) - set(img_keys))
+    if extra:
+        raise UserError(f"{by_key[extra[0]]}: mask without an image in {image_dir}; {len(extra)} mask(s) lack an image")
+    return [(k, img_keys[k], by_key[k]) for k in sorted(img_keys)]
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _isic_pairs(root, image_dir, mask_dir):
+    imgs = [f for f in _files(os.path.join(root, image_dir), ["ISIC_*.jpg", "ISIC_*.png"], "ISIC_*.jpg images")
+            if not f.endswith("_superpixels.png")]
+    masks = _files(os.path.join(root, mask_dir), ["ISIC_*_segmentation.png"], "ISIC_*_segmentation.png masks")
+    return _pair(imgs, masks, _stem, lambda m: _stem(m)[: -len("_segmentation")], os.path.join(root, image_dir),
+                 os.path.join(root, mask_dir), "ISIC_<id>_segmentation.png")
+
+
+def list_isic2017(root):
+    splits = {"train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+              "val": ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+              "test": ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth")}
+    return _official(root, splits, _isic_pairs, "ISIC-2017_Training_Data/ and ISIC-2017_Training_Part1_GroundTruth/")
+
+
+def list_isic2018(root):
+    splits = {s.lower().replace("validation", "val"): (f"ISIC2018_Task1-2_{s}_Input", f"ISIC2018_Task1_{s}_GroundTruth")
+              for s in ("Training", "Validation", "Test")}
+    return _official(root, splits, _isic_pairs, "ISIC2018_Task1-2_Training_Input/ and ISIC2018_Task1_Training_GroundTruth/")
+
+
+def _official(root, splits, lister, what):
+    if not os.path.isdir(os.path.join(root, splits["train"][0])):
+        raise UserError(f"{root}: expected the official layout with {what} (found: {sorted(os.listdir(root))[:8]})")
+    entries = []
+    for split, (img_dir, mask_dir) in splits.items():
+        if split != "train" and not os.path.isdir(os.path.join(root, img_dir)):
+            print(f"note: {os.path.join(root, img_dir)} not found; no official {split} split")
+            continue
+        entries += [(k, i, m, split, None) for k, i, m in lister(root, img_dir, mask_dir)]
+    return entries
+
+
+def list_ph2(root):
+    base = os.path.join(root, "PH2 Dataset images") if os.path.isdir(os.path.join(root, "PH2 Dataset images")) else root
+    cases = sorted(d for d in glob.glob(os.path.join(base, "IMD*")) if os.path.isdir(d))
+    if not cases:
+        raise UserError(f"{base}: no IMDxxx case folders; expected 'PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/"
+                        f"IMDxxx.bmp' and 'IMDxxx_lesion/IMDxxx_lesion.bmp'")
+    entries = []
+    for case in cases:
+        c = os.path.basename(case)
+        img = os.path.join(case, f"{c}_Dermoscopic_Image", f"{c}.bmp")
+        mask = os.path.join(case, f"{c}_lesion", f"{c}_lesion.bmp")
+        if not os.path.isfile(img):
+            raise UserError(f"{img}: image not found (expected IMDxxx_Dermoscopic_Image/IMDxxx.bmp in {case})")
+        if not os.path.isfile(mask):
+            raise UserError(f"{mask}: no mask for {img} (expected IMDxxx_lesion/IMDxxx_lesion.bmp)")
+        entries.append((c, img, mask, None, None))
+    return entries
+
+
+def list_cvc(root):
+    exts = ["*.tif", "*.tiff", "*.png", "*.bmp", "*.jpg"]
+    img_dir, mask_dir = os.path.join(root, "Original"), os.path.join(root, "Ground Truth")
+    pairs = _pair(_files(img_dir, exts, "Original/N.tif frames"), _files(mask_dir, exts, "Ground Truth/N.tif masks"),
+                  _stem, _stem, img_dir, mask_dir, "Ground Truth/<N>.tif")
+    pairs.sort(key=lambda p: (len(p[0]), p[0]))  # numeric order: 1, 2, ..., 612
+    return [(k, i, m, None, None) for k, i, m in pairs]
+
+
+MASK_SUFFIXES = ("_mask", "_segmentation", "_lesion", "_manual1")
+
+
+def _mask_stem(path):
+    s = _stem(path)
+    for suf in MASK_SUFFIXES:
+        if s.endswith(suf):
+            return s[: -len(suf)]
+    return s
+
+
+def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem may add _mask, _segmentation, "
+                           "_lesion or _manual1)"):
+    img_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+    if not (os.path.isdir(img_dir) and os.path.isdir(mask_dir)):
+        raise UserError(f"{root}: expected {what}")
+    pats = ["*" + e for e in IMAGE_EXT] + ["*" + e.upper() for e in IMAGE_EXT]
+    pairs = _pair(_files(img_dir, pats, "image files"), _files(mask_dir, pats, "mask files"), _stem, _mask_stem,
+                  img_dir, mask_dir, "masks/<stem>[_mask].<ext>")
+    return [(k, i, m, None, None) for k, i, m in pairs]
+
+
+def list_lgg(root):
+    if os.path.isdir(os.path.join(root, "kaggle_3m")):
+        root = os.path.join(root, "kaggle_3m")
+    patients = sorted(d for d in glob.glob(os.path.join(root, "TCGA_*")) if os.path.isdir(d))
+    if not patients:
+        raise UserError(f"{root}: no TCGA_<patient> folders; expected kaggle_3m/TCGA_*/TCGA_..._<slice>.tif "
+                        f"with ..._<slice>_mask.tif")
+    entries = []
+    for d in patients:
+        files = glob.glob(os.path.join(d, "*.tif"))
+        imgs = [f for f in files if not f.endswith("_mask.tif")]
+        masks = [f for f in files if f.endswith("_mask.tif")]
+        patient = "_".join(os.path.basename(d).split("_")[:3])  # TCGA_CS_4941 (the folder adds a date)
+        for k, i, m in _pair(imgs, masks, _stem, _mask_stem, d, d, "<slice>_mask.tif"):
+            entries.append((k, i, m, None, patient))
+    entries.sort(key=lambda e: (e[4], int(re.findall(r"\d+", e[0])[-1])))
+    return entries
+
+
+LISTERS = {"isic2017": list_isic2017, "isic2018": list_isic2018, "ph2": list_ph2, "cvc-clinicdb": list_cvc,
+           "kvasir-seg": lambda r: list_folder(r, "Kvasir-SEG layout: images/*.jpg and masks/*.jpg"),
+           "lgg": list_lgg, "folder": list_folder}
+
+
+def read_raw_tiff(path):
+    """Uncompressed, chunky, 8-bit strip TIFF (CVC-ClinicDB frames are 3-sample TIFFs marked BlackIsZero,
+    which Pillow refuses). Returns (H, W, samples) uint8."""
+    with open(path, "rb") as f:
+        b = f.read()
+    if b[:4] not in (b"II*\x00", b"MM\x00*"):
+        raise ValueError("not a TIFF file")
+    bo = "<" if b[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(bo + "I", b[4:8])
+    (n,) = struct.unpack(bo + "H", b[ifd:ifd + 2])
+    tags = {}
+    for i in range(n):
+        tag, typ, cnt = struct.unpack(bo + "HHI", b[ifd + 2 + 12 * i: ifd + 10 + 12 * i])
+        size = {3: 2, 4: 4}.get(typ)
+        if size is None:
+            continue
+        fmt = bo + ("H" if typ == 3 else "I") * cnt
+        raw = b[ifd + 10 + 12 * i: ifd + 14 + 12 * i]
+        if size * cnt > 4:
+            (off,) = struct.unpack(bo + "I", raw)
+            raw = b[off: off + size * cnt]
+        tags[tag] = struct.unpack(fmt, raw[: size * cnt])
+    w, h = tags[256][0], tags[257][0]
+    spp, bits = tags.get(277, (1,))[0], tags.get(258, (8,))
+    if tags.get(259, (1,))[0] != 1 or set(bits) != {8} or tags.get(284, (1,))[0] != 1:
+        raise ValueError("only uncompressed 8-bit chunky TIFF is supported")
+    data = b"".join(b[o: o + c] for o, c in zip(tags[273], tags[279]))
+    return np.frombuffer(data, np.uint8)[: w * h * spp].reshape(h, w, spp)
+
+
+def read_image(path, mode):
+    """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode) if im.mode != mode else im.copy()
+    except Exception as e:
+        try:
+            a = read_raw_tiff(path)
+        except Exception:
+            raise UserError(f"{path}: unreadable image file ({type(e).__name__}: {e})")
+        im = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a[..., :3])
+        return im.convert(mode)
+
+
+def binarise_mask(m, path):
+    """Masks are 0/255 (JPEG noise, CVC-ClinicDB's stray values 1..12) or 0/1; threshold at >127."""
+    top = int(m.max())
+    if top <= 1:
+        return m.astype(np.uint8)
+    if top < 128:
+        raise UserError(f"{path}: mask values 0..{top} are not binary; expected 0/255 (or 0/1). A label map?")
+    mid = float(((m > 50) & (m < 205)).mean())
+    if mid > 0.05:
+        raise UserError(f"{path}: mask is not binary ({mid:.0%} of pixels between 50 and 205); expected 0/255")
+    return (m > 127).astype(np.uint8)
+
+
+def _decode(entry, size, channels):
+    key, img_path, mask_path = entry[:3]
+    im = read_image(img_path, "RGB" if channels == 3 else "L")
+    im = im.resize((size, size), Image.BILINEAR)
+    m = binarise_mask(np.asarray(read_image(mask_path, "L")), mask_path)
+    m = Image.fromarray(m * 255).resize((size, size), Image.BILINEAR)
+    x = np.asarray(im, dtype=np.uint8)
+    x = x[None] if channels == 1 else x.transpose(2, 0, 1)
+    return x, (np.asarray(m) >= 128).astype(np.uint8)
+
+
+CACHE_VERSION = 1
+
+
+def cache_dir():
+    return os.environ.get("ALSEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alseg"))
+
+
+def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=0, quiet=False):
+    """Load a dataset as uint8 arrays resized to size x size, through a cache keyed by everything that
+    changes its content (dataset, folder, each file's size and mtime, image size, channels, version)."""
+    if name == "synthetic":
+        return make_synthetic(n or 400, size, channels, seed)
+    if not data_dir:
+        raise UserError(f"--data {name} needs --data-dir (the folder of the archive as downloaded)")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir}: folder not found")
+    entries = LISTERS[name](os.path.abspath(data_dir))
+    stats = [(os.path.relpath(p, data_dir), os.stat(p).st_size, os.stat(p).st_mtime_ns) for e in entries for p in e[1:3]]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, name, os.path.abspath(data_dir), size, channels, stats]).encode()).hexdigest()
+    path = os.path.join(cache_dir(), f"{name}-{size}px-{channels}ch-{key[:16]}.npz")
+    if os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as z:
+            x, y = z["x"], z["y"]
+        if not quiet:
+            print(f"data: {name} {len(entries)} samples from cache {path}")
+    else:
+        t0 = time.time()
+        with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+            out = list(pool.map(lambda e: _decode(e, size, channels), entries))
+        x, y = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}.npz"
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, path)
+        if not quiet:
+            print(f"data: {name} {len(entries)} samples decoded in {time.time() - t0:.1f}s, cached at {path}")
+    ids = [e[0] for e in entries]
+    official = {}
+    for i, e in enumerate(entries):
+        if e[3]:
+            official.setdefault(e[3], []).append(i)
+    groups = np.array([e[4] for e in entries]) if entries[0][4] is not None else None
+    return Data(x, y, ids, {k: np.array(v) for k, v in official.items()}, groups, name)
+
+
+def make_splits(data, sizes, seed):
+    """Seeded (train, val, test) index arrays. Official splits are used where the dataset has them: the
+    official test set, the official validation set when it covers the requested size (else validation is
+    drawn from the official training set). Grouped data (lgg) is split by patient, never by slice; the
+    sizes are then reached to within one patient and the training set keeps the rest."""
+    n_train, n_val, n_test = sizes
+    rng = np.random.default_rng(seed)
+    n = len(data)
+    if data.groups is not None:
+        groups = np.unique(data.groups)
+        rng.shuffle(groups)
+        parts, g = [[], []], 0
+        for k, target in enumerate((n_test, n_val)):
+            while len(parts[k]) < target and g < len(groups):
+                parts[k] += list(np.flatnonzero(data.groups == groups[g]))
+                g += 1
+        rest = np.concatenate([np.flatnonzero(data.groups == grp) for grp in groups[g:]] or [np.zeros(0, int)])
+        test, val = np.array(parts[0], dtype=np.int64), np.array(parts[1], dtype=np.int64)
+        train = rng.permutation(rest.astype(np.int64))[:n_train]
+    else:
+        pool = np.asarray(data.official.get("train", np.arange(n)))
+        if "test" in data.official:
+            test = rng.permutation(data.official["test"])[:n_test]
+        else:
+            pool = rng.permutation(pool)
+            test, pool = pool[:n_test], pool[n_test:]
+        if "val" in data.official and len(data.official["val"]) >= n_val:
+            val = rng.permutation(data.official["val"])[:n_val]
+        else:
+            pool = rng.permutation(pool)
+            val, pool = pool[:n_val], pool[n_val:]
+        train = rng.permutation(pool)[:n_train]
+    if len(train) < n_train or len(val) < n_val or len(test) < n_test:
+        raise UserError(f"{data.name}: {n} samples cannot fill the split train {n_train} / val {n_val} / test "
+                        f"{n_test} (got {len(train)} / {len(val)} / {len(test)}); lower --split")
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def default_split(data):
+    """Split sizes for a dataset its script's paper did not use: the official test set (and validation set)
+    where the dataset has them, else 20 % test and 16 % validation (the CEAL paper's LGG proportions,
+    Table 2); the rest is the training pool."""
+    n = len(data)
+    n_test = len(data.official["test"]) if "test" in data.official else round(0.2 * n)
+    n_val = len(data.official["val"]) if "val" in data.official else round(0.16 * n)
+    n_train = len(data.official["train"]) if "train" in data.official else n
+    if "val" not in data.official:
+        n_train -= n_val
+    if "test" not in data.official:
+        n_train -= n_test
+    return [n_train, n_val, n_test]
+
+
+def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --rounds"):
+    need = initial + query * rounds
+    if initial < 1 or need > n_pool:
+        raise UserError(f"labelling budget {need} ({what} = {initial} + {query} x {rounds}) exceeds the training "
+                        f"pool of {n_pool} samples; lower the budget or raise the first --split size")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic data: lesion-like objects where selection matters
+# ----------------------------------------------------------------------------------------------------------
+def _smooth_noise(rng, size, cells):
+    """Low-frequency noise in [-1, 1]: a coarse random grid upsampled bilinearly."""
+    g = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
+    return np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.BILINEAR))
+
+
+def make_synthetic(n, size=64, channels=3, seed=0):
+    """Dermoscopy-like images: a skin background with uneven light, one textured lesion of irregular outline
+    (varied size, contrast and colour), and the cases that make selection matter: ~6 % empty masks, ~12 %
+    tiny lesions, ~20 % low contrast, hair-like lines and smooth look-alike blobs as clutter, and ~10 %
+    near-duplicates (a shifted, re-noised copy of an earlier image). Deterministic from the seed."""
+    rng = np.random.default_rng(seed + 7919)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    xs = np.zeros((n, 3, size, size), np.uint8)
+    ys = np.zeros((n, size, size), np.uint8)
+    kinds = []
+    for i in range(n):
+        if i > 10 and rng.random() < 0.10:  # near-duplicate of an earlier sample
+            j = int(rng.integers(0, i))
+            dy, dx = rng.integers(-3, 4, 2)
+            img = np.roll(xs[j].astype(np.float32) / 255, (dy, dx), (1, 2))
+            img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+            xs[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+            ys[i] = np.roll(ys[j], (dy, dx), (0, 1))
+            kinds.append("duplicate")
+            continue
+        skin = np.array([0.85, 0.65, 0.55]) * rng.uniform(0.75, 1.05) + rng.normal(0, 0.04, 3)
+        light = 1 + 0.25 * _smooth_noise(rng, size, 2) + 0.15 * (xx - 0.5) * rng.normal()
+        img = skin[:, None, None] * light[None] * (1 + 0.05 * _smooth_noise(rng, size, 8))[None]
+        u = rng.random()
+        kind = "empty" if u < 0.06 else "tiny" if u < 0.18 else "low-contrast" if u < 0.38 else "normal"
+        mask = np.zeros((size, size), bool)
+        if kind != "empty":
+            r0 = rng.uniform(0.025, 0.05) if kind == "tiny" else float(np.clip(rng.lognormal(-1.9, 0.45), 0.06, 0.38))
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            theta = np.arctan2(yy - cy, xx - cx)
+            radius = r0 * (1 + sum(rng.uniform(0, 0.25 / k) * np.cos(k * theta + rng.uniform(0, 6.3)) for k in range(2, 6)))
+            mask = np.hypot(yy - cy, xx - cx) < radius
+            contrast = rng.uniform(0.06, 0.14) if kind == "low-contrast" else rng.uniform(0.2, 0.55)
+            colour = np.array([0.45, 0.28, 0.18]) + rng.normal(0, 0.05, 3)
+            texture = 1 + 0.35 * _smooth_noise(rng, size, 12) + 0.15 * _smooth_noise(rng, size, 24)
+            alpha = contrast * mask * texture
+            img = img * (1 - alpha[None]) + colour[:, None, None] * alpha[None] * img.mean()
+        for _ in range(rng.poisson(1.0) if rng.random() < 0.35 else 0):  # smooth look-alike blobs (no texture)
+            by, bx, br = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.02, 0.08)
+            blob = np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * br ** 2))
+            img = img * (1 - rng.uniform(0.15, 0.4) * blob[None] * np.array([0.6, 1.0, 1.0])[:, None, None])
+        if rng.random() < 0.3:  # hair-like dark lines
+            pil = Image.new("L", (size, size))
+            draw = ImageDraw.Draw(pil)
+            for _ in range(rng.integers(1, 6)):
+                pts = rng.uniform(0, size, 4)
+                draw.line([pts[0], pts[1], pts[2], pts[3]], fill=255, width=max(1, size // 96))
+            hair = np.asarray(pil, np.float32) / 255
+            img = img * (1 - 0.7 * hair[None])
+        img = img + rng.normal(0, rng.uniform(0.015, 0.05), img.shape)
+        xs[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+        ys[i] = mask
+        kinds.append(kind)
+    if channels == 1:
+        xs = np.round(xs.astype(np.float32).mean(1, keepdims=True)).astype(np.uint8)
+    data = Data(xs, ys, [f"syn{i:05d}" for i in range(n)], {}, None, "synthetic")
+    data.kinds = kinds
+    return data
+
+
+def keep_positive(data):
+    """Only samples whose mask is not empty (the CEAL paper's 1373 LGG slices with tumour)."""
+    return data.subset(np.flatnonzero(data.y.reshape(len(data), -1).any(1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics and losses
+# ----------------------------------------------------------------------------------------------------------
+def dice_iou(pred, gt):
+    """Per-image Dice and IoU of binary masks (B, H, W); an image where both are empty scores 1."""
+    pred, gt = pred.reshape(len(pred), -1).float(), gt.reshape(len(gt), -1).float()
+    inter = (pred * gt).sum(1)
+    total = pred.sum(1) + gt.sum(1)
+    empty = total == 0
+    dice = torch.where(empty, torch.ones_like(total), 2 * inter / total.clamp(min=1))
+    iou = torch.where(empty, torch.ones_like(total), inter / (total - inter).clamp(min=1))
+    return dice, iou
+
+
+def soft_dice_loss(logits, target, smooth=1.0):
+    """1 - soft Dice per image, averaged over the batch; logits (B, 1, H, W), target (B, H, W) in {0, 1}."""
+    p = torch.sigmoid(logits.float()).flatten(1)
+    t = target.float().flatten(1)
+    return (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
+
+
+def bce_dice_loss(logits, target):
+    """BCE + soft Dice. With one output logit, BCE equals two-class cross-entropy (softmax over [0, z] is the
+    sigmoid of z), so this is also the papers' "CE + Dice"."""
+    bce = F.binary_cross_entropy_with_logits(logits.float().squeeze(1), target.float())
+    return bce + soft_dice_loss(logits, target)
+
+
+def to_input(xb):
+    """uint8 (B, C, H, W) on the device -> float in [0, 1]."""
+    return xb.float().div_(255)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train loop, prediction, MC dropout
+# ----------------------------------------------------------------------------------------------------------
+def to_device(data, device):
+    """The whole set on the device as uint8: images (N, C, S, S), masks (N, S, S)."""
+    x = torch.from_numpy(np.ascontiguousarray(data.x)).to(device)
+    y = torch.from_numpy(np.ascontiguousarray(data.y)).to(device)
+    return x, y
+
+
+def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, loss_fn=bce_dice_loss,
+          augment=None, extra_loss=None, generator=None, log=None, on_epoch=None):
+    """Train on x[idx] with target[idx] (both uint8 on the device; gathered by index each step).
+    augment(xb, yb) -> (xb, yb) runs on device batches; extra_loss(model) -> tensor is added each step (e.g.
+    a loss on unlabelled data). The running loss stays on the device: one host sync per epoch. Returns
+    the list of epoch mean losses."""
+    idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
+    model.train()
+    losses = []
+    for epoch in range(epochs):
+        t0 = time.time()
+        order = idx[torch.randperm(len(idx), generator=generator).to(device)]
+        total = torch.zeros((), device=device)
+        for s in range(0, len(order), batch_size):
+            b = order[s: s + batch_size]
+            xb, yb = to_input(x[b]), target[b]
+            if augment is not None:
+                xb, yb = augment(xb, yb)
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                loss = loss_fn(model(xb), yb)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(b)
+        losses.append(total.item() / max(1, len(order)))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1], time.time() - t0)
+    return losses
+
+
+def batches(idx, batch_size):
+    for s in range(0, len(idx), batch_size):
+        yield idx[s: s + batch_size]
+
+
+@torch.inference_mode()
+def predict(model, x, idx, batch_size, device, amp=False):
+    """Sigmoid probabilities (N, H, W) float32 on the device for x[idx], in batches, BatchNorm and dropout
+    in eval mode. (For sets too large to hold, iterate predict_batches.)"""
+    return torch.cat([p for _, p in predict_batches(model, x, idx, batch_size, device, amp)]) if len(idx) else \
+        torch.zeros((0,) + tuple(x.shape[-2:]), device=device)
+
+
+@torch.inference_mode()
+def predict_batches(model, x, idx, batch_size, device, amp=False):
+    model.eval()
+    idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
+    for b in batches(idx, batch_size):
+        xb = to_input(x[b])
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out = model(xb)
+        out = out[0] if isinstance(out, tuple) else out
+        yield b, torch.sigmoid(out.float()[:, 0])
+
+
+@torch.inference_mode()
+def evaluate(model, x, y, idx, batch_size, device, amp=False, threshold=0.5):
+    """Dice and IoU per image over the whole set (never averaged per batch); returns numpy arrays."""
+    dices, ious = [], []
+    for b, p in predict_batches(model, x, idx, batch_size, device, amp):
+        d, i = dice_iou(p > threshold, y[b] > 0)
+        dices.append(d)
+        ious.append(i)
+    if not dices:
+        return np.zeros(0), np.zeros(0)
+    return torch.cat(dices).cpu().numpy(), torch.cat(ious).cpu().numpy()
+
+
+def enable_mc_dropout(model):
+    """Monte Carlo dropout mode: everything in eval (BatchNorm uses its running statistics), dropout on."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout2d)):
+            m.train()
+
+
+@torch.inference_mode()
+def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None):
+    """T stochastic passes with dropout on and BatchNorm in eval mode; yields (indices, mean, var) per batch,
+    mean and var of the sigmoid probability per pixel (B, H, W), so a caller reduces as it goes and a pool
+    of any size fits in memory.
+
+    Speed: when dropout sits only at the bottleneck (model.dropout_at == "bottleneck", the public CEAL
+    code's placement), the encoder runs once per batch and only the decoder T times. The T passes are
+    batched into one forward (the batch repeated T times) on CUDA, and looped on the CPU, where measured
+    looping is faster (PERF_NOTES.md); `batched` overrides."""
+    enable_mc_dropout(model)
+    batched = device.type == "cuda" if batched is None else batched
+    encoder_once = getattr(model, "dropout_at", "every") in ("bottleneck", "none") and hasattr(model, "encode")
+    idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
+    for b in batches(idx, batch_size):
+        xb = to_input(x[b])
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        s1 = torch.zeros((len(b),) + tuple(x.shape[-2:]), device=device)
+        s2 = torch.zeros_like(s1)
+        with autocast(device, amp):
+            feats = model.encode(xb) if encoder_once else None
+            run = (lambda inp: model.decode(inp)) if encoder_once else model
+            inp = feats if encoder_once else xb
+            if batched:
+                rep = [f.repeat(T, 1, 1, 1) for f in inp] if encoder_once else inp.repeat(T, 1, 1, 1)
+                out = run(rep)
+                out = out[0] if isinstance(out, tuple) else out
+                p = torch.sigmoid(out.float()[:, 0]).view(T, len(b), *s1.shape[1:])
+                s1, s2 = p.sum(0), (p * p).sum(0)
+            else:
+                for _ in range(T):
+                    out = run(inp)
+                    out = out[0] if isinstance(out, tuple) else out
+                    p = torch.sigmoid(out.float()[:, 0])
+                    s1 += p
+                    s2 += p * p
+        mean = s1 / T
+        var = (s2 / T - mean * mean).clamp_(min=0)
+        yield b, mean, var
+    model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Query rules shared by several scripts
+# ----------------------------------------------------------------------------------------------------------
+def query_random(pool, k, rng):
+    """Uniform without replacement from the pool, seeded."""
+    return rng.choice(np.asarray(pool), size=min(k, len(pool)), replace=False)
+
+
+def top_k(pool, scores, k, largest=True):
+    """The k pool samples with the largest (or smallest) score; ties broken by pool order (stable)."""
+    order = np.argsort(-np.asarray(scores) if largest else np.asarray(scores), kind="stable")
+    return np.asarray(pool)[order[:k]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folder, progress, checkpoint, resume
+# ----------------------------------------------------------------------------------------------------------
+ROUND_COLUMNS = ["round", "labeled", "pseudo", "dice_mean", "dice_std", "iou_mean", "train_s", "select_s"]
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+class Run:
+    """The run folder runs/<script>__<data>__<strategy>__s<seed>__<time>/ and everything written into it.
+
+    config.json (every resolved flag, versions, device), splits.json (sample ids), rounds.csv (one row per
+    finished round), queried.csv (round, sample id, how it was labelled), epochs.csv, summary.json,
+    checkpoint.pt (everything --resume needs) and the figures."""
+
+    def __init__(self, script, args, device):
+        self.script = os.path.splitext(os.path.basename(script))[0]
+        if args.resume:
+            self.dir = args.resume
+            cfg_path = os.path.join(self.dir, "config.json")
+            if not os.path.isfile(cfg_path):
+                raise UserError(f"--resume {self.dir}: no config.json there; expected a run folder this script wrote")
+            cfg = json.load(open(cfg_path))
+            if cfg.get("script") != self.script:
+                raise UserError(f"--resume {self.dir}: the run was made by {cfg.get('script')}, not {self.script}")
+            for k, v in cfg["args"].items():  # the run's own flags win; only --device/--resume/--amp may change
+                if k not in ("resume", "device", "workers"):
+                    setattr(args, k, v)
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = f"{self.script}__{args.data}__{args.strategy}__s{args.seed}__{stamp}"
+            self.dir = os.path.join(args.out, name)
+            k = 1
+            while os.path.exists(self.dir):
+                k += 1
+                self.dir = os.path.join(args.out, f"{name}-{k}")
+            os.makedirs(self.dir)
+            cfg = {"script": self.script, "args": vars(args), "command": " ".join(sys.argv), "commit": git_commit(),
+                   "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+                   "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+                   "numpy": np.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds")}
+            self.write_json("config.json", cfg)
+        self.args, self.t0, self.offset_s = args, time.time(), 0.0
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def write_json(self, name, obj):
+        tmp = self.path(name) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        os.replace(tmp, self.path(name))
+
+    def append_csv(self, name, rows, columns=None):
+        """Append one row (a dict) or several (a list); the header is written with the first row."""
+        rows = [rows] if isinstance(rows, dict) else list(rows)
+        if not rows:
+            return
+        path = self.path(name)
+        new = not os.path.isfile(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns or list(rows[0]))
+            if new:
+                w.writeheader()
+            w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+
+    def read_csv(self, name):
+        if not os.path.isfile(self.path(name)):
+            return []
+        return list(csv.DictReader(open(self.path(name))))
+
+    def truncate_csv(self, name, keep):
+        """Keep only rows with keep(row) true (on resume: drop rows of a round that did not finish)."""
+        rows = self.read_csv(name)
+        if not rows:
+            return
+        cols = list(rows[0])
+        with open(self.path(name), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(r for r in rows if keep(r))
+
+    def log_round(self, row, queried=None):
+        """Write a finished round: its rows in rounds.csv and queried.csv, before anything else happens."""
+        assert all(c in row for c in ROUND_COLUMNS), f"round row lacks {set(ROUND_COLUMNS) - set(row)}"
+        self.append_csv("rounds.csv", row, ROUND_COLUMNS + [c for c in row if c not in ROUND_COLUMNS])
+        self.append_csv("queried.csv", [{"round": row["round"], "sample_id": sid, "how": how}
+                                        for how, ids in (queried or {}).items() for sid in ids],
+                        ["round", "sample_id", "how"])
+
+    def elapsed(self):
+        return self.offset_s + time.time() - self.t0
+
+    def save_checkpoint(self, state):
+        """Everything --resume needs, written atomically: model, optimiser, RNG states, the sets."""
+        state = dict(state, rng_python=random.getstate(), rng_numpy=np.random.get_state(),
+                     rng_torch=torch.get_rng_state(), elapsed_s=self.elapsed(),
+                     rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        tmp = self.path("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path("checkpoint.pt"))
+
+    def load_checkpoint(self):
+        path = self.path("checkpoint.pt")
+        if not (self.args.resume and os.path.isfile(path)):
+            if self.args.resume:
+                print(f"resume: no checkpoint in {self.dir} yet; starting the run from the beginning")
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        random.setstate(state["rng_python"])
+        np.random.set_state(state["rng_numpy"])
+        torch.set_rng_state(state["rng_torch"])
+        if state.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.offset_s = state.get("elapsed_s", 0.0)
+        done = state["round"]
+        for name in ("rounds.csv", "queried.csv", "epochs.csv"):
+            self.truncate_csv(name, lambda r: int(r["round"]) <= done)
+        print(f"resume: {self.dir} after round {done}")
+        return state
+
+
+class Progress:
+    """One line per epoch and per round: loss, Dice, elapsed, ETA (from the epochs still planned)."""
+
+    def __init__(self, run, total_epochs, done_epochs=0):
+        self.run, self.total, self.done = run, max(1, total_epochs), done_epochs
+        self.t_start, self.done_start = time.time(), done_epochs
+
+    def _eta(self):
+        rate = (time.time() - self.t_start) / max(1, self.done - self.done_start)
+        return fmt_s(rate * max(0, self.total - self.done))
+
+    def epoch(self, rnd, epoch, epochs, loss, val_dice=None):
+        self.done += 1
+        vd = "" if val_dice is None else f" val_dice {val_dice:.3f}"
+        print(f"  round {rnd} epoch {epoch + 1}/{epochs} loss {loss:.4f}{vd} | {fmt_s(self.run.elapsed())} "
+              f"elapsed, ETA {self._eta()}", flush=True)
+
+    def round(self, row):
+        extra = f" pseudo {row['pseudo']}" if row.get("pseudo") else ""
+        print(f"round {row['round']}: labelled {row['labeled']}{extra} test dice {row['dice_mean']:.4f} "
+              f"± {row['dice_std']:.4f} iou {row['iou_mean']:.4f} (train {row['train_s']:.1f}s, select "
+              f"{row['select_s']:.1f}s) | {fmt_s(self.run.elapsed())} elapsed, ETA {self._eta()}", flush=True)
+
+
+def fmt_s(s):
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures (Pillow only: a few plain charts and an image panel)
+# ----------------------------------------------------------------------------------------------------------
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
+
+
+def _ticks(lo, hi, n=5):
+    if hi <= lo:
+        hi = lo + 1
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [t for t in np.arange(math.ceil(lo / step) * step, hi + step / 2, step) if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+def _fmt(v):
+    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
+
+
+def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 440)):
+    """series: {label: (xs, ys) or (xs, ys, stds)}; kind "line" (with ±std bands) or "scatter"."""
+    W, H = size
+    L, R, T, B = 64, 16, 30, 48
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img, "RGBA")
+    font = ImageFont.load_default()
+    xs_all = np.concatenate([np.asarray(s[0], float) for s in series.values()] or [np.zeros(1)])
+    ys_all = np.concatenate([np.asarray(s[1], float) - (np.asarray(s[2]) if len(s) > 2 else 0) for s in series.values()] +
+                            [np.asarray(s[1], float) + (np.asarray(s[2]) if len(s) > 2 else 0) for s in series.values()] or [np.zeros(1)])
+    finite = np.isfinite(ys_all)
+    x0, x1 = (xs_all.min(), xs_all.max()) if len(xs_all) else (0, 1)
+    y0, y1 = (ys_all[finite].min(), ys_all[finite].max()) if finite.any() else (0, 1)
+    if x1 <= x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 <= y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+    px = lambda v: L + (v - x0) / (x1 - x0) * (W - L - R)
+    py = lambda v: H - B - (v - y0) / (y1 - y0) * (H - T - B)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for t in _ticks(x0, x1):
+        d.line([px(t), H - B, px(t), H - B + 4], fill="black")
+        d.text((px(t) - 8, H - B + 6), _fmt(t), fill="black", font=font)
+    for t in _ticks(y0, y1):
+        d.line([L - 4, py(t), L, py(t)], fill="black")
+        d.line([L, py(t), W - R, py(t)], fill=(0, 0, 0, 25))
+        d.text((4, py(t) - 5), _fmt(t), fill="black", font=font)
+    d.text((L + (W - L - R) // 2 - 3 * len(xlabel), H - 20), xlabel, fill="black", font=font)
+    d.text((4, 8), (ylabel + "  " if ylabel else "") + title, fill="black", font=font)
+    for k, (label, s) in enumerate(series.items()):
+        c = COLOURS[k % len(COLOURS)]
+        xs, ys = np.asarray(s[0], float), np.asarray(s[1], float)
+        if kind == "scatter":
+            for x, y in zip(xs, ys):
+                d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c + (160,))
+        else:
+            if len(s) > 2 and len(xs) > 1:
+                sd = np.asarray(s[2], float)
+                poly = [(px(x), py(y + e)) for x, y, e in zip(xs, ys, sd)] + \
+                       [(px(x), py(y - e)) for x, y, e in zip(xs[::-1], ys[::-1], sd[::-1])]
+                d.polygon(poly, fill=c + (50,))
+            pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
+            if len(pts) > 1:
+                d.line(pts, fill=c, width=2)
+            for p in pts:
+                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        d.rectangle([W - R - 150, T + 6 + 14 * k, W - R - 140, T + 14 + 14 * k], fill=c)
+        d.text((W - R - 136, T + 4 + 14 * k), str(label)[:22], fill="black", font=font)
+    img.save(path)
+
+
+def plot_hist(path, values, bins=80, xlabel="", title="", marks=None):
+    """Histogram; marks {label: values} draws those samples as ticks under the bars (e.g. the selected)."""
+    values = np.asarray(values, float)
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    W, H = 640, 440
+    plot(path, {"count": (centres, counts)}, xlabel, "count", title, kind="line")
+    img = Image.open(path).convert("RGB")
+    d = ImageDraw.Draw(img, "RGBA")
+    L, R, T, B = 64, 16, 30, 48
+    lo, hi = 0, counts.max() if len(counts) else 1
+    pad = 0.05 * (hi - lo or 1)
+    px = lambda v: L + (v - centres.min()) / ((centres.max() - centres.min()) or 1) * (W - L - R)
+    py = lambda v: H - B - (v - (lo - pad)) / ((hi + pad) - (lo - pad)) * (H - T - B)
+    bw = max(1, (W - L - R) / max(1, bins) - 1)
+    for c, n in zip(centres, counts):
+        d.rectangle([px(c) - bw / 2, py(n), px(c) + bw / 2, py(0)], fill=(31, 119, 180, 120))
+    for k, (label, v) in enumerate((marks or {}).items()):
+        col = COLOURS[(k + 1) % len(COLOURS)]
+        for u in np.asarray(v, float):
+            d.line([px(u), H - B - 8 - 3 * k, px(u), H - B - 2 - 3 * k], fill=col, width=1)
+        d.text((L + 6, T + 4 + 14 * k), f"| {label}", fill=col)
+    img.save(path)
+
+
+def save_panel(path, images, columns, titles):
+    """Rows of tiles; images: list of rows, each a list of (H, W) or (C, H, W) arrays (floats in [0, 1] or
+    uint8). Used for the image / ground truth / prediction / uncertainty panel."""
+    tiles = []
+    for row in images:
+        out = []
+        for a in row:
+            a = np.asarray(a, dtype=np.float32)
+            if a.ndim == 3:
+                a = a.transpose(1, 2, 0) if a.shape[0] in (1, 3) else a
+                a = a[..., 0] if a.shape[-1] == 1 else a
+            if a.max() > 1.0:
+                a = a / 255.0
+            elif a.ndim == 2 and a.max() > 0 and a.max() < 0.5:  # uncertainty maps: stretch for visibility
+                a = a / a.max()
+            out.append(Image.fromarray(np.clip(a * 255, 0, 255).astype(np.uint8)).convert("RGB"))
+        tiles.append(out)
+    s = max(64, max(t.size[0] for r in tiles for t in r))
+    img = Image.new("RGB", (columns * (s + 4) + 4, len(tiles) * (s + 4) + 20), "white")
+    d = ImageDraw.Draw(img)
+    for c, t in enumerate(titles):
+        d.text((4 + c * (s + 4), 4), t, fill="black")
+    for r, row in enumerate(tiles):
+        for c, t in enumerate(row):
+            img.paste(t.resize((s, s), Image.NEAREST), (4 + c * (s + 4), 18 + r * (s + 4)))
+    img.save(path)
+
+
+def learning_curve(run, rows):
+    xs = [int(r["labeled"]) for r in rows]
+    plot(run.path("learning_curve.png"), {run.args.strategy: (xs, [float(r["dice_mean"]) for r in rows],
+                                                              [float(r["dice_std"]) for r in rows])},
+         xlabel="labelled samples", ylabel="test Dice", title=f"{run.script} on {run.args.data}")
