@@ -63,33 +63,6 @@ def parse_args(argv=None):
     return args
 
 
-def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6):
-    """Sec. 4.2 on the pool's uncertainty scores; returns positions into `scores` for the four groups:
-    1. the n_low lowest scores (lesions the model missed) -> oracle;
-    2. the n_high highest scores -> oracle;
-    3. n_band drawn at random from the low-uncertainty band of the histogram (Fig. 6): the bins from the
-       lowest up to band_bins above the histogram's mode (the reference code's get_thirt_index also
-       starts 6 of 80 bins above the mode) -> oracle;
-    4. n_pseudo closest to the centre of the histogram's mode bin, the "highly confident" samples (the
-       reference code's get_pseudo_index draws from that bin) -> pseudo-labelled by the model.
-    Groups never overlap; when the pool is smaller than asked, the oracle groups are served first."""
-    scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(scores, kind="stable")
-    low = order[:n_low]
-    high = [i for i in order[::-1] if i not in set(low)][:n_high]
-    taken = set(low) | set(high)
-    counts, edges = np.histogram(scores, bins=bins)
-    mode = int(np.argmax(counts))
-    band_top = edges[min(mode + 1 + band_bins, bins)]
-    candidates = np.array([i for i in order if i not in taken and scores[i] <= band_top], dtype=np.int64)
-    band = rng.choice(candidates, size=min(n_band, len(candidates)), replace=False) if len(candidates) else candidates
-    taken |= set(band.tolist())
-    rest = np.array([i for i in order if i not in taken], dtype=np.int64)
-    centre = (edges[mode] + edges[mode + 1]) / 2
-    pseudo = rest[np.argsort(np.abs(scores[rest] - centre), kind="stable")[:n_pseudo]]
-    return np.asarray(low, np.int64), np.asarray(high, np.int64), band.astype(np.int64), pseudo
-
-
 def score_pool(model, x, y, pool, args, device):
     """MC dropout (Sec. 4.1): per-pixel variance over T passes, summed per image; also the mean prediction
     (pseudo-labels) and, for Fig. 5 only, the Dice of that prediction against the hidden ground truth."""
@@ -160,7 +133,8 @@ def main(argv=None):
             break
         if rnd > 0 and args.strategy == "ceal":
             scores, masks, pool_dice = score_pool(model, x, y, pool, args, device)
-            g1, g2, g3, g4 = ceal_groups(scores, n_low, n_high, n_band, args.pseudo_step * rnd, rng)
+            g1, g2, g3, g4 = common.ceal_groups(  # Sec. 4.2: the four groups
+                scores, n_low, n_high, n_band, args.pseudo_step * rnd, rng)
             for how, g in (("oracle-lowest", g1), ("oracle-highest", g2), ("oracle-band", g3), ("pseudo", g4)):
                 queried[how] = [data.ids[i] for i in pool[g]]
             target[torch.as_tensor(pool[g4], device=device)] = masks[torch.as_tensor(g4, device=device)]

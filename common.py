@@ -57,7 +57,8 @@ def shared_parser(doc, strategies, defaults):
     """argparse with the shared flags first, in the order every script uses; `defaults` is the script's
     per-dataset table (the row "other" serves datasets the paper did not use). Flags left at None are
     filled from that table by resolve()."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
+    p = argparse.ArgumentParser(usage="%(prog)s [flags]", description=doc.split("\n\n")[0],
+                                epilog=doc.split("\n\n", 1)[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def per_data(key):
@@ -732,6 +733,123 @@ def top_k(pool, scores, k, largest=True):
     return np.asarray(pool)[order[:k]]
 
 
+def binary_entropy(p, two_term=True):
+    """Per-pixel entropy in bits of a Bernoulli probability map. two_term=False gives -p log2 p alone (the
+    region paper's printed formula)."""
+    p = p.float().clamp(1e-7, 1 - 1e-7)
+    h = -p * torch.log2(p)
+    return h - (1 - p) * torch.log2(1 - p) if two_term else h
+
+
+def entropy_scores(probs, two_term=True, reduce="sum"):
+    """Image entropy score (B,) from probabilities (B, H, W): sum (default) or mean over pixels."""
+    h = binary_entropy(probs, two_term).flatten(1)
+    return h.sum(1) if reduce == "sum" else h.mean(1)
+
+
+def ensemble_variance(probs):
+    """ens-S (Suggestive Annotation): pixel variance across the M models' probabilities (M, B, H, W),
+    averaged over pixels -> (B,)."""
+    return probs.float().var(0, unbiased=False).flatten(1).mean(1)
+
+
+def ensemble_js(probs):
+    """ens-JS (Kuo et al. 2018): per pixel JS = H(mean_m p_m) - mean_m H(p_m), Bernoulli entropy, summed over
+    pixels -> (B,). Their cost-sensitive knapsack is top-b when every image costs the same."""
+    p = probs.float()
+    return (binary_entropy(p.mean(0)) - binary_entropy(p).mean(0)).flatten(1).sum(1)
+
+
+def facility_location(cand_feats, pool_feats, k):
+    """Greedy max of F(S) = sum_{u in pool} max_{s in S} cos(f_s, f_u) over S within the candidates (ens-S's
+    representativeness step). Returns positions into cand_feats, in the order chosen."""
+    c = F.normalize(torch.as_tensor(cand_feats).float(), dim=1)
+    u = F.normalize(torch.as_tensor(pool_feats).float(), dim=1)
+    sim = c @ u.T                                 # (K, N)
+    best = torch.full((u.shape[0],), -1.0)        # current max similarity of each pool sample to S (cos >= -1)
+    chosen = []
+    for _ in range(min(k, len(c))):
+        gain = torch.clamp(sim - best, min=0).sum(1)
+        if chosen:
+            gain[chosen] = -1
+        j = int(torch.argmax(gain))
+        chosen.append(j)
+        best = torch.maximum(best, sim[j])
+    return np.array(chosen, dtype=np.int64)
+
+
+def kcenter_greedy(feats, labeled_mask, k):
+    """Core-set (Sener & Savarese 2018), k-center greedy: starting from the labelled points, repeatedly add
+    argmax_i min_{j in S} ||x_i - x_j|| (Euclidean). Returns the k chosen unlabelled positions in order."""
+    x = torch.as_tensor(feats).float()
+    lab = torch.as_tensor(np.asarray(labeled_mask, bool))
+    chosen = []
+    if lab.any():
+        d = torch.cdist(x, x[lab]).min(1).values
+    else:  # nothing labelled yet: start from the point nearest the mean (deterministic)
+        chosen = [int(torch.argmin(((x - x.mean(0)) ** 2).sum(1)))]
+        d = torch.cdist(x, x[chosen])[:, 0]
+    while len(chosen) < k:
+        d[lab] = -1
+        d[chosen] = -1
+        j = int(torch.argmax(d))
+        if d[j] < 0:
+            break
+        chosen.append(j)
+        d = torch.minimum(d, torch.cdist(x, x[j:j + 1])[:, 0])
+    return np.array(chosen, dtype=np.int64)
+
+
+def head_agreement(lower, middle, final):
+    """DSAL's score from binarised masks (B, H, W) of the deep-supervision heads: the mean of
+    Dice(lower, final) and Dice(middle, final) per image -> (B,); also returns the two terms."""
+    l_dsc, m_dsc = dice_iou(lower, final)[0], dice_iou(middle, final)[0]
+    return (l_dsc + m_dsc) / 2, l_dsc, m_dsc
+
+
+@torch.inference_mode()
+def pooled_features(model, x, idx, batch_size, device, amp=False, grid=1):
+    """Last encoder stage features of x[idx], adaptive-average-pooled to grid x grid and flattened, in one
+    batched pass (eval mode): (N, C * grid^2) float32 on the CPU."""
+    model.eval()
+    out = []
+    for b in batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
+        with autocast(device, amp):
+            f = model.features(to_input(x[b]))
+        out.append(F.adaptive_avg_pool2d(f.float(), grid).flatten(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.feature_channels * grid * grid)
+
+
+def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6):
+    """CEAL's selection (ceal_mcdropout.md, Sec. 4.2) on the pool's uncertainty scores; returns positions
+    into `scores` for the four groups:
+    1. the n_low lowest scores (lesions the model missed) -> oracle;
+    2. the n_high highest scores -> oracle;
+    3. n_band drawn at random from the low-uncertainty band of the histogram (Fig. 6): the bins from the
+       lowest up to band_bins above the histogram's mode (the reference code's get_thirt_index also
+       starts 6 of 80 bins above the mode) -> oracle;
+    4. n_pseudo closest to the centre of the histogram's mode bin, the "highly confident" samples (the
+       reference code's get_pseudo_index draws from that bin) -> pseudo-labelled by the model.
+    Groups never overlap; when the pool is smaller than asked, the oracle groups are served first.
+    (In common.py because ssl_coldstart.py uses CEAL as a comparator.)"""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="stable")
+    low = order[:n_low]
+    low_set = set(low.tolist())
+    high = np.array([i for i in order[::-1] if i not in low_set][:n_high], dtype=np.int64)
+    taken = low_set | set(high.tolist())
+    counts, edges = np.histogram(scores, bins=bins)
+    mode = int(np.argmax(counts))
+    band_top = edges[min(mode + 1 + band_bins, bins)]
+    candidates = np.array([i for i in order if i not in taken and scores[i] <= band_top], dtype=np.int64)
+    band = rng.choice(candidates, size=min(n_band, len(candidates)), replace=False) if len(candidates) else candidates
+    taken |= set(band.tolist())
+    rest = np.array([i for i in order if i not in taken], dtype=np.int64)
+    centre = (edges[mode] + edges[mode + 1]) / 2
+    pseudo = rest[np.argsort(np.abs(scores[rest] - centre), kind="stable")[:n_pseudo]]
+    return low.astype(np.int64), high, band.astype(np.int64), pseudo
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Run folder, progress, checkpoint, resume
 # ----------------------------------------------------------------------------------------------------------
@@ -1022,3 +1140,64 @@ def learning_curve(run, rows):
     plot(run.path("learning_curve.png"), {run.args.strategy: (xs, [float(r["dice_mean"]) for r in rows],
                                                               [float(r["dice_std"]) for r in rows])},
          xlabel="labelled samples", ylabel="test Dice", title=f"{run.script} on {run.args.data}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results: collect run folders into tables (every script's table command is a view of these)
+# ----------------------------------------------------------------------------------------------------------
+def collect_runs(paths):
+    """One dict per finished round of every run folder under `paths` (run folders or their parents):
+    the run's flags (config.json "args"), its script, folder, and the round's rounds.csv columns (numbers
+    as floats). A run with a missing or empty rounds.csv contributes nothing."""
+    rows = []
+    for p in paths:
+        cfgs = [os.path.join(p, "config.json")] if os.path.isfile(os.path.join(p, "config.json")) else \
+            sorted(glob.glob(os.path.join(p, "**", "config.json"), recursive=True))
+        for cfg_path in cfgs:
+            run_dir = os.path.dirname(cfg_path)
+            cfg = json.load(open(cfg_path))
+            rounds = os.path.join(run_dir, "rounds.csv")
+            if not os.path.isfile(rounds):
+                continue
+            for r in csv.DictReader(open(rounds)):
+                row = dict(cfg["args"], script=cfg["script"], run=run_dir)
+                for k, v in r.items():
+                    try:
+                        row[k] = float(v)
+                    except (TypeError, ValueError):
+                        row[k] = v
+                rows.append(row)
+    return rows
+
+
+def summarise(rows, by, values=("dice_mean",)):
+    """Group rows by the keys `by` and give n, mean and std (over runs, e.g. seeds) of each value."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(_key(r.get(k)) for k in by), []).append(r)
+    out = []
+    for key in sorted(groups, key=lambda t: tuple((x is None, x if not isinstance(x, str) else str(x)) for x in t)):
+        g = groups[key]
+        row = dict(zip(by, key), n=len(g))
+        for v in values:
+            a = np.array([float(r[v]) for r in g if r.get(v) not in (None, "")], float)
+            row[v], row[v + "_std"] = (float(a.mean()), float(a.std())) if len(a) else (float("nan"), float("nan"))
+        out.append(row)
+    return out
+
+
+def _key(v):
+    return tuple(v) if isinstance(v, list) else (int(v) if isinstance(v, float) and v.is_integer() else v)
+
+
+def markdown_table(rows, columns, headers=None):
+    """rows: dicts; a column "x" whose row also has "x_std" prints as mean ± std."""
+    def cell(r, c):
+        v = r.get(c, "")
+        if isinstance(v, float):
+            return f"{v:.4f} ± {r[c + '_std']:.4f}" if c + "_std" in r and r.get("n", 1) > 1 else f"{v:.4f}"
+        return str(v)
+    head = headers or columns
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
