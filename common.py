@@ -960,6 +960,10 @@ class Run:
         tmp = self.path("checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path("checkpoint.pt"))
+        stop = os.environ.get("ALSEG_STOP_AFTER_ROUND")  # tests: simulate a run killed after this round
+        if stop is not None and int(stop) == state["round"]:
+            print(f"stopping after round {stop} (ALSEG_STOP_AFTER_ROUND); continue with --resume {self.dir}")
+            sys.exit(3)
 
     def load_checkpoint(self):
         path = self.path("checkpoint.pt")
