@@ -85,6 +85,8 @@ def shared_parser(doc, strategies, defaults):
                    help="split sizes (train pool, validation, test); " + per_data("split"))
     p.add_argument("--deterministic", action="store_true", help="deterministic cuDNN / algorithms (slower)")
     p.add_argument("--workers", type=int, default=0, help="threads for decoding images (default: all cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward (GPU; slow first "
+                   "batches, then faster; default: off)")
     return p
 
 
@@ -135,10 +137,15 @@ def autocast(device, amp):
                           enabled=bool(amp) and device.type in ("cuda", "cpu"))
 
 
-def prepare_model(model, device):
+def prepare_model(model, device, compile=False):
+    """Move to the device; channels_last on CUDA (NHWC convolutions, tensor cores); compile=True (--compile)
+    compiles forward() in place (nn.Module.compile: state_dict keys, attributes and checkpoints unchanged;
+    encode/decode called directly, as mc_dropout does, stay eager)."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
     return model
 
 
@@ -212,8 +219,8 @@ def list_isic2017(root):
 
 
 def list_isic2018(root):
-    splits = {s.lower().replace("validation", "val"): (f"ISIC2018_Task1-2_{s}_Input", f"ISIC2018_Task1_{s}_GroundTruth")
-              for s in ("Training", "Validation", "Test")}
+    splits = {k: (f"ISIC2018_Task1-2_{s}_Input", f"ISIC2018_Task1_{s}_GroundTruth")
+              for k, s in (("train", "Training"), ("val", "Validation"), ("test", "Test"))}
     return _official(root, splits, _isic_pairs, "ISIC2018_Task1-2_Training_Input/ and ISIC2018_Task1_Training_GroundTruth/")
 
 
@@ -672,23 +679,77 @@ def enable_mc_dropout(model):
     """Monte Carlo dropout mode: everything in eval (BatchNorm uses its running statistics), dropout on."""
     model.eval()
     for m in model.modules():
-        if isinstance(m, (nn.Dropout, nn.Dropout2d)):
+        if isinstance(m, nn.modules.dropout._DropoutNd):  # Dropout, Dropout1d/2d/3d, AlphaDropout
             m.train()
 
 
 @torch.inference_mode()
-def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None):
+def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, encoder_once=None):
     """T stochastic passes with dropout on and BatchNorm in eval mode; yields (indices, mean, var) per batch,
     mean and var of the sigmoid probability per pixel (B, H, W), so a caller reduces as it goes and a pool
     of any size fits in memory.
 
-    Speed: when dropout sits only at the bottleneck (model.dropout_at == "bottleneck", the public CEAL
-    code's placement), the encoder runs once per batch and only the decoder T times. The T passes are
-    batched into one forward (the batch repeated T times) on CUDA, and looped on the CPU, where measured
-    looping is faster (PERF_NOTES.md); `batched` overrides."""
+    Speed (benchmarks/speed.py times each path against T plain forwards; tests/test_speed_equivalence.py
+    shows they compute the same thing):
+    - encoder once: when dropout sits only at the bottleneck (model.dropout_at == "bottleneck", the public
+      CEAL code's placement) or nowhere, the encoder runs once per batch and only the decoder T times. For
+      unet.UNet only what depends on the dropout mask is repeated: each decoder stage's first convolution
+      reads cat(up(h), skip), and a convolution of concatenated channels is the sum of the convolutions of
+      each part, so the skip half (fixed by the encoder) is computed once per batch; BatchNorm (eval, an
+      affine map) is folded into the decoder's convolutions; auxiliary heads are skipped. Same numbers up
+      to float rounding, and the same dropout masks as T plain forwards under the same seed.
+    - batched: the T passes run as forwards of the batch repeated (up to 256 images per forward), on CUDA;
+      looped on the CPU, where looping measured faster (PERF_NOTES.md).
+    `batched` and `encoder_once` (True/False) override the automatic choice."""
     enable_mc_dropout(model)
     batched = device.type == "cuda" if batched is None else batched
-    encoder_once = getattr(model, "dropout_at", "every") in ("bottleneck", "none") and hasattr(model, "encode")
+    can_split = getattr(model, "dropout_at", "every") in ("bottleneck", "none") and hasattr(model, "encode")
+    if encoder_once and not can_split:
+        raise ValueError("encoder_once needs a model with dropout only at the bottleneck (model.dropout_at)")
+    encoder_once = can_split if encoder_once is None else encoder_once
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    def fold(conv, bn):  # BatchNorm in eval mode is y = s * z + t: fold it into the convolution before it
+        w = conv.weight.float()
+        b = torch.zeros(conv.out_channels, device=w.device) if conv.bias is None else conv.bias.float()
+        if isinstance(bn, nn.BatchNorm2d):
+            s = (bn.running_var.float() + bn.eps).rsqrt() * (1 if bn.weight is None else bn.weight.float())
+            b = (b - bn.running_mean.float()) * s + (0 if bn.bias is None else bn.bias.float())
+            w = w * s[:, None, None, None]
+        return w, b
+
+    def split_stages():  # None unless the model's decoder is unet.UNet's, unchanged
+        try:
+            from unet import UNet, Block, Up
+        except ImportError:
+            return None
+        if getattr(type(model), "decode", None) is not UNet.decode or getattr(type(model), "encode", None) is not UNet.encode:
+            return None
+        stages = []
+        for up, blk in zip(model.ups, model.dec):
+            ok = type(up).forward is Up.forward and type(blk).forward is Block.forward and isinstance(blk.drop, nn.Identity)
+            for conv, bn in ((blk.conv1, blk.bn1), (blk.conv2, blk.bn2)):
+                ok = ok and conv.groups == 1 and conv.padding_mode == "zeros" and (
+                    isinstance(bn, nn.Identity) or (isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None))
+            if not ok:
+                return None
+            (w1, b1), (w2, b2) = fold(blk.conv1, blk.bn1), fold(blk.conv2, blk.bn2)
+            c = blk.conv1.in_channels // 2  # conv1 reads cat([up(h), skip]): up(h) is the first half
+            conv = lambda inp, w, b, cv=blk.conv1: F.conv2d(inp, w, b, cv.stride, cv.padding, cv.dilation)
+            stages.append((up, conv, w1[:, :c].contiguous(memory_format=fmt), w1[:, c:].contiguous(memory_format=fmt),
+                           b1, w2.contiguous(memory_format=fmt), b2))
+        return stages
+
+    stages = split_stages() if encoder_once else None
+
+    def decode_split(h, pre, reps):  # h: bottleneck features of reps x B images; pre: skip halves of B images
+        h = model.bottleneck_drop(h)
+        for (up, conv, w_up, _, b1, w2, b2), p in zip(stages, pre):
+            z = conv(up(h), w_up, b1)
+            z.unflatten(0, (reps, -1)).add_(p)  # + the skip half, the same for every pass
+            h = conv(z.relu_(), w2, b2).relu_()
+        return model.head(h)
+
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):
         xb = to_input(x[b])
@@ -696,23 +757,29 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None):
             xb = xb.contiguous(memory_format=torch.channels_last)
         s1 = torch.zeros((len(b),) + tuple(x.shape[-2:]), device=device)
         s2 = torch.zeros_like(s1)
+        per = max(1, min(T, 256 // len(b))) if batched else 1  # passes per forward
         with autocast(device, amp):
-            feats = model.encode(xb) if encoder_once else None
-            run = (lambda inp: model.decode(inp)) if encoder_once else model
-            inp = feats if encoder_once else xb
-            if batched:
-                rep = [f.repeat(T, 1, 1, 1) for f in inp] if encoder_once else inp.repeat(T, 1, 1, 1)
-                out = run(rep)
-                out = out[0] if isinstance(out, tuple) else out
-                p = torch.sigmoid(out.float()[:, 0]).view(T, len(b), *s1.shape[1:])
-                s1, s2 = p.sum(0), (p * p).sum(0)
+            if encoder_once:
+                feats = model.encode(xb)
+                if stages is not None:
+                    pre = [conv(feats[-2 - s], w_skip, None) for s, (_, conv, _, w_skip, *_) in enumerate(stages)]
+                    run = lambda r: decode_split(feats[-1].repeat(r, 1, 1, 1) if r > 1 else feats[-1], pre, r)
+                else:
+                    run = lambda r: model.decode([f.repeat(r, 1, 1, 1) for f in feats] if r > 1 else feats)
             else:
-                for _ in range(T):
-                    out = run(inp)
-                    out = out[0] if isinstance(out, tuple) else out
-                    p = torch.sigmoid(out.float()[:, 0])
-                    s1 += p
-                    s2 += p * p
+                run = lambda r: model(xb.repeat(r, 1, 1, 1) if r > 1 else xb)
+            for t in range(0, T, per):
+                r = min(per, T - t)
+                out = run(r)
+                out = out[0] if isinstance(out, tuple) else out
+                p = torch.sigmoid(out.float()[:, 0])
+                if r == 1:
+                    s1.add_(p)
+                    s2.addcmul_(p, p)
+                else:
+                    p = p.reshape(r, len(b), *s1.shape[1:])
+                    s1 += p.sum(0)
+                    s2 += (p * p).sum(0)
         mean = s1 / T
         var = (s2 / T - mean * mean).clamp_(min=0)
         yield b, mean, var
@@ -830,7 +897,8 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
        starts 6 of 80 bins above the mode) -> oracle;
     4. n_pseudo closest to the centre of the histogram's mode bin, the "highly confident" samples (the
        reference code's get_pseudo_index draws from that bin) -> pseudo-labelled by the model.
-    Groups never overlap; when the pool is smaller than asked, the oracle groups are served first.
+    Groups never overlap; a band holding fewer than n_band samples is filled with the next-lowest scores, so
+    the oracle budget is constant; when the pool is smaller than asked, the oracle groups are served first.
     (In common.py because ssl_coldstart.py uses CEAL as a comparator.)"""
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(scores, kind="stable")
@@ -843,6 +911,9 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
     band_top = edges[min(mode + 1 + band_bins, bins)]
     candidates = np.array([i for i in order if i not in taken and scores[i] <= band_top], dtype=np.int64)
     band = rng.choice(candidates, size=min(n_band, len(candidates)), replace=False) if len(candidates) else candidates
+    if len(band) < n_band:  # a thin band: the oracle budget stays the same, filled with the next-lowest scores
+        cand = set(candidates.tolist())
+        band = np.concatenate([band, [i for i in order if i not in taken and i not in cand][:n_band - len(band)]])
     taken |= set(band.tolist())
     rest = np.array([i for i in order if i not in taken], dtype=np.int64)
     centre = (edges[mode] + edges[mode + 1]) / 2

@@ -1,0 +1,308 @@
+"""common.py: metrics, losses, splits, cache, loaders (real sample files and official-layout fixtures),
+bad input, MC dropout."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import REAL
+from unet import UNet, count_parameters
+
+
+# ---------------------------------------------------------------------------------------- metrics, losses
+def masks(*rows):
+    return torch.tensor(np.array(rows, dtype=np.uint8)).bool()
+
+
+def test_dice_iou_hand_cases():
+    gt = masks([[1, 1, 0, 0]], [[1, 0, 0, 0]], [[0, 0, 0, 0]], [[0, 0, 0, 0]], [[1, 1, 1, 1]])
+    pred = masks([[1, 0, 0, 0]], [[0, 1, 0, 0]], [[0, 0, 0, 0]], [[1, 0, 0, 0]], [[1, 1, 1, 1]])
+    dice, iou = common.dice_iou(pred, gt)
+    # |A∩B| = 1, |A| + |B| = 3 -> 2/3; IoU 1/2. Disjoint -> 0. Both empty -> 1. Empty GT, one false positive -> 0.
+    assert dice.tolist() == pytest.approx([2 / 3, 0, 1, 0, 1])
+    assert iou.tolist() == pytest.approx([1 / 2, 0, 1, 0, 1])
+
+
+def test_evaluate_averages_per_image_not_per_batch():
+    """Two images, batch size 1 vs 2: the per-image mean is the same; a pooled-pixel Dice would differ."""
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # predicts the first channel thresholded
+            return (x[:, :1] - 0.5) * 100
+
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    x[0, 0, :2] = 255          # image 0 predicts 8 pixels
+    x[1, 0, 0, 0] = 255        # image 1 predicts 1 pixel
+    y = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    y[0, :2] = 1               # image 0: perfect (Dice 1)
+    y[1, 3, 3] = 1             # image 1: disjoint (Dice 0)
+    for bs in (1, 2):
+        dice, iou = common.evaluate(Fixed(), x, y, [0, 1], bs, torch.device("cpu"))
+        assert dice.tolist() == [1.0, 0.0] and dice.mean() == 0.5
+
+
+def test_soft_dice_and_bce_dice_losses():
+    target = torch.tensor([[[1, 0], [0, 0]]], dtype=torch.uint8)
+    big = 20.0
+    perfect = torch.tensor([[[[big, -big], [-big, -big]]]])
+    assert common.soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    # logits 0 -> p = 0.5 everywhere: soft Dice = (2*0.5 + 1) / (2 + 1 + 1) = 0.5
+    zero = torch.zeros(1, 1, 2, 2)
+    assert common.soft_dice_loss(zero, target).item() == pytest.approx(0.5)
+    # BCE at p = 0.5 is ln 2 for every pixel
+    assert common.bce_dice_loss(zero, target).item() == pytest.approx(np.log(2) + 0.5, rel=1e-5)
+    wrong = -perfect
+    assert common.bce_dice_loss(wrong, target) > common.bce_dice_loss(zero, target) > common.bce_dice_loss(perfect, target)
+
+
+def test_unet_paper_size_and_features():
+    assert 30.9e6 < count_parameters(UNet(3, 1, 64)) < 31.1e6  # CEAL Sec. 1.2: "around 31 million"
+    m = UNet(1, 1, 8, up="bilinear", dropout=0.1, dropout_at="bottleneck")
+    x = torch.zeros(2, 1, 32, 32)
+    assert m(x).shape == (2, 1, 32, 32)
+    assert m.features(x).shape == (2, 128, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------------- splits
+def grouped(n_groups=20, per=(3, 9)):
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(*per, n_groups)
+    groups = np.repeat([f"P{g:02d}" for g in range(n_groups)], sizes)
+    n = len(groups)
+    return common.Data(np.zeros((n, 1, 4, 4), np.uint8), np.zeros((n, 4, 4), np.uint8),
+                       [f"s{i}" for i in range(n)], {}, groups, "grouped")
+
+
+def test_splits_disjoint_sized_and_seeded():
+    d = common.make_synthetic(50, 16)
+    tr, va, te = common.make_splits(d, (30, 8, 12), seed=1)
+    assert (len(tr), len(va), len(te)) == (30, 8, 12)
+    assert not (set(tr) & set(va) or set(tr) & set(te) or set(va) & set(te))
+    again = common.make_splits(d, (30, 8, 12), seed=1)
+    other = common.make_splits(d, (30, 8, 12), seed=2)
+    assert all((a == b).all() for a, b in zip((tr, va, te), again))
+    assert not (tr == other[0]).all()
+
+
+def test_splits_never_cut_a_patient():
+    d = grouped()
+    tr, va, te = common.make_splits(d, (40, 15, 20), seed=3)
+    splits = [set(d.groups[s]) for s in (tr, va, te)]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert len(te) >= 20 and len(va) >= 15 and len(tr) == 40
+
+
+def test_official_splits_are_used():
+    d = common.make_synthetic(40, 16)
+    d.official = {"train": np.arange(0, 25), "val": np.arange(25, 30), "test": np.arange(30, 40)}
+    tr, va, te = common.make_splits(d, (20, 5, 10), seed=0)
+    assert set(te) == set(range(30, 40)) and set(va) == set(range(25, 30)) and set(tr) <= set(range(25))
+    # validation larger than the official one is drawn from the official training set (CEAL ISIC 1600/400)
+    tr, va, te = common.make_splits(d, (15, 10, 10), seed=0)
+    assert set(va) <= set(range(25)) and not set(va) & set(tr)
+
+
+def test_split_too_large_is_a_clear_error():
+    with pytest.raises(common.UserError, match="cannot fill the split"):
+        common.make_splits(common.make_synthetic(20, 16), (15, 5, 5), 0)
+
+
+def test_budget_larger_than_pool():
+    with pytest.raises(common.UserError, match="exceeds the training pool of 50"):
+        common.check_budget(50, 20, 10, 4)
+
+
+# ------------------------------------------------------------------------------------------------ synthetic
+def test_synthetic_is_deterministic_and_varied():
+    a, b, c = common.make_synthetic(120, 48, seed=0), common.make_synthetic(120, 48, seed=0), common.make_synthetic(120, 48, seed=1)
+    assert (a.x == b.x).all() and (a.y == b.y).all() and not (a.x == c.x).all()
+    assert a.x.dtype == np.uint8 and a.x.shape == (120, 3, 48, 48) and set(np.unique(a.y)) <= {0, 1}
+    area = a.y.reshape(120, -1).mean(1)
+    kinds = set(a.kinds)
+    assert {"empty", "tiny", "low-contrast", "normal", "duplicate"} <= kinds
+    assert (area == 0).any() and (0 < area).any() and area.max() > 0.1 and 0 < area[area > 0].min() < 0.01
+    assert common.make_synthetic(5, 32, channels=1).x.shape == (5, 1, 32, 32)
+
+
+# ----------------------------------------------------------------------------------- fixtures in layouts
+def write_pair(img_path, mask_path, rng, size=(40, 30), mask_value=255, fmt=None):
+    os.makedirs(os.path.dirname(img_path), exist_ok=True)
+    os.makedirs(os.path.dirname(mask_path), exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(img_path)
+    m = np.zeros((size[1], size[0]), np.uint8)
+    m[5:20, 8:30] = mask_value
+    Image.fromarray(m).save(mask_path)
+
+
+def isic2017_fixture(root, counts=(6, 2, 3)):
+    rng = np.random.default_rng(0)
+    k = 0
+    for (img_dir, gt_dir), n in zip([("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+                                     ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+                                     ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth")], counts):
+        for _ in range(n):
+            write_pair(root / img_dir / f"ISIC_{k:07d}.jpg", root / gt_dir / f"ISIC_{k:07d}_segmentation.png", rng)
+            Image.new("RGB", (4, 4)).save(root / img_dir / f"ISIC_{k:07d}_superpixels.png")  # must be skipped
+            k += 1
+    return root
+
+
+def isic2018_fixture(root):
+    rng = np.random.default_rng(1)
+    for s, n in (("Training", 5), ("Validation", 2), ("Test", 2)):
+        for k in range(n):
+            write_pair(root / f"ISIC2018_Task1-2_{s}_Input" / f"ISIC_{s[:2]}{k:05d}.jpg",
+                       root / f"ISIC2018_Task1_{s}_GroundTruth" / f"ISIC_{s[:2]}{k:05d}_segmentation.png", rng)
+    return root
+
+
+def folder_fixture(root, n=6):
+    rng = np.random.default_rng(2)
+    for k in range(n):
+        suffix = ["", "_mask", "_segmentation"][k % 3]
+        write_pair(root / "images" / f"case{k}.png", root / "masks" / f"case{k}{suffix}.png", rng)
+    return root
+
+
+def test_isic2017_layout(tmp_path):
+    d = common.load_data("isic2017", str(isic2017_fixture(tmp_path)), 32)
+    assert len(d) == 11 and d.x.shape == (11, 3, 32, 32) and d.y.dtype == np.uint8
+    assert {k: len(v) for k, v in d.official.items()} == {"train": 6, "val": 2, "test": 3}
+    assert not any("superpixels" in i for i in d.ids) and set(np.unique(d.y)) == {0, 1}
+    tr, va, te = common.make_splits(d, (4, 2, 3), seed=0)
+    assert set(te) == set(d.official["test"])
+
+
+def test_isic2018_layout(tmp_path):
+    d = common.load_data("isic2018", str(isic2018_fixture(tmp_path)), 32)
+    assert {k: len(v) for k, v in d.official.items()} == {"train": 5, "val": 2, "test": 2}
+
+
+def test_folder_layout_with_mask_suffixes(tmp_path):
+    d = common.load_data("folder", str(folder_fixture(tmp_path)), 24, channels=1)
+    assert d.ids == [f"case{k}" for k in range(6)] and d.x.shape == (6, 1, 24, 24)
+    assert d.y.sum() > 0
+
+
+def test_cache_hit_rebuild_and_equivalence(tmp_path, capsys):
+    root = folder_fixture(tmp_path / "data")
+    fresh = common.load_data("folder", str(root), 24)
+    assert "decoded" in capsys.readouterr().out
+    cached = common.load_data("folder", str(root), 24)
+    assert "from cache" in capsys.readouterr().out
+    assert (fresh.x == cached.x).all() and (fresh.y == cached.y).all() and fresh.ids == cached.ids
+    common.load_data("folder", str(root), 16)                   # another size: another cache entry
+    assert "decoded" in capsys.readouterr().out
+    m = np.zeros((30, 40), np.uint8)
+    Image.fromarray(m).save(root / "masks" / "case0.png")      # a file changed: rebuilt, new content
+    os.utime(root / "masks" / "case0.png", ns=(1, 1))
+    changed = common.load_data("folder", str(root), 24)
+    assert "decoded" in capsys.readouterr().out
+    assert changed.y[0].sum() == 0 and fresh.y[0].sum() > 0
+    assert len(os.listdir(os.environ["ALSEG_CACHE"])) == 3
+
+
+# ------------------------------------------------------------------------------------------- real samples
+def real(name):
+    path = os.path.join(REAL, name)
+    if not os.path.isdir(path):
+        pytest.skip(f"{path} absent")
+    return path
+
+
+def test_real_cvc_clinicdb_raw_tiffs_and_stray_mask_values():
+    d = common.load_data("cvc-clinicdb", real("CVC-ClinicDB"), 64)
+    assert len(d) == 10 and d.ids[:3] == ["1", "2", "3"] and d.x.shape == (10, 3, 64, 64)
+    assert set(np.unique(d.y)) == {0, 1} and d.x.std() > 10
+    frame = common.read_raw_tiff(os.path.join(REAL, "CVC-ClinicDB", "Original", "1.tif"))
+    assert frame.shape == (288, 384, 3)
+    # mask 1.tif holds stray values 5..12 besides 0 and 255: thresholded at >127, about 15 % foreground
+    assert 0.1 < d.y[0].mean() < 0.2
+
+
+def test_real_kvasir_jpeg_masks():
+    d = common.load_data("kvasir-seg", real("Kvasir-SEG"), 48)
+    assert len(d) == 10 and d.x.shape == (10, 3, 48, 48) and set(np.unique(d.y)) == {0, 1}
+    assert all(0 < a < 0.6 for a in d.y.reshape(10, -1).mean(1))
+
+
+def test_real_ph2_one_bit_and_rgb_masks():
+    d = common.load_data("ph2", real("PH2Dataset"), 32)
+    assert d.ids == ["IMD002", "IMD058", "IMD155", "IMD437"]
+    assert set(np.unique(d.y)) == {0, 1} and all(d.y.reshape(4, -1).mean(1) > 0.05)
+
+
+def test_real_lgg_patients_and_tumour_slices():
+    d = common.load_data("lgg", real("kaggle_3m"), 64)
+    assert len(d) == 16 and set(d.groups) == {"TCGA_CS_4941", "TCGA_DU_5849"} and d.x.shape[1] == 3
+    pos = common.keep_positive(d)
+    assert 0 < len(pos) < len(d) and all(pos.y.reshape(len(pos), -1).any(1))
+    tr, va, te = common.make_splits(pos, (1, 0, 1), seed=0)
+    assert not set(pos.groups[tr]) & set(pos.groups[te])  # patients are never split
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_name_the_path(tmp_path):
+    with pytest.raises(common.UserError, match="needs --data-dir"):
+        common.load_data("isic2017", None, 32)
+    with pytest.raises(common.UserError, match="nowhere: folder not found"):
+        common.load_data("isic2017", str(tmp_path / "nowhere"), 32)
+    wrong = folder_fixture(tmp_path / "wrong")
+    with pytest.raises(common.UserError, match="expected the official layout with ISIC-2017_Training_Data"):
+        common.load_data("isic2017", str(wrong), 32)
+
+    root = isic2017_fixture(tmp_path / "nomask", (3, 0, 0))
+    os.remove(root / "ISIC-2017_Training_Part1_GroundTruth" / "ISIC_0000001_segmentation.png")
+    with pytest.raises(common.UserError, match=r"ISIC_0000001\.jpg: no mask for this image"):
+        common.load_data("isic2017", str(root), 32)
+
+    root = folder_fixture(tmp_path / "noimage")
+    os.remove(root / "images" / "case2.png")
+    with pytest.raises(common.UserError, match=r"case2_segmentation\.png: mask without an image"):
+        common.load_data("folder", str(root), 32)
+
+    root = folder_fixture(tmp_path / "broken")
+    (root / "images" / "case1.png").write_bytes(b"not an image at all")
+    with pytest.raises(common.UserError, match=r"case1\.png: unreadable image file"):
+        common.load_data("folder", str(root), 32)
+
+    root = folder_fixture(tmp_path / "gray")
+    Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (30, 1))).save(root / "masks" / "case3.png")
+    with pytest.raises(common.UserError, match=r"case3\.png: mask is not binary"):
+        common.load_data("folder", str(root), 32)
+    Image.fromarray(np.tile(np.arange(3, dtype=np.uint8), (30, 14))[:, :40]).save(root / "masks" / "case3.png")
+    with pytest.raises(common.UserError, match=r"case3\.png: mask values 0..2 are not binary"):
+        common.load_data("folder", str(root), 32)
+
+
+# ------------------------------------------------------------------------------------------------ MC dropout
+def test_mc_dropout_batched_and_looped_agree():
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (6, 3, 32, 32), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    for at in ("every", "bottleneck"):
+        det = UNet(3, 1, 4, dropout=0.0, dropout_at=at).eval()
+        ref = torch.sigmoid(det(x.float() / 255))[:, 0]
+        for batched in (False, True):
+            (_, mean, var), = list(common.mc_dropout(det, x, np.arange(6), 5, 6, cpu, batched=batched))
+            assert torch.allclose(mean, ref, atol=1e-5) and var.max() < 1e-6  # p = 0: passes identical (float32 rounding of E[p²] - E[p]²)
+        m = UNet(3, 1, 4, dropout=0.5, dropout_at=at)
+        with torch.no_grad():  # BatchNorm statistics of real activations, so that eval-mode BN is not ~identity
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.BatchNorm2d):
+                    mod.momentum = None
+            m.train()(x.float() / 255)
+            m.head.weight.mul_(20)  # spread the probabilities around 0.5
+        stats = []
+        for batched in (False, True):
+            torch.manual_seed(1)
+            (_, mean, var), = list(common.mc_dropout(m, x, np.arange(6), 200, 6, cpu, batched=batched))
+            stats.append((mean, var))
+        (m0, v0), (m1, v1) = stats
+        assert v0.mean() > 1e-3  # dropout really was on
+        # two independent T-sample estimates: E|m0 - m1| = sqrt(2 var / T) sqrt(2 / pi) ≈ 0.8 sqrt(2 var / T)
+        assert (m0 - m1).abs().mean() < 1.5 * torch.sqrt(2 * v0.mean() / 200)
+        assert abs(v0.mean() - v1.mean()) < 0.1 * v0.mean()
+        assert not m.training  # left in eval mode
