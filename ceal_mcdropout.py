@@ -159,10 +159,10 @@ def main(argv=None):
         t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
 
-        def on_epoch(e, loss, _s):
-            vd, _ = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)
-            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "val_dice": float(vd.mean())})
-            progress.epoch(rnd, e, epochs, loss, float(vd.mean()))
+        def on_epoch(e, loss, _s):  # Figs. 7-10: validation Dice per epoch
+            vd = float(common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0].mean()) if len(val_ids) else None
+            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "val_dice": vd})
+            progress.epoch(rnd, e, epochs, loss, vd)
             model.train()
 
         common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size,
@@ -171,10 +171,10 @@ def main(argv=None):
 
         # ---- evaluation on the test set; the round is written before anything else happens ----
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
-        val_dice, _ = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)
+        val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0] if len(val_ids) else [np.nan]
         row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
                "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "val_dice": float(val_dice.mean()), "oracle_queries": len(labeled) - n_initial, "pool_left": len(pool)}
+               "val_dice": float(np.mean(val)), "oracle_queries": len(labeled) - n_initial, "pool_left": len(pool)}
         run.log_round(row, queried)
         run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "labeled": labeled,
                              "pseudo": pseudo, "pool": pool, "rng_select": rng.bit_generator.state,

@@ -15,10 +15,11 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ALSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
-def run_script(script, *args, timeout=300, check=True):
+def run_script(script, *args, timeout=300, check=True, env_extra=None, device=True):
     """Run a script in a subprocess on the CPU (as a user would) and return the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--device", "cpu", *map(str, args)],
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *(["--device", "cpu"] if device else []),
+                          *map(str, args)],
                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if check and out.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
