@@ -340,10 +340,13 @@ def read_raw_tiff(path):
     return np.frombuffer(data, np.uint8)[: w * h * spp].reshape(h, w, spp)
 
 
-def read_image(path, mode):
-    """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'."""
+def read_image(path, mode, size=None):
+    """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'. With `size`, a JPEG is
+    decoded at the smallest DCT scale that is still at least size x size (much faster for ISIC's photos)."""
     try:
         with Image.open(path) as im:
+            if size and im.format == "JPEG":
+                im.draft(mode, (size, size))
             im.load()
             return im.convert(mode) if im.mode != mode else im.copy()
     except Exception as e:
@@ -370,7 +373,7 @@ def binarise_mask(m, path):
 
 def _decode(entry, size, channels):
     key, img_path, mask_path = entry[:3]
-    im = read_image(img_path, "RGB" if channels == 3 else "L")
+    im = read_image(img_path, "RGB" if channels == 3 else "L", size)
     im = im.resize((size, size), Image.BILINEAR)
     m = binarise_mask(np.asarray(read_image(mask_path, "L")), mask_path)
     m = Image.fromarray(m * 255).resize((size, size), Image.BILINEAR)
@@ -1105,7 +1108,7 @@ def _fmt(v):
 
 
 def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 440)):
-    """series: {label: (xs, ys) or (xs, ys, stds)}; kind "line" (with ±std bands) or "scatter"."""
+    """series: {label: (xs, ys) or (xs, ys, stds)}; kind "line" (with ±std bands), "scatter" or "bar"."""
     W, H = size
     L, R, T, B = 64, 16, 30, 48
     img = Image.new("RGB", size, "white")
@@ -1138,7 +1141,11 @@ def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 4
     for k, (label, s) in enumerate(series.items()):
         c = COLOURS[k % len(COLOURS)]
         xs, ys = np.asarray(s[0], float), np.asarray(s[1], float)
-        if kind == "scatter":
+        if kind == "bar":
+            bw = max(1.0, (px(xs[1]) - px(xs[0])) * 0.9) if len(xs) > 1 else 6
+            for x, y in zip(xs, ys):
+                d.rectangle([px(x) - bw / 2, py(y), px(x) + bw / 2, py(max(y0, 0))], fill=c + (150,))
+        elif kind == "scatter":
             for x, y in zip(xs, ys):
                 d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c + (160,))
         else:
@@ -1162,23 +1169,21 @@ def plot_hist(path, values, bins=80, xlabel="", title="", marks=None):
     values = np.asarray(values, float)
     counts, edges = np.histogram(values, bins=bins)
     centres = (edges[:-1] + edges[1:]) / 2
-    W, H = 640, 440
-    plot(path, {"count": (centres, counts)}, xlabel, "count", title, kind="line")
+    plot(path, {"pool": (centres, counts)}, xlabel, "count", title, kind="bar")
+    if not marks or len(values) == 0:
+        return
     img = Image.open(path).convert("RGB")
-    d = ImageDraw.Draw(img, "RGBA")
-    L, R, T, B = 64, 16, 30, 48
-    lo, hi = 0, counts.max() if len(counts) else 1
-    pad = 0.05 * (hi - lo or 1)
-    px = lambda v: L + (v - centres.min()) / ((centres.max() - centres.min()) or 1) * (W - L - R)
-    py = lambda v: H - B - (v - (lo - pad)) / ((hi + pad) - (lo - pad)) * (H - T - B)
-    bw = max(1, (W - L - R) / max(1, bins) - 1)
-    for c, n in zip(centres, counts):
-        d.rectangle([px(c) - bw / 2, py(n), px(c) + bw / 2, py(0)], fill=(31, 119, 180, 120))
-    for k, (label, v) in enumerate((marks or {}).items()):
+    d = ImageDraw.Draw(img)
+    (W, H), L, R, B = img.size, 64, 16, 48
+    lo, hi = centres.min(), centres.max()
+    hi = hi if hi > lo else lo + 1
+    for k, (label, v) in enumerate(marks.items()):
         col = COLOURS[(k + 1) % len(COLOURS)]
         for u in np.asarray(v, float):
-            d.line([px(u), H - B - 8 - 3 * k, px(u), H - B - 2 - 3 * k], fill=col, width=1)
-        d.text((L + 6, T + 4 + 14 * k), f"| {label}", fill=col)
+            x = L + (u - lo) / (hi - lo) * (W - L - R)
+            d.line([x, H - B - 6, x, H - B - 1], fill=col, width=2)
+        d.rectangle([W - R - 150, 30 + 20 + 14 * k, W - R - 140, 30 + 28 + 14 * k], fill=col)
+        d.text((W - R - 136, 30 + 18 + 14 * k), f"{label} (ticks)", fill="black")
     img.save(path)
 
 
