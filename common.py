@@ -382,7 +382,7 @@ def _decode(entry, size, channels):
     return x, (np.asarray(m) >= 128).astype(np.uint8)
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when decoding changes (2: JPEG draft decoding)
 
 
 def cache_dir():

@@ -102,3 +102,143 @@ class UNet(nn.Module):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# U-Net with a ResNet-18 encoder (region_uncertainty.py; papers/region_uncertainty.md, Sec. IV-C)
+# ----------------------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016), named as torchvision names it: conv1, bn1, conv2, bn2 and, where
+    the channel count (or stride) changes, downsample.0 (1x1 convolution) and downsample.1 (BatchNorm)."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18Encoder(nn.Module):
+    """ResNet-18 without its classifier, in plain torch, with torchvision's module names (conv1, bn1,
+    layer1.0.conv1, ..., layer4.1.bn2), so a torchvision resnet18 state dict loads with its fc.* keys left
+    out. width 64 is ResNet-18 itself (stages of 64, 64, 128, 256, 512 channels); other widths scale it."""
+
+    def __init__(self, in_ch=3, width=64):
+        super().__init__()
+        c = [width, width, 2 * width, 4 * width, 8 * width]
+        self.conv1 = nn.Conv2d(in_ch, c[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(BasicBlock(c[0], c[1]), BasicBlock(c[1], c[1]))
+        self.layer2 = nn.Sequential(BasicBlock(c[1], c[2], 2), BasicBlock(c[2], c[2]))
+        self.layer3 = nn.Sequential(BasicBlock(c[2], c[3], 2), BasicBlock(c[3], c[3]))
+        self.layer4 = nn.Sequential(BasicBlock(c[3], c[4], 2), BasicBlock(c[4], c[4]))
+        self.channels = c
+        for m in self.modules():  # torchvision's initialisation of ResNet
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        """The stages a U-Net skips from: stem (H/2), layer1 (H/4), layer2 (H/8), layer3 (H/16), layer4 (H/32)."""
+        x0 = self.relu(self.bn1(self.conv1(x)))
+        x1 = self.layer1(self.maxpool(x0))
+        x2 = self.layer2(x1)
+        x3 = self.layer3(x2)
+        return [x0, x1, x2, x3, self.layer4(x3)]
+
+
+def conv_bn_relu(c_in, c_out, k):
+    """Convolution, then BatchNorm ("batch normalization is added after each convolution layer"), ReLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class ResNetUNet(nn.Module):
+    """U-Net with a ResNet-18 encoder (region paper, Sec. IV-C): "before each increase in the number of filters
+    in the U-Net architecture, 1x1 convolutions are incorporated, and batch normalization is added after each
+    convolution layer". The decoder is not described further; this one follows the common public ResNet-18
+    U-Net layout (usuyama/pytorch-unet): a 1x1 convolution on every encoder stage before it is concatenated
+    (where the channel count grows), bilinear x2 upsampling, a 3x3 convolution after each concatenation, a
+    two-convolution full-resolution branch on the input, and BatchNorm after every convolution.
+
+    Same interface as UNet: forward(x) -> logits (B, out_ch, H, W); encode(x) -> list of features (the last
+    is layer4, the bottleneck); decode(feats) -> logits; features(x); dropout_at; feature_channels. Input is
+    in [0, 1]; with mean/std given (ImageNet's for pretrained weights) the model normalises it itself, so
+    training, prediction and MC dropout all see the same normalisation. Dropout, when p > 0, sits on the
+    bottleneck only, so MC dropout may run the encoder once and the decoder T times (common.mc_dropout).
+    H and W must be multiples of 32."""
+
+    def __init__(self, in_ch=3, out_ch=1, width=64, dropout=0.0, mean=None, std=None):
+        super().__init__()
+        self.dropout_at = "bottleneck" if dropout > 0 else "none"
+        self.encoder = ResNet18Encoder(in_ch, width)
+        c = self.encoder.channels                                          # 64, 64, 128, 256, 512 at width 64
+        self.skip1x1 = nn.ModuleList([conv_bn_relu(ci, ci, 1) for ci in c])  # 1x1 before each concatenation
+        self.bottleneck_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        d = [2 * c[0], 2 * c[2], c[3], c[4]]                              # decoder widths: 128, 256, 256, 512
+        self.up = nn.ModuleList([conv_bn_relu(c[3] + c[4], d[3], 3),       # H/16: 256 + 512 -> 512
+                                 conv_bn_relu(c[2] + d[3], d[2], 3),       # H/8:  128 + 512 -> 256
+                                 conv_bn_relu(c[1] + d[2], d[1], 3),       # H/4:   64 + 256 -> 256
+                                 conv_bn_relu(c[0] + d[1], d[0], 3)])      # H/2:   64 + 256 -> 128
+        self.full0 = conv_bn_relu(in_ch, width, 3)                          # full-resolution branch
+        self.full1 = conv_bn_relu(width, width, 3)
+        self.full2 = conv_bn_relu(width + d[0], width, 3)                   # H: 128 + 64 -> 64
+        self.head = nn.Conv2d(width, out_ch, 1)
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * in_ch).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * in_ch).view(1, -1, 1, 1), persistent=False)
+        self.feature_channels = c[4]
+
+    def encode(self, x):
+        x = (x - self.mean) / self.std
+        full = self.full1(self.full0(x))
+        return [full] + self.encoder(x)
+
+    def decode(self, feats):
+        full, skips = feats[0], feats[1:]
+        x = self.skip1x1[4](self.bottleneck_drop(skips[4]))
+        for s, conv in zip((3, 2, 1, 0), self.up):
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = conv(torch.cat([x, self.skip1x1[s](skips[s])], dim=1))
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.head(self.full2(torch.cat([x, full], dim=1)))
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+    def features(self, x):
+        """layer4 output (B, 8 x width, H/32, W/32): 512 channels at width 64."""
+        return self.encode(x)[-1]
+
+    def load_torchvision_resnet18(self, state_dict):
+        """Load a torchvision resnet18 state dict (ImageNet weights saved locally) into the encoder; fc.* is
+        ignored, a "module." prefix is stripped. Raises ValueError naming the missing, unexpected or
+        mis-shaped keys (e.g. a --width other than 64)."""
+        if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+            state_dict = state_dict["state_dict"]
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+        own = self.encoder.state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError("not a torchvision resnet18 state dict for this encoder: "
+                             + "; ".join(part for part in (
+                                 f"{len(missing)} missing key(s), e.g. {missing[:3]}" if missing else "",
+                                 f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}" if unexpected else "",
+                                 f"shape mismatch, e.g. {shapes[:2]} (ImageNet weights need --width 64 and 3 "
+                                 f"input channels)" if shapes else "") if part))
+        self.encoder.load_state_dict(sd, strict=True)
