@@ -61,3 +61,36 @@ def test_cli_writes_table_csv_and_figure(tmp_path, capsys):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(common.UserError, match="no finished rounds"):
         collect.main([str(tmp_path)])
+
+
+def test_example_method_end_to_end_and_resume(tmp_path):
+    """The "add your method" example runs, resumes, and its TTA score is 0 for a flip-invariant model."""
+    from conftest import run_dir_from, run_script
+    import numpy as np
+    import torch
+    import example_tta
+
+    class FlipInvariant(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(1, keepdim=True) - 0.5  # pixel-wise: flipping commutes with it
+
+    x = torch.randint(0, 255, (5, 3, 8, 8), dtype=torch.uint8)
+    assert np.allclose(example_tta.tta_variance(FlipInvariant(), x, np.arange(5), 2, torch.device("cpu")), 0)
+
+    class LeftBias(torch.nn.Module):  # predicts foreground on the left half whatever the input: flips disagree
+        def forward(self, x):
+            out = torch.full_like(x[:, :1], -5.0)
+            out[..., : x.shape[-1] // 2] = 5.0
+            return out
+    s = example_tta.tta_variance(LeftBias(), x, np.arange(5), 2, torch.device("cpu"))
+    assert np.all(s > 10)
+
+    tiny = ["--split", 30, 5, 10, "--image-size", 32, "--width", 4, "--initial", 6, "--query", 4, "--rounds", 2,
+            "--epochs-initial", 1, "--epochs", 1, "--batch-size", 8]
+    full = run_dir_from(run_script("example_tta.py", *tiny, "--out", tmp_path / "a"))
+    out = run_script("example_tta.py", *tiny, "--out", tmp_path / "b", check=False, env_extra={"ALSEG_STOP_AFTER_ROUND": "1"})
+    assert out.returncode == 3
+    part = str(next((tmp_path / "b").iterdir()))
+    run_script("example_tta.py", "--resume", part)
+    read = lambda d, f: open(os.path.join(d, f)).read()
+    assert read(full, "queried.csv") == read(part, "queried.csv") and read(full, "queried.csv").count("\n") == 9
