@@ -1,0 +1,422 @@
+"""Annotation-Efficient Polyp Segmentation via Active Learning (Huang et al., ISBI 2024; papers/polyp_weighted_cluster.md).
+
+The uncertainty of an image is the cosine similarity between its polyp and background encoder features,
+each masked by the model's own prediction (Eq. 1-2); K-means on image features weighted by that
+uncertainty, with K the budget, queries the sample nearest each centroid (Eq. 4); and a feature discrepancy
+loss on unlabelled images pushes the two class features apart while training (Eq. 5-7).
+
+  python polyp_weighted_cluster.py                                            # synthetic data, CPU, about 3 minutes
+  python polyp_weighted_cluster.py --data cvc-clinicdb --data-dir ~/data/CVC-ClinicDB --seed 0   # Table 1 protocol (GPU)
+  python polyp_weighted_cluster.py --tables runs/                             # Tables 1-2 from finished runs
+"""
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+
+import common
+from unet import UNet
+
+# Defaults per dataset. The paper's numbers for CVC-ClinicDB (Sec. 3.1); its second dataset is in-house
+# (1000 train / 100 test, 3 epochs per round), so kvasir-seg (1000 images) takes that protocol.
+DEFAULTS = {
+    "cvc-clinicdb": dict(split=[550, 0, 62],   # Sec. 3.1 (after PraNet [20]): 550 train / 62 test, seeded random here; no validation set
+                         image_size=352,       # Sec. 3.1
+                         initial=30,           # Table 2 starts at 30 labelled; paper silent on how they are drawn: random
+                         query=30, rounds=5,   # Sec. 3.1: B = 30, R = 5 (30 -> 180 labelled, Tables 1-2)
+                         epochs=5,             # Sec. 3.1: 5 epochs per round on CVC-ClinicDB
+                         epochs_initial=50,    # paper silent: 50 epochs (100 Adam steps) on the 30 initial images
+                         batch_size=16, lr=1e-4,  # Sec. 3.1: batch 16, Adam 1e-4
+                         width=64),            # Sec. 3.1: U-Net [22], whose width is 64
+    "kvasir-seg": dict(split=[900, 0, 100],    # PraNet's [20] Kvasir-SEG sizes (900 / 100), seeded random here
+                       image_size=352, initial=30, query=30, rounds=5,  # Sec. 3.1: same R, B, size on both datasets
+                       epochs=3,               # Sec. 3.1: 3 epochs per round on the 1000-image in-house set
+                       epochs_initial=50, batch_size=16, lr=1e-4, width=64),
+    # CPU-sized protocol: about three minutes on 2 cores. The paper's counts (30 + 5 x 30 -> 180 labelled, 5 epochs
+    # per round, batch 16, no validation set) on smaller images, a narrower U-Net and a higher learning rate.
+    "synthetic": dict(split=[300, 0, 100], image_size=64, initial=30, query=30, rounds=5, epochs=5,
+                      epochs_initial=40, batch_size=16, lr=1e-3, width=16),
+    # Any other dataset: the CVC-ClinicDB protocol, split sizes from the data (common.default_split).
+    "other": dict(split=None, image_size=352, initial=30, query=30, rounds=5, epochs=5, epochs_initial=50,
+                  batch_size=16, lr=1e-4, width=64),
+}
+STRATEGIES = ["ours", "random", "entropy", "coreset", "asa", "wo-unc", "wo-clu", "wo-dis"]
+FDL_STRATEGIES = {"ours", "wo-unc", "wo-clu"}  # train with L_fdl (Eq. 7); baselines and w/o DIS use L_seg only
+# The paper's numbers on CVC-ClinicDB: Table 1 (mIoU, Dice) and Table 2 (ablation mIoU, in %).
+PAPER_TABLE1 = {(90, "random"): (0.8388, 0.8225), (90, "entropy"): (0.8293, 0.8103), (90, "asa"): (0.8307, 0.8157),
+                (90, "coreset"): (0.8252, 0.8099), (90, "ours"): (0.8561, 0.8466),
+                (120, "random"): (0.8610, 0.8517), (120, "entropy"): (0.8622, 0.8562), (120, "asa"): (0.8438, 0.8319),
+                (120, "coreset"): (0.8452, 0.8299), (120, "ours"): (0.8697, 0.8630),
+                (180, "random"): (0.8709, 0.8636), (180, "entropy"): (0.8810, 0.8753), (180, "asa"): (0.8703, 0.8740),
+                (180, "coreset"): (0.8537, 0.8410), (180, "ours"): (0.8922, 0.8891)}
+PAPER_TABLE2 = {"wo-unc": [75.75, 82.63, 85.04, 85.11, 86.73, 87.61], "wo-clu": [75.75, 79.31, 80.46, 83.70, 85.92, 88.48],
+                "wo-dis": [75.75, 81.86, 85.03, 85.93, 86.12, 86.51], "ours": [75.75, 83.08, 85.62, 86.97, 87.94, 89.22]}
+
+
+def parse_args(argv=None):
+    p = common.shared_parser(__doc__, STRATEGIES, DEFAULTS)
+    # Method flags
+    p.add_argument("--delta", type=float, default=0.2, help="margin delta of L_fdl (Sec. 2.2: 0.2; default 0.2)")
+    p.add_argument("--lam", type=float, default=0.1, help="weight lambda_c of L_fdl (Sec. 2.3: 0.1; default 0.1)")
+    p.add_argument("--fdl-initial", action="store_true", help="also add L_fdl in the initial training (paper "
+                   "silent; Table 2 gives every variant, w/o DIS included, the same 30-labelled score, so off)")
+    p.add_argument("--kmeans-init", type=int, default=10, help="K-means restarts, the best objective kept "
+                   "(paper silent; default 10)")
+    p.add_argument("--asa-members", type=int, default=4, help="ASA-style: bootstrap ensemble size (assumed; "
+                   "the public Suggestive Annotation re-implementation uses 4; default 4)")
+    p.add_argument("--asa-candidates", type=int, default=2, help="ASA-style: the top (this x B) uncertain "
+                   "samples are the candidates (assumed; default 2)")
+    p.add_argument("--tables", nargs="+", metavar="RUN_DIR", help="print Tables 1-2 from finished run folders "
+                   "(or their parents) and exit without training")
+    p.add_argument("--table-labeled", type=int, nargs="+", default=[90, 120, 180],
+                   help="labelled counts of Table 1 (default: 90 120 180; all counts if none of these is present)")
+    args = common.resolve(p.parse_args(argv), DEFAULTS)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The method: Eq. 1-7
+# ----------------------------------------------------------------------------------------------------------
+def class_features(probs, feats):
+    """Eq. 1: F_c = Avg(y_c * f_E(x)) for c = 1 (polyp) and 0 (background). probs (B, H, W) are the
+    prediction probabilities, downsampled to the feature size (area average; paper: "downsampled");
+    feats (B, C, h, w) the encoder output. Avg is the mean over the h x w positions (the cosine of Eq. 2
+    does not change if one divides by the mask's sum instead)."""
+    y1 = F.adaptive_avg_pool2d(probs[:, None].float(), feats.shape[-2:])
+    return (y1 * feats).mean((2, 3)), ((1 - y1) * feats).mean((2, 3))
+
+
+def uncertainty(f1, f0):
+    """Eq. 2: I(x) = cos(F_1(x), F_0(x)); high where polyp and background features look alike."""
+    return F.cosine_similarity(f1, f0, dim=1, eps=1e-8)
+
+
+def fdl_loss(f1, f0, delta):
+    """Eq. 5: L_fdl = E_{x in D_U} max[0, cos(F_1(x), F_0(x)) - delta]."""
+    return torch.clamp(uncertainty(f1, f0) - delta, min=0).mean()
+
+
+@torch.inference_mode()
+def score(model, x, idx, batch_size, device, amp=False):
+    """One eval-mode pass over x[idx]: image features F(x) = Avg(f_E(x)) (Eq. 3), I(x) (Eq. 2) and the mean
+    pixel binary entropy (the Entropy baseline). Returns CPU tensors (N, C), (N,), (N,)."""
+    model.eval()
+    out = {"feat": [], "unc": [], "ent": []}
+    for b in common.batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
+        with common.autocast(device, amp):
+            feats = model.encode(common.to_input(x[b]))
+            probs = torch.sigmoid(model.decode(feats).float()[:, 0])
+        f_e = feats[-1].float()  # f_E: the output of the encoder (the U-Net's last encoder stage)
+        out["feat"].append(f_e.mean((2, 3)).cpu())                        # Eq. 3
+        out["unc"].append(uncertainty(*class_features(probs, f_e)).cpu())  # Eq. 1-2
+        out["ent"].append(common.entropy_scores(probs, reduce="mean").cpu())
+    if not out["feat"]:
+        return torch.zeros(0, model.feature_channels), torch.zeros(0), torch.zeros(0)
+    return tuple(torch.cat(out[k]) for k in ("feat", "unc", "ent"))
+
+
+def weighted_kmeans(feats, weights, k, seed, n_init=10):
+    """Eq. 4: partition the pool into K groups minimising sum_k sum_{x in S_k} I(x) ||F(x) - mu_k||^2, mu_k the
+    I-weighted mean of S_k, by Lloyd's algorithm run to convergence (Sec. 2.1). scikit-learn's KMeans with
+    sample_weight minimises exactly this: its inertia_ is sum_i w_i ||x_i - mu_{label_i}||^2, its centres are
+    the weighted means, and its k-means++ seeding is weighted too (the tests check the first two by hand).
+    Eq. 4 as printed also carries a factor 1/|S_k|. We read it as K-means' equivalent pairwise form leaking
+    into the centroid form (sum_k 1/(2|S_k|) sum_{x,y in S_k} ||x - y||^2 is K-means); kept as a factor it
+    would weigh each cluster's mean spread equally whatever its size, a different partition (the tests
+    show one), which Lloyd's algorithm does not optimise. Returns (centres (K, C), labels (N,), objective)."""
+    with threadpool_limits(1):  # one thread: scikit-learn's threads sum their partial centres in finishing
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(  # order, so --resume could differ
+            np.asarray(feats, np.float64), sample_weight=np.asarray(weights, np.float64))
+    return km.cluster_centers_, km.labels_, float(km.inertia_)
+
+
+def nearest_to_centroids(feats, centres, labels):
+    """Sec. 2.1: from each cluster, the member nearest its centroid; never the same sample twice (a cluster
+    without an unused member takes the unused sample nearest its centroid). Positions into feats."""
+    feats = np.asarray(feats, np.float64)
+    dist = ((feats[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1)  # (N, K)
+    chosen = []
+    for k in range(len(centres)):
+        members = np.flatnonzero(labels == k)
+        order = np.r_[members[np.argsort(dist[members, k], kind="stable")], np.argsort(dist[:, k], kind="stable")]
+        chosen.append(next(int(i) for i in order if int(i) not in chosen))
+    return np.array(chosen, dtype=np.int64)
+
+
+def class_mean_iou(pred, gt):
+    """mIoU per image: the mean of the background and polyp IoU (common.dice_iou: both empty = 1). Paper
+    silent on the definition; Table 1's mIoU exceeds its Dice everywhere, which a polyp-only IoU never does
+    (IoU <= Dice per image), so the class mean it is.
+    PROPOSED for common.py: a class-mean IoU next to dice_iou, if another script reports mIoU."""
+    return (common.dice_iou(pred, gt)[1] + common.dice_iou(~pred, ~gt)[1]) / 2
+
+
+@torch.inference_mode()
+def evaluate(model, x, y, idx, batch_size, device, amp=False):
+    """Dice, IoU (polyp) and mIoU (background and polyp) per image over the whole set; numpy arrays."""
+    d, i, m = [], [], []
+    for b, p in common.predict_batches(model, x, idx, batch_size, device, amp):
+        dice, iou = common.dice_iou(p > 0.5, y[b] > 0)
+        d.append(dice)
+        i.append(iou)
+        m.append(class_mean_iou(p > 0.5, y[b] > 0))
+    return tuple(torch.cat(t).cpu().numpy() for t in (d, i, m))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines: ASA-style selection (Core-set, entropy and random are common.py's)
+# ----------------------------------------------------------------------------------------------------------
+def asa_representative(cand, pool, labelled, k):
+    """ASA-style "distribution discrepancy" step (assumed; PROTOCOLS.md): greedily pick, among the candidate
+    features, the one maximising mean cos(c, pool) - mean cos(c, labelled); each pick joins the labelled
+    set. Returns positions into cand, in the order chosen."""
+    norm = lambda a: F.normalize(torch.as_tensor(a).float(), dim=1)
+    c, u, s = norm(cand), norm(pool), norm(labelled)
+    to_pool = (c @ u.T).mean(1)
+    sum_lab, n_lab = (c @ s.T).sum(1), len(s)
+    chosen = []
+    for _ in range(min(k, len(c))):
+        gain = to_pool - sum_lab / max(1, n_lab)
+        gain[chosen] = -float("inf")
+        j = int(torch.argmax(gain))
+        chosen.append(j)
+        sum_lab, n_lab = sum_lab + c @ c[j], n_lab + 1
+    return np.array(chosen, dtype=np.int64)
+
+
+def asa_uncertainty(model, x, y, labeled, pool, args, device, rng):
+    """ASA-style uncertainty (assumed): M copies of the current model, each fine-tuned --epochs epochs on a
+    bootstrap resample of the labelled set; pixel variance across them, averaged over pixels."""
+    probs = []
+    for _ in range(args.asa_members):
+        member = copy.deepcopy(model)
+        boot = rng.choice(labeled, len(labeled), replace=True)
+        common.train(member, torch.optim.Adam(member.parameters(), lr=args.lr), x, y, boot, args.epochs,
+                     args.batch_size, device=device, amp=args.amp,
+                     generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))
+        probs.append(common.predict(member, x, pool, args.batch_size, device, args.amp))
+    return common.ensemble_variance(torch.stack(probs)).cpu()
+
+
+def select(args, model, x, y, labeled, pool, device, rng):
+    """Positions into pool of the samples to query, and the pool's scores for the log and figures."""
+    k, s = min(args.query, len(pool)), args.strategy
+    feat, unc, ent = score(model, x, pool, args.batch_size, device, args.amp)
+    info = {"unc": unc.numpy(), "ent": ent.numpy(), "feat": feat.numpy(), "cluster": np.full(len(pool), -1)}
+    if s == "random":
+        return common.query_random(np.arange(len(pool)), k, rng), info
+    if s == "entropy":  # mean binary entropy over pixels (the ranking equals the sum's: same image size)
+        return common.top_k(np.arange(len(pool)), info["ent"], k), info
+    if s == "wo-clu":   # Table 2 "w/o CLU": the B most uncertain by I(x)
+        return common.top_k(np.arange(len(pool)), info["unc"], k), info
+    if s in ("coreset", "asa"):
+        lab_feat = score(model, x, labeled, args.batch_size, device, args.amp)[0]
+        if s == "coreset":  # k-center greedy on F(x), starting from the labelled set
+            both = torch.cat([lab_feat, feat])
+            mask = np.r_[np.ones(len(labeled), bool), np.zeros(len(pool), bool)]
+            return common.kcenter_greedy(both, mask, k) - len(labeled), info
+        info["asa"] = asa_uncertainty(model, x, y, labeled, pool, args, device, rng).numpy()
+        cand = common.top_k(np.arange(len(pool)), info["asa"], min(len(pool), args.asa_candidates * k))
+        return cand[asa_representative(feat[cand], feat, lab_feat, k)], info
+    # ours, wo-dis: Eq. 4 weighted by I(x); wo-unc: the same K-means unweighted ("w/o UNC")
+    if k >= len(pool):
+        return np.arange(len(pool)), info
+    weights = np.ones(len(pool)) if s == "wo-unc" else np.clip(info["unc"], 1e-6, None)  # I >= 0: ReLU features
+    centres, labels, _ = weighted_kmeans(info["feat"], weights, k, int(rng.integers(2 ** 31)), args.kmeans_init)
+    info["cluster"], info["centres"] = labels, centres
+    return nearest_to_centroids(info["feat"], centres, labels), info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The active-learning loop
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    if args.tables:
+        return tables(args.tables, args.table_labeled)
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed, args.deterministic)
+    run = common.Run(__file__, args, device)
+
+    # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
+    data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
+                            n=sum(args.split) if args.split else None, workers=args.workers)
+    if args.split is None:
+        args.split = common.default_split(data)
+    train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
+    common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
+                                   (("train", train_ids), ("val", val_ids), ("test", test_ids))})
+    x, y = common.to_device(data, device)
+
+    # ---- model, optimiser, sets ----
+    model = common.prepare_model(UNet(3, 1, args.width), device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)  # fine-tuned across rounds (Sec. 2)
+    rng = np.random.default_rng([args.seed, 1])  # initial draw and queries
+    gen = torch.Generator().manual_seed(args.seed)  # batch order of the labelled set
+    gen_u = torch.Generator().manual_seed(args.seed + 1)  # unlabelled batches of L_fdl
+    labeled = rng.choice(train_ids, args.initial, replace=False)
+    pool = np.setdiff1d(train_ids, labeled)
+    start = 0
+    state = run.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        labeled, pool = state["labeled"], state["pool"]
+        rng.bit_generator.state = state["rng_select"]
+        gen.set_state(state["rng_batches"])
+        gen_u.set_state(state["rng_unlabeled"])
+        start = state["round"] + 1
+    progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
+                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs)
+
+    for rnd in range(start, args.rounds + 1):
+        # ---- selection (Sec. 2.1) ----
+        t0 = time.time()
+        queried, info, select_s = {}, None, 0.0
+        if rnd > 0:
+            if len(pool) == 0:
+                print(f"round {rnd}: the unlabelled pool is used up; stopping")
+                break
+            pos, info = select(args, model, x, y, labeled, pool, device, rng)
+            select_s = time.time() - t0
+            assert len(set(pos.tolist())) == len(pos), "a sample was queried twice"
+            queried[f"oracle-{args.strategy}"] = [data.ids[i] for i in pool[pos]]
+            log_pool(run, rnd, data, pool, pos, info)
+            labeled = np.concatenate([labeled, pool[pos]])
+            pool = np.setdiff1d(pool, pool[pos])
+
+        # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
+        t0 = time.time()
+        epochs = args.epochs_initial if rnd == 0 else args.epochs
+        use_fdl = args.strategy in FDL_STRATEGIES and (rnd > 0 or args.fdl_initial) and len(pool) > 0
+        fdl_log = []
+        pool_t = torch.as_tensor(pool, device=device, dtype=torch.long)
+
+        def extra_loss(model):  # Eq. 5 on an unlabelled batch gathered by index from the device-resident pool
+            b = pool_t[torch.randperm(len(pool_t), generator=gen_u)[: args.batch_size].to(device)]
+            xu = common.to_input(x[b])
+            if device.type == "cuda":
+                xu = xu.contiguous(memory_format=torch.channels_last)
+            feats = model.encode(xu)
+            probs = torch.sigmoid(model.decode(feats).float()[:, 0])
+            loss = fdl_loss(*class_features(probs, feats[-1].float()), args.delta)
+            fdl_log.append(loss.detach())
+            return args.lam * loss
+
+        def on_epoch(e, loss, _s):
+            fdl = torch.stack(fdl_log).mean().item() if fdl_log else 0.0
+            fdl_log.clear()
+            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "fdl": fdl})
+            progress.epoch(rnd, e, epochs, loss)
+
+        common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
+                     loss_fn=common.bce_dice_loss, extra_loss=extra_loss if use_fdl else None, generator=gen,
+                     on_epoch=on_epoch)
+        train_s = time.time() - t0
+
+        # ---- evaluation on the test set (mIoU and Dice, Table 1); the round is written first ----
+        dice, iou, miou = evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
+        row = {"round": rnd, "labeled": len(labeled), "pseudo": 0, "dice_mean": float(dice.mean()),
+               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
+               "miou_mean": float(miou.mean()), "miou_std": float(miou.std()), "pool_left": len(pool),
+               "pool_unc": float(info["unc"].mean()) if info else "",  # mean I(x) of the pool before the query
+               "queried_unc": float(info["unc"][pos].mean()) if info else ""}
+        run.log_round(row, queried)
+        run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "labeled": labeled,
+                             "pool": pool, "rng_select": rng.bit_generator.state, "rng_batches": gen.get_state(),
+                             "rng_unlabeled": gen_u.get_state()})
+        common.learning_curve(run, run.read_csv("rounds.csv"))
+        print(f"  mIoU (background and polyp) {row['miou_mean']:.4f}")
+        progress.round(row)
+
+    rows = run.read_csv("rounds.csv")
+    panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
+    paper = PAPER_TABLE1.get((180, args.strategy), (PAPER_TABLE2[args.strategy][-1] / 100, None)
+                             if args.strategy in PAPER_TABLE2 else (None, None))
+    run.write_json("summary.json", {
+        "final_dice": float(rows[-1]["dice_mean"]), "final_dice_std": float(rows[-1]["dice_std"]),
+        "final_iou": float(rows[-1]["iou_mean"]), "final_miou": float(rows[-1]["miou_mean"]),
+        "labeled": int(rows[-1]["labeled"]), "rounds": len(rows) - 1, "wall_s": run.elapsed(),
+        "paper_cvc_180": {"miou": paper[0], "dice": paper[1]}})  # Tables 1-2, CVC-ClinicDB, 180 labelled
+    print(f"done: test dice {float(rows[-1]['dice_mean']):.4f} miou {float(rows[-1]['miou_mean']):.4f} with "
+          f"{rows[-1]['labeled']} labelled; {run.dir}")
+    return run.dir
+
+
+def log_pool(run, rnd, data, pool, pos, info):
+    """pool_scores.csv (I(x), entropy, cluster, queried) and the figures: the pool's I(x) histogram with
+    the queried samples marked, and for K-means strategies the features' first two principal components
+    with centroids and queries (the paper's Fig. 2)."""
+    picked = np.zeros(len(pool), bool)
+    picked[pos] = True
+    extra = info.get("asa", np.full(len(pool), np.nan))
+    run.append_csv("pool_scores.csv", [{"round": rnd, "sample_id": data.ids[i], "uncertainty": float(u),
+                                        "entropy": float(e), "asa_variance": float(a), "cluster": int(c),
+                                        "queried": int(q)} for i, u, e, a, c, q in
+                                       zip(pool, info["unc"], info["ent"], extra, info["cluster"], picked)])
+    common.plot_hist(run.path("uncertainty_hist.png"), info["unc"], 40, "I(x) = cos(F1, F0)",
+                     f"pool uncertainty, round {rnd}", marks={"queried": info["unc"][pos]})
+    if "centres" in info:
+        mean = info["feat"].mean(0)
+        axes = np.linalg.svd(info["feat"] - mean, full_matrices=False)[2][:2].T
+        p, c = (info["feat"] - mean) @ axes, (info["centres"] - mean) @ axes
+        common.plot(run.path("clusters.png"), {"pool": (p[:, 0], p[:, 1]), "centroids": (c[:, 0], c[:, 1]),
+                                               "queried": (p[pos, 0], p[pos, 1])},
+                    "PC 1 of F(x)", "PC 2", f"round {rnd}: {run.args.strategy}", kind="scatter")
+
+
+def panel(run, model, data, x, ids, args, device, n=4):
+    """Image / ground truth / prediction / pixel entropy for a few pool samples, I(x) in panel.csv."""
+    ids = np.asarray(ids)[:n]
+    probs = common.predict(model, x, ids, args.batch_size, device, args.amp)
+    unc = score(model, x, ids, args.batch_size, device, args.amp)[1]
+    ent = common.binary_entropy(probs)
+    rows = [[data.x[i], data.y[i], (probs[j] > 0.5).float().cpu().numpy(), ent[j].cpu().numpy()]
+            for j, i in enumerate(ids)]
+    common.save_panel(run.path("panel.png"), rows, 4, ["image", "ground truth", "prediction", "pixel entropy"])
+    run.append_csv("panel.csv", [{"sample_id": data.ids[i], "uncertainty": float(u)} for i, u in zip(ids, unc)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables 1-2 from finished runs (common.collect_runs / summarise / markdown_table)
+# ----------------------------------------------------------------------------------------------------------
+def tables(paths, budgets):
+    rows = [r for r in common.collect_runs(paths) if r["script"] == "polyp_weighted_cluster"]
+    if not rows:
+        raise common.UserError(f"--tables {' '.join(paths)}: no finished polyp_weighted_cluster run folders there")
+    for data in sorted({r["data"] for r in rows}):
+        mine = [r for r in rows if r["data"] == data]
+        stats = common.summarise(mine, ("labeled", "strategy"), ("miou_mean", "dice_mean"))
+        cvc = data == "cvc-clinicdb"
+        t1 = [s for s in stats if s["strategy"] in ("random", "entropy", "asa", "coreset", "ours")]
+        at = [s for s in t1 if s["labeled"] in budgets] or t1
+        order = ["random", "entropy", "asa", "coreset", "ours"]
+        at.sort(key=lambda s: (s["labeled"], order.index(s["strategy"])))
+        for s in at:
+            s["paper_miou"], s["paper_dice"] = PAPER_TABLE1.get((s["labeled"], s["strategy"]), ("", "")) if cvc else ("", "")
+        print(f"Table 1 on {data}: test mIoU and Dice, mean ± std over n runs (seeds)\n")
+        print(common.markdown_table(at, ["labeled", "strategy", "n", "miou_mean", "dice_mean", "paper_miou", "paper_dice"],
+                                    ["labelled", "method", "n", "mIoU", "Dice", "paper mIoU", "paper Dice"]))
+        counts = sorted({s["labeled"] for s in stats})
+        t2 = []
+        for strat in ("wo-unc", "wo-clu", "wo-dis", "ours"):
+            cells = {s["labeled"]: s for s in stats if s["strategy"] == strat}
+            if cells:
+                t2.append(dict({str(c): cells[c]["miou_mean"] for c in cells}, strategy=strat,
+                               n=min(s["n"] for s in cells.values()),
+                               **{f"{c}_std": cells[c]["miou_mean_std"] for c in cells}))
+                if cvc:
+                    t2.append(dict(zip(map(str, (30, 60, 90, 120, 150, 180)), np.array(PAPER_TABLE2[strat]) / 100),
+                                   strategy=f"paper: {strat}", n=1))
+        print(f"\nTable 2 on {data}: test mIoU per labelled count (ablations), mean ± std over n runs\n")
+        print(common.markdown_table(t2, ["strategy", "n"] + [str(c) for c in counts], ["method", "n"] + [str(c) for c in counts]))
+        print()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,230 @@
+"""polyp_weighted_cluster.py: Eq. 1-5 and the query rules on hand-computed cases, the script end to end on
+tiny synthetic data (every strategy, --resume, --tables) and on the real CVC-ClinicDB / Kvasir-SEG samples."""
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REAL, ROOT, run_dir_from, run_script
+
+import common
+import polyp_weighted_cluster as pwc
+
+TINY = ["--split", 40, 0, 10, "--image-size", 32, "--width", 4, "--rounds", 2, "--epochs", 1, "--epochs-initial", 1,
+        "--batch-size", 8, "--initial", 6, "--query", 4, "--asa-members", 2, "--kmeans-init", 2]
+
+
+def rows(run, name="rounds.csv"):
+    return list(csv.DictReader(open(os.path.join(run, name))))
+
+
+# ---- Eq. 1-3 and Eq. 5 on hand-made feature maps ----------------------------------------------------------
+def test_class_features_uncertainty_and_loss_by_hand():
+    # Features (1 image, 2 channels, 2x2); the 4x4 prediction averages to y1 = [[1, .5], [0, 0]] at 2x2.
+    feats = torch.tensor([[[[2., 2.], [0., 0.]], [[0., 1.], [1., 1.]]]])
+    probs = torch.zeros(1, 4, 4)
+    probs[0, :2, :2] = 1
+    probs[0, :2, 2] = 1  # half of the top-right 2x2 block
+    f1, f0 = pwc.class_features(probs, feats)
+    # F1 = mean(y1 * f) = [(2 + 2 * .5) / 4, (1 * .5) / 4]; F0 = mean((1 - y1) * f) = [(2 * .5) / 4, (.5 + 1 + 1) / 4]
+    assert torch.allclose(f1, torch.tensor([[3 / 4, 1 / 8]]))
+    assert torch.allclose(f0, torch.tensor([[1 / 4, 5 / 8]]))
+    i = pwc.uncertainty(f1, f0)
+    assert i.item() == pytest.approx(17 / math.sqrt(37 * 29), abs=1e-6)  # (3/16 + 5/64) / (sqrt(37)/8 sqrt(29)/8)
+    # A prediction that separates two orthogonal feature regions: I = 0; a flat 0.5 prediction: F1 = F0, I = 1.
+    feats2 = torch.tensor([[[[1., 0.], [0., 0.]], [[0., 0.], [0., 1.]]]])
+    sep = torch.zeros(1, 4, 4)
+    sep[0, :2, :2] = 1
+    assert pwc.uncertainty(*pwc.class_features(sep, feats2)).item() == pytest.approx(0.0, abs=1e-7)
+    assert pwc.uncertainty(*pwc.class_features(torch.full((1, 4, 4), .5), feats2)).item() == pytest.approx(1.0)
+    # Eq. 5 over a batch: mean of max(0, I - delta); the separated image is under the margin and adds 0.
+    f1b, f0b = pwc.class_features(torch.cat([probs, sep]), torch.cat([feats, feats2]))
+    assert pwc.fdl_loss(f1b, f0b, 0.2).item() == pytest.approx((17 / math.sqrt(1073) - 0.2) / 2, abs=1e-6)
+
+
+def test_fdl_gradient_pushes_class_features_apart():
+    feats = torch.rand(2, 8, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    probs = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(1))
+    before = pwc.uncertainty(*pwc.class_features(probs, feats)).detach()
+    pwc.fdl_loss(*pwc.class_features(probs, feats), 0.2).backward()
+    after = pwc.uncertainty(*pwc.class_features(probs, feats - 0.5 * feats.grad)).detach()
+    assert (before > 0.2).all() and (after < before).all()
+    feats.grad = None
+    pwc.fdl_loss(*pwc.class_features(probs, feats), 1.0).backward()  # every I < 1 = delta: no gradient
+    assert feats.grad.abs().max().item() == 0
+
+
+def test_class_mean_iou_by_hand():
+    pred = torch.tensor([[[True, True], [False, False]], [[False, False], [False, False]]])
+    gt = torch.tensor([[[True, False], [False, False]], [[False, False], [False, False]]])
+    # image 1: polyp IoU 1/2, background IoU 2/3; image 2: both empty -> polyp IoU 1, background IoU 1
+    assert pwc.class_mean_iou(pred, gt).tolist() == pytest.approx([(1 / 2 + 2 / 3) / 2, 1.0])
+
+
+# ---- Eq. 4: uncertainty-weighted K-means and the query nearest each centroid -------------------------------
+def test_weighted_kmeans_pulls_centroids_to_heavy_points():
+    x = np.array([[0.], [1.], [2.], [10.], [11.], [12.]])
+    w = np.array([1., 1., 1., 1., 1., 10.])
+    centres, labels, obj = pwc.weighted_kmeans(x, w, 2, seed=0)
+    order = np.argsort(centres[:, 0])
+    # centres are the I-weighted means: 1 and (10 + 11 + 10 * 12) / 12 = 11.75
+    assert centres[order, 0] == pytest.approx([1.0, 11.75])
+    # Eq. 4 objective sum_k sum_x I(x) ||F(x) - mu_k||^2 by hand: (1 + 0 + 1) + (1.75^2 + .75^2 + 10 * .25^2) = 6.25
+    assert obj == pytest.approx(6.25)
+    assert sorted(pwc.nearest_to_centroids(x, centres, labels).tolist()) == [1, 5]  # weighted: 1 and 12
+    centres_u, labels_u, _ = pwc.weighted_kmeans(x, np.ones(6), 2, seed=0)
+    assert sorted(pwc.nearest_to_centroids(x, centres_u, labels_u).tolist()) == [1, 4]  # unweighted: 1 and 11
+    # one cluster: the weighted mean of 0, 1, 2, 3 with weights 1, 1, 1, 100 is 303 / 103 -> sample 3, not 1
+    x1 = np.array([[0.], [1.], [2.], [3.]])
+    c, l, _ = pwc.weighted_kmeans(x1, [1, 1, 1, 100], 1, seed=0)
+    assert c[0, 0] == pytest.approx(303 / 103) and pwc.nearest_to_centroids(x1, c, l).tolist() == [3]
+    c, l, _ = pwc.weighted_kmeans(x1, [1, 1, 1, 1], 1, seed=0)
+    assert pwc.nearest_to_centroids(x1, c, l).tolist() == [1]
+
+
+def test_printed_eq4_size_factor_is_not_kmeans():
+    """Documents the reading in weighted_kmeans: the printed 1/|S_k| factor would change the partition."""
+    x = np.array([[0.]] * 10 + [[3.], [6.]])
+    printed = lambda parts: sum(((x[p] - x[p].mean()) ** 2).sum() / len(p) for p in parts)
+    kmeans = lambda parts: sum(((x[p] - x[p].mean()) ** 2).sum() for p in parts)
+    a, b = [list(range(10)), [10, 11]], [list(range(11)), [11]]
+    assert kmeans(a) < kmeans(b) and printed(b) < printed(a)  # 4.5 < 8.18 but 0.74 < 2.25
+    _, labels, _ = pwc.weighted_kmeans(x, np.ones(12), 2, seed=0)
+    assert labels[10] == labels[11] != labels[0]  # scikit-learn finds K-means' partition a
+
+
+def test_nearest_to_centroids_never_queries_twice():
+    x = np.array([[0.], [10.], [20.]])
+    # both centroids nearest sample 0, the second cluster has no members: it takes the next nearest unused
+    assert pwc.nearest_to_centroids(x, np.array([[1.], [2.]]), np.array([0, 0, 0])).tolist() == [0, 1]
+    # a member is preferred to a closer non-member
+    assert pwc.nearest_to_centroids(x, np.array([[0.], [9.]]), np.array([0, 0, 1])).tolist() == [0, 2]
+
+
+# ---- baselines -------------------------------------------------------------------------------------------
+def test_coreset_kcenter_greedy_by_hand():
+    lab = torch.tensor([[0., 0.]])
+    pool = torch.tensor([[1., 0.], [5., 0.], [10., 0.], [9., 0.]])
+    # as select() does: labelled first, pool positions = chosen - len(labelled)
+    chosen = common.kcenter_greedy(torch.cat([lab, pool]), np.r_[True, [False] * 4], 3) - 1
+    # farthest from {0}: 10; then min-distances 1, 5, -, 1 -> 5; then 1, -, -, 1 -> first of the tie (1)
+    assert chosen.tolist() == [2, 1, 0]
+
+
+def test_asa_representative_by_hand():
+    pool = np.array([[1., 0.], [1., 0.], [0., 1.]])
+    lab = np.array([[1., 0.]])
+    cand = np.array([[1., 0.], [0., 1.]])
+    # step 1: gain = mean cos to pool - mean cos to labelled = [2/3 - 1, 1/3 - 0] -> candidate 1
+    # step 2: labelled = {[1,0], [0,1]}: candidate 0 gains 2/3 - 1/2
+    assert pwc.asa_representative(cand, pool, lab, 2).tolist() == [1, 0]
+    # one pick, labelled like the pool's majority: the candidate unlike it wins
+    assert pwc.asa_representative(cand, pool, np.array([[0., 1.]]), 1).tolist() == [0]
+
+
+def test_split_without_validation():
+    """'Seeded random 550 / 62': --split TRAIN 0 TEST works with common.make_splits."""
+    data = common.make_synthetic(20, 16, 3, 0)
+    train, val, test = common.make_splits(data, [15, 0, 5], 0)
+    assert len(train) == 15 and len(val) == 0 and len(test) == 5 and not set(train) & set(test)
+
+
+# ---- end to end: every strategy on tiny synthetic data -----------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """ours as a user runs it; the seven others through main(argv) in one more process (one import of torch
+    instead of seven: the imports, not the runs, dominate at this size)."""
+    out = tmp_path_factory.mktemp("runs")
+    dirs = {"ours": run_dir_from(run_script("polyp_weighted_cluster.py", *TINY, "--out", out))}
+    others = [s for s in pwc.STRATEGIES if s != "ours"]
+    code = ("import sys, polyp_weighted_cluster as p\n"
+            "for s in sys.argv[1:]: print(s, p.main(['--device', 'cpu', *%r, '--strategy', s, '--out', %r]))"
+            % ([str(a) for a in TINY], str(out)))
+    res = subprocess.run([sys.executable, "-c", code, *others], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    dirs.update(l.split(" ", 1) for l in res.stdout.splitlines() if l.split(" ", 1)[0] in others)
+    assert set(dirs) == set(pwc.STRATEGIES), res.stdout[-2000:]
+    return dirs
+
+
+def test_every_strategy_end_to_end(runs):
+    sys.path.insert(0, os.path.join(ROOT, "..", "shared", "tools"))
+    import check_run  # the shared interface check: --help once, then every run folder
+    assert check_run.check_help(os.path.join(ROOT, "polyp_weighted_cluster.py")) == []
+    for s, run in runs.items():
+        assert check_run.check_run(run) == [], s
+        r = rows(run)
+        assert [int(x["labeled"]) for x in r] == [6, 10, 14]
+        assert all(0 <= float(x["miou_mean"]) <= 1 and x["miou_std"] != "" for x in r)
+        q = rows(run, "queried.csv")
+        ids = [x["sample_id"] for x in q]
+        assert len(ids) == 8 and len(set(ids)) == 8, f"{s}: a sample was queried twice"
+        train = set(json.load(open(os.path.join(run, "splits.json")))["train"])
+        assert set(ids) <= train
+        scores = rows(run, "pool_scores.csv")
+        assert sum(int(x["queried"]) for x in scores) == 8 and {x["sample_id"] for x in scores if x["queried"] == "1"} == set(ids)
+        assert json.load(open(os.path.join(run, "summary.json")))["final_dice"] == pytest.approx(float(r[-1]["dice_mean"]))
+    # every strategy starts from the same initial model (Table 2: one 30-labelled score for all variants)
+    first = {s: rows(run)[0]["dice_mean"] for s, run in runs.items()}
+    assert len(set(first.values())) == 1, first
+    # L_fdl is trained in the rounds of ours / w/o UNC / w/o CLU only, never in the initial training
+    for s, run in runs.items():
+        fdl = {int(e["round"]): float(e["fdl"]) for e in rows(run, "epochs.csv")}
+        assert fdl[0] == 0
+        assert (fdl[1] > 0 and fdl[2] > 0) if s in pwc.FDL_STRATEGIES else (fdl[1] == 0 and fdl[2] == 0), (s, fdl)
+    # the clustering strategies draw their figure of the clusters
+    assert all(os.path.isfile(os.path.join(runs[s], "clusters.png")) for s in ("ours", "wo-unc", "wo-dis"))
+
+
+def test_resume_gives_the_uninterrupted_run(runs, tmp_path):
+    env = dict(os.environ, ALSEG_STOP_AFTER_ROUND="1", OMP_NUM_THREADS="2")  # as conftest.run_script
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "polyp_weighted_cluster.py"), "--device", "cpu",
+                          *map(str, TINY), "--out", str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 3, out.stderr[-2000:]
+    run = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    assert len(rows(run)) == 2
+    resumed = run_dir_from(run_script("polyp_weighted_cluster.py", "--resume", run))
+    assert resumed == run
+    assert rows(run, "queried.csv") == rows(runs["ours"], "queried.csv")
+    for a, b in zip(rows(run), rows(runs["ours"])):
+        for c in ("labeled", "dice_mean", "miou_mean", "pool_unc", "queried_unc"):
+            assert (a[c] == b[c] == "") or float(a[c]) == pytest.approx(float(b[c]), abs=1e-5), c
+    assert len(rows(run)) == 3
+
+
+def test_tables_from_runs(runs, tmp_path):
+    for k in (1, 2):  # two copies of each run: n = 2, std 0
+        for s, run in runs.items():
+            shutil.copytree(run, tmp_path / f"copy{k}" / os.path.basename(run))
+    out = run_script("polyp_weighted_cluster.py", "--tables", tmp_path).stdout
+    assert "Table 1 on synthetic" in out and "Table 2 on synthetic" in out
+    ours = rows(runs["ours"])[-1]
+    line = next(l for l in out.splitlines() if l.startswith("| 14 | ours |"))
+    assert f"| 2 | {float(ours['miou_mean']):.4f} ± 0.0000 | {float(ours['dice_mean']):.4f} ± 0.0000 |" in line
+    t2 = out.split("Table 2")[1]
+    assert "| wo-unc | 2 |" in t2 and "| asa |" not in t2 and "paper:" not in t2
+    assert "no finished polyp_weighted_cluster run" in run_script("polyp_weighted_cluster.py", "--tables",
+                                                                  tmp_path / "none", check=False).stderr
+
+
+# ---- the real CVC-ClinicDB and Kvasir-SEG samples --------------------------------------------------------------
+@pytest.mark.parametrize("data,folder", [("cvc-clinicdb", "CVC-ClinicDB"), ("kvasir-seg", "Kvasir-SEG")])
+def test_real_samples(data, folder):
+    if not os.path.isdir(os.path.join(REAL, folder)):
+        pytest.skip(f"{REAL}/{folder} absent")
+    out = run_script("polyp_weighted_cluster.py", "--data", data, "--data-dir", os.path.join(REAL, folder),
+                     "--split", 6, 2, 2, "--image-size", 32, "--width", 4, "--initial", 2, "--query", 2,
+                     "--rounds", 1, "--epochs", 1, "--epochs-initial", 1, "--batch-size", 4, "--kmeans-init", 1,
+                     "--out", os.path.join(os.environ["ALSEG_CACHE"], "runs"))
+    run = run_dir_from(out)
+    assert [int(r["labeled"]) for r in rows(run)] == [2, 4]
+    names = set(os.listdir(os.path.join(REAL, folder, "Original" if data == "cvc-clinicdb" else "images")))
+    assert all(any(n.startswith(q["sample_id"] + ".") for n in names) for q in rows(run, "queried.csv"))
