@@ -138,11 +138,12 @@ def autocast(device, amp):
 
 
 def prepare_model(model, device, compile=False):
-    """Move to the device; channels_last on CUDA (NHWC convolutions, tensor cores); compile=True (--compile)
-    compiles forward() in place (nn.Module.compile: state_dict keys, attributes and checkpoints unchanged;
-    encode/decode called directly, as mc_dropout does, stay eager)."""
+    """Move to the device in channels_last (NHWC) memory format on CUDA (tensor cores) and on the CPU (oneDNN's
+    NHWC convolutions measured 1.15-1.5x faster there: benchmarks/speed.py); train, predict and mc_dropout
+    feed NHWC batches. compile=True (--compile) compiles forward() in place (nn.Module.compile: state_dict
+    keys, attributes and checkpoints unchanged; encode/decode called directly, as mc_dropout does, stay eager)."""
     model = model.to(device)
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
         model = model.to(memory_format=torch.channels_last)
     if compile:
         model.compile()
@@ -622,7 +623,7 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
             xb, yb = to_input(x[b]), target[b]
             if augment is not None:
                 xb, yb = augment(xb, yb)
-            if device.type == "cuda":
+            if device.type in ("cuda", "cpu"):
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
                 loss = loss_fn(model(xb), yb)
@@ -657,7 +658,7 @@ def predict_batches(model, x, idx, batch_size, device, amp=False):
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):
         xb = to_input(x[b])
-        if device.type == "cuda":
+        if device.type in ("cuda", "cpu"):
             xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             out = model(xb)
@@ -701,8 +702,8 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
       each part, so the skip half (fixed by the encoder) is computed once per batch; BatchNorm (eval, an
       affine map) is folded into the decoder's convolutions; auxiliary heads are skipped. Same numbers up
       to float rounding, and the same dropout masks as T plain forwards under the same seed.
-    - batched: the T passes run as forwards of the batch repeated (up to 256 images per forward), on CUDA;
-      looped on the CPU, where looping measured faster (PERF_NOTES.md).
+    - batched: the T passes run as forwards of the batch repeated (up to 2^24 pixels, 256 images of 256^2,
+      per forward), on CUDA; looped on the CPU, where looping measured faster (PERF_NOTES.md).
     `batched` and `encoder_once` (True/False) override the automatic choice."""
     enable_mc_dropout(model)
     batched = device.type == "cuda" if batched is None else batched
@@ -710,7 +711,7 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
     if encoder_once and not can_split:
         raise ValueError("encoder_once needs a model with dropout only at the bottleneck (model.dropout_at)")
     encoder_once = can_split if encoder_once is None else encoder_once
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
     def fold(conv, bn):  # BatchNorm in eval mode is y = s * z + t: fold it into the convolution before it
         w = conv.weight.float()
@@ -738,39 +739,45 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
                 return None
             (w1, b1), (w2, b2) = fold(blk.conv1, blk.bn1), fold(blk.conv2, blk.bn2)
             c = blk.conv1.in_channels // 2  # conv1 reads cat([up(h), skip]): up(h) is the first half
-            conv = lambda inp, w, b, cv=blk.conv1: F.conv2d(inp, w, b, cv.stride, cv.padding, cv.dilation)
-            stages.append((up, conv, w1[:, :c].contiguous(memory_format=fmt), w1[:, c:].contiguous(memory_format=fmt),
-                           b1, w2.contiguous(memory_format=fmt), b2))
+            stages.append((up, blk.conv1, w1[:, :c].contiguous(memory_format=fmt), w1[:, c:].contiguous(memory_format=fmt),
+                           b1, blk.conv2, w2.contiguous(memory_format=fmt), b2))
         return stages
+
+    def conv(cv, inp, w, b):  # cv's convolution with other weights
+        return F.conv2d(inp, w, b, cv.stride, cv.padding, cv.dilation)
+
+    def rep(t, r):  # the batch repeated r times, in the model's memory format
+        return t.repeat(r, 1, 1, 1).contiguous(memory_format=fmt) if r > 1 else t
 
     stages = split_stages() if encoder_once else None
 
     def decode_split(h, pre, reps):  # h: bottleneck features of reps x B images; pre: skip halves of B images
         h = model.bottleneck_drop(h)
-        for (up, conv, w_up, _, b1, w2, b2), p in zip(stages, pre):
-            z = conv(up(h), w_up, b1)
+        for (up, conv1, w_up, _, b1, conv2, w2, b2), p in zip(stages, pre):
+            z = conv(conv1, up(h), w_up, b1)
             z.unflatten(0, (reps, -1)).add_(p)  # + the skip half, the same for every pass
-            h = conv(z.relu_(), w2, b2).relu_()
+            h = conv(conv2, z.relu_(), w2, b2).relu_()
         return model.head(h)
 
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):
         xb = to_input(x[b])
-        if device.type == "cuda":
+        if device.type in ("cuda", "cpu"):
             xb = xb.contiguous(memory_format=torch.channels_last)
         s1 = torch.zeros((len(b),) + tuple(x.shape[-2:]), device=device)
         s2 = torch.zeros_like(s1)
-        per = max(1, min(T, 256 // len(b))) if batched else 1  # passes per forward
+        # passes per forward: batched, as many as fit in 2^24 pixels (256 images of 256 x 256); looped, one
+        per = max(1, min(T, 2 ** 24 // (len(b) * xb.shape[-1] * xb.shape[-2]))) if batched else 1
         with autocast(device, amp):
             if encoder_once:
                 feats = model.encode(xb)
                 if stages is not None:
-                    pre = [conv(feats[-2 - s], w_skip, None) for s, (_, conv, _, w_skip, *_) in enumerate(stages)]
-                    run = lambda r: decode_split(feats[-1].repeat(r, 1, 1, 1) if r > 1 else feats[-1], pre, r)
+                    pre = [conv(conv1, feats[-2 - s], w_skip, None) for s, (_, conv1, _, w_skip, *_) in enumerate(stages)]
+                    run = lambda r: decode_split(rep(feats[-1], r), pre, r)
                 else:
-                    run = lambda r: model.decode([f.repeat(r, 1, 1, 1) for f in feats] if r > 1 else feats)
+                    run = lambda r: model.decode([rep(f, r) for f in feats])
             else:
-                run = lambda r: model(xb.repeat(r, 1, 1, 1) if r > 1 else xb)
+                run = lambda r: model(rep(xb, r))
             for t in range(0, T, per):
                 r = min(per, T - t)
                 out = run(r)
@@ -880,14 +887,17 @@ def head_agreement(lower, middle, final):
 @torch.inference_mode()
 def pooled_features(model, x, idx, batch_size, device, amp=False, grid=1):
     """Last encoder stage features of x[idx], adaptive-average-pooled to grid x grid and flattened, in one
-    batched pass (eval mode): (N, C * grid^2) float32 on the CPU."""
+    batched pass (eval mode): (N, C * grid^2) float32 on the CPU (one copy at the end: no host sync per batch)."""
     model.eval()
     out = []
     for b in batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
+        xb = to_input(x[b])
+        if device.type in ("cuda", "cpu"):
+            xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            f = model.features(to_input(x[b]))
-        out.append(F.adaptive_avg_pool2d(f.float(), grid).flatten(1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.feature_channels * grid * grid)
+            f = model.features(xb)
+        out.append(F.adaptive_avg_pool2d(f.float(), grid).flatten(1))
+    return torch.cat(out).cpu() if out else torch.zeros(0, model.feature_channels * grid * grid)
 
 
 def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6):

@@ -1,0 +1,741 @@
+"""Self-supervised Assisted Active Learning for Skin Lesion Segmentation (Zhao, Lu et al., EMBC 2022;
+papers/ssl_coldstart.md).
+
+The cold-start set is chosen without labels: a U-Net is pre-trained on the unlabelled pool by restoring
+Models Genesis corruptions (Eq. 1), its last-encoder features are pooled and clustered with K-means (Eq. 2),
+and each cluster gives N_Ci = ceil(C x N_i / N) samples, nearest its centroid first; the segmentation model
+starts from the self-supervised weights and every iteration continues the cluster ranking.
+
+  python ssl_coldstart.py                                              # synthetic data, CPU, about 3 minutes
+  python ssl_coldstart.py --data isic2017 --data-dir ~/data/isic2017   # the paper's protocol (GPU)
+  python ssl_coldstart.py --tables runs/                               # Table I / II from finished runs
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+
+import common
+from unet import UNet
+
+# Defaults per dataset. The paper's numbers for ISIC 2017 (Sec. IV-A); where it is silent, say so.
+DEFAULTS = {
+    "isic2017": dict(split=[1600, 0, 400],  # Sec. IV-A: pool 1600 + test 400, both from the 2000 training images
+                     initial=300,           # Sec. IV-A: C = 300 for the base set
+                     query=35,              # Sec. IV-A: +35 labelled samples per iteration
+                     rounds=9,              # Sec. IV-A: T = 9 iterations
+                     epochs_initial=10, epochs=2,  # Sec. IV-A: 10 initial epochs, 2 per iteration
+                     batch_size=16,         # paper silent
+                     lr=1e-4,               # paper silent: Adam 1e-4
+                     width=32,              # Sec. IV-A: last encoder stage 512x16x16 at 256^2 -> width 32
+                     image_size=256,        # Sec. IV-A: 256x256, grayscale, min-max normalised
+                     clusters=10,           # Sec. IV-A: k = 10 (Table II also 5)
+                     aap_grid=2,            # Sec. IV-A: AAP to 512x2x2 = 2048-d (Table II also 1x1 = 512-d)
+                     ssl_epochs=100,        # paper silent: Models Genesis trains to convergence; 100 epochs here
+                     ssl_lr=1e-3,           # paper silent: Adam 1e-3 for the reconstruction task
+                     shuffle_blocks=10000,  # Models Genesis reference code: 10,000 blocks
+                     mc_passes=20,          # paper silent (Fig. 2 comparator): CEAL reference code 20
+                     pseudo_step=20,        # CEAL Sec. 4.2: 20 x iteration pseudo-labels (Fig. 2 comparator)
+                     ensemble_size=4),      # paper silent: the public Suggestive Annotation re-implementation, M = 4
+    # CPU-sized protocol, about three minutes on 2 cores: C = 40 of a pool of 300 (the paper: 300 of 1600),
+    # +10 x 9 iterations, epochs doubled (20 / 4: 40 images make 3 steps an epoch). shuffle_blocks: 10,000
+    # windows cover a 2-D image ~30 times over (the reference code's 3-D cubes ~2 times); 1,000 (~3 times)
+    # keeps the CPU row fast.
+    "synthetic": dict(split=[300, 0, 100], initial=40, query=10, rounds=9, epochs_initial=20, epochs=4,
+                      batch_size=16, lr=1e-3, width=16, image_size=64, clusters=10, aap_grid=2, ssl_epochs=6,
+                      ssl_lr=1e-3, shuffle_blocks=1000, mc_passes=10, pseudo_step=5, ensemble_size=4),
+    # Any other dataset: the ISIC protocol; split from the data (common.default_split), C = 3/16 of the pool.
+    "other": dict(split=None, initial=None, query=35, rounds=9, epochs_initial=10, epochs=2, batch_size=16,
+                  lr=1e-4, width=32, image_size=256, clusters=10, aap_grid=2, ssl_epochs=100, ssl_lr=1e-3,
+                  shuffle_blocks=10000, mc_passes=20, pseudo_step=20, ensemble_size=4),
+}
+STRATEGIES = ["cluster", "random", "mc-dropout", "ceal", "ens-s", "ens-js", "dsal"]
+
+# Models Genesis transform probabilities (the public 2D port of the reference code; PROTOCOLS.md).
+FLIP_P, FLIP_TIMES = 0.4, 3           # flip, repeated while rand < 0.4, at most 3 times
+SHUFFLE_P = 0.5                       # local pixel shuffling
+NONLINEAR_P, BEZIER_POINTS = 0.9, 1000  # Bezier intensity mapping (reference code samples the curve 100,000x)
+PAINT_P, OUTPAINT_P = 0.9, 0.8        # painting; out-painting 0.8, in-painting 0.2
+
+# The paper's test Dice on ISIC 2017, beside ours in summary.json and in the tables command.
+PAPER_TABLE_I_COLS = ["random, w/o SSL", "random, w/ SSL", "cluster k=10 AAP 2048, w/o SSL",
+                      "cluster k=10 AAP 2048, w/ SSL"]
+PAPER_TABLE_I = {  # Table I: labelled -> the four columns above
+    300: (0.580, 0.682, 0.744, 0.732), 370: (0.657, 0.576, 0.683, 0.682), 440: (0.717, 0.696, 0.743, 0.763),
+    510: (0.687, 0.725, 0.765, 0.777), 580: (0.774, 0.785, 0.797, 0.803)}
+PAPER_TABLE_II_COLS = ["random", "cluster k=5 AAP 512", "cluster k=5 AAP 2048", "cluster k=10 AAP 512",
+                       "cluster k=10 AAP 2048"]
+PAPER_TABLE_II = {  # Table II (segmentation without SSL weights): iteration (0 = base) -> the five columns above
+    0: (0.580, 0.714, 0.734, 0.739, 0.744), 1: (0.614, 0.676, 0.673, 0.667, 0.647),
+    2: (0.657, 0.663, 0.690, 0.682, 0.683), 3: (0.645, 0.723, 0.720, 0.699, 0.716),
+    4: (0.717, 0.737, 0.719, 0.736, 0.743), 5: (0.708, 0.749, 0.753, 0.741, 0.750),
+    6: (0.687, 0.772, 0.767, 0.741, 0.765), 7: (0.763, 0.762, 0.762, 0.747, 0.767),
+    8: (0.774, 0.786, 0.784, 0.779, 0.797), 9: (0.766, 0.793, 0.793, 0.776, 0.800)}
+
+
+def parse_args(argv=None):
+    p = common.shared_parser(__doc__, STRATEGIES, DEFAULTS)
+    # Self-supervised cold-start flags
+    p.add_argument("--cold-start", default="auto", choices=["auto", "cluster", "random"],
+                   help="how the base set of C = --initial samples is chosen; auto: cluster for --strategy cluster, "
+                        "random for the others (paper silent on the comparators' base set) (default: auto)")
+    p.add_argument("--ssl-init", action=argparse.BooleanOptionalAction, default=True,
+                   help="initialise the segmentation model from the self-supervised weights (Sec. III-C; "
+                        "Table I 'W/'); --no-ssl-init for 'W/o' (default: on)")
+    p.add_argument("--ssl-weights", metavar="PATH", help="pre-trained weights (ssl_weights.pt of an earlier run) "
+                   "instead of pre-training here, so a sweep pre-trains once per seed (default: pre-train)")
+    p.add_argument("--ssl-epochs", type=int, help="Models Genesis pre-training epochs; default per --data: "
+                   "isic2017 100, synthetic 6 (paper silent)")
+    p.add_argument("--ssl-lr", type=float, help="pre-training learning rate, Adam (paper silent; default 1e-3)")
+    p.add_argument("--shuffle-blocks", type=int, help="local pixel shuffling: blocks per image (Models Genesis "
+                   "reference code: 10000; default 10000)")
+    p.add_argument("--clusters", type=int, help="k of K-means (Sec. IV-A: 10; Table II: 5 or 10; default 10)")
+    p.add_argument("--aap-grid", type=int, choices=[1, 2], help="adaptive average pooling of the last encoder "
+                   "stage to grid x grid: 2 -> 512x2x2 = 2048-d at width 32 (Sec. IV-A), 1 -> 512-d (Table II) "
+                   "(default 2)")
+    p.add_argument("--mc-passes", type=int, help="mc-dropout / ceal: T stochastic passes (paper silent; CEAL "
+                   "reference code 20; default per --data: isic2017 20, synthetic 10)")
+    p.add_argument("--pseudo-step", type=int, help="ceal: pseudo-labels per iteration = step x iteration "
+                   "(CEAL Sec. 4.2: 20); default per --data")
+    p.add_argument("--dropout", type=float, help="bottleneck dropout (paper silent; default 0.5 for mc-dropout "
+                   "and ceal as in the public CEAL code, else 0)")
+    p.add_argument("--ensemble-size", type=int, help="ens-s / ens-js: M models on bootstrap resamples (paper "
+                   "silent; the public Suggestive Annotation re-implementation uses 4; default 4)")
+    p.add_argument("--dsal-select", default="highest", choices=["highest", "lowest"],
+                   help="dsal: query the highest mean head agreement (the DSAL paper's text) or the lowest "
+                        "(its later public code) (default: highest)")
+    p.add_argument("--tables", nargs="+", metavar="RUN_DIR", help="print Table I / II (and the Fig. 2 "
+                   "comparison) from finished run folders, write them to OUT/ssl_coldstart_tables.md, and exit")
+    args = common.resolve(p.parse_args(argv), DEFAULTS)
+    if args.cold_start == "auto":
+        args.cold_start = "cluster" if args.strategy == "cluster" else "random"
+    if args.dropout is None:
+        args.dropout = 0.5 if args.strategy in ("mc-dropout", "ceal") else 0.0
+    if args.image_size % 16 or args.image_size < 16:
+        raise common.UserError(f"--image-size {args.image_size}: expected a multiple of 16 (the U-Net pools 4 times)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sec. III-A: Models Genesis corruptions D(.) of Eq. 1, on device batches (B, C, H, W) in [0, 1]
+# ----------------------------------------------------------------------------------------------------------
+def _rand(shape, gen, device):
+    return torch.rand(shape, generator=gen, device=device)
+
+
+def _randint(lo, hi, shape, gen, device):
+    """Integers in [lo, hi], both included (Python's random.randint), lo and hi ints or tensors."""
+    lo = torch.as_tensor(lo, device=device)
+    hi = torch.as_tensor(hi, device=device)
+    return torch.minimum(lo + (_rand(shape, gen, device) * (hi - lo + 1)).long(), hi)
+
+
+def _boxes(H, W, y0, x0, h, w):
+    """(B, K, H, W) bool: pixel inside box k of image b (top-left y0, x0; size h x w)."""
+    r = torch.arange(H, device=y0.device).view(1, 1, H, 1)
+    c = torch.arange(W, device=y0.device).view(1, 1, 1, W)
+    e = lambda t: t[..., None, None]
+    return (r >= e(y0)) & (r < e(y0 + h)) & (c >= e(x0)) & (c < e(x0 + w))
+
+
+def flip(x, gen, p=FLIP_P, times=FLIP_TIMES):
+    """Flip along a random axis (H or W), repeated while rand < p, at most `times` times (the reference code's
+    3-D loop with one axis dropped). Only the parity of flips per axis matters."""
+    B, dev = len(x), x.device
+    go = (_rand((B, times), gen, dev) < p).int().cumprod(1).bool()  # the loop stops at the first failed draw
+    axis = torch.randint(0, 2, (B, times), generator=gen, device=dev)
+    odd = lambda a: ((go & (axis == a)).sum(1) % 2 == 1).view(B, 1, 1, 1)
+    x = torch.where(odd(0), x.flip(-2), x)
+    return torch.where(odd(1), x.flip(-1), x)
+
+
+def local_pixel_shuffling(x, gen, p=SHUFFLE_P, n_blocks=10000):
+    """With probability p per image: n_blocks windows of random size up to H/10 x W/10 at random places, the
+    pixels of each window permuted at random (shuffle_windows)."""
+    B, C, H, W = x.shape
+    dev = x.device
+    sel = torch.nonzero(_rand(B, gen, dev) < p)[:, 0]
+    out = x.clone()
+    if len(sel) == 0:
+        return out
+    n, mh, mw = len(sel), max(1, H // 10), max(1, W // 10)
+    bh, bw = _randint(1, mh, (n, n_blocks), gen, dev), _randint(1, mw, (n, n_blocks), gen, dev)
+    y0, x0 = _randint(0, H - bh, (n, n_blocks), gen, dev), _randint(0, W - bw, (n, n_blocks), gen, dev)
+    out[sel] = shuffle_windows(x[sel], y0, x0, bh, bw, gen)
+    return out
+
+
+def shuffle_windows(x, y0, x0, bh, bw, gen):
+    """x (n, C, H, W); window j of image i: rows y0[i, j] + [0, bh), columns x0[i, j] + [0, bw). As in the
+    reference code every window reads the original image and later windows overwrite earlier ones where they
+    overlap, so only the last window over each pixel matters: all windows are painted at once to find it
+    (a scatter-max of window numbers), and only the windows still visible draw their permutation (argsort of
+    random keys, padding last). The same permutation serves every channel."""
+    n, C, H, W = x.shape
+    dev, S = x.device, int(bh.max() * bw.max())
+    k = torch.arange(S, device=dev)                          # slot k of a window: row k // bw, column k % bw
+    keep = k < (bh * bw)[..., None]                          # (n, windows, slots)
+    at = lambda s, i: (y0[i][..., None] + s // bw[i][..., None]) * W + x0[i][..., None] + s % bw[i][..., None]
+    img = torch.arange(n, device=dev).view(n, 1, 1) * (H * W)
+    flat = torch.where(keep, img + at(k, ...), 0)            # image-major pixel index of every window slot
+    block = torch.arange(y0.shape[1], device=dev).view(1, -1, 1).expand_as(flat)
+    last = torch.full((n * H * W,), -1, dtype=torch.long, device=dev)
+    last.scatter_reduce_(0, flat[keep], block[keep], "amax")  # the last window over each pixel
+    shows = keep & (last[flat] == block)
+    wi = torch.nonzero(shows.any(-1), as_tuple=True)          # windows still visible somewhere
+    keys = torch.where(keep[wi], _rand((len(wi[0]), S), gen, dev), 2.0)
+    perm = torch.argsort(keys, dim=-1)                       # first bh x bw entries: a random permutation
+    m = shows[wi]
+    dst, src = (flat[wi] % (H * W))[m], at(perm, wi)[m]
+    im = wi[0][:, None].expand_as(m)[m]
+    xs = x.flatten(2)
+    o = xs.clone()
+    o[im, :, dst] = xs[im, :, src]
+    return o.view(n, C, H, W)
+
+
+def _interp(v, xp, fp):
+    """np.interp per row: v (B, P), xp increasing (B, n), fp (B, n); clamped to fp's ends outside xp."""
+    n = xp.shape[1]
+    j = (torch.searchsorted(xp.contiguous(), v.contiguous(), right=True) - 1).clamp(0, n - 2)
+    x0, x1, f0, f1 = xp.gather(1, j), xp.gather(1, j + 1), fp.gather(1, j), fp.gather(1, j + 1)
+    w = ((v - x0) / (x1 - x0).clamp(min=1e-12)).clamp(0, 1)
+    return f0 + w * (f1 - f0)
+
+
+def nonlinear_transformation(x, gen, p=NONLINEAR_P, n_points=BEZIER_POINTS):
+    """With probability p per image: intensities mapped through a cubic Bezier curve with end points (0, 0),
+    (1, 1) and two random control points; with probability 0.5 the mapping is decreasing (the reference
+    code sorts only the x values of the curve then)."""
+    B, dev = len(x), x.device
+    do = _rand(B, gen, dev) < p
+    P = _rand((B, 2, 2), gen, dev)                                        # control points P1, P2: (x, y)
+    t = torch.linspace(0, 1, n_points, device=dev)
+    # reference code's Bernstein order: points[i] has weight C(3, i) t^(3-i) (1-t)^i; P0 = (0, 0), P3 = (1, 1)
+    w1, w2, w3 = 3 * t ** 2 * (1 - t), 3 * t * (1 - t) ** 2, (1 - t) ** 3
+    xv = P[:, 0, :1] * w1 + P[:, 1, :1] * w2 + w3
+    yv = P[:, 0, 1:] * w1 + P[:, 1, 1:] * w2 + w3
+    decreasing = (_rand(B, gen, dev) < 0.5)[:, None]
+    xv = xv.sort(1).values
+    yv = torch.where(decreasing, yv, yv.sort(1).values)
+    mapped = _interp(x.flatten(1).float(), xv, yv).view_as(x)
+    return torch.where(do.view(B, 1, 1, 1), mapped, x)
+
+
+def image_painting(x, gen, p=PAINT_P, p_out=OUTPAINT_P):
+    """With probability p per image, out-painting (p_out) or in-painting (1 - p_out).
+    In-painting: up to 5 blocks of side in [H/6, H/3] (another block while rand < 0.95) filled with uniform
+    noise. Out-painting: noise everywhere except windows of side H - randint(3H/7, 4H/7) that keep the
+    image: one, then up to 4 more while rand < 0.95. Block corners at least 3 pixels from the border."""
+    B, C, H, W = x.shape
+    dev = x.device
+    paint, outp = _rand(B, gen, dev) < p, _rand(B, gen, dev) < p_out
+    more = lambda k: (_rand((B, k), gen, dev) < 0.95).int().cumprod(1).bool()
+    h, w = _randint(H // 6, H // 3, (B, 5), gen, dev), _randint(W // 6, W // 3, (B, 5), gen, dev)
+    y0, x0 = _randint(3, H - h - 3, (B, 5), gen, dev), _randint(3, W - w - 3, (B, 5), gen, dev)
+    holes = (_boxes(H, W, y0, x0, h, w) & more(5)[..., None, None]).any(1, keepdim=True)
+    h = H - _randint(3 * H // 7, 4 * H // 7, (B, 5), gen, dev)
+    w = W - _randint(3 * W // 7, 4 * W // 7, (B, 5), gen, dev)
+    y0, x0 = _randint(3, H - h - 3, (B, 5), gen, dev), _randint(3, W - w - 3, (B, 5), gen, dev)
+    first = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    windows = (_boxes(H, W, y0, x0, h, w) & torch.cat([first, more(4)], 1)[..., None, None]).any(1, keepdim=True)
+    noise = _rand((B, 1, H, W), gen, dev).expand_as(x)
+    inpainted, outpainted = torch.where(holes, noise, x), torch.where(windows, x, noise)
+    m = lambda t: t.view(B, 1, 1, 1)
+    return torch.where(m(paint & outp), outpainted, torch.where(m(paint & ~outp), inpainted, x))
+
+
+def models_genesis(x, gen, n_blocks=10000):
+    """D(x) of Eq. 1 in the reference code's order: flip, local pixel shuffling, non-linear intensity,
+    painting, each drawn independently (an image may come through untouched). Returns (input, target):
+    the target is the flipped clean image."""
+    target = flip(x, gen)
+    x = local_pixel_shuffling(target, gen, n_blocks=n_blocks)
+    x = nonlinear_transformation(x, gen)
+    return image_painting(x, gen), target
+
+
+def pretrain(run, x, pool, pool_ids, args, device):
+    """Eq. 1: min_theta sum_i l(f(D(x_i); theta), x_i) on the unlabelled pool, l = L2 between sigmoid(output)
+    and the clean image. Returns the U-Net's state dict and saves it as ssl_weights.pt in the run folder."""
+    model = common.prepare_model(UNet(1, 1, args.width), device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.ssl_lr)
+    gen = torch.Generator(device=device).manual_seed(args.seed)   # the corruptions
+    order = torch.Generator().manual_seed(args.seed)             # batch order
+    if os.path.isfile(run.path("ssl_epochs.csv")):
+        os.remove(run.path("ssl_epochs.csv"))
+
+    def on_epoch(e, loss, s):
+        run.append_csv("ssl_epochs.csv", {"epoch": e + 1, "loss": loss, "seconds": s})
+        print(f"  ssl epoch {e + 1}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
+              f"{common.fmt_s(run.elapsed())} elapsed", flush=True)
+
+    losses = common.train(model, opt, x, x, pool, args.ssl_epochs, args.batch_size, device=device, amp=args.amp,
+                          loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
+                          augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks),
+                          generator=order, on_epoch=on_epoch)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
+                "pool": list(pool_ids), "epochs": args.ssl_epochs, "losses": losses},
+               run.path("ssl_weights.pt"))
+    ssl_panel(run, model, x, pool, gen, args, device)
+    return state, losses
+
+
+def load_ssl_weights(path, args, pool_ids):
+    """A state dict saved by pretrain(); checked against this run's width and image size."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise common.UserError(f"--ssl-weights {path}: unreadable ({type(e).__name__}: {e})")
+    if not (isinstance(saved, dict) and "state_dict" in saved):
+        raise common.UserError(f"--ssl-weights {path}: expected the ssl_weights.pt that ssl_coldstart.py writes")
+    for key in ("width", "image_size"):
+        if saved.get(key) != getattr(args, key):
+            raise common.UserError(f"--ssl-weights {path}: pre-trained with --{key.replace('_', '-')} "
+                                   f"{saved.get(key)}, this run uses {getattr(args, key)}")
+    if saved.get("pool") != list(pool_ids):
+        print(f"note: {path} was pre-trained on a different pool (another --seed or --split); the self-supervised "
+              f"model may have seen this run's test images (never their labels). Pre-train once per seed.")
+    return saved["state_dict"], saved.get("losses", [])
+
+
+def init_from_ssl(model, state):
+    """Sec. III-C: the segmentation U-Net starts from the self-supervised weights (all layers: same
+    architecture, one output channel). Only deep-supervision heads (dsal) may be missing from `state`."""
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    bad += [k for k in missing if not k.startswith("aux.")]
+    if bad:
+        raise common.UserError(f"the self-supervised weights do not fit the segmentation U-Net: {bad[:5]}")
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sec. III-B: embedded feature clustering
+# ----------------------------------------------------------------------------------------------------------
+def cluster_ranking(feats, k, seed):
+    """Eq. 2: K-means on the pooled features (N, d). Returns each sample's cluster, its rank inside the
+    cluster by L2 distance to the centroid (0 = nearest, the "centroid" sample) and that distance."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if k > len(feats):
+        raise common.UserError(f"--clusters {k}: more clusters than the {len(feats)} pool samples")
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(feats)  # paper silent on the K-means settings
+    labels = km.labels_.astype(np.int64)
+    dist = np.linalg.norm(feats - km.cluster_centers_[labels], axis=1)
+    rank = np.zeros(len(feats), np.int64)
+    for i in range(k):
+        members = np.flatnonzero(labels == i)
+        rank[members[np.argsort(dist[members], kind="stable")]] = np.arange(len(members))
+    return labels, rank, dist
+
+
+def cluster_quota(sizes, C):
+    """Sec. III-B: N_Ci = ceil(C x N_i / N). The ceilings add up to C + E with 0 <= E < k; to select exactly C
+    we take one sample back from the E clusters rounded up the most (largest ceil(q_i) - q_i; ties: the higher
+    cluster index first). That is the largest-remainder apportionment of C, computed in integers."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    N = int(sizes.sum())
+    q = -(-C * sizes // N)                           # ceil(C N_i / N), exact
+    excess = q * N - C * sizes                       # N x (ceil(q_i) - q_i)
+    E = int(q.sum()) - C
+    order = np.lexsort((-np.arange(len(sizes)), -excess))  # largest excess first, then higher index
+    q[order[:E]] -= 1
+    return q
+
+
+def continue_quota(sizes, have, n_new, avail=None):
+    """Later iterations continue the ranking: the labelled count C_t = have + n_new is shared in proportion to
+    the cluster sizes, one sample at a time to the cluster furthest below its share C_t N_i / N (ties: lower
+    index), skipping clusters with nothing left. From have = 0 this is cluster_quota (tested); unlike
+    recomputing cluster_quota(C_t) it never takes back an earlier pick."""
+    sizes, have = np.asarray(sizes, np.int64), np.asarray(have, np.int64).copy()
+    avail = sizes - have if avail is None else np.asarray(avail, np.int64).copy()
+    N, C_t = int(sizes.sum()), int(have.sum()) + n_new
+    inc = np.zeros(len(sizes), np.int64)
+    for _ in range(min(n_new, int(avail.sum()))):
+        deficit = np.where(avail > 0, C_t * sizes - have * N, np.iinfo(np.int64).min)
+        i = int(np.argmax(deficit))
+        have[i], inc[i], avail[i] = have[i] + 1, inc[i] + 1, avail[i] - 1
+    return inc
+
+
+def take_from_clusters(labels, rank, available, inc):
+    """Cluster i gives its inc[i] best-ranked available samples (centroid first, then its nearest
+    neighbours). Positions into the clustered set."""
+    out = [np.zeros(0, np.int64)]
+    for i, n in enumerate(inc):
+        members = np.flatnonzero((labels == i) & available)
+        out.append(members[np.argsort(rank[members], kind="stable")][:n])
+    return np.concatenate(out)
+
+
+def ssl_features(state, x, train_ids, args, device):
+    """Last encoder stage of the pre-trained U-Net on the clean pool images, in pool order (eval mode, no
+    corruption: the public code clusters randomly drawn corrupted images, so its picks do not index the
+    pool), pooled to aap_grid x aap_grid and flattened: (N, 16 x width x grid^2)."""
+    model = common.prepare_model(UNet(1, 1, args.width), device)
+    model.load_state_dict(state)
+    feats = common.pooled_features(model, x, train_ids, args.batch_size, device, args.amp, grid=args.aap_grid)
+    assert len(feats) == len(train_ids)
+    return feats.numpy()
+
+
+def cluster_query(labels, rank, train_ids, pool, n_new):
+    """Dataset indices of the next n_new samples of the cluster ranking (labels, rank index train_ids)."""
+    available = np.isin(train_ids, pool)
+    sizes = np.bincount(labels, minlength=labels.max() + 1)
+    have = np.bincount(labels[~available], minlength=len(sizes))
+    avail = np.bincount(labels[available], minlength=len(sizes))
+    inc = cluster_quota(sizes, n_new) if have.sum() == 0 else continue_quota(sizes, have, n_new, avail)
+    return train_ids[take_from_clusters(labels, rank, available, inc)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fig. 2 comparators (query rules shared with other scripts live in common.py)
+# ----------------------------------------------------------------------------------------------------------
+def dsal_loss(out, target):
+    """DSAL: CE + Dice on the final, middle and lower heads, weighted 0.6 / 0.3 / 0.1. The heads sit on decoder
+    stages 0 (lower, 1/8 resolution) and 1 (middle, 1/4), the choice dsal_fingerbones.py documents."""
+    logits, (lower, middle) = out
+    L = common.bce_dice_loss
+    return 0.6 * L(logits, target) + 0.3 * L(middle, target) + 0.1 * L(lower, target)
+
+
+@torch.inference_mode()
+def dsal_scores(model, x, pool, args, device):
+    """Mean of Dice(lower, final) and Dice(middle, final) of the binarised heads per pool image."""
+    model.eval()
+    out = []
+    for b in common.batches(torch.as_tensor(pool, device=device), args.batch_size):
+        with common.autocast(device, args.amp):
+            logits, (lower, middle) = model(common.to_input(x[b]))
+        m = lambda t: torch.sigmoid(t.float()[:, 0]) > 0.5
+        out.append(common.head_agreement(m(lower), m(middle), m(logits))[0])
+    return torch.cat(out).cpu().numpy()
+
+
+def ensemble_scores(members, x, pool, args, device, rule):
+    """ens-s: pixel variance across the M models, mean per image; ens-js: Jensen-Shannon divergence, sum."""
+    score = common.ensemble_variance if rule == "ens-s" else common.ensemble_js
+    out = [score(torch.stack([p for _, p in outs]))
+           for outs in zip(*[common.predict_batches(m, x, pool, args.batch_size, device, args.amp) for m in members])]
+    return torch.cat(out).cpu().numpy()
+
+
+def query(strategy, rnd, model, members, x, pool, args, device, rng):
+    """One iteration's picks for a comparator: {how: positions into pool}, per-pool scores, pseudo-masks."""
+    n, masks = min(args.query, len(pool)), None
+    if strategy in ("mc-dropout", "ceal"):      # MC dropout: sum of the pixel variances over T passes
+        scores, means = [], []
+        for _, mean, var in common.mc_dropout(model, x, pool, args.mc_passes, args.batch_size, device, args.amp):
+            scores.append(var.sum((1, 2)))
+            means.append((mean > 0.5).to(torch.uint8))
+        scores, masks = torch.cat(scores).cpu().numpy(), torch.cat(means)
+        if strategy == "ceal":                  # CEAL: lowest, highest, low band; most confident pseudo-labelled
+            n_low = n_high = round(n * 2 / 7)
+            g = common.ceal_groups(scores, n_low, n_high, n - n_low - n_high, args.pseudo_step * rnd, rng)
+            return {"oracle-lowest": g[0], "oracle-highest": g[1], "oracle-band": g[2], "pseudo": g[3]}, scores, masks
+        return {"oracle-mc-dropout": common.top_k(np.arange(len(pool)), scores, n)}, scores, masks
+    if strategy == "ens-s":                     # K = 2k most uncertain, then facility location over the pool
+        scores = ensemble_scores(members, x, pool, args, device, strategy)
+        cand = common.top_k(np.arange(len(pool)), scores, 2 * n)
+        feats = torch.stack([common.pooled_features(m, x, pool, args.batch_size, device, args.amp)
+                             for m in members]).mean(0)  # paper silent: the members' mean descriptor
+        return {"oracle-ens-s": cand[common.facility_location(feats[torch.as_tensor(cand)], feats, n)]}, scores, masks
+    if strategy == "ens-js":                    # top-b: the knapsack of Kuo et al. when every image costs the same
+        scores = ensemble_scores(members, x, pool, args, device, strategy)
+        return {"oracle-ens-js": common.top_k(np.arange(len(pool)), scores, n)}, scores, masks
+    scores = dsal_scores(model, x, pool, args, device)  # dsal
+    picks = common.top_k(np.arange(len(pool)), scores, n, largest=args.dsal_select == "highest")
+    return {"oracle-dsal": picks}, scores, masks
+
+
+def minmax_uint8(x):
+    """Sec. IV-A: min-max normalisation, per image (paper silent on per image or per set), kept as uint8."""
+    lo = x.min(axis=(1, 2, 3), keepdims=True).astype(np.float32)
+    hi = x.max(axis=(1, 2, 3), keepdims=True).astype(np.float32)
+    return np.round((x - lo) * 255 / np.maximum(hi - lo, 1)).astype(np.uint8)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.tables:
+        return tables(args)
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed, args.deterministic)
+    run = common.Run(__file__, args, device)
+
+    # ---- data: grayscale (channels=1), min-max normalised; ISIC 2017: pool and test from the 2000 training images ----
+    data = common.load_data(args.data, args.data_dir, args.image_size, 1, args.seed,
+                            n=sum(args.split) if args.split else None, workers=args.workers)
+    if args.data == "isic2017" and "train" in data.official:
+        data = data.subset(data.official["train"])  # Sec. IV-A: 1600 pool + 400 test drawn from the 2000
+        data.official = {}
+    data.x = minmax_uint8(data.x)
+    if args.split is None:
+        args.split = common.default_split(data)
+    train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
+    if args.initial is None:
+        args.initial = round(len(train_ids) * 300 / 1600)  # Sec. IV-A: C = 300 of the 1600 pool
+    common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
+                                   (("train", train_ids), ("val", val_ids), ("test", test_ids))})
+    pool_ids = [data.ids[i] for i in train_ids]
+    x, y = common.to_device(data, device)
+    target = y.clone()  # ground truth for oracle labels, the model's mask for pseudo-labels (ceal)
+
+    # ---- Sec. III-A: self-supervised pre-training on the unlabelled pool (or its weights, reused) ----
+    uses_clusters = "cluster" in (args.strategy, args.cold_start)
+    ssl_state, ssl_losses, ssl_s = None, [], 0.0
+    if args.ssl_init or uses_clusters:
+        t0 = time.time()
+        saved = args.ssl_weights or run.path("ssl_weights.pt")
+        if args.ssl_weights and not os.path.isfile(args.ssl_weights):
+            raise common.UserError(f"--ssl-weights {args.ssl_weights}: file not found (expected the ssl_weights.pt "
+                                   f"of an earlier run)")
+        if os.path.isfile(saved):
+            ssl_state, ssl_losses = load_ssl_weights(saved, args, pool_ids)
+            print(f"ssl: weights from {saved}")
+        else:
+            ssl_state, ssl_losses = pretrain(run, x, train_ids, pool_ids, args, device)
+        ssl_s = time.time() - t0
+    common.seed_everything(args.seed + 1, args.deterministic)  # what follows is the same whether SSL ran or loaded
+
+    # ---- models (Sec. III-C), optimisers, sets ----
+    net = lambda: common.prepare_model(UNet(1, 1, args.width, dropout=args.dropout, dropout_at="bottleneck",
+                                            deep_supervision=(0, 1) if args.strategy == "dsal" else ()), device)
+    model = net()
+    members = [net() for _ in range(args.ensemble_size if args.strategy in ("ens-s", "ens-js") else 0)]
+    if args.ssl_init:
+        for m in [model] + members:
+            init_from_ssl(m, ssl_state)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opts = [torch.optim.Adam(m.parameters(), lr=args.lr) for m in members]
+    loss_fn = dsal_loss if args.strategy == "dsal" else common.bce_dice_loss  # Eq. 3: CE + Dice
+    rng = np.random.default_rng([args.seed, 1])     # query draws, bootstrap resamples
+    gen = torch.Generator().manual_seed(args.seed)  # batch order
+    labeled, pseudo, pool = np.zeros(0, np.int64), np.zeros(0, np.int64), train_ids.copy()
+    clusters = None                                 # (labels, rank, dist) over train_ids
+    start = 0
+    state = run.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        for m, o, s in zip(members, opts, state["members"]):
+            m.load_state_dict(s["model"])
+            o.load_state_dict(s["opt"])
+        labeled, pseudo, pool, clusters = state["labeled"], state["pseudo"], state["pool"], state["clusters"]
+        target[torch.as_tensor(pseudo, device=device)] = state["pseudo_masks"].to(device)
+        rng.bit_generator.state = state["rng_select"]
+        gen.set_state(state["rng_batches"])
+        start = state["round"] + 1
+    progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
+                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs)
+
+    for rnd in range(start, args.rounds + 1):
+        # ---- selection: round 0 is the cold start (Sec. III-B), then the strategy's query rule ----
+        t0 = time.time()
+        if rnd > 0 and len(pool) == 0:
+            print(f"round {rnd}: the unlabelled pool is used up; stopping")
+            break
+        queried, scores, score_sel = {}, None, float("nan")
+        if rnd == 0 and uses_clusters:
+            feats = ssl_features(ssl_state, x, train_ids, args, device)
+            clusters = cluster_ranking(feats, args.clusters, args.seed)
+            write_clusters(run, data, train_ids, clusters)
+        way = args.cold_start if rnd == 0 else args.strategy
+        n_new = args.initial if rnd == 0 else args.query
+        if way == "cluster":
+            new = cluster_query(clusters[0], clusters[1], train_ids, pool, n_new)
+            score_sel = float(clusters[2][np.searchsorted(train_ids, new)].mean())  # distance to the centroid
+            queried["oracle-cluster"] = new
+        elif way == "random":
+            queried["oracle-random"] = common.query_random(pool, n_new, rng)
+        else:
+            picks, scores, masks = query(way, rnd, model, members, x, pool, args, device, rng)
+            queried = {how: pool[g] for how, g in picks.items()}
+            score_sel = float(np.mean(scores[np.concatenate([g for how, g in picks.items() if how != "pseudo"])]))
+            if "pseudo" in picks:
+                g = torch.as_tensor(picks["pseudo"], device=device)
+                target[torch.as_tensor(pool[picks["pseudo"]], device=device)] = masks[g]
+        for how, ids in queried.items():
+            if how == "pseudo":
+                pseudo = np.concatenate([pseudo, ids])
+            else:
+                labeled = np.concatenate([labeled, ids])
+        pool = np.setdiff1d(pool, np.concatenate(list(queried.values())))
+        select_s = time.time() - t0
+
+        # ---- training: fine-tuned on the enlarged labelled set, 10 epochs first, then 2 per iteration ----
+        t0 = time.time()
+        epochs = args.epochs_initial if rnd == 0 else args.epochs
+
+        def on_epoch(e, loss, _s):
+            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
+            progress.epoch(rnd, e, epochs, loss)
+
+        common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device,
+                     amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
+        for m, o in zip(members, opts):  # ens-s / ens-js: M models on bootstrap resamples of the labelled set
+            common.train(m, o, x, target, rng.choice(labeled, len(labeled), replace=True), epochs, args.batch_size,
+                         device=device, amp=args.amp, loss_fn=loss_fn, generator=gen)
+        train_s = time.time() - t0
+
+        # ---- evaluation on the test set; the round is written before anything else happens ----
+        dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
+        covered = "" if clusters is None else int(len(np.unique(clusters[0][np.isin(train_ids, labeled)])))
+        row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
+               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
+               "pool_left": len(pool), "score_selected": score_sel,
+               "score_pool": float(np.mean(scores)) if scores is not None else float("nan"),
+               "clusters_covered": covered}
+        run.log_round(row, {how: [data.ids[i] for i in ids] for how, ids in queried.items()})
+        run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(),
+                             "members": [{"model": m.state_dict(), "opt": o.state_dict()}
+                                         for m, o in zip(members, opts)],
+                             "labeled": labeled, "pseudo": pseudo, "pool": pool, "clusters": clusters,
+                             "pseudo_masks": target[torch.as_tensor(pseudo, device=device)].cpu(),
+                             "rng_select": rng.bit_generator.state, "rng_batches": gen.get_state()})
+        common.learning_curve(run, run.read_csv("rounds.csv"))
+        progress.round(row)
+
+    rows = run.read_csv("rounds.csv")
+    panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
+    run.write_json("summary.json", {"final_dice": float(rows[-1]["dice_mean"]),
+                                    "final_dice_std": float(rows[-1]["dice_std"]),
+                                    "final_iou": float(rows[-1]["iou_mean"]), "labeled": int(rows[-1]["labeled"]),
+                                    "pseudo": int(rows[-1]["pseudo"]), "rounds": len(rows) - 1,
+                                    "ssl_loss_final": ssl_losses[-1] if ssl_losses else None, "ssl_s": ssl_s,
+                                    "ssl_weights": None if ssl_state is None else args.ssl_weights or
+                                    run.path("ssl_weights.pt"),
+                                    "paper_dice": paper_final(args), "wall_s": run.elapsed()})
+    print(f"done: test dice {float(rows[-1]['dice_mean']):.4f} with {rows[-1]['labeled']} labelled; {run.dir}")
+    return run.dir
+
+
+def method(a):
+    """A run's column name in the tables, from its flags (a dict): the feature dimension is 16 x width x grid^2."""
+    if a["strategy"] != "cluster":
+        return a["strategy"]
+    return f"cluster k={a['clusters']} AAP {16 * int(a['width']) * int(a['aap_grid']) ** 2}"
+
+
+def paper_final(args):
+    """The paper's Dice after T = 9 iterations for this configuration (Table II, without SSL weights only)."""
+    name = method(vars(args))
+    if args.data != "isic2017" or args.ssl_init or name not in PAPER_TABLE_II_COLS:
+        return None
+    return PAPER_TABLE_II[9][PAPER_TABLE_II_COLS.index(name)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def ssl_panel(run, model, x, pool, gen, args, device, n=4):
+    """Clean image / corrupted input D(x) / reconstruction, for a few pool samples."""
+    idx = torch.as_tensor(pool[:n], device=device)
+    inp, clean = models_genesis(common.to_input(x[idx]), gen, args.shuffle_blocks)
+    model.eval()
+    rec = torch.sigmoid(model(inp).float())
+    rows = [[clean[j, 0].cpu().numpy(), inp[j, 0].cpu().numpy(), rec[j, 0].cpu().numpy()] for j in range(len(idx))]
+    common.save_panel(run.path("ssl_panel.png"), rows, 3, ["clean (target)", "D(x) (input)", "reconstruction"])
+
+
+def write_clusters(run, data, train_ids, clusters, per_row=6):
+    """clusters.csv (every pool sample's cluster, rank and distance) and clusters.png (best-ranked per cluster)."""
+    labels, rank, dist = clusters
+    if os.path.isfile(run.path("clusters.csv")):
+        os.remove(run.path("clusters.csv"))
+    run.append_csv("clusters.csv", [{"sample_id": data.ids[i], "cluster": int(c), "rank": int(r), "distance": float(d)}
+                                    for i, c, r, d in zip(train_ids, labels, rank, dist)])
+    rows = []
+    for c in range(labels.max() + 1):
+        members = np.flatnonzero(labels == c)
+        best = train_ids[members[np.argsort(rank[members])][:per_row]]
+        rows.append([data.x[i] for i in best] + [np.zeros_like(data.x[0])] * (per_row - len(best)))
+    common.save_panel(run.path("clusters.png"), rows, per_row, [f"rank {r}" for r in range(per_row)])
+
+
+def panel(run, model, data, x, ids, args, device, n=4):
+    """Image / ground truth / prediction / uncertainty (binary entropy of the prediction)."""
+    ids = np.asarray(ids)[:n]
+    p = common.predict(model, x, ids, args.batch_size, device, args.amp)
+    h = common.binary_entropy(p)
+    rows = [[data.x[i], data.y[i], (p[j] > 0.5).float().cpu().numpy(), h[j].cpu().numpy()] for j, i in enumerate(ids)]
+    common.save_panel(run.path("panel.png"), rows, 4, ["image", "ground truth", "prediction", "entropy"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables I and II (and the Fig. 2 comparison) from run folders: a view of common.collect_runs / summarise
+# ----------------------------------------------------------------------------------------------------------
+def tables(args):
+    rows = [r for r in common.collect_runs(args.tables) if r["script"] == "ssl_coldstart"]
+    if not rows:
+        raise common.UserError(f"--tables {' '.join(args.tables)}: no ssl_coldstart run folder with a rounds.csv there")
+    for r in rows:
+        r["method"], r["init"], r["start"] = method(r), "w/ SSL" if r["ssl_init"] else "w/o SSL", r["cold_start"]
+    last = {}
+    for r in rows:
+        last[r["run"]] = max(last.get(r["run"], 0), r["round"])
+    out = []
+    for data in sorted({r["data"] for r in rows}):
+        d = [r for r in rows if r["data"] == data]
+        out.append(f"## {data}\n")
+        # Table I: random vs clustering (at the default k and AAP, Sec. IV-A), with / without SSL weights
+        t1 = [r for r in d if r["strategy"] in ("random", "cluster")]
+        row = DEFAULTS.get(data, DEFAULTS["other"])
+        t1_default = [r for r in t1 if r["strategy"] == "random" or (r["clusters"], r["aap_grid"]) ==
+                      (row["clusters"], row["aap_grid"])]
+        paper = (PAPER_TABLE_I_COLS, PAPER_TABLE_I) if data == "isic2017" else None
+        out += [f"Table I: test Dice (mean ± std over seeds) per labelled count, {data}\n",
+                pivot(common.summarise(t1_default, ("labeled", "method", "init")), "labeled", ("method", "init"),
+                      "labelled", paper), ""]
+        # Table II: per iteration, every k x AAP dimension (the paper: without SSL weights)
+        for init in sorted({r["init"] for r in t1}):
+            t2 = [r for r in t1 if r["init"] == init]
+            paper = (PAPER_TABLE_II_COLS, PAPER_TABLE_II) if data == "isic2017" and init == "w/o SSL" else None
+            out += [f"Table II: test Dice per iteration (0 = base set), segmentation {init}, {data}\n",
+                    pivot(common.summarise(t2, ("round", "method")), "round", ("method",), "iter", paper), ""]
+        # Fig. 2: every strategy after its last iteration
+        f2 = [r for r in d if r["round"] == last[r["run"]]]
+        out += [f"Fig. 2: test Dice after the last iteration, {data}\n",
+                common.markdown_table(common.summarise(f2, ("method", "init", "start", "labeled")),
+                                      ["method", "init", "start", "labeled", "n", "dice_mean"],
+                                      ["method", "segmentation", "base set", "labelled", "runs", "test Dice"]), ""]
+    text = "\n".join(out)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "ssl_coldstart_tables.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"done: tables from {len({r['run'] for r in rows})} runs; {path}")
+    return path
+
+
+def pivot(summary, row_key, col_keys, row_header, paper=None):
+    """Wide table from common.summarise rows: one row per row_key value, one column per col_keys value (its
+    number of runs in the header); paper = (names, {row: values}) adds the paper's columns where rows match."""
+    cols, wide = {}, {}
+    for s in summary:
+        name = ", ".join(str(s[k]) for k in col_keys)
+        cols[name] = max(cols.get(name, 0), s["n"])
+        w = wide.setdefault(s[row_key], {row_header: s[row_key], "n": 0})
+        w[name], w[name + "_std"], w["n"] = s["dice_mean"], s["dice_mean_std"], max(w["n"], s["n"])
+    names, headers = sorted(cols), [f"{c} (n={cols[c]})" for c in sorted(cols)]
+    if paper is not None:
+        for k, w in wide.items():
+            w.update({"paper: " + c: v for c, v in zip(paper[0], paper[1].get(k, ()))})
+        names, headers = names + ["paper: " + c for c in paper[0]], headers + ["paper: " + c for c in paper[0]]
+    return common.markdown_table([wide[k] for k in sorted(wide)], [row_header] + names, [row_header] + headers)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

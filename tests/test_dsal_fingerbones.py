@@ -1,0 +1,288 @@
+"""dsal_fingerbones.py: the deeply supervised heads and Eq. 2 loss, the head-agreement score and both selection
+directions on hand-made masks, Spearman's rank correlation (ties), intensity normalisation, the synthetic
+finger bones, the Fig. 4 table on hand-made run folders, and the script end to end (synthetic, --resume,
+random, full, --tables, a folder-layout fixture, bad input)."""
+import csv
+import json
+import math
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import dsal_fingerbones as dsal
+from conftest import REAL, run_dir_from, run_script
+
+TINY = ["--split", 40, 10, 10, "--image-size", 32, "--width", 4, "--initial", 10, "--query", 10, "--rounds", 2,
+        "--epochs-initial", 2, "--epochs", 1, "--batch-size", 8]
+
+
+def read(run, name):
+    return list(csv.DictReader(open(os.path.join(run, name))))
+
+
+# ------------------------------------------------------------------------------------ heads and the Eq. 2 loss
+def test_heads_shapes_and_stages():
+    model = dsal.build_model(1, types.SimpleNamespace(width=4, ds_stages=[0, 1]))
+    final, aux = model(torch.zeros(2, 1, 32, 32))
+    assert final.shape == (2, 1, 32, 32) and [a.shape for a in aux] == [(2, 1, 32, 32)] * 2  # upsampled to full size
+    # lower = decoder stage 0 (8 x width channels, 1/8 resolution), middle = stage 1 (4 x width, 1/4)
+    assert model.aux["0"].in_channels == 32 and model.aux["1"].in_channels == 16 and len(model.aux) == 2
+    # heads() maps the model's aux list (by increasing stage) to (lower, middle, final) in flag order
+    out = (torch.full((1,), 9.0), [torch.full((1,), 0.0), torch.full((1,), 1.0)])  # stage 0 -> 0, stage 1 -> 1
+    assert [float(t) for t in dsal.heads(out, [0, 1])] == [0, 1, 9]
+    assert [float(t) for t in dsal.heads(out, [1, 0])] == [1, 0, 9]                 # --ds-stages 1 0
+
+
+def test_weighted_loss_hand_case():
+    target = torch.tensor([[[1, 0], [0, 0]]], dtype=torch.uint8)
+    z = math.log(3)                                      # sigmoid(ln 3) = 0.75
+    final = torch.zeros(1, 1, 2, 2)                      # p = 0.5: ln 2 per pixel
+    lower = torch.full((1, 1, 2, 2), z)                  # p = 0.75
+    middle = torch.full((1, 1, 2, 2), -z)                # p = 0.25
+    L_f = math.log(2)
+    L_l = (-math.log(0.75) - 3 * math.log(0.25)) / 4     # one foreground pixel, three background
+    L_m = (-math.log(0.25) - 3 * math.log(0.75)) / 4
+    out = (final, [lower, middle])
+    assert dsal.ds_loss(out, target, [0, 1], [0.1, 0.3, 0.6]).item() == pytest.approx(0.1 * L_l + 0.3 * L_m + 0.6 * L_f)
+    assert dsal.ds_loss(out, target, [0, 1], [0, 0, 1]).item() == pytest.approx(L_f)   # weights by flag
+    assert dsal.ds_loss(out, target, [1, 0], [1, 0, 0]).item() == pytest.approx(L_m)   # stage 1 as the lower head
+    # one logit z: BCE equals two-class cross-entropy over the logits [0, z]
+    two_class = F.cross_entropy(torch.cat([torch.zeros_like(lower), lower], 1), target.long())
+    assert two_class.item() == pytest.approx(L_l)
+    with_dice = dsal.ds_loss(out, target, [0, 1], [0, 0, 1], dice=True).item()
+    assert with_dice == pytest.approx(L_f + 0.5)          # soft Dice at p = 0.5: 1 - (1 + 1) / (2 + 1 + 1)
+
+
+# --------------------------------------------------------------------------------- the score and the selection
+class ThreeHeads(torch.nn.Module):
+    """Channel 0 of the image is the final mask, channel 1 the lower head's, channel 2 the middle head's."""
+
+    def forward(self, x):
+        z = (x - 0.5) * 20
+        return z[:, 0:1], [z[:, 1:2], z[:, 2:3]]
+
+
+def test_score_and_both_selection_directions():
+    final = [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    lower = [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]   # L-DSC: 1, 2*1/(1+4) = 0.4, empty vs empty = 1
+    middle = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]]  # M-DSC: 2/3, 2*2/(2+4) = 2/3, 0
+    gt = [[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]      # R-DSC: 2/3, 1, 1
+    x = torch.tensor(np.array([final, lower, middle], np.uint8) * 255).permute(1, 0, 2)[:, :, None]  # (3, 3, 1, 4)
+    y = torch.tensor(np.array(gt, np.uint8))[:, None]                                                # (3, 1, 4)
+    args = types.SimpleNamespace(batch_size=2, amp=False, ds_stages=[0, 1])
+    s = dsal.score_pool(ThreeHeads(), x, y, np.array([0, 1, 2]), args, torch.device("cpu"))
+    assert s["l_dsc"].tolist() == pytest.approx([1, 0.4, 1])
+    assert s["m_dsc"].tolist() == pytest.approx([2 / 3, 2 / 3, 0])
+    assert s["score"].tolist() == pytest.approx([5 / 6, (0.4 + 2 / 3) / 2, 0.5])
+    assert s["r_dsc"].tolist() == pytest.approx([2 / 3, 1, 1])
+    pool = np.array([10, 11, 12])
+    assert dsal.select(pool, s["score"], 2, "highest").tolist() == [10, 11]   # Sec. III-B: the largest mean
+    assert dsal.select(pool, s["score"], 2, "lowest").tolist() == [12, 11]    # the authors' later code
+    assert dsal.select(pool, [0.5, 0.9, 0.5], 2, "lowest").tolist() == [10, 12]  # ties keep pool order
+    # --ds-stages 1 0 swaps the lower and middle heads
+    s = dsal.score_pool(ThreeHeads(), x, y, np.array([0, 1, 2]), types.SimpleNamespace(batch_size=3, amp=False,
+                        ds_stages=[1, 0]), torch.device("cpu"))
+    assert s["l_dsc"].tolist() == pytest.approx([2 / 3, 2 / 3, 0])
+
+
+# ------------------------------------------------------------------------------------- Spearman (numpy only)
+def test_spearman_hand_cases_with_ties():
+    assert dsal.rank_average([3, 1, 3, 2]).tolist() == [3.5, 1, 3.5, 2]
+    assert dsal.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert dsal.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    # no ties: 1 - 6 sum d^2 / (n (n^2 - 1)) with d = (-1, 1, -1, 1, 0): 1 - 24 / 120
+    assert dsal.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    # ties: ranks x = (1, 2.5, 2.5, 4), y = (1, 2, 3, 4): cov 4.5, var 4.5 and 5 -> 4.5 / sqrt(22.5)
+    assert dsal.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert math.isnan(dsal.spearman([1, 1, 1], [1, 2, 3]))  # a constant proxy has no rank correlation
+
+
+# --------------------------------------------------------------------------------------------------- data
+def test_normalise_hand_cases():
+    x = np.array([[[[10, 20, 30, 10]]], [[[0, 0, 1, 2]]], [[[7, 7, 7, 7]]]], np.uint8)
+    assert dsal.normalise(x, "minmax")[:, 0, 0].tolist() == [[0, 128, 255, 0], [0, 0, 128, 255], [7, 7, 7, 7]]
+    # histogram equalisation: image 2's CDF = (2, 3, 4) -> (CDF - 2) / (4 - 2) x 255 = (0, 127.5, 255)
+    assert dsal.normalise(x, "histeq")[1, 0, 0].tolist() == [0, 0, 128, 255]
+    assert dsal.normalise(x, "histeq")[2, 0, 0].tolist() == [7, 7, 7, 7]   # constant: unchanged
+    assert dsal.normalise(x, "none") is x
+
+
+def interior(y, r=2):
+    """Fraction of mask pixels whose whole (2r+1)^2 neighbourhood is mask: near 0 for thin shapes."""
+    y = y.astype(bool)
+    out = y.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out &= np.roll(y, (dy, dx), (1, 2))
+    return out.sum() / max(1, y.sum())
+
+
+def test_synthetic_finger_bones_are_thin_deterministic_and_varied():
+    d = dsal.make_fingerbones(40, 128, seed=3)
+    assert d.x.shape == (40, 1, 128, 128) and d.x.dtype == np.uint8 and d.y.shape == (40, 128, 128)
+    assert set(np.unique(d.y)) == {0, 1} and len(set(d.ids)) == 40
+    again, other = dsal.make_fingerbones(40, 128, seed=3), dsal.make_fingerbones(40, 128, seed=4)
+    assert (again.x == d.x).all() and (again.y == d.y).all() and not (other.y == d.y).all()
+    frac = d.y.reshape(40, -1).mean(1)
+    assert frac.min() > 0.01 and frac.max() < 0.2          # every hand has bones; bones are a small part
+    lesions = common.make_synthetic(40, 128, 1, seed=3)
+    assert interior(d.y) < 0.1 < 0.5 < interior(lesions.y)  # thin bones, unlike the shared lesion generator
+    assert {"normal", "low-contrast", "duplicate"} <= set(d.kinds)
+    assert len(np.unique(d.x.reshape(40, -1).mean(1).round())) > 20  # exposure varies from image to image
+
+
+# ------------------------------------------------------------------------------- Fig. 4 table, hand-made runs
+def fake_run(root, name, strategy, select, seed, curve, split=(100, 10, 10)):
+    run = root / name
+    run.mkdir(parents=True)
+    args = {"data": "synthetic", "strategy": strategy, "select": select, "seed": seed, "split": list(split)}
+    (run / "config.json").write_text(json.dumps({"script": "dsal_fingerbones", "args": args}))
+    with open(run / "rounds.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["round", "labeled", "pseudo", "dice_mean", "dice_std", "iou_mean", "train_s",
+                               "select_s", "rho_mean"])
+        w.writeheader()
+        for k, (n, dice) in enumerate(curve):
+            w.writerow({"round": k, "labeled": n, "pseudo": 0, "dice_mean": dice, "dice_std": 0, "iou_mean": 0,
+                        "train_s": 0, "select_s": 0, "rho_mean": "" if k == 0 else 0.5})
+
+
+def test_tables_on_hand_made_runs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs, "full", "full", "highest", 0, [(100, 0.80)])
+    fake_run(runs, "ds0", "dsal", "highest", 0, [(10, 0.5), (20, 0.78), (30, 0.79)])
+    fake_run(runs, "ds1", "dsal", "highest", 1, [(10, 0.5), (20, 0.84), (30, 0.90)])  # mean at 20: 0.81 >= 0.80
+    fake_run(runs, "rnd", "random", "highest", 0, [(10, 0.5), (20, 0.6), (30, 0.7)])
+    fake_run(runs, "low", "dsal", "lowest", 0, [(10, 0.5), (20, 0.7), (30, 0.8)])
+    other = tmp_path / "other" / "x"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"script": "ceal_mcdropout", "args": {}}))
+    out = dsal.main(["--tables", str(runs), str(tmp_path / "other"), "--out", str(tmp_path / "t")])
+    assert out == str(tmp_path / "t" / "dsal_fingerbones_tables")
+    table = open(tmp_path / "t" / "dsal_fingerbones_tables" / "fig4.md").read()
+    assert "| synthetic | dsal-highest | 2 | 0.8000 | 20 | 20.00% | 0.8450 |" in table   # reached at 20 of 100
+    assert "| synthetic | dsal-lowest | 1 | 0.8000 | 30 | 30.00% | 0.8000 |" in table    # >= counts as reached
+    assert "| synthetic | random | 1 | 0.8000 | not reached | - | 0.7000 |" in table
+    assert "| synthetic | dsal-highest | 20 | 2 | 0.8100 ± 0.0300 |" in table              # mean ± std over seeds
+    assert "ceal" not in table and os.path.isfile(tmp_path / "t" / "dsal_fingerbones_tables" / "fig4_curve.png")
+    assert "from 5 runs" in capsys.readouterr().out and not os.path.exists(runs / "full" / "checkpoint.pt")
+    with pytest.raises(common.UserError, match="nowhere: no such folder"):
+        dsal.main(["--tables", str(tmp_path / "nowhere")])
+    with pytest.raises(common.UserError, match="no finished dsal_fingerbones runs"):
+        dsal.main(["--tables", str(tmp_path / "other")])
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def assert_rule_followed(run, rule):
+    """Each round's 10 queried images score at least as high (or low) as every image left in the pool, by
+    the logged mean agreement (written to 6 digits, hence the tolerance)."""
+    scores, queried = read(run, "pool_scores.csv"), read(run, "queried.csv")
+    assert {r["round"] for r in scores} == {"1", "2"}
+    for rnd in ("1", "2"):
+        rows = [r for r in scores if r["round"] == rnd]
+        asked = {q["sample_id"] for q in queried if q["round"] == rnd}
+        assert len(asked) == 10 and asked == {r["sample_id"] for r in rows if r["queried"] == "1"}
+        sign = 1 if rule == "highest" else -1
+        chosen = [sign * float(r["mean"]) for r in rows if r["sample_id"] in asked]
+        left = [sign * float(r["mean"]) for r in rows if r["sample_id"] not in asked]
+        assert min(chosen) >= max(left) - 1e-5
+
+
+def test_end_to_end_resume_rules_baselines_and_tables(tmp_path):
+    full = run_dir_from(run_script("dsal_fingerbones.py", *TINY, "--out", tmp_path / "a"))
+    rows = read(full, "rounds.csv")
+    assert [int(r["labeled"]) for r in rows] == [10, 20, 30] and [int(r["pool_left"]) for r in rows] == [30, 20, 10]
+    for c in ("rho_l_dsc", "rho_m_dsc", "rho_mean", "pool_dice", "queried_dice", "val_dice"):
+        assert c in rows[0]
+    assert rows[0]["rho_mean"] == "" and rows[1]["pool_scored"] == "30" and rows[2]["pool_scored"] == "20"
+    assert_rule_followed(full, "highest")
+    q = read(full, "queried.csv")
+    assert {r["how"] for r in q} == {"initial-random", "oracle-dsal-highest"} and len({r["sample_id"] for r in q}) == 30
+    assert [r["round"] for r in q if r["how"] == "initial-random"] == ["0"] * 10
+    assert {r["sample_id"] for r in q} <= set(json.load(open(os.path.join(full, "splits.json")))["train"])
+    for f in ("summary.json", "learning_curve.png", "panel.png", "fig3_scatter.png", "fig3_ranks.png", "fig3_rho.png",
+              "checkpoint.pt", "epochs.csv"):
+        assert os.path.isfile(os.path.join(full, f)), f
+    summary = json.load(open(os.path.join(full, "summary.json")))
+    assert summary["final_dice"] == pytest.approx(float(rows[-1]["dice_mean"]), abs=1e-5)
+    # Fig. 3 in rounds.csv is the Spearman correlation of the logged pool scores
+    scores = [r for r in read(full, "pool_scores.csv") if r["round"] == "1"]
+    rho = dsal.spearman([float(r["r_dsc"]) for r in scores], [float(r["mean"]) for r in scores])
+    logged = float(rows[1]["rho_mean"])
+    assert (math.isnan(rho) and math.isnan(logged)) or logged == pytest.approx(rho, abs=1e-5)
+
+    # interrupted after round 1, then --resume: the same queries and the same results
+    out = run_script("dsal_fingerbones.py", *TINY, "--out", tmp_path / "b", check=False,
+                     env_extra={"ALSEG_STOP_AFTER_ROUND": "1"})
+    assert out.returncode == 3
+    part = os.path.join(tmp_path / "b", os.listdir(tmp_path / "b")[0])
+    resumed = run_dir_from(run_script("dsal_fingerbones.py", "--resume", part))
+    assert resumed == part and read(resumed, "queried.csv") == q
+    assert [r["dice_mean"] for r in read(resumed, "rounds.csv")] == [r["dice_mean"] for r in rows]
+    assert read(resumed, "pool_scores.csv") == read(full, "pool_scores.csv")
+
+    # the later code's rule, random and full annotation
+    low = run_dir_from(run_script("dsal_fingerbones.py", *TINY, "--select", "lowest", "--out", tmp_path / "a"))
+    assert_rule_followed(low, "lowest")
+    rnd = run_dir_from(run_script("dsal_fingerbones.py", *TINY, "--strategy", "random", "--out", tmp_path / "a"))
+    assert {r["how"] for r in read(rnd, "queried.csv")} == {"initial-random", "oracle-random"}
+    assert read(rnd, "queried.csv") != q and read(rnd, "rounds.csv")[1]["rho_mean"] != ""  # Fig. 3 for random too
+    whole = run_dir_from(run_script("dsal_fingerbones.py", *TINY, "--strategy", "full", "--out", tmp_path / "a"))
+    assert [int(r["labeled"]) for r in read(whole, "rounds.csv")] == [40]
+    assert len(read(whole, "queried.csv")) == 40 and {r["how"] for r in read(whole, "queried.csv")} == {"full"}
+    assert len(read(whole, "epochs.csv")) == 2 + 2 * 1   # the same epochs as the active-learning run
+
+    checker = os.path.join(REAL, "..", "..", "tools", "check_run.py")
+    if os.path.isfile(checker):
+        for r in (full, whole):
+            chk = run_script(checker, "dsal_fingerbones.py", r, check=False, device=False)
+            assert chk.returncode == 0 and "interface ok" in chk.stdout, chk.stdout + chk.stderr
+
+    # Fig. 4 from these runs: the table names every method and trains nothing
+    table = open(os.path.join(dsal.main(["--tables", str(tmp_path / "a"), "--out", str(tmp_path / "t")]), "fig4.md")).read()
+    for method in ("dsal-highest", "dsal-lowest", "random", "full"):
+        assert f"| synthetic | {method} |" in table
+
+
+def folder_fixture(root, n=16, size=40):
+    """Hand-made radiograph-like PNGs in images/ and masks with the `_mask` suffix in masks/."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for k in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        for c in rng.choice(np.arange(4, size - 4), 3, replace=False):  # three vertical "bones"
+            mask[rng.integers(2, 10): rng.integers(28, 38), c: c + 2] = 1
+        img = 40 + 60 * mask + rng.normal(0, 8, (size, size))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"hand{k:02d}.png")
+        Image.fromarray(mask * 255).save(root / "masks" / f"hand{k:02d}_mask.png")
+    return root
+
+
+def test_folder_layout_end_to_end_and_bad_input(tmp_path):
+    root = folder_fixture(tmp_path / "bones")
+    args = ["--data", "folder", "--data-dir", root, "--split", 8, 4, 4, "--image-size", 32, "--width", 4,
+            "--initial", 4, "--query", 2, "--epochs-initial", 1, "--epochs", 1, "--batch-size", 4]
+    run = run_dir_from(run_script("dsal_fingerbones.py", *args, "--out", tmp_path / "runs"))
+    rows = read(run, "rounds.csv")
+    assert [int(r["labeled"]) for r in rows] == [4, 6, 8]  # the default --rounds: until the 8 are used up
+    splits = json.load(open(os.path.join(run, "splits.json")))
+    assert sorted(sum(splits.values(), [])) == [f"hand{k:02d}" for k in range(16)]
+    assert json.load(open(os.path.join(run, "config.json")))["args"]["normalise"] == "minmax"
+
+    def fails(*a):
+        out = run_script("dsal_fingerbones.py", *a, "--out", tmp_path / "runs", check=False)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        return out.stderr
+    os.remove(root / "masks" / "hand03_mask.png")
+    assert "hand03.png: no mask for this image" in fails(*args)
+    for flags, message in ((["--image-size", "600"], "--image-size 600: must be a multiple of 16"),
+                           (["--ds-stages", "1", "1"], "--ds-stages 1 1: expected two different decoder stages"),
+                           (["--ds-weights", "0", "0", "0"], "expected three non-negative weights")):
+        with pytest.raises(common.UserError, match=message):
+            dsal.parse_args(flags)

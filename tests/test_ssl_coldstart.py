@@ -1,0 +1,345 @@
+"""ssl_coldstart.py: the Models Genesis transforms, the cluster quota and its trimming on hand-made clusters,
+that selected ids index the pool, that the SSL weights reach the segmentation model, and the script end to
+end on tiny synthetic data (every strategy, --resume, the tables command, bad input)."""
+import csv
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import ssl_coldstart as S
+from conftest import REAL, run_dir_from, run_script
+from unet import UNet
+
+TINY = ["--split", 40, 0, 10, "--image-size", 32, "--width", 4, "--initial", 8, "--query", 4, "--rounds", 2,
+        "--epochs-initial", 1, "--epochs", 1, "--batch-size", 8, "--clusters", 3, "--ssl-epochs", 1,
+        "--shuffle-blocks", 200, "--mc-passes", 2, "--pseudo-step", 2, "--ensemble-size", 2]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def ramp(n=4, size=32):
+    """Images whose pixels are all different: an asymmetric ramp, a different offset per image, in [0, 1)."""
+    base = torch.arange(size * size, dtype=torch.float32).view(1, 1, size, size) / (size * size * n)
+    return base + torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1) / n
+
+
+# -------------------------------------------------------------------------------------------- transforms
+@pytest.mark.parametrize("name", ["flip", "local_pixel_shuffling", "nonlinear_transformation", "image_painting"])
+def test_transform_shape_range_change_and_seed(name):
+    f = functools.partial(S.local_pixel_shuffling, n_blocks=500) if name == "local_pixel_shuffling" else getattr(S, name)
+    x = ramp(8)
+    a, b, c = f(x, gen(1), p=1.0), f(x, gen(1), p=1.0), f(x, gen(2), p=1.0)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert a.min() >= 0 and a.max() <= 1
+    assert all(not torch.equal(a[i], x[i]) for i in range(len(x)))   # p = 1: every image changes
+    assert torch.equal(a, b) and not torch.equal(a, c)               # reproducible under a seed
+    assert torch.equal(f(x, gen(1), p=0.0), x)                        # p = 0: untouched
+
+
+def test_flip_gives_one_of_the_four_flips_both_axes_seen():
+    x = ramp(64)
+    out = S.flip(x, gen(0), p=1.0)  # 3 flips on 2 axes: odd on exactly one axis
+    kinds = []
+    for i in range(len(x)):
+        options = [x[i].flip(-2), x[i].flip(-1)]
+        kinds.append([torch.equal(out[i], o) for o in options].index(True))
+    assert set(kinds) == {0, 1}
+    # default p = 0.4: unchanged after no flip (0.6) or two flips on one axis (0.4 x 0.4 x 0.6 x 1/2) = 0.648
+    untouched = (S.flip(ramp(2000, 16), gen(0)) == ramp(2000, 16)).flatten(1).all(1).float().mean().item()
+    assert 0.62 < untouched < 0.68  # +-2.5 standard deviations
+
+
+def test_shuffle_windows_by_hand():
+    """Two overlapping windows on image 0, the second written last; two identical windows on image 1."""
+    x = torch.arange(2 * 20 * 20, dtype=torch.float32).view(2, 1, 20, 20)
+    y0, x0 = torch.tensor([[0, 3], [5, 5]]), torch.tensor([[0, 3], [5, 5]])
+    bh, bw = torch.tensor([[6, 6], [2, 2]]), torch.tensor([[6, 6], [3, 3]])
+    out = S.shuffle_windows(x, y0, x0, bh, bw, gen(0))
+    inside = torch.zeros(2, 20, 20, dtype=torch.bool)
+    a = torch.zeros(20, 20, dtype=torch.bool)
+    a[0:6, 0:6] = True
+    b = torch.zeros(20, 20, dtype=torch.bool)
+    b[3:9, 3:9] = True
+    inside[0] = a | b
+    inside[1, 5:7, 5:8] = True
+    assert torch.equal(out[:, 0][~inside], x[:, 0][~inside])          # outside every window: untouched
+    # the last window shows a permutation of its own original pixels
+    assert sorted(out[0, 0][b].tolist()) == sorted(x[0, 0][b].tolist())
+    assert sorted(out[1, 0, 5:7, 5:8].flatten().tolist()) == sorted(x[1, 0, 5:7, 5:8].flatten().tolist())
+    # the first window, where still visible, shows distinct pixels of the ORIGINAL first window (read, not re-read)
+    vis = out[0, 0][a & ~b].tolist()
+    assert len(set(vis)) == len(vis) and set(vis) <= set(x[0, 0][a].tolist())
+    assert not torch.equal(out, x)
+
+
+def test_local_pixel_shuffling_moves_pixels_only_within_a_window():
+    x = ramp(4, 40)
+    out = S.local_pixel_shuffling(x, gen(3), p=1.0, n_blocks=300)
+    H = 40
+    for i in range(len(x)):
+        src = {v: divmod(k, H) for k, v in enumerate(x[i, 0].flatten().tolist())}
+        for k, v in enumerate(out[i, 0].flatten().tolist()):
+            (r0, c0), (r1, c1) = src[v], divmod(k, H)
+            assert abs(r0 - r1) < H // 10 and abs(c0 - c1) < H // 10
+
+
+def test_interp_matches_numpy():
+    rng = np.random.default_rng(0)
+    xp = 0.1 + 0.8 * np.sort(rng.random((3, 50)), axis=1)  # inputs below 0.1 and above 0.9 take the end values
+    fp, v = rng.random((3, 50)), rng.random((3, 200))
+    ours = S._interp(torch.tensor(v), torch.tensor(xp), torch.tensor(fp)).numpy()
+    ref = np.stack([np.interp(v[i], xp[i], fp[i]) for i in range(3)])
+    assert np.allclose(ours, ref, atol=1e-9)
+
+
+def test_nonlinear_is_monotone_per_image_and_both_directions_occur():
+    x = ramp(64, 16)
+    out = S.nonlinear_transformation(x, gen(0), p=1.0)
+    directions = set()
+    for i in range(len(x)):
+        order = torch.argsort(x[i].flatten())
+        d = torch.diff(out[i].flatten()[order])
+        assert (d >= -1e-6).all() or (d <= 1e-6).all()
+        directions.add(bool((d >= -1e-6).all()))
+    assert directions == {True, False}
+
+
+def test_painting_in_and_out():
+    x = torch.full((16, 1, 64, 64), 2.0)  # a value noise cannot take
+    inp = S.image_painting(x, gen(0), p=1.0, p_out=0.0)
+    hole = inp != 2.0
+    assert hole.flatten(1).any(1).all()                                # every image has a hole
+    assert not hole[..., :3, :].any() and not hole[..., :, :3].any()    # blocks start 3 pixels in
+    area = hole.flatten(1).sum(1)                                      # 1 to 5 blocks of side [H/6, H/3] = [10, 21]
+    assert (area >= 10 * 10).all() and (area <= 5 * 21 * 21).all() and (inp[hole] < 1).all()
+    out = S.image_painting(x, gen(0), p=1.0, p_out=1.0)
+    kept = out == 2.0
+    frac = kept.flatten(1).float().mean(1)
+    # at least the first window of side 64 - randint(27, 36) >= 28 is kept; the rest is noise in [0, 1)
+    assert (frac >= (28 / 64) ** 2 - 1e-6).all() and (frac < 1).all() and (out[~kept] < 1).all()
+
+
+def test_models_genesis_target_is_the_flipped_clean_image():
+    x = ramp(32)
+    inp, target = S.models_genesis(x, gen(0), n_blocks=100)
+    for i in range(len(x)):
+        assert any(torch.equal(target[i], f) for f in (x[i], x[i].flip(-1), x[i].flip(-2), x[i].flip(-1).flip(-2)))
+    assert not torch.equal(inp, target) and inp.min() >= 0 and inp.max() <= 1
+    again = S.models_genesis(x, gen(0), n_blocks=100)
+    assert torch.equal(again[0], inp) and torch.equal(again[1], target)
+
+
+# ------------------------------------------------------------------------------ quota, ranking, indexing
+def test_cluster_quota_by_hand():
+    # sizes 5, 3, 2 of N = 10, C = 4: ceil(2.0, 1.2, 0.8) = 2, 2, 1 = 5; one too many; excess 0, 0.8, 0.2
+    assert S.cluster_quota([5, 3, 2], 4).tolist() == [2, 1, 1]
+    # equal excess (4/3 each -> 2, 2, 2 = 6, two too many): the higher cluster index gives back first
+    assert S.cluster_quota([4, 4, 4], 4).tolist() == [2, 1, 1]
+    # exact shares need no trimming
+    assert S.cluster_quota([10, 30], 8).tolist() == [2, 6]
+    # the paper's scale: C = 300 of N = 1600, k = 10: exactly C, each quota the floor or the ceiling of its share
+    sizes = np.array([400, 250, 230, 190, 150, 120, 110, 70, 50, 30])
+    q = S.cluster_quota(sizes, 300)
+    share = 300 * sizes / 1600
+    assert q.sum() == 300 and (q >= np.floor(share)).all() and (q <= np.ceil(share)).all()
+
+
+def test_continue_quota_by_hand_and_equal_to_cluster_quota_from_zero():
+    # have 2, 1, 1 of sizes 5, 3, 2; 3 more -> C_t = 7, shares 3.5, 2.1, 1.4. Deficits (x N = 10): 15, 11, 4
+    # -> cluster 0 (then 5), cluster 1 (then 1), cluster 0 (5 > 4): +2, +1, +0
+    assert S.continue_quota([5, 3, 2], [2, 1, 1], 3).tolist() == [2, 1, 0]
+    # a cluster with nothing left is skipped
+    assert S.continue_quota([5, 3, 2], [2, 1, 1], 3, avail=[0, 2, 1]).tolist() == [0, 2, 1]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(1, 60, rng.integers(2, 12))
+        C = int(rng.integers(1, sizes.sum() + 1))
+        assert S.continue_quota(sizes, np.zeros_like(sizes), C).tolist() == S.cluster_quota(sizes, C).tolist()
+
+
+def test_take_from_clusters_nearest_first_skipping_taken():
+    labels = np.array([0, 1, 0, 0, 1, 2])
+    rank = np.array([2, 0, 0, 1, 1, 0])
+    available = np.array([True, True, False, True, True, True])  # position 2 (cluster 0's best) is taken
+    picks = S.take_from_clusters(labels, rank, available, [2, 1, 0])
+    assert picks.tolist() == [3, 0, 1]
+
+
+def test_selected_ids_index_the_pool():
+    """Constant images whose brightness is the feature; the pool is a scattered subset of the dataset. The
+    picks must be the images nearest each cluster's mean brightness, as dataset indices."""
+    # means 25.75, 124.67, 214.33; no ties in the distance to them
+    groups = [[20, 21, 23, 24, 26, 27, 29, 36], [120, 121, 122, 124, 130, 131], [200, 210, 211, 212, 213, 240]]
+    values = sum(groups, [])
+    rng = np.random.default_rng(0)
+    n = 50
+    slots = np.sort(rng.choice(n, len(values), replace=False))
+    pixel = np.full(n, 255, np.uint8)                                 # not in the pool: a distractor
+    pixel[slots] = rng.permutation(values)
+    x = torch.tensor(pixel).view(n, 1, 1, 1).expand(n, 1, 8, 8).contiguous()
+
+    class Brightness(torch.nn.Module):
+        feature_channels = 1
+
+        def features(self, t):
+            return t
+
+    feats = common.pooled_features(Brightness(), x, slots, 3, torch.device("cpu"), grid=1)
+    labels, rank, dist = S.cluster_ranking(feats.numpy() * 255, 3, 0)
+    picked = S.cluster_query(labels, rank, slots, slots, 10)           # quotas 4, 3, 3 (exact)
+    assert sorted(pixel[picked].tolist()) == [23, 24, 26, 27, 121, 122, 124, 211, 212, 213]
+    # C_t = 15: shares 6, 4.5, 4.5 of have 4, 3, 3 -> +2 from the first group, +1 / +2 from the others (tie)
+    later = pixel[S.cluster_query(labels, rank, slots, np.setdiff1d(slots, picked), 5)].tolist()
+    assert sorted(later) in ([21, 29, 120, 130, 210], [21, 29, 120, 200, 210])
+
+
+def test_ssl_features_are_clean_and_in_pool_order():
+    x = torch.randint(0, 255, (12, 1, 32, 32), dtype=torch.uint8)
+    train_ids = np.array([1, 4, 5, 9, 11])
+    state = UNet(1, 1, 4).state_dict()
+    args = S.parse_args(["--width", "4", "--image-size", "32", "--batch-size", "2", "--aap-grid", "2"])
+    feats = S.ssl_features(state, x, train_ids, args, torch.device("cpu"))
+    assert feats.shape == (5, 64 * 4)
+    model = UNet(1, 1, 4)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        for j, i in enumerate(train_ids):  # row j is sample train_ids[j], uncorrupted
+            one = torch.nn.functional.adaptive_avg_pool2d(model.features(x[i:i + 1].float() / 255), 2).flatten()
+            assert np.allclose(feats[j], one.numpy(), atol=1e-5)
+    assert np.array_equal(feats, S.ssl_features(state, x, train_ids, args, torch.device("cpu")))
+
+
+def test_ssl_weights_loaded_into_the_segmentation_model(tmp_path):
+    state = UNet(1, 1, 4).state_dict()
+    seg = UNet(1, 1, 4, dropout=0.5, dropout_at="bottleneck")
+    assert S.init_from_ssl(seg, state) == []
+    assert all(torch.equal(seg.state_dict()[k], v) for k, v in state.items())
+    dsal = UNet(1, 1, 4, deep_supervision=(1, 2))
+    missing = S.init_from_ssl(dsal, state)
+    assert missing and all(k.startswith("aux.") for k in missing)
+    with pytest.raises(common.UserError, match="do not fit"):
+        S.init_from_ssl(UNet(1, 1, 8), state)
+    torch.save({"state_dict": state, "width": 4, "image_size": 32, "pool": ["a"]}, tmp_path / "w.pt")
+    args = S.parse_args(["--width", "8", "--image-size", "32"])
+    with pytest.raises(common.UserError, match="pre-trained with --width 4, this run uses 8"):
+        S.load_ssl_weights(str(tmp_path / "w.pt"), args, ["a"])
+
+
+def test_minmax_per_image():
+    x = np.array([[[[10, 20], [30, 60]]], [[[7, 7], [7, 7]]]], np.uint8)
+    assert S.minmax_uint8(x).tolist() == [[[[0, 51], [102, 255]]], [[[0, 0], [0, 0]]]]
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def read(run, name):
+    return list(csv.DictReader(open(os.path.join(run, name))))
+
+
+def main(*args):
+    """The script in this process (faster than a subprocess where the command line itself is not under test)."""
+    return S.main([*map(str, TINY), "--device", "cpu", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ssl")
+    return tmp, run_dir_from(run_script("ssl_coldstart.py", *TINY, "--out", tmp / "a"))
+
+
+def test_end_to_end_pipeline_and_resume(base):
+    tmp, full = base
+    rows = read(full, "rounds.csv")
+    assert [int(r["labeled"]) for r in rows] == [8, 12, 16]
+    q = read(full, "queried.csv")
+    assert {r["how"] for r in q} == {"oracle-cluster"} and len({r["sample_id"] for r in q}) == len(q) == 16
+    assert {r["sample_id"] for r in q} <= set(json.load(open(os.path.join(full, "splits.json")))["train"])
+    # the base set follows the quota: per cluster as many as cluster_quota says, nearest the centroid first
+    cl = {r["sample_id"]: (int(r["cluster"]), int(r["rank"])) for r in read(full, "clusters.csv")}
+    assert len(cl) == 40
+    sizes = np.bincount([c for c, _ in cl.values()], minlength=3)
+    base0 = [cl[r["sample_id"]] for r in q if r["round"] == "0"]
+    quota = S.cluster_quota(sizes, 8)
+    assert np.bincount([c for c, _ in base0], minlength=3).tolist() == quota.tolist()
+    assert sorted(base0) == sorted((c, r) for c in range(3) for r in range(quota[c]))
+    assert int(rows[0]["clusters_covered"]) == (quota > 0).sum()
+    for f in ("ssl_weights.pt", "ssl_epochs.csv", "ssl_panel.png", "clusters.png", "learning_curve.png",
+              "panel.png", "summary.json", "checkpoint.pt"):
+        assert os.path.isfile(os.path.join(full, f)), f
+    checker = os.path.join(REAL, "..", "..", "tools", "check_run.py")
+    if os.path.isfile(checker):
+        out = run_script(checker, "ssl_coldstart.py", full, check=False, device=False)
+        assert out.returncode == 0 and "interface ok" in out.stdout, out.stdout + out.stderr
+
+    # interrupted after round 1, then --resume: the same queries and the same results
+    out = run_script("ssl_coldstart.py", *TINY, "--out", tmp / "b", check=False, env_extra={"ALSEG_STOP_AFTER_ROUND": "1"})
+    assert out.returncode == 3
+    part = os.path.join(tmp / "b", os.listdir(tmp / "b")[0])
+    resumed = run_dir_from(run_script("ssl_coldstart.py", "--resume", part))
+    assert resumed == part and read(resumed, "queried.csv") == q
+    same = ("round", "labeled", "dice_mean", "iou_mean", "clusters_covered", "score_selected")
+    assert [[r[c] for c in same] for r in read(resumed, "rounds.csv")] == [[r[c] for c in same] for r in rows]
+
+
+def test_ssl_weights_reach_the_model_end_to_end(base, tmp_path):
+    """No training (--epochs-initial 0): the segmentation model is the pre-trained U-Net, or not with --no-ssl-init."""
+    weights = os.path.join(base[1], "ssl_weights.pt")
+    saved = torch.load(weights, weights_only=False)["state_dict"]
+    for flag, same in (("--ssl-init", True), ("--no-ssl-init", False)):
+        run = main("--rounds", 0, "--epochs-initial", 0, flag, "--ssl-weights", weights, "--out", tmp_path)
+        model = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["model"]
+        assert all(torch.equal(model[k], v) for k, v in saved.items()) == same
+        assert not os.path.isfile(os.path.join(run, "ssl_weights.pt"))  # reused, not pre-trained again
+
+
+@pytest.mark.parametrize("strategy,how", [("random", {"oracle-random"}), ("mc-dropout", {"oracle-mc-dropout"}),
+                                          ("ceal", {"oracle-lowest", "oracle-highest", "oracle-band", "pseudo"}),
+                                          ("ens-s", {"oracle-ens-s"}), ("ens-js", {"oracle-ens-js"}),
+                                          ("dsal", {"oracle-dsal"})])
+def test_comparators_end_to_end(base, tmp_path, strategy, how):
+    weights = os.path.join(base[1], "ssl_weights.pt")
+    run = main("--rounds", 1, "--strategy", strategy, "--ssl-weights", weights, "--out", tmp_path)
+    rows = read(run, "rounds.csv")
+    assert [int(r["labeled"]) for r in rows] == [8, 12]
+    assert [int(r["pseudo"]) for r in rows] == ([0, 2] if strategy == "ceal" else [0, 0])
+    q = read(run, "queried.csv")
+    assert {r["how"] for r in q if r["round"] == "0"} == {"oracle-random"}    # comparators: random base set
+    assert {r["how"] for r in q if r["round"] == "1"} == how
+    assert len({r["sample_id"] for r in q}) == len(q)
+
+
+def test_tables_command(base, tmp_path):
+    tmp, full = base
+    other = main("--seed", 1, "--ssl-weights", os.path.join(full, "ssl_weights.pt"), "--out", tmp_path / "runs")
+    main("--rounds", 1, "--strategy", "random", "--no-ssl-init", "--out", tmp_path / "runs")
+    out = run_script("ssl_coldstart.py", "--tables", full, tmp_path / "runs", "--out", tmp_path / "t", device=False)
+    text = open(tmp_path / "t" / "ssl_coldstart_tables.md").read()
+    assert os.listdir(tmp_path / "t") == ["ssl_coldstart_tables.md"] and text.strip() in out.stdout
+    assert "Table I" in text and "Table II" in text and "Fig. 2" in text
+    # Table II: the two cluster runs (seeds 0 and 1) are one column, mean ± std over the seeds per iteration
+    d = np.array([[float(r["dice_mean"]) for r in read(run, "rounds.csv")] for run in (full, other)])
+    assert "| iter | cluster k=3 AAP 256 (n=2) |" in text
+    assert f"| 2 | {d[:, 2].mean():.4f} ± {d[:, 2].std():.4f} |" in text
+    # Table I: random with / without SSL weights, clustering only at the default k = 10 and AAP 2x2
+    assert "random, w/o SSL (n=1)" in text and "cluster k=3 AAP 256, w/ SSL" not in text
+    with pytest.raises(common.UserError, match="no ssl_coldstart run folder"):
+        S.main(["--tables", str(tmp_path / "t"), "--out", str(tmp_path / "t")])
+
+
+def test_bad_input_messages(tmp_path):
+    def fails(*args):
+        out = run_script("ssl_coldstart.py", *args, "--out", tmp_path, check=False)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        return out.stderr
+    assert "--ssl-weights nowhere.pt: file not found" in fails(*TINY, "--ssl-weights", "nowhere.pt")
+    with pytest.raises(common.UserError, match="--image-size 40: expected a multiple of 16"):
+        main("--image-size", 40, "--out", tmp_path)
+    with pytest.raises(common.UserError, match="labelling budget 48"):
+        main("--initial", 40, "--out", tmp_path)
