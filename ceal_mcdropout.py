@@ -153,6 +153,8 @@ def main(argv=None):
             queried["oracle-random"] = [data.ids[i] for i in new]
             labeled = np.concatenate([labeled, new])
             pool = np.setdiff1d(pool, new)
+        if rnd == 0:
+            queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start (all of it for "full")
         select_s = time.time() - t0
 
         # ---- training: 20 epochs initially, then 5 per iteration, fine-tuning (Sec. 5) ----

@@ -1029,6 +1029,9 @@ class Run:
         """Write a finished round: its rows in rounds.csv and queried.csv, before anything else happens."""
         assert all(c in row for c in ROUND_COLUMNS), f"round row lacks {set(ROUND_COLUMNS) - set(row)}"
         self.append_csv("rounds.csv", row, ROUND_COLUMNS + [c for c in row if c not in ROUND_COLUMNS])
+        if not os.path.isfile(self.path("queried.csv")):  # written even when a round queries nothing (full)
+            with open(self.path("queried.csv"), "w") as f:
+                f.write("round,sample_id,how\n")
         self.append_csv("queried.csv", [{"round": row["round"], "sample_id": sid, "how": how}
                                         for how, ids in (queried or {}).items() for sid in ids],
                         ["round", "sample_id", "how"])
@@ -1063,8 +1066,9 @@ class Run:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.offset_s = state.get("elapsed_s", 0.0)
         done = state["round"]
-        for name in ("rounds.csv", "queried.csv", "epochs.csv"):
-            self.truncate_csv(name, lambda r: int(r["round"]) <= done)
+        for name in sorted(os.listdir(self.dir)):  # every per-round CSV loses the rows of the unfinished round
+            if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:
+                self.truncate_csv(name, lambda r: int(r["round"]) <= done)
         print(f"resume: {self.dir} after round {done}")
         return state
 

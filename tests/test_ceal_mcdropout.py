@@ -50,8 +50,8 @@ def test_end_to_end_resume_and_seed(tmp_path):
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     assert [int(r["labeled"]) for r in rows] == [10, 17, 24] and [int(r["pseudo"]) for r in rows] == [0, 2, 6]
     q = read(full, "queried.csv")
-    assert {r["how"] for r in q} == {"oracle-lowest", "oracle-highest", "oracle-band", "pseudo"}
-    assert len({r["sample_id"] for r in q}) == len(q) == 7 * 2 + 2 + 4   # nothing queried twice
+    assert {r["how"] for r in q} == {"initial", "oracle-lowest", "oracle-highest", "oracle-band", "pseudo"}
+    assert len({r["sample_id"] for r in q}) == len(q) == 10 + 7 * 2 + 2 + 4   # nothing queried twice
     train_ids = set(json.load(open(os.path.join(full, "splits.json")))["train"])
     assert {r["sample_id"] for r in q} <= train_ids
     for f in ("summary.json", "learning_curve.png", "panel.png", "uncertainty_hist.png", "uncertainty_vs_dice.png",
