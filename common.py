@@ -139,8 +139,8 @@ def autocast(device, amp):
 
 def prepare_model(model, device, compile=False):
     """Move to the device in channels_last (NHWC) memory format on CUDA (tensor cores) and on the CPU (oneDNN's
-    NHWC convolutions measured 1.15-1.5x faster there: benchmarks/speed.py); train, predict and mc_dropout
-    feed NHWC batches. compile=True (--compile) compiles forward() in place (nn.Module.compile: state_dict
+    NHWC convolutions measured faster there: benchmarks/speed.py, docs/speed.md); train, predict_batches,
+    mc_dropout and pooled_features feed NHWC batches. compile=True (--compile) compiles forward() in place (nn.Module.compile: state_dict
     keys, attributes and checkpoints unchanged; encode/decode called directly, as mc_dropout does, stay eager)."""
     model = model.to(device)
     if device.type in ("cuda", "cpu"):

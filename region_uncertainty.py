@@ -293,7 +293,8 @@ def main(argv=None):
                 scores = score_pool(model, x, pool, args, device)
                 new = query(pool, scores, args.query, args.strategy)
                 run.append_csv("pool_scores.csv", [{"round": rnd, "sample_id": data.ids[i], "score": float(s),
-                                                    "selected": int(c)} for i, s, c in zip(pool, scores, np.isin(pool, new))])
+                                                    "selected": int(c)}
+                                                   for i, s, c in zip(pool, scores, np.isin(pool, new))])
             how = "oracle-partial" if args.partial else "oracle"
             labeled = np.concatenate([labeled, new])
             pool = np.setdiff1d(pool, new)
@@ -409,7 +410,8 @@ def print_tables(paths):
     finished = {r["run"] for r in final}
     rows = [r for r in rows if r["run"] in finished]
     for r in rows:
-        r["method"] = r["strategy"] + (" (two-term)" if r["strategy"] == "entropy" and r.get("entropy") == "two-term" else "")
+        two_term = r["strategy"] == "entropy" and r.get("entropy") == "two-term"
+        r["method"] = r["strategy"] + (" (two-term)" if two_term else "")
         r["protocol"] = f"{r['initial']}+{r['query']}x{r['rounds']}, {r['image_size']}px"
     t1 = common.summarise([r for r in final if not r.get("partial")], ["data", "protocol", "method"],
                           ("labeled", "steps", "val_dice", "dice_mean"))
@@ -430,7 +432,8 @@ def print_tables(paths):
     for r in dice:
         q = pct.get(tuple(r[k] for k in keys), {})
         paper = PAPER_TABLE2.get((r["tau_u"], r["tau_b"]), ("-",) * 3) if r["data"] == "isic2018" else ("-",) * 3
-        t2.append(dict(r, **{k: q[k] for k in ("pct_positive", "pct_positive_std", "pct_verify", "pct_verify_std") if k in q},
+        t2.append(dict(r, **{k: q[k] for k in ("pct_positive", "pct_positive_std", "pct_verify", "pct_verify_std")
+                             if k in q},
                        tau_u=f"{r['tau_u']:g}", tau_b=f"{r['tau_b']:g}", paper_dice=paper[0], paper_pos=paper[1],
                        paper_verify=paper[2]))
     for r in common.summarise([r for r in final if r["strategy"] == "full"], ["data", "protocol"],

@@ -198,8 +198,9 @@ class ResNetUNet(nn.Module):
         self.full1 = conv_bn_relu(width, width, 3)
         self.full2 = conv_bn_relu(width + d[0], width, 3)                   # H: 128 + 64 -> 64
         self.head = nn.Conv2d(width, out_ch, 1)
-        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * in_ch).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * in_ch).view(1, -1, 1, 1), persistent=False)
+        mean, std = mean if mean is not None else [0.0] * in_ch, std if std is not None else [1.0] * in_ch
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)  # not in checkpoints
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.feature_channels = c[4]
 
     def encode(self, x):
@@ -233,7 +234,8 @@ class ResNetUNet(nn.Module):
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
         own = self.encoder.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in sd and sd[k].shape != own[k].shape]
         if missing or unexpected or shapes:
             raise ValueError("not a torchvision resnet18 state dict for this encoder: "
                              + "; ".join(part for part in (

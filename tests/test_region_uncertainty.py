@@ -135,7 +135,8 @@ def torchvision_resnet18_state_dict(seed=0):
 
     def bn(name, c):
         sd.update({f"{name}.weight": torch.rand(c, generator=g), f"{name}.bias": torch.randn(c, generator=g),
-                   f"{name}.running_mean": torch.randn(c, generator=g), f"{name}.running_var": torch.rand(c, generator=g) + 0.5,
+                   f"{name}.running_mean": torch.randn(c, generator=g),
+                   f"{name}.running_var": torch.rand(c, generator=g) + 0.5,
                    f"{name}.num_batches_tracked": torch.tensor(7)})
 
     sd["conv1.weight"] = torch.randn(64, 3, 7, 7, generator=g)
@@ -329,7 +330,8 @@ def test_mc_dropout_run_and_tables(runs, capsys):
     ru.main(["--tables", str(runs["out"])])
     out = capsys.readouterr().out
     t1, t2 = out.split("Table II")
-    assert "| synthetic | 8+4x2, 64px | mc-dropout | 1 | 16 |" in t1 and "| synthetic | 8+4x2, 64px | full | 1 | 40 |" in t1
+    assert "| synthetic | 8+4x2, 64px | mc-dropout | 1 | 16 |" in t1
+    assert "| synthetic | 8+4x2, 64px | full | 1 | 40 |" in t1
     assert "least-confidence" not in t1                       # the partial run belongs to Table II only
     assert "| synthetic | 8+4x2, 64px | least-confidence | 0.25 | 0.5 | 2 |" in t2
     assert "| synthetic | 8+4x2, 64px | full dataset | - | - | 1 |" in t2
