@@ -162,10 +162,13 @@ def sync(device):
 
 def side_by_side(fns, repeats, device):
     """Median seconds of each function, warm-up first, the functions interleaved in every repeat so that
-    load from other jobs falls on all of them alike."""
+    load from other jobs falls on all of them alike, and their order rotated from one repeat to the next so
+    that none is always first (or always follows the same one)."""
     times = {k: [] for k in fns}
+    names = list(fns)
     for r in range(repeats + 1):
-        for name, fn in fns.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -271,7 +274,8 @@ def bench_train(cfg, data, args, device, peak):
     loader = naive_loader(data, idx, bs, torch.Generator().manual_seed(args.seed))
     fns = {"ours": lambda: common.train(models["ours"], opts["ours"], x, y, idx, 1, bs, device=device, amp=args.amp,
                                         generator=gen)}
-    fns.update({k: (lambda k=k: naive_train_epoch(models[k], opts[k], loader, device, args.amp)) for k in ("naive", "naive_nhwc")})
+    for k in ("naive", "naive_nhwc"):
+        fns[k] = lambda k=k: naive_train_epoch(models[k], opts[k], loader, device, args.amp)
     t = side_by_side(fns, args.repeats, device)
     _, fb = model_flops(width, size)
     ips = n / t["ours"]
@@ -298,8 +302,10 @@ def bench_mc(cfg, data, args, device, peak, measure_both):
         fresh_stats(model, x, device)
         plain = new_model(width, device, args, p, at, prepared=False)
         plain.load_state_dict(model.state_dict())
-        paths = {"naive": ("T full forwards (plain model)", lambda: drain(naive_mc_dropout(plain, x, idx, T, bs, device, args.amp))),
-                 "naive_nhwc": ("T full forwards (our model prep)", lambda: drain(naive_mc_dropout(model, x, idx, T, bs, device, args.amp))),
+        paths = {"naive": ("T full forwards (plain model)",
+                           lambda: drain(naive_mc_dropout(plain, x, idx, T, bs, device, args.amp))),
+                 "naive_nhwc": ("T full forwards (our model prep)",
+                                lambda: drain(naive_mc_dropout(model, x, idx, T, bs, device, args.amp))),
                  "ours": (f"ours (auto: {'encoder once, ' if at == 'bottleneck' else ''}{auto})",
                           lambda: drain(common.mc_dropout(model, x, idx, T, bs, device, args.amp)))}
         if measure_both:  # the other choice of batching, measured too
@@ -370,8 +376,8 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # as common.seed_everything does outside --deterministic
     peak, peak_txt = gpu_peak(device, args.peak_tflops)
     t_start = time.time()
-    print(f"speed benchmark: torch {torch.__version__}, device {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"speed benchmark: torch {torch.__version__}, device {device} ({name}), "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, amp {args.amp}, "
           f"compile {args.compile}, repeats {args.repeats} (median), T = {args.mc_passes}")
     if device.type == "cuda":
@@ -386,7 +392,8 @@ def main(argv=None):
     print("model FLOPs per image (torch.utils.flop_counter, plain U-Net 3 -> 1 channels):")
     for width, size in sorted(sizes, key=lambda s: (s[1], s[0])):
         fwd, both = model_flops(width, size)
-        print(f"  width {width:3d} at {size}x{size}: forward {fwd / 1e9:7.3f} GFLOP, forward + backward {both / 1e9:7.3f} GFLOP")
+        print(f"  width {width:3d} at {size}x{size}: forward {fwd / 1e9:7.3f} GFLOP, "
+              f"forward + backward {both / 1e9:7.3f} GFLOP")
     T = args.mc_passes
     fwd, both = model_flops(64, 256)
     split = mc_flops_per_image(64, 256, T, "bottleneck")
@@ -439,7 +446,8 @@ def main(argv=None):
         steps, pool_images, passes, evals = ceal_isic_counts(args.mc_passes)
         model = new_model(64, device, args)
         x, _ = common.to_device(data_for(256, 64), device)
-        ev = side_by_side({"eval": lambda: common.predict(model, x, np.arange(64), 32, device, args.amp)}, args.repeats, device)
+        ev = side_by_side({"eval": lambda: common.predict(model, x, np.arange(64), 32, device, args.amp)},
+                          args.repeats, device)
         est = {"train": steps / tr["train_ips"], "MC scoring": pool_images * mc["every"]["sec_per_image"],
                "evaluation": evals * ev["eval"] / 64}
         print(f"\nCEAL ISIC-2017 protocol estimate (an estimate from the rates above, not a timed run): {steps} training "
@@ -451,7 +459,8 @@ def main(argv=None):
     print("\nmemory")
     print(f"  peak host memory of the measurements above (getrusage ru_maxrss): {peak_rss() / 2 ** 30:.2f} GiB")
     if device.type == "cuda":
-        print(f"  peak device memory (torch.cuda.max_memory_allocated): {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
+        print(f"  peak device memory (torch.cuda.max_memory_allocated): "
+              f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     d = common.make_synthetic(8, 256, 3, args.seed)
     per_image = (d.x.nbytes + d.y.nbytes) / len(d)
     n_alloc = 26 if args.smoke else 2600  # smoke (tests): 1/100 of the set, scaled up

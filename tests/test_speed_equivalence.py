@@ -152,9 +152,10 @@ def test_train_matches_a_naive_loop_on_the_same_batches():
     orders = [idx[torch.randperm(len(idx), generator=g).numpy()] for _ in range(epochs)]
     m2, opt2 = fresh()
     torch.manual_seed(5)
-    plain = [speed.naive_train_epoch(m2, opt2, speed.naive_loader(data, idx, bs, order=[o[s: s + bs].tolist()
-                                                                                     for s in range(0, len(o), bs)]), CPU)
-             for o in orders]
+    plain = []
+    for o in orders:
+        loader = speed.naive_loader(data, idx, bs, order=[o[s: s + bs].tolist() for s in range(0, len(o), bs)])
+        plain.append(speed.naive_train_epoch(m2, opt2, loader, CPU))
     assert np.allclose(ours, plain, rtol=1e-5, atol=1e-6), (ours, plain)
     assert abs(ours[0] - ours[-1]) > 1e-3  # the loss moved: a trajectory, not one repeated number
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
