@@ -38,8 +38,9 @@ DEFAULTS = {
     # CPU-sized protocol: about two minutes on 2 cores. Same shape as the paper's, scaled down.
     "synthetic": dict(split=[300, 60, 100], initial=60, query=10, rounds=6, epochs_initial=20, epochs=5,
                       batch_size=16, lr=1e-3, width=16, image_size=64, pseudo_step=5, mc_passes=10),
-    # Any other dataset: the ISIC protocol, split sizes from the data (common.default_split).
-    "other": dict(split=None, initial=None, query=35, rounds=10, epochs_initial=20, epochs=5, batch_size=32,
+    # Any other dataset: the ISIC protocol; split sizes from the data (common.default_split), the initial set
+    # and the query size the ISIC shares of the pool (600 and 35 of 1600: common.pool_share).
+    "other": dict(split=None, initial=None, query=None, rounds=10, epochs_initial=20, epochs=5, batch_size=32,
                   lr=1e-4, width=64, image_size=256, pseudo_step=20, mc_passes=20),
 }
 
@@ -88,9 +89,12 @@ def main(argv=None):
         data = common.keep_positive(data)  # Sec. 2: the 1373 slices with tumour
     if args.split is None:
         args.split = common.default_split(data)
-    if args.initial is None:
-        args.initial = round(args.split[0] * 0.375)  # Sec. 4: D^L is 37.5 % of the training data
     train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
+    if args.initial is None:  # Sec. 4: D^L is 37.5 % of the training data (600 of 1600)
+        args.initial = common.pool_share(len(train_ids), 600, 1600)
+    if args.query is None:
+        args.query = common.pool_share(len(train_ids), 35, 1600)
+    run.update_config(args)
     common.check_budget(len(train_ids), args.initial, args.query if args.strategy != "full" else 0, args.rounds)
     run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
                                    (("train", train_ids), ("val", val_ids), ("test", test_ids))})

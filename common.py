@@ -287,6 +287,17 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
     return [(k, i, m, None, None) for k, i, m in pairs]
 
 
+def write_folder(data, root):
+    """Write a Data set in the folder layout (images/<id>.png, masks/<id>_mask.png, masks 0/255): how the
+    synthetic set becomes a dataset every script reads with --data folder (README: Compare methods)."""
+    for sub in ("images", "masks"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for x, y, i in zip(data.x, data.y, data.ids):
+        Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(os.path.join(root, "images", f"{i}.png"))
+        Image.fromarray((y > 0).astype(np.uint8) * 255).save(os.path.join(root, "masks", f"{i}_mask.png"))
+    return root
+
+
 def list_lgg(root):
     if os.path.isdir(os.path.join(root, "kaggle_3m")):
         root = os.path.join(root, "kaggle_3m")
@@ -479,6 +490,12 @@ def default_split(data):
     if "test" not in data.official:
         n_train -= n_test
     return [n_train, n_val, n_test]
+
+
+def pool_share(n_pool, count, paper_pool):
+    """A count of a paper's protocol (initial set, query size) carried to another dataset as the same share
+    of the training pool, at least 1: the scripts' "other" rows use it so that the budget fits any pool."""
+    return max(1, round(count * n_pool / paper_pool))
 
 
 def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --rounds"):
@@ -986,6 +1003,11 @@ class Run:
                    "numpy": np.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds")}
             self.write_json("config.json", cfg)
         self.args, self.t0, self.offset_s = args, time.time(), 0.0
+
+    def update_config(self, args):
+        """Record flags derived after the run folder was made (split, initial, query from the data)."""
+        cfg = json.load(open(self.path("config.json")))
+        self.write_json("config.json", dict(cfg, args=vars(args)))
 
     def path(self, name):
         return os.path.join(self.dir, name)

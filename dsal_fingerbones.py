@@ -10,7 +10,6 @@ L-DSC = Dice(lower, final) and M-DSC = Dice(middle, final); the images with the 
   python dsal_fingerbones.py --data folder --data-dir ~/data/fingerbones   # the paper's protocol (GPU)
   python dsal_fingerbones.py --tables runs/            # Fig. 4: test Dice vs annotations, from finished runs
 """
-import json
 import math
 import os
 import time
@@ -26,9 +25,9 @@ from unet import UNet
 # folder` (the finger-bone masks are not public); the authors' later public code (DSAL, JBHI 2021,
 # github.com/jacobzhaoziyuan/DSAL, src/constants.py and src/unet.py) where the paper is silent.
 DEFAULTS = {
-    "folder": dict(split=[139, 20, 50],     # Sec. IV-A: 209 images (11 x 19 age groups) -> 139 / 20 / 50
-                   initial=10, query=10,    # Sec. IV-A: 10 random images first, then the top 10 per step
-                   rounds=13,               # Sec. IV-A: steps until the 139 are used up (10 + 12 x 10 + a last 9)
+    "folder": dict(split=None,              # Sec. IV-A: 209 images (11 x 19 age groups) -> 139 / 20 / 50 (paper_split)
+                   initial=None, query=None,  # Sec. IV-A: 10 random images first, then the top 10 per step
+                   rounds=None,             # Sec. IV-A: steps until the 139 are used up (10 + 12 x 10 + a last 9)
                    epochs_initial=50,       # paper silent; later code 15 (for 600 initial ISIC images, batch 32):
                    epochs=10,               # 10 labelled images need more epochs; 10 per step as in the later code
                    batch_size=8,            # paper silent; later code 32 (at 192x240)
@@ -42,9 +41,10 @@ DEFAULTS = {
     # head's 1/8 resolution (at 64x64 its masks are blobs and L-DSC says little).
     "synthetic": dict(split=[90, 20, 100], initial=10, query=10, rounds=8, epochs_initial=40, epochs=10,
                       batch_size=8, lr=1e-3, width=8, image_size=128, normalise="minmax"),
-    # Any other dataset: the folder protocol at 256x256, split sizes from the data (common.default_split),
+    # Any other dataset: the folder protocol at 256x256; split sizes from the data (common.default_split),
+    # the initial set and the step size the paper's shares of the pool (10 and 10 of 139: common.pool_share),
     # steps until the training pool is used up.
-    "other": dict(split=None, initial=10, query=10, rounds=None, epochs_initial=50, epochs=10, batch_size=8,
+    "other": dict(split=None, initial=None, query=None, rounds=None, epochs_initial=50, epochs=10, batch_size=8,
                   lr=1e-4, width=32, image_size=256, normalise="none"),
 }
 DEPTH = 4  # unet.UNet default: 5 encoder stages, 4 decoder stages (0 = lowest resolution)
@@ -300,6 +300,14 @@ def score_pool(model, x, y, pool, args, device):
 # ----------------------------------------------------------------------------------------------------------
 # The active-learning loop
 # ----------------------------------------------------------------------------------------------------------
+def paper_split(n):
+    """Sec. IV-A: 209 radiographs -> 139 train / 20 validation / 50 test; a folder of another size gets the
+    same shares. With the initial set and the step (10 and 10 of the 139: common.pool_share) and the steps
+    until the pool is used up, the paper's numbers follow exactly from a folder of 209 images."""
+    val, test = common.pool_share(n, 20, 209), common.pool_share(n, 50, 209)
+    return [n - val - test, val, test]
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.tables:
@@ -315,16 +323,18 @@ def main(argv=None):
         common.load_data(args.data, args.data_dir, args.image_size, in_ch, args.seed, n=n, workers=args.workers)
     data.x = normalise(data.x, args.normalise)
     if args.split is None:
-        args.split = common.default_split(data)
+        args.split = paper_split(len(data)) if args.data == "folder" else common.default_split(data)
     train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
+    if args.initial is None:
+        args.initial = common.pool_share(len(train_ids), 10, 139)  # Sec. IV-A: 10 of the 139 training images
+    if args.query is None:
+        args.query = common.pool_share(len(train_ids), 10, 139)    # Sec. IV-A: +10 per step
     if args.rounds is None:  # steps until the training pool is used up
         args.rounds = math.ceil((len(train_ids) - args.initial) / args.query)
     if not 1 <= args.initial <= len(train_ids) or args.query < 1:
         raise common.UserError(f"--initial {args.initial} / --query {args.query}: need 1 <= --initial <= the "
                                f"training pool ({len(train_ids)}) and --query >= 1")
-    # PROPOSED for common.py: Run.update_config(args), so config.json holds values derived after Run() too
-    config = json.load(open(run.path("config.json")))  # here: the split and the step count
-    run.write_json("config.json", dict(config, args=vars(args)))
+    run.update_config(args)  # the split, the initial set, the step size and the step count from the data
     run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
                                    (("train", train_ids), ("val", val_ids), ("test", test_ids))})
     x, y = common.to_device(data, device)

@@ -40,8 +40,9 @@ DEFAULTS = {
     # per round, batch 16, no validation set) on smaller images, a narrower U-Net and a higher learning rate.
     "synthetic": dict(split=[300, 0, 100], image_size=64, initial=30, query=30, rounds=5, epochs=5,
                       epochs_initial=40, batch_size=16, lr=1e-3, width=16),
-    # Any other dataset: the CVC-ClinicDB protocol, split sizes from the data (common.default_split).
-    "other": dict(split=None, image_size=352, initial=30, query=30, rounds=5, epochs=5, epochs_initial=50,
+    # Any other dataset: the CVC-ClinicDB protocol; split sizes from the data (common.default_split), the
+    # initial set and B the CVC-ClinicDB shares of the pool (30 and 30 of 550: common.pool_share).
+    "other": dict(split=None, image_size=352, initial=None, query=None, rounds=5, epochs=5, epochs_initial=50,
                   batch_size=16, lr=1e-4, width=64),
 }
 STRATEGIES = ["ours", "random", "entropy", "coreset", "asa", "wo-unc", "wo-clu", "wo-dis"]
@@ -248,6 +249,11 @@ def main(argv=None):
     if args.split is None:
         args.split = common.default_split(data)
     train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
+    if args.initial is None:
+        args.initial = common.pool_share(len(train_ids), 30, 550)  # Table 2: 30 of the 550 pool
+    if args.query is None:
+        args.query = common.pool_share(len(train_ids), 30, 550)    # Sec. 3.1: B = 30 of the 550 pool
+    run.update_config(args)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
                                    (("train", train_ids), ("val", val_ids), ("test", test_ids))})

@@ -44,8 +44,9 @@ DEFAULTS = {
     "synthetic": dict(split=[300, 50, 100], image_size=64, batch_size=16, initial=32, query=16, rounds=8,
                       rounds_partial=8, epochs_initial=40, epochs=10, lr=0.01, momentum=0.9, weight_decay=1e-4,
                       width=16, mc_passes=10),
-    # Any other dataset: the ISIC 2018 protocol, split sizes from the data (common.default_split).
-    "other": dict(split=None, image_size=512, batch_size=32, initial=128, query=32, rounds=40, rounds_partial=20,
+    # Any other dataset: the ISIC 2018 protocol; split sizes from the data (common.default_split), the cold
+    # start and the query size the ISIC 2018 shares of the pool (128 and 32 of 2594: common.pool_share).
+    "other": dict(split=None, image_size=512, batch_size=32, initial=None, query=None, rounds=40, rounds_partial=20,
                   epochs_initial=10, epochs=10, lr=0.01, momentum=0.9, weight_decay=1e-4, width=64, mc_passes=20),
 }
 STRATEGIES = ["least-confidence", "entropy", "mc-dropout", "random", "full"]
@@ -242,6 +243,11 @@ def main(argv=None):
     if args.split is None:
         args.split = common.default_split(data)
     train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
+    if args.initial is None:
+        args.initial = common.pool_share(len(train_ids), 128, 2594)  # Sec. IV-D: 128 of the 2594 pool
+    if args.query is None:
+        args.query = common.pool_share(len(train_ids), 32, 2594)     # Sec. IV-D: 32 of the 2594 pool
+    run.update_config(args)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
                                    (("train", train_ids), ("val", val_ids), ("test", test_ids))})

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 import common
 from unet import UNet
@@ -48,8 +49,9 @@ DEFAULTS = {
     "synthetic": dict(split=[300, 0, 100], initial=40, query=10, rounds=9, epochs_initial=20, epochs=4,
                       batch_size=16, lr=1e-3, width=16, image_size=64, clusters=10, aap_grid=2, ssl_epochs=6,
                       ssl_lr=1e-3, shuffle_blocks=1000, mc_passes=10, pseudo_step=5, ensemble_size=4),
-    # Any other dataset: the ISIC protocol; split from the data (common.default_split), C = 3/16 of the pool.
-    "other": dict(split=None, initial=None, query=35, rounds=9, epochs_initial=10, epochs=2, batch_size=16,
+    # Any other dataset: the ISIC protocol; split from the data (common.default_split), C and the query size
+    # the ISIC shares of the pool (300 and 35 of 1600: common.pool_share).
+    "other": dict(split=None, initial=None, query=None, rounds=9, epochs_initial=10, epochs=2, batch_size=16,
                   lr=1e-4, width=32, image_size=256, clusters=10, aap_grid=2, ssl_epochs=100, ssl_lr=1e-3,
                   shuffle_blocks=10000, mc_passes=20, pseudo_step=20, ensemble_size=4),
 }
@@ -326,7 +328,9 @@ def cluster_ranking(feats, k, seed):
     feats = np.asarray(feats, dtype=np.float64)
     if k > len(feats):
         raise common.UserError(f"--clusters {k}: more clusters than the {len(feats)} pool samples")
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(feats)  # paper silent on the K-means settings
+    with threadpool_limits(1):  # one thread: scikit-learn's threads sum partial centres in finishing order,
+        km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(feats)  # so two runs could differ
+    # (paper silent on the K-means settings: scikit-learn's k-means++ with 10 restarts)
     labels = km.labels_.astype(np.int64)
     dist = np.linalg.norm(feats - km.cluster_centers_[labels], axis=1)
     rank = np.zeros(len(feats), np.int64)
@@ -483,7 +487,10 @@ def main(argv=None):
         args.split = common.default_split(data)
     train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
     if args.initial is None:
-        args.initial = round(len(train_ids) * 300 / 1600)  # Sec. IV-A: C = 300 of the 1600 pool
+        args.initial = common.pool_share(len(train_ids), 300, 1600)  # Sec. IV-A: C = 300 of the 1600 pool
+    if args.query is None:
+        args.query = common.pool_share(len(train_ids), 35, 1600)     # Sec. IV-A: +35 of the 1600 pool
+    run.update_config(args)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
                                    (("train", train_ids), ("val", val_ids), ("test", test_ids))})

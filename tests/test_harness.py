@@ -1,0 +1,69 @@
+"""One harness (issue 8): every script on the same folder-layout dataset, with its "other" defaults.
+
+The split, the initial set and the query size are left to each script's DEFAULTS row "other" (split from
+the data by common.default_split, counts as the paper's share of the pool by common.pool_share); only the
+sizes that make a test fast (image size, width, epochs, rounds, passes) are given."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+import common
+from conftest import REAL, run_dir_from, run_script
+
+FAST = ["--image-size", 32, "--width", 4, "--epochs-initial", 1, "--epochs", 1, "--rounds", 2, "--batch-size", 8]
+# The split of the 48-image fixture: 20 % test (10), 16 % validation (8), the rest (30) to label; for DSAL,
+# whose paper's data come as a folder, its paper's shares 139 / 20 / 50 of 209 (32 / 5 / 11).
+SPLIT, SPLIT_DSAL = [30, 8, 10], [32, 5, 11]
+SCRIPTS = {  # script: (flags that only make it fast or fit, initial, query): the paper's shares of the pool
+    "ceal_mcdropout.py": (["--mc-passes", 2, "--pseudo-step", 1], 11, 1),        # 600 and 35 of 1600
+    "ssl_coldstart.py": (["--ssl-epochs", 1, "--shuffle-blocks", 10], 6, 1),      # 300 and 35 of 1600
+    "region_uncertainty.py": (["--mc-passes", 2, "--image-size", 64], 1, 1),    # 128 and 32 of 2594
+    "polyp_weighted_cluster.py": (["--kmeans-init", 1], 2, 2),                  # 30 and 30 of 550
+    "dsal_fingerbones.py": ([], 2, 2),                                          # 10 and 10 of 139
+    "example_tta.py": ([], 3, 2),                                               # 10 % and 5 %
+}
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory):
+    """48 synthetic lesion images written in the folder layout: images/<stem>.png, masks/<stem>_mask.png."""
+    d = common.make_synthetic(48, 48, 3, seed=4)
+    d.ids = [f"img{k:03d}" for k in range(len(d))]
+    return common.write_folder(d, tmp_path_factory.mktemp("mine"))
+
+
+def test_write_folder_round_trip(folder_data):
+    d = common.load_data("folder", str(folder_data), 48)
+    ref = common.make_synthetic(48, 48, 3, seed=4)
+    assert d.ids == [f"img{k:03d}" for k in range(48)]
+    assert np.array_equal(d.x, ref.x) and np.array_equal(d.y, ref.y)  # PNG is lossless, same size: no resize
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_script_on_one_folder_dataset(script, folder_data, tmp_path):
+    extra, initial, query = SCRIPTS[script]
+    run = run_dir_from(run_script(script, "--data", "folder", "--data-dir", folder_data, *FAST, *extra,
+                                  "--out", tmp_path))
+    split = SPLIT_DSAL if script == "dsal_fingerbones.py" else SPLIT
+    cfg = json.load(open(os.path.join(run, "config.json")))["args"]
+    assert (cfg["split"], cfg["initial"], cfg["query"]) == (split, initial, query)  # derived values recorded
+    rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
+    assert [int(r["labeled"]) for r in rows] == [initial, initial + query, initial + 2 * query]
+    assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows)
+    splits = json.load(open(os.path.join(run, "splits.json")))
+    assert [len(splits[k]) for k in ("train", "val", "test")] == split
+    assert set(splits["train"]) <= {f"img{k:03d}" for k in range(48)}
+    checker = os.path.join(REAL, "..", "..", "tools", "check_run.py")
+    if os.path.isfile(checker):
+        out = run_script(checker, script, run, check=False, device=False)
+        assert out.returncode == 0 and "interface ok" in out.stdout, out.stdout + out.stderr
+
+
+def test_pool_share():
+    assert [common.pool_share(30, c, p) for c, p in ((600, 1600), (35, 1600), (128, 2594))] == [11, 1, 1]
+    assert common.pool_share(1600, 600, 1600) == 600 and common.pool_share(3200, 35, 1600) == 70
+    import dsal_fingerbones
+    assert dsal_fingerbones.paper_split(209) == [139, 20, 50] and dsal_fingerbones.paper_split(48) == SPLIT_DSAL
