@@ -102,7 +102,8 @@ def main(argv=None):
     target = y.clone()  # the training target: ground truth for oracle labels, the model's mask for pseudo-labels
 
     # ---- model, optimiser, sets ----
-    model = common.prepare_model(UNet(3, 1, args.width, dropout=args.dropout, dropout_at=args.dropout_at), device)
+    model = common.prepare_model(UNet(3, 1, args.width, dropout=args.dropout, dropout_at=args.dropout_at), device,
+                                 args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = common.bce_dice_loss if args.loss == "bce+dice" else common.soft_dice_loss
     rng = np.random.default_rng([args.seed, 1])  # query draws

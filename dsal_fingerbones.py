@@ -340,7 +340,7 @@ def main(argv=None):
     x, y = common.to_device(data, device)
 
     # ---- model, optimiser, sets ----
-    model = common.prepare_model(build_model(in_ch, args), device, getattr(args, "compile", False))
+    model = common.prepare_model(build_model(in_ch, args), device, args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = lambda out, t: ds_loss(out, t, args.ds_stages, args.ds_weights, args.loss == "ce+dice")
     rng = np.random.default_rng([args.seed, 1])  # initial set and random queries

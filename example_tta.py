@@ -56,7 +56,7 @@ def main(argv=None):
                                    "test": [data.ids[i] for i in test_ids]})
     x, y = common.to_device(data, device)
 
-    model = common.prepare_model(UNet(3, 1, args.width), device)
+    model = common.prepare_model(UNet(3, 1, args.width), device, args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
     labeled = rng.choice(train_ids, args.initial, replace=False)

@@ -260,7 +260,7 @@ def main(argv=None):
     x, y = common.to_device(data, device)
 
     # ---- model, optimiser, sets ----
-    model = common.prepare_model(UNet(3, 1, args.width), device)
+    model = common.prepare_model(UNet(3, 1, args.width), device, args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)  # fine-tuned across rounds (Sec. 2)
     rng = np.random.default_rng([args.seed, 1])  # initial draw and queries
     gen = torch.Generator().manual_seed(args.seed)  # batch order of the labelled set

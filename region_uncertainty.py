@@ -225,7 +225,7 @@ def build_model(args, device):
         except Exception as e:
             raise common.UserError(f"--encoder-weights {args.encoder_weights}: {e}")
         print(f"encoder: ResNet-18 weights from {args.encoder_weights}")
-    return common.prepare_model(model, device)
+    return common.prepare_model(model, device, args.compile)
 
 
 def main(argv=None):

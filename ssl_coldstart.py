@@ -264,7 +264,7 @@ def models_genesis(x, gen, n_blocks=10000):
 def pretrain(run, x, pool, pool_ids, args, device):
     """Eq. 1: min_theta sum_i l(f(D(x_i); theta), x_i) on the unlabelled pool, l = L2 between sigmoid(output)
     and the clean image. Returns the U-Net's state dict and saves it as ssl_weights.pt in the run folder."""
-    model = common.prepare_model(UNet(1, 1, args.width), device)
+    model = common.prepare_model(UNet(1, 1, args.width), device, args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.ssl_lr)
     gen = torch.Generator(device=device).manual_seed(args.seed)   # the corruptions
     order = torch.Generator().manual_seed(args.seed)             # batch order
@@ -384,7 +384,7 @@ def ssl_features(state, x, train_ids, args, device):
     """Last encoder stage of the pre-trained U-Net on the clean pool images, in pool order (eval mode, no
     corruption: the public code clusters randomly drawn corrupted images, so its picks do not index the
     pool), pooled to aap_grid x aap_grid and flattened: (N, 16 x width x grid^2)."""
-    model = common.prepare_model(UNet(1, 1, args.width), device)
+    model = common.prepare_model(UNet(1, 1, args.width), device, args.compile)
     model.load_state_dict(state)
     feats = common.pooled_features(model, x, train_ids, args.batch_size, device, args.amp, grid=args.aap_grid)
     assert len(feats) == len(train_ids)
@@ -517,7 +517,8 @@ def main(argv=None):
 
     # ---- models (Sec. III-C), optimisers, sets ----
     net = lambda: common.prepare_model(UNet(1, 1, args.width, dropout=args.dropout, dropout_at="bottleneck",
-                                            deep_supervision=(0, 1) if args.strategy == "dsal" else ()), device)
+                                            deep_supervision=(0, 1) if args.strategy == "dsal" else ()), device,
+                                            args.compile)
     model = net()
     members = [net() for _ in range(args.ensemble_size if args.strategy in ("ens-s", "ens-js") else 0)]
     if args.ssl_init:
