@@ -6,7 +6,7 @@ Models Genesis corruptions (Eq. 1), its last-encoder features are pooled and clu
 and each cluster gives N_Ci = ceil(C x N_i / N) samples, nearest its centroid first; the segmentation model
 starts from the self-supervised weights and every iteration continues the cluster ranking.
 
-  python ssl_coldstart.py                                              # synthetic data, CPU, about 3 minutes
+  python ssl_coldstart.py                                              # synthetic data, CPU, about 1.5 minutes
   python ssl_coldstart.py --data isic2017 --data-dir ~/data/isic2017   # the paper's protocol (GPU)
   python ssl_coldstart.py --tables runs/                               # Table I / II from finished runs
 """
@@ -42,11 +42,12 @@ DEFAULTS = {
                      mc_passes=20,          # paper silent (Fig. 2 comparator): CEAL reference code 20
                      pseudo_step=20,        # CEAL Sec. 4.2: 20 x iteration pseudo-labels (Fig. 2 comparator)
                      ensemble_size=4),      # paper silent: the public Suggestive Annotation re-implementation, M = 4
-    # CPU-sized protocol, about three minutes on 2 cores: C = 40 of a pool of 300 (the paper: 300 of 1600),
-    # +10 x 9 iterations, epochs doubled (20 / 4: 40 images make 3 steps an epoch). shuffle_blocks: 10,000
-    # windows cover a 2-D image ~30 times over (the reference code's 3-D cubes ~2 times); 1,000 (~3 times)
-    # keeps the CPU row fast.
-    "synthetic": dict(split=[300, 0, 100], initial=40, query=10, rounds=9, epochs_initial=20, epochs=4,
+    # CPU-sized protocol, about 1.5 minutes on 2 cores (docs/ssl_coldstart.md): C = 40 of a pool of 300 (the
+    # paper: 300 of 1600), +10 x 9 iterations, epochs 50 / 10 (the paper's 10 / 2 ratio; 40 images make only
+    # 3 steps an epoch, and with 20 / 4 the model was still far from fitted: test Dice swung between rounds).
+    # shuffle_blocks: 10,000 windows cover a 2-D image ~30 times over (the reference code's 3-D cubes ~2
+    # times); 1,000 (~3 times) keeps the CPU row fast.
+    "synthetic": dict(split=[300, 0, 100], initial=40, query=10, rounds=9, epochs_initial=50, epochs=10,
                       batch_size=16, lr=1e-3, width=16, image_size=64, clusters=10, aap_grid=2, ssl_epochs=6,
                       ssl_lr=1e-3, shuffle_blocks=1000, mc_passes=10, pseudo_step=5, ensemble_size=4),
     # Any other dataset: the ISIC protocol; split from the data (common.default_split), C and the query size

@@ -67,3 +67,31 @@ def test_pool_share():
     assert common.pool_share(1600, 600, 1600) == 600 and common.pool_share(3200, 35, 1600) == 70
     import dsal_fingerbones
     assert dsal_fingerbones.paper_split(209) == [139, 20, 50] and dsal_fingerbones.paper_split(48) == SPLIT_DSAL
+
+
+# Each script on a real sample set its paper did not use (../shared/data/real-samples: 10 CVC-ClinicDB
+# frames, 10 Kvasir-SEG images, 4 PH2 cases), with the "other" split (20 % test, 16 % validation) and counts.
+REAL_RUNS = {  # script: (--data, folder, extra flags, split, initial, query, rounds)
+    "ceal_mcdropout.py": ("kvasir-seg", "Kvasir-SEG", ["--mc-passes", 2, "--pseudo-step", 1], [6, 2, 2], 2, 1, 2),
+    "ssl_coldstart.py": ("cvc-clinicdb", "CVC-ClinicDB", ["--ssl-epochs", 1, "--shuffle-blocks", 10,
+                                                         "--clusters", 2], [6, 2, 2], 1, 1, 2),
+    "region_uncertainty.py": ("kvasir-seg", "Kvasir-SEG", ["--mc-passes", 2, "--image-size", 64], [6, 2, 2], 1, 1, 2),
+    "polyp_weighted_cluster.py": ("ph2", "PH2Dataset", ["--kmeans-init", 1], [2, 1, 1], 1, 1, 1),
+    "dsal_fingerbones.py": ("cvc-clinicdb", "CVC-ClinicDB", [], [6, 2, 2], 1, 1, 2),
+    "example_tta.py": ("ph2", "PH2Dataset", [], [2, 1, 1], 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("script", list(REAL_RUNS))
+def test_every_script_on_a_real_dataset_it_was_not_written_for(script, tmp_path):
+    data, folder, extra, split, initial, query, rounds = REAL_RUNS[script]
+    if not os.path.isdir(os.path.join(REAL, folder)):
+        pytest.skip(f"{REAL}/{folder} absent")
+    fast = FAST[:FAST.index("--rounds")] + ["--rounds", rounds] + FAST[FAST.index("--rounds") + 2:]
+    run = run_dir_from(run_script(script, "--data", data, "--data-dir", os.path.join(REAL, folder), *fast, *extra,
+                                  "--out", tmp_path))
+    cfg = json.load(open(os.path.join(run, "config.json")))["args"]
+    assert (cfg["split"], cfg["initial"], cfg["query"]) == (split, initial, query)
+    rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
+    assert [int(r["labeled"]) for r in rows] == [initial + k * query for k in range(rounds + 1)]
+    assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows)
