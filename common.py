@@ -1145,11 +1145,13 @@ def _fmt(v):
 
 def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 440)):
     """series: {label: (xs, ys) or (xs, ys, stds)}; kind "line" (with ±std bands), "scatter" or "bar"."""
-    W, H = size
-    L, R, T, B = 64, 16, 30, 48
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img, "RGBA")
     font = ImageFont.load_default()
+    labels = [str(label)[:48] for label in series]  # the legend, right of the plot
+    legend_w = int(max((font.getlength(t) for t in labels), default=0)) + 30 if labels else 0
+    W, H = size[0] + legend_w, size[1]
+    L, R, T, B = 64, 16 + legend_w, 30, 48
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img, "RGBA")
     xs_all = np.concatenate([np.asarray(s[0], float) for s in series.values()] or [np.zeros(1)])
     ys_all = np.concatenate([np.asarray(s[1], float) - (np.asarray(s[2]) if len(s) > 2 else 0) for s in series.values()] +
                             [np.asarray(s[1], float) + (np.asarray(s[2]) if len(s) > 2 else 0) for s in series.values()] or [np.zeros(1)])
@@ -1195,8 +1197,10 @@ def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 4
                 d.line(pts, fill=c, width=2)
             for p in pts:
                 d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
-        d.rectangle([W - R - 150, T + 6 + 14 * k, W - R - 140, T + 14 + 14 * k], fill=c)
-        d.text((W - R - 136, T + 4 + 14 * k), str(label)[:22], fill="black", font=font)
+    lx = W - R + 10
+    for k, label in enumerate(labels):
+        d.rectangle([lx, T + 6 + 14 * k, lx + 10, T + 14 + 14 * k], fill=COLOURS[k % len(COLOURS)])
+        d.text((lx + 14, T + 4 + 14 * k), label, fill="black", font=font)
     img.save(path)
 
 
