@@ -17,7 +17,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 def run_script(script, *args, timeout=300, check=True, env_extra=None, device=True):
     """Run a script in a subprocess on the CPU (as a user would) and return the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env = dict(os.environ, **{"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **(env_extra or {})})
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), *(["--device", "cpu"] if device else []),
                           *map(str, args)],
                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

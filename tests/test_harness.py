@@ -13,6 +13,11 @@ import pytest
 import common
 from conftest import REAL, run_dir_from, run_script
 
+# region_uncertainty.py runs on one thread here: with 2 threads, training its ResNet-18 U-Net after the
+# first query crashed inside torch 2.13.0's CPU backward (heap corruption, SIGABRT/SIGSEGV) in most runs on
+# these 64 px sets (widths 4 and 8), and never in 12 runs with one thread. Not yet understood; the
+# closing note of this change describes it. The other scripts run on 2 threads as everywhere else.
+ONE_THREAD = {"region_uncertainty.py": {"OMP_NUM_THREADS": "1"}}
 FAST = ["--image-size", 32, "--width", 4, "--epochs-initial", 1, "--epochs", 1, "--rounds", 2, "--batch-size", 8]
 # The split of the 48-image fixture: 20 % test (10), 16 % validation (8), the rest (30) to label; for DSAL,
 # whose paper's data come as a folder, its paper's shares 139 / 20 / 50 of 209 (32 / 5 / 11).
@@ -46,7 +51,7 @@ def test_write_folder_round_trip(folder_data):
 def test_every_script_on_one_folder_dataset(script, folder_data, tmp_path):
     extra, initial, query = SCRIPTS[script]
     run = run_dir_from(run_script(script, "--data", "folder", "--data-dir", folder_data, *FAST, *extra,
-                                  "--out", tmp_path))
+                                  "--out", tmp_path, env_extra=ONE_THREAD.get(script)))
     split = SPLIT_DSAL if script == "dsal_fingerbones.py" else SPLIT
     cfg = json.load(open(os.path.join(run, "config.json")))["args"]
     assert (cfg["split"], cfg["initial"], cfg["query"]) == (split, initial, query)  # derived values recorded
@@ -63,7 +68,7 @@ def test_every_script_on_one_folder_dataset(script, folder_data, tmp_path):
 
 
 def test_pool_share():
-    assert [common.pool_share(30, c, p) for c, p in ((600, 1600), (35, 1600), (128, 2594))] == [11, 1, 1]
+    assert [common.pool_share(30, c, p) for c, p in ((600, 1600), (35, 1600), (128, 2594), (32, 2594))] == [11, 1, 1, 1]
     assert common.pool_share(1600, 600, 1600) == 600 and common.pool_share(3200, 35, 1600) == 70
     import dsal_fingerbones
     assert dsal_fingerbones.paper_split(209) == [139, 20, 50] and dsal_fingerbones.paper_split(48) == SPLIT_DSAL
@@ -89,7 +94,7 @@ def test_every_script_on_a_real_dataset_it_was_not_written_for(script, tmp_path)
         pytest.skip(f"{REAL}/{folder} absent")
     fast = FAST[:FAST.index("--rounds")] + ["--rounds", rounds] + FAST[FAST.index("--rounds") + 2:]
     run = run_dir_from(run_script(script, "--data", data, "--data-dir", os.path.join(REAL, folder), *fast, *extra,
-                                  "--out", tmp_path))
+                                  "--out", tmp_path, env_extra=ONE_THREAD.get(script)))
     cfg = json.load(open(os.path.join(run, "config.json")))["args"]
     assert (cfg["split"], cfg["initial"], cfg["query"]) == (split, initial, query)
     rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
