@@ -498,6 +498,23 @@ def pool_share(n_pool, count, paper_pool):
     return max(1, round(count * n_pool / paper_pool))
 
 
+def split_data(run, data, args, initial, query, paper_pool, split=None):
+    """A run's seeded split and labelling counts, recorded in its folder. Flags left at None come from the
+    data: --split from `split` (else default_split), --initial and --query as the paper's `initial` and
+    `query` of its training pool of `paper_pool`, carried to this pool (pool_share). Writes splits.json and
+    the resolved flags (config.json); returns the train, validation and test indices."""
+    if args.split is None:
+        args.split = split or default_split(data)
+    ids = make_splits(data, args.split, args.seed)
+    if args.initial is None:
+        args.initial = pool_share(len(ids[0]), initial, paper_pool)
+    if args.query is None:
+        args.query = pool_share(len(ids[0]), query, paper_pool)
+    run.update_config(args)
+    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in zip(("train", "val", "test"), ids)})
+    return ids
+
+
 def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --rounds"):
     need = initial + query * rounds
     if initial < 1 or need > n_pool:

@@ -322,21 +322,15 @@ def main(argv=None):
     data = make_fingerbones(n or 160, args.image_size, args.seed) if args.data == "synthetic" else \
         common.load_data(args.data, args.data_dir, args.image_size, in_ch, args.seed, n=n, workers=args.workers)
     data.x = normalise(data.x, args.normalise)
-    if args.split is None:
-        args.split = paper_split(len(data)) if args.data == "folder" else common.default_split(data)
-    train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
-    if args.initial is None:
-        args.initial = common.pool_share(len(train_ids), 10, 139)  # Sec. IV-A: 10 of the 139 training images
-    if args.query is None:
-        args.query = common.pool_share(len(train_ids), 10, 139)    # Sec. IV-A: +10 per step
+    # Sec. IV-A: 10 random images, then +10 per step, of the 139 training images (the same shares elsewhere)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 10, 10, 139,
+                                                     split=paper_split(len(data)) if args.data == "folder" else None)
     if args.rounds is None:  # steps until the training pool is used up
         args.rounds = math.ceil((len(train_ids) - args.initial) / args.query)
     if not 1 <= args.initial <= len(train_ids) or args.query < 1:
         raise common.UserError(f"--initial {args.initial} / --query {args.query}: need 1 <= --initial <= the "
                                f"training pool ({len(train_ids)}) and --query >= 1")
-    run.update_config(args)  # the split, the initial set, the step size and the step count from the data
-    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
-                                   (("train", train_ids), ("val", val_ids), ("test", test_ids))})
+    run.update_config(args)  # and the step count
     x, y = common.to_device(data, device)
 
     # ---- model, optimiser, sets ----

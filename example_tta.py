@@ -46,14 +46,9 @@ def main(argv=None):
 
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)
-    args.split = args.split or common.default_split(data)
-    args.initial = args.initial or common.pool_share(args.split[0], 10, 100)  # other data: 10 % to start,
-    args.query = args.query or common.pool_share(args.split[0], 5, 100)       # and 5 % of the pool per round
-    run.update_config(args)
-    train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
+    # other data: 10 % of the pool to start and 5 % per round (our choice: no paper)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 10, 5, 100)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    run.write_json("splits.json", {"train": [data.ids[i] for i in train_ids], "val": [data.ids[i] for i in val_ids],
-                                   "test": [data.ids[i] for i in test_ids]})
     x, y = common.to_device(data, device)
 
     model = common.prepare_model(UNet(3, 1, args.width), device, args.compile)

@@ -246,17 +246,9 @@ def main(argv=None):
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)
-    if args.split is None:
-        args.split = common.default_split(data)
-    train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
-    if args.initial is None:
-        args.initial = common.pool_share(len(train_ids), 30, 550)  # Table 2: 30 of the 550 pool
-    if args.query is None:
-        args.query = common.pool_share(len(train_ids), 30, 550)    # Sec. 3.1: B = 30 of the 550 pool
-    run.update_config(args)
+    # other data: the CVC-ClinicDB shares, 30 initial (Table 2) and B = 30 (Sec. 3.1) of the 550 pool
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 30, 30, 550)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
-                                   (("train", train_ids), ("val", val_ids), ("test", test_ids))})
     x, y = common.to_device(data, device)
 
     # ---- model, optimiser, sets ----

@@ -240,17 +240,9 @@ def main(argv=None):
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)
-    if args.split is None:
-        args.split = common.default_split(data)
-    train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
-    if args.initial is None:
-        args.initial = common.pool_share(len(train_ids), 128, 2594)  # Sec. IV-D: 128 of the 2594 pool
-    if args.query is None:
-        args.query = common.pool_share(len(train_ids), 32, 2594)     # Sec. IV-D: 32 of the 2594 pool
-    run.update_config(args)
+    # other data: the ISIC 2018 shares, 128 cold-start images and 32 per iteration of the 2594 pool (Sec. IV-D)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 128, 32, 2594)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
-                                   (("train", train_ids), ("val", val_ids), ("test", test_ids))})
     x, y = common.to_device(data, device)
     target = y.clone()  # the training target: the oracle's mask, or with --partial oracle + model (Sec. III-B)
 

@@ -484,17 +484,9 @@ def main(argv=None):
         data = data.subset(data.official["train"])  # Sec. IV-A: 1600 pool + 400 test drawn from the 2000
         data.official = {}
     data.x = minmax_uint8(data.x)
-    if args.split is None:
-        args.split = common.default_split(data)
-    train_ids, val_ids, test_ids = common.make_splits(data, args.split, args.seed)
-    if args.initial is None:
-        args.initial = common.pool_share(len(train_ids), 300, 1600)  # Sec. IV-A: C = 300 of the 1600 pool
-    if args.query is None:
-        args.query = common.pool_share(len(train_ids), 35, 1600)     # Sec. IV-A: +35 of the 1600 pool
-    run.update_config(args)
+    # other data: the ISIC shares, C = 300 and +35 of the 1600 pool (Sec. IV-A)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 300, 35, 1600)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in
-                                   (("train", train_ids), ("val", val_ids), ("test", test_ids))})
     pool_ids = [data.ids[i] for i in train_ids]
     x, y = common.to_device(data, device)
     target = y.clone()  # ground truth for oracle labels, the model's mask for pseudo-labels (ceal)
