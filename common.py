@@ -137,14 +137,20 @@ def autocast(device, amp):
                           enabled=bool(amp) and device.type in ("cuda", "cpu"))
 
 
+def memory_format(device):
+    """channels_last (NHWC) on CUDA only, where tensor cores want it; the CPU keeps the default layout.
+    On the CPU, torch 2.13.0's backward of a 1x1 stride-2 convolution in channels_last with few input channels
+    corrupts the heap (docs/cpu_channels_last_crash.md; ResNet's downsample convolution at small widths hits
+    it), and the speed it bought there was small (docs/speed.md)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def prepare_model(model, device, compile=False):
-    """Move to the device in channels_last (NHWC) memory format on CUDA (tensor cores) and on the CPU (oneDNN's
-    NHWC convolutions measured faster there: benchmarks/speed.py, docs/speed.md); train, predict_batches,
-    mc_dropout and pooled_features feed NHWC batches. compile=True (--compile) compiles forward() in place (nn.Module.compile: state_dict
-    keys, attributes and checkpoints unchanged; encode/decode called directly, as mc_dropout does, stay eager)."""
-    model = model.to(device)
-    if device.type in ("cuda", "cpu"):
-        model = model.to(memory_format=torch.channels_last)
+    """Move to the device in its memory format (channels_last on CUDA: memory_format); train, predict_batches,
+    mc_dropout and pooled_features feed batches in the same format. compile=True (--compile) compiles forward()
+    in place (nn.Module.compile: state_dict keys, attributes and checkpoints unchanged; encode/decode called
+    directly, as mc_dropout does, stay eager)."""
+    model = model.to(device).to(memory_format=memory_format(device))
     if compile:
         model.compile()
     return model
@@ -657,8 +663,7 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
             xb, yb = to_input(x[b]), target[b]
             if augment is not None:
                 xb, yb = augment(xb, yb)
-            if device.type in ("cuda", "cpu"):
-                xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = xb.contiguous(memory_format=memory_format(device))
             with autocast(device, amp):
                 loss = loss_fn(model(xb), yb)
                 if extra_loss is not None:
@@ -692,8 +697,7 @@ def predict_batches(model, x, idx, batch_size, device, amp=False):
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):
         xb = to_input(x[b])
-        if device.type in ("cuda", "cpu"):
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb = xb.contiguous(memory_format=memory_format(device))
         with autocast(device, amp):
             out = model(xb)
         out = out[0] if isinstance(out, tuple) else out
@@ -745,7 +749,7 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
     if encoder_once and not can_split:
         raise ValueError("encoder_once needs a model with dropout only at the bottleneck (model.dropout_at)")
     encoder_once = can_split if encoder_once is None else encoder_once
-    fmt = torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
+    fmt = memory_format(device)
 
     def fold(conv, bn):  # BatchNorm in eval mode is y = s * z + t: fold it into the convolution before it
         w = conv.weight.float()
@@ -796,8 +800,7 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):
         xb = to_input(x[b])
-        if device.type in ("cuda", "cpu"):
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb = xb.contiguous(memory_format=memory_format(device))
         s1 = torch.zeros((len(b),) + tuple(x.shape[-2:]), device=device)
         s2 = torch.zeros_like(s1)
         # passes per forward: batched, as many as fit in 2^24 pixels (256 images of 256 x 256); looped, one
@@ -926,8 +929,7 @@ def pooled_features(model, x, idx, batch_size, device, amp=False, grid=1):
     out = []
     for b in batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
         xb = to_input(x[b])
-        if device.type in ("cuda", "cpu"):
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb = xb.contiguous(memory_format=memory_format(device))
         with autocast(device, amp):
             f = model.features(xb)
         out.append(F.adaptive_avg_pool2d(f.float(), grid).flatten(1))
@@ -1074,6 +1076,20 @@ class Run:
         self.append_csv("queried.csv", [{"round": row["round"], "sample_id": sid, "how": how}
                                         for how, ids in (queried or {}).items() for sid in ids],
                         ["round", "sample_id", "how"])
+
+    def log_pool_scores(self, rnd, ids, scores, picked):
+        """pool_scores.csv, every round: one row per pool sample scored this round (round, sample_id, each score
+        the rule uses, picked: the group it went to, or empty), so any pick can be checked against its rule
+        from the run folder alone. ids: sample ids; scores: {column: values aligned with ids}; picked: a
+        sequence aligned with ids ("" = stayed in the pool) or {group: ids in that group}."""
+        ids = list(ids)
+        if isinstance(picked, dict):
+            where = {sid: how for how, group in picked.items() for sid in group}
+            picked = [where.get(sid, "") for sid in ids]
+        cols = ["round", "sample_id"] + list(scores) + ["picked"]
+        self.append_csv("pool_scores.csv", [dict({"round": rnd, "sample_id": sid, "picked": picked[k] or ""},
+                                                 **{c: _plain(v[k]) for c, v in scores.items()})
+                                            for k, sid in enumerate(ids)], cols)
 
     def elapsed(self):
         return self.offset_s + time.time() - self.t0
@@ -1270,6 +1286,48 @@ def save_panel(path, images, columns, titles):
         for c, t in enumerate(row):
             img.paste(t.resize((s, s), Image.NEAREST), (4 + c * (s + 4), 18 + r * (s + 4)))
     img.save(path)
+
+
+def _plain(v):
+    """A numpy / torch scalar as a plain Python number (for the CSV writer)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+@torch.inference_mode()
+def save_picks(run, rnd, model, data, x, groups, scores, batch_size, device, amp=False, per_group=16, tile=72):
+    """picks/round_<K>.png: what the rule asked for this round, so a user can see it. One row per pick
+    (up to per_group of each group): image, ground truth (the hidden mask the oracle reveals), the model's
+    prediction at selection time (the model that scored the pool, eval mode) and a caption with the group,
+    the sample id and its score. groups: {how: data indices}; scores: {data index: score} (or None).
+    The numbers behind it are in pool_scores.csv."""
+    rows = [(how, int(i)) for how, idx in groups.items() for i in list(np.asarray(idx).reshape(-1))[:per_group]]
+    if not rows:
+        return None
+    idx = np.array([i for _, i in rows], dtype=np.int64)
+    probs = predict(model, x, idx, batch_size, device, amp).float().cpu().numpy()
+    font = ImageFont.load_default()
+    cap_w = 140
+    img = Image.new("RGB", (cap_w + 3 * (tile + 4) + 4, 18 + len(rows) * (tile + 4)), "white")
+    d = ImageDraw.Draw(img)
+    for c, t in enumerate(["image", "ground truth", "prediction"]):
+        d.text((cap_w + 4 + c * (tile + 4), 4), t, fill="black", font=font)
+    for r, ((how, i), p) in enumerate(zip(rows, probs)):
+        im = data.x[i]
+        im = im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)
+        tiles = [Image.fromarray(im), Image.fromarray(data.y[i] * 255), Image.fromarray((p > 0.5).astype(np.uint8) * 255)]
+        y0 = 18 + r * (tile + 4)
+        for c, t in enumerate(tiles):
+            img.paste(t.convert("RGB").resize((tile, tile), Image.NEAREST), (cap_w + 4 + c * (tile + 4), y0))
+        s = None if scores is None else scores.get(i)
+        fg = f"fg {float(data.y[i].mean()):.0%} / pred {float((p > 0.5).mean()):.0%}"
+        d.text((4, y0 + 4), f"{how}", fill=COLOURS[list(groups).index(how) % len(COLOURS)], font=font)
+        d.text((4, y0 + 18), str(data.ids[i])[:36], fill="black", font=font)
+        d.text((4, y0 + 32), "" if s is None else f"score {float(s):.5g}", fill="black", font=font)
+        d.text((4, y0 + 46), fg, fill="black", font=font)
+    os.makedirs(run.path("picks"), exist_ok=True)
+    path = run.path(os.path.join("picks", f"round_{rnd}.png"))
+    img.save(path)
+    return path
 
 
 def learning_curve(run, rows):

@@ -287,8 +287,7 @@ def score_pool(model, x, y, pool, args, device):
     out = {k: [] for k in ("score", "l_dsc", "m_dsc", "r_dsc")}
     for b in common.batches(torch.as_tensor(np.asarray(pool), device=device, dtype=torch.long), args.batch_size):
         xb = common.to_input(x[b])
-        if device.type == "cuda":
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb = xb.contiguous(memory_format=common.memory_format(device))
         with common.autocast(device, args.amp):
             lower, middle, final = (z[:, 0].float() > 0 for z in heads(model(xb), args.ds_stages))
         score, l_dsc, m_dsc = common.head_agreement(lower, middle, final)

@@ -298,8 +298,7 @@ def main(argv=None):
         def extra_loss(model):  # Eq. 5 on an unlabelled batch gathered by index from the device-resident pool
             b = pool_t[torch.randperm(len(pool_t), generator=gen_u)[: args.batch_size].to(device)]
             xu = common.to_input(x[b])
-            if device.type == "cuda":
-                xu = xu.contiguous(memory_format=torch.channels_last)
+            xu = xu.contiguous(memory_format=common.memory_format(device))
             feats = model.encode(xu)
             probs = torch.sigmoid(model.decode(feats).float()[:, 0])
             loss = fdl_loss(*class_features(probs, feats[-1].float()), args.delta)
