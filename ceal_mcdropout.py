@@ -3,12 +3,15 @@
 Cost-Effective Active Learning (CEAL) with Monte Carlo dropout: the per-pixel variance of T stochastic
 predictions is an uncertainty map whose sum ranks the unlabelled pool; each iteration sends the least and
 the most uncertain samples, and a random draw from the low-uncertainty band, to the oracle, and
-pseudo-labels the most confident samples with the model's own prediction.
+pseudo-labels the most confident samples with the model's own prediction. Where the paper can be read two
+ways, the other reading is a flag: --band (group 3), --pseudo-pick (group 4) and --pseudo-mode (how many
+pseudo-labels, and whether they leave the pool); the defaults and why are at ceal_groups and main().
 
   python ceal_mcdropout.py                                           # synthetic data, CPU, about 2 minutes
   python ceal_mcdropout.py --data isic2017 --data-dir ~/data/isic2017 # the paper's ISIC 2017 protocol (GPU)
   python ceal_mcdropout.py --data lgg --data-dir ~/data/kaggle_3m     # the paper's LGG protocol (GPU)
 """
+import os
 import time
 
 import numpy as np
@@ -29,7 +32,7 @@ DEFAULTS = {
                      lr=1e-4,                 # paper silent: reference code Adam 1e-5 with Dice loss; 1e-4 with BCE+Dice here
                      width=64,                # Sec. 1.2: about 31 M parameters
                      image_size=256,          # paper silent: reference code 192x240; 256x256 keeps 2^4 poolings exact
-                     pseudo_step=20,          # Sec. 4.2: 20 x iteration pseudo-labelled samples
+                     pseudo_step=20,          # Sec. 4.2: "20 x number of iterations" pseudo-labelled (--pseudo-mode)
                      mc_passes=20),           # paper silent ("t steps"): reference code nb_step_predictions = 20
     "lgg": dict(split=[878, 220, 275], initial=329,  # Table 2 (1373 slices with tumour, split by patient here)
                 query=35, rounds=10, epochs_initial=20, epochs=5, batch_size=32, lr=1e-4, width=64,
@@ -38,10 +41,11 @@ DEFAULTS = {
     # CPU-sized protocol: about two minutes on 2 cores. Same shape as the paper's, scaled down.
     "synthetic": dict(split=[300, 60, 100], initial=60, query=10, rounds=6, epochs_initial=20, epochs=5,
                       batch_size=16, lr=1e-3, width=16, image_size=64, pseudo_step=5, mc_passes=10),
-    # Any other dataset: the ISIC protocol; split sizes from the data (common.default_split), the initial set
-    # and the query size the ISIC shares of the pool (600 and 35 of 1600: common.pool_share).
+    # Any other dataset: the ISIC protocol; split sizes from the data (common.default_split), the initial set,
+    # the query size and the pseudo-label step the ISIC shares of the pool (600, 35 and 20 of 1600:
+    # common.pool_share).
     "other": dict(split=None, initial=None, query=None, rounds=10, epochs_initial=20, epochs=5, batch_size=32,
-                  lr=1e-4, width=64, image_size=256, pseudo_step=20, mc_passes=20),
+                  lr=1e-4, width=64, image_size=256, pseudo_step=None, mc_passes=20),
 }
 
 
@@ -50,8 +54,25 @@ def parse_args(argv=None):
     # CEAL flags
     p.add_argument("--mc-passes", type=int, help="T stochastic passes for the uncertainty map; default per --data: "
                    "isic2017 20, synthetic 10 (paper silent: reference code 20)")
-    p.add_argument("--pseudo-step", type=int, help="pseudo-labels per iteration = pseudo_step x iteration "
-                   "(Sec. 4.2: 20); default per --data")
+    p.add_argument("--pseudo-step", type=int, help="the 20 of Sec. 4.2's \"20 x number of iterations\" "
+                   "pseudo-labels (how they add up: --pseudo-mode); default per --data: isic2017 20, lgg 20, "
+                   "synthetic 5, other the ISIC share of the pool (20 of 1600)")
+    p.add_argument("--pseudo-mode", default="total", choices=["total", "redraw", "per-iteration"],
+                   help="Sec. 4.2's \"20 x number of iterations\" pseudo-labels. total (default): the "
+                   "pseudo-labelled set holds pseudo_step x t at iteration t: pseudo_step new ones per iteration, "
+                   "which leave the pool for good (Sec. 4.3) and keep their label; redraw: the reference code's, a "
+                   "fresh set of pseudo_step x t each iteration from the pool, where they stay (the last set is "
+                   "dropped); per-iteration: pseudo_step x t new ones at iteration t, leaving the pool (uses ISIC's "
+                   "1000-sample pool up after 8 of 10 iterations: needs --rounds 8)")
+    p.add_argument("--band", default="paper", choices=["paper", "reference"],
+                   help="group 3, the random low-uncertainty band: paper (default): everything up to 6 of 80 "
+                   "histogram bins above the mode, mode bin included, where the paper says these samples \"get "
+                   "mixed up with the highly confident\" ones; reference: the reference code's interval from bin "
+                   "mode + 6 to bin 47 (common.ceal_groups)")
+    p.add_argument("--pseudo-pick", default="nearest", choices=["nearest", "reference"],
+                   help="group 4: nearest (default): the pseudo-labels closest to the centre of the histogram's "
+                   "mode bin, so the paper's count is met; reference: the reference code's random draw inside the "
+                   "mode bin (fewer when the bin holds fewer)")
     p.add_argument("--dropout", type=float, default=0.2, help="dropout probability (paper silent; reference code "
                    "uses 0.5 at the bottleneck only; 0.2 between the convolutions of every block here; default 0.2)")
     p.add_argument("--dropout-at", default="every", choices=["every", "bottleneck"],
@@ -66,7 +87,9 @@ def parse_args(argv=None):
 
 def score_pool(model, x, y, pool, args, device):
     """MC dropout (Sec. 4.1): per-pixel variance over T passes, summed per image; also the mean prediction
-    (pseudo-labels) and, for Fig. 5 only, the Dice of that prediction against the hidden ground truth."""
+    thresholded at 0.5 (the pseudo-labels: paper silent, Sec. 4.3 says "predicted by the model"; the reference
+    code labels with one plain forward, dropout off) and, for Fig. 5 only, the Dice of that prediction against
+    the hidden ground truth."""
     scores, pseudo_masks, dice = [], [], []
     for b, mean, var in common.mc_dropout(model, x, pool, args.mc_passes, args.batch_size, device, args.amp):
         scores.append(var.sum((1, 2)))
@@ -86,14 +109,33 @@ def main(argv=None):
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)
     if args.data == "lgg" and not args.all_slices:
-        data = common.keep_positive(data)  # Sec. 2: the 1373 slices with tumour
+        data = common.keep_positive(data)  # Sec. 2: the 1373 slices with tumour (full-resolution masks, any size)
     # other data: the ISIC shares, D^L 600 of the 1600 (37.5 %, Sec. 4) and +35 per iteration (Sec. 4.2)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 600, 35, 1600)
-    common.check_budget(len(train_ids), args.initial, args.query if args.strategy != "full" else 0, args.rounds)
+    if args.pseudo_step is None:  # other data: the ISIC share, 20 of the 1600 (Sec. 4.2)
+        args.pseudo_step = common.pool_share(len(train_ids), 20, 1600)
+        run.update_config(args)
+    # The budget: the oracle's queries must fit the pool (an error otherwise). The pseudo-labels the last
+    # iteration R needs from the pool (pseudo_step x R for total and redraw, pseudo_step x (1 + ... + R) for
+    # per-iteration) are counted too: where they do not fit, the last groups 4 are smaller (ceal_groups serves
+    # the oracle first) and the run says so here. Table 2's LGG protocol is such a case: 329 + 35 x 10 + 20 x 10
+    # = 879 of 878 slices, so its last iteration pseudo-labels 19.
+    R = args.rounds
+    n_pseudo = args.pseudo_step * (R * (R + 1) // 2 if args.pseudo_mode == "per-iteration" else R)
+    n_pseudo = n_pseudo if args.strategy == "ceal" else 0
+    common.check_budget(len(train_ids), args.initial, args.query if args.strategy != "full" else 0, R)
+    short = args.initial + args.query * R + n_pseudo - len(train_ids)
+    if args.strategy == "ceal" and short > 0:
+        print(f"note: {args.initial} + {args.query} x {R} oracle labels + {n_pseudo} pseudo-labels ({args.pseudo_mode}) "
+              f"exceed the training pool of {len(train_ids)} by {short}: the last iterations pseudo-label fewer")
     x, y = common.to_device(data, device)
-    target = y.clone()  # the training target: ground truth for oracle labels, the model's mask for pseudo-labels
+    # The training target: the ground truth once the oracle reveals it, the model's mask for a pseudo-label,
+    # and UNLABELLED for the rest, so that a sample that is trained on without a label is caught (below).
+    UNLABELLED = 255
+    target = torch.full_like(y, UNLABELLED)
 
     # ---- model, optimiser, sets ----
+    # U-Net of Sec. 1.2; BatchNorm after every convolution is our choice (paper silent; the reference code has none)
     model = common.prepare_model(UNet(3, 1, args.width, dropout=args.dropout, dropout_at=args.dropout_at), device,
                                  args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -106,6 +148,8 @@ def main(argv=None):
     labeled = rng.choice(train_ids, n_initial, replace=False)
     pseudo = np.zeros(0, np.int64)
     pool = np.setdiff1d(train_ids, labeled)
+    to_t = lambda a: torch.as_tensor(np.asarray(a, np.int64), device=device)
+    target[to_t(labeled)] = y[to_t(labeled)]  # the oracle's labels of the initial set
     rounds = 0 if args.strategy == "full" else args.rounds
     epochs0 = args.epochs_initial + (args.rounds * args.epochs if args.strategy == "full" else 0)
     start = 0
@@ -114,12 +158,18 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         labeled, pseudo, pool = state["labeled"], state["pseudo"], state["pool"]
-        target[torch.as_tensor(pseudo, device=device)] = state["pseudo_masks"].to(device)
+        target.fill_(UNLABELLED)
+        target[to_t(labeled)] = y[to_t(labeled)]
+        target[to_t(pseudo)] = state["pseudo_masks"].to(device)
         rng.bit_generator.state = state["rng_select"]
         gen.set_state(state["rng_batches"])
         start = state["round"] + 1
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
-                               0 if start == 0 else epochs0 + (start - 1) * args.epochs)
+                               0 if start == 0 else epochs0 + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n_initial, args.strategy == "ceal",
+                                                         lambda r: 0 if args.strategy != "ceal" else args.pseudo_step
+                                                         * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)))
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. 4.1-4.3) ----
@@ -129,32 +179,49 @@ def main(argv=None):
             print(f"round {rnd}: the unlabelled pool is used up; stopping")
             break
         if rnd > 0 and args.strategy == "ceal":
-            scores, masks, pool_dice = score_pool(model, x, y, pool, args, device)
-            g1, g2, g3, g4 = common.ceal_groups(  # Sec. 4.2: the four groups
-                scores, n_low, n_high, n_band, args.pseudo_step * rnd, rng)
-            for how, g in (("oracle-lowest", g1), ("oracle-highest", g2), ("oracle-band", g3), ("pseudo", g4)):
-                queried[how] = [data.ids[i] for i in pool[g]]
-            target[torch.as_tensor(pool[g4], device=device)] = masks[torch.as_tensor(g4, device=device)]
-            labeled = np.concatenate([labeled, pool[g1], pool[g2], pool[g3]])
-            pseudo = np.concatenate([pseudo, pool[g4]])
-            group = np.full(len(pool), "", dtype=object)
-            for how, g in zip(("lowest", "highest", "band", "pseudo"), (g1, g2, g3, g4)):
-                group[g] = how
-            run.append_csv("pool_scores.csv", [{"round": rnd, "sample_id": data.ids[i], "uncertainty": float(s),
-                                                "dice": float(d), "group": h}  # Fig. 5 data; Dice is never used to select
-                                               for i, s, d, h in zip(pool, scores, pool_dice, group)])
+            scored = pool
+            scores, masks, pool_dice = score_pool(model, x, y, scored, args, device)
+            # Sec. 4.2, group 4: "20 x number of iterations" pseudo-labels. Default (total): the pseudo-labelled
+            # set holds pseudo_step x rnd, pseudo_step new ones a round, so ISIC's 1000-sample pool lasts the 10
+            # iterations (350 oracle + 200 pseudo) and the selected leave the pool (Sec. 4.3)
+            k4 = args.pseudo_step * (1 if args.pseudo_mode == "total" else rnd)
+            g1, g2, g3, g4 = common.ceal_groups(  # Sec. 4.2: the four groups (positions into pool)
+                scores, n_low, n_high, n_band, k4, rng, band=args.band, pseudo=args.pseudo_pick)
+            groups = {"oracle-lowest": scored[g1], "oracle-highest": scored[g2], "oracle-band": scored[g3],
+                      "pseudo": scored[g4]}
+            queried = {how: [data.ids[i] for i in g] for how, g in groups.items()}
+            oracle = np.concatenate([scored[g1], scored[g2], scored[g3]])
+            if args.pseudo_mode == "redraw":  # the reference code: last round's pseudo-labels go back unlabelled
+                target[to_t(pseudo)] = UNLABELLED
+                pseudo = scored[g4]
+                pool = np.setdiff1d(pool, oracle)
+            else:
+                pseudo = np.concatenate([pseudo, scored[g4]])
+                pool = np.setdiff1d(pool, np.concatenate([oracle, scored[g4]]))
+            target[to_t(oracle)] = y[to_t(oracle)]  # the oracle reveals the ground truth
+            target[to_t(scored[g4])] = masks[to_t(g4)]  # the model's mask (score_pool), never the truth
+            labeled = np.concatenate([labeled, oracle])
+            # pool_scores.csv: the score that selects, and the Dice of Fig. 5 (never used to select)
+            run.log_pool_scores(rnd, [data.ids[i] for i in scored], {"uncertainty": scores, "dice": pool_dice}, queried)
             figures(run, rnd, scores, pool_dice, (g1, g2, g3, g4))
-            pool = np.setdiff1d(pool, np.concatenate([pool[g1], pool[g2], pool[g3], pool[g4]]))
+            common.save_picks(run, rnd, model, data, x, groups, {int(i): s for i, s in zip(scored, scores)},
+                              args.batch_size, device, args.amp)
         elif rnd > 0:  # random: the same oracle budget, no pseudo-labels
+            scored = pool
             new = common.query_random(pool, args.query, rng)
             queried["oracle-random"] = [data.ids[i] for i in new]
+            target[to_t(new)] = y[to_t(new)]
             labeled = np.concatenate([labeled, new])
             pool = np.setdiff1d(pool, new)
+            run.log_pool_scores(rnd, [data.ids[i] for i in scored], {"uncertainty": [""] * len(scored),
+                                                                     "dice": [""] * len(scored)}, queried)
+            common.save_picks(run, rnd, model, data, x, {"oracle-random": new}, None, args.batch_size, device, args.amp)
         if rnd == 0:
             queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start (all of it for "full")
         select_s = time.time() - t0
 
-        # ---- training: 20 epochs initially, then 5 per iteration, fine-tuning (Sec. 5) ----
+        # ---- training: 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper
+        # silent; Sec. 4.3: "the model is again trained on D^L"; the reference code continues from its weights) ----
         t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
 
@@ -164,7 +231,10 @@ def main(argv=None):
             progress.epoch(rnd, e, epochs, loss, vd)
             model.train()
 
-        common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size,
+        train_idx = np.concatenate([labeled, pseudo])
+        if bool((target[to_t(train_idx)] == UNLABELLED).any()):
+            raise RuntimeError(f"round {rnd}: a training sample has no label (target {UNLABELLED}): a bug in the sets")
+        common.train(model, opt, x, target, train_idx, epochs, args.batch_size,
                      device=device, amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
         train_s = time.time() - t0
 
@@ -195,14 +265,16 @@ def main(argv=None):
 
 
 def figures(run, rnd, scores, pool_dice, groups):
-    """Fig. 6 (uncertainty histogram, the four groups marked) and Fig. 5 (uncertainty vs Dice of the pool)."""
+    """Fig. 6 (uncertainty histogram, the four groups marked) and Fig. 5 (uncertainty vs Dice of the pool), one
+    of each per round: figures/uncertainty_hist_round_<K>.png, figures/uncertainty_vs_dice_round_<K>.png."""
+    os.makedirs(run.path("figures"), exist_ok=True)
     marks = {name: scores[g] for name, g in zip(("lowest", "highest", "band", "pseudo"), groups)}
-    common.plot_hist(run.path("uncertainty_hist.png"), scores, 80, "uncertainty (sum of pixel variances)",
-                     f"pool uncertainty, round {rnd}", marks=marks)
+    common.plot_hist(run.path(f"figures/uncertainty_hist_round_{rnd}.png"), scores, 80,
+                     "uncertainty (sum of pixel variances)", f"pool uncertainty, round {rnd}", marks=marks)
     series = {"pool": (scores, pool_dice)}
     series.update({name: (scores[g], pool_dice[g]) for name, g in zip(("lowest", "highest", "band", "pseudo"), groups)})
-    common.plot(run.path("uncertainty_vs_dice.png"), series, "uncertainty", "Dice of the prediction",
-                f"round {rnd}", kind="scatter")
+    common.plot(run.path(f"figures/uncertainty_vs_dice_round_{rnd}.png"), series, "uncertainty",
+                "Dice of the prediction", f"round {rnd}", kind="scatter")
 
 
 def panel(run, model, data, x, y, ids, args, device, n=4):

@@ -106,13 +106,16 @@ def seed_everything(seed, deterministic=False):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic:  # fail loudly (RuntimeError naming the op) on an op with no deterministic implementation
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it, before its first use
+        torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+    else:  # also undoes an earlier --deterministic call in the same process (in-process tests)
+        if torch.are_deterministic_algorithms_enabled():  # the call itself costs ~1.3 s of CPU: only when needed
+            torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = torch.cuda.is_available()
 
 
 def get_device(name="auto"):
@@ -167,6 +170,7 @@ class Data:
     official: dict = field(default_factory=dict)   # split name -> indices, where the dataset defines splits
     groups: np.ndarray = None     # patient of each sample (lgg): splits never cut a group
     name: str = ""
+    positive: np.ndarray = None   # (N,) bool: the mask has foreground at full resolution (files' own size)
 
     def __len__(self):
         return len(self.ids)
@@ -177,7 +181,8 @@ class Data:
         pos[keep] = np.arange(len(keep))
         official = {k: pos[v][pos[v] >= 0] for k, v in self.official.items()}
         return Data(self.x[keep], self.y[keep], [self.ids[i] for i in keep], official,
-                    None if self.groups is None else self.groups[keep], self.name)
+                    None if self.groups is None else self.groups[keep], self.name,
+                    None if self.positive is None else self.positive[keep])
 
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".webp")
@@ -358,22 +363,25 @@ def read_raw_tiff(path):
     return np.frombuffer(data, np.uint8)[: w * h * spp].reshape(h, w, spp)
 
 
-def read_image(path, mode, size=None):
+def read_image(path, mode, size=None, with_size=False):
     """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'. With `size`, a JPEG is
-    decoded at the smallest DCT scale that is still at least size x size (much faster for ISIC's photos)."""
+    decoded at the smallest DCT scale that is still at least size x size (much faster for ISIC's photos).
+    with_size: return (image, (width, height) as stored in the file, before any draft scaling)."""
     try:
         with Image.open(path) as im:
+            stored = im.size
             if size and im.format == "JPEG":
                 im.draft(mode, (size, size))
             im.load()
-            return im.convert(mode) if im.mode != mode else im.copy()
+            out = im.convert(mode) if im.mode != mode else im.copy()
     except Exception as e:
         try:
             a = read_raw_tiff(path)
         except Exception:
             raise UserError(f"{path}: unreadable image file ({type(e).__name__}: {e})")
-        im = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a[..., :3])
-        return im.convert(mode)
+        stored = (a.shape[1], a.shape[0])
+        out = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a[..., :3]).convert(mode)
+    return (out, stored) if with_size else out
 
 
 def binarise_mask(m, path):
@@ -390,17 +398,23 @@ def binarise_mask(m, path):
 
 
 def _decode(entry, size, channels):
+    """One pair resized to size x size: (image (C, S, S), mask (S, S) in {0, 1}, whether the mask has any
+    foreground at the files' own resolution). An image and mask of different sizes is a pairing error."""
     key, img_path, mask_path = entry[:3]
-    im = read_image(img_path, "RGB" if channels == 3 else "L", size)
+    im, im_size = read_image(img_path, "RGB" if channels == 3 else "L", size, with_size=True)
     im = im.resize((size, size), Image.BILINEAR)
     m = binarise_mask(np.asarray(read_image(mask_path, "L")), mask_path)
+    if (m.shape[1], m.shape[0]) != im_size:
+        raise UserError(f"{img_path} is {im_size[0]}x{im_size[1]} but its mask {mask_path} is {m.shape[1]}x"
+                        f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?)")
+    positive = bool(m.any())
     m = Image.fromarray(m * 255).resize((size, size), Image.BILINEAR)
     x = np.asarray(im, dtype=np.uint8)
     x = x[None] if channels == 1 else x.transpose(2, 0, 1)
-    return x, (np.asarray(m) >= 128).astype(np.uint8)
+    return x, (np.asarray(m) >= 128).astype(np.uint8), positive
 
 
-CACHE_VERSION = 2  # bump when decoding changes (2: JPEG draft decoding)
+CACHE_VERSION = 3  # bump when decoding changes (2: JPEG draft decoding; 3: full-resolution `positive`)
 
 
 def cache_dir():
@@ -422,7 +436,7 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
     path = os.path.join(cache_dir(), f"{name}-{size}px-{channels}ch-{key[:16]}.npz")
     if os.path.isfile(path):
         with np.load(path, allow_pickle=False) as z:
-            x, y = z["x"], z["y"]
+            x, y, positive = z["x"], z["y"], z["positive"]
         if not quiet:
             print(f"data: {name} {len(entries)} samples from cache {path}")
     else:
@@ -430,9 +444,10 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
         with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
             out = list(pool.map(lambda e: _decode(e, size, channels), entries))
         x, y = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+        positive = np.array([o[2] for o in out], dtype=bool)
         os.makedirs(cache_dir(), exist_ok=True)
         tmp = path + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, x=x, y=y)
+        np.savez(tmp, x=x, y=y, positive=positive)
         os.replace(tmp, path)
         if not quiet:
             print(f"data: {name} {len(entries)} samples decoded in {time.time() - t0:.1f}s, cached at {path}")
@@ -442,28 +457,50 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
         if e[3]:
             official.setdefault(e[3], []).append(i)
     groups = np.array([e[4] for e in entries]) if entries[0][4] is not None else None
-    return Data(x, y, ids, {k: np.array(v) for k, v in official.items()}, groups, name)
+    return Data(x, y, ids, {k: np.array(v) for k, v in official.items()}, groups, name, positive)
 
 
 def make_splits(data, sizes, seed):
     """Seeded (train, val, test) index arrays. Official splits are used where the dataset has them: the
     official test set, the official validation set when it covers the requested size (else validation is
-    drawn from the official training set). Grouped data (lgg) is split by patient, never by slice; the
-    sizes are then reached to within one patient and the training set keeps the rest."""
+    drawn from the official training set).
+
+    Grouped data (lgg) is split by patient, never by slice, so the sizes are approximate. The patients are
+    shuffled (seeded); test, then validation, is filled in that order: a patient of g samples joins a set
+    holding c of its target t only if it brings the set closer to t (c + g/2 < t; a tie stays out), and a
+    patient that does not is skipped, not the end: it stays free for the next set. A set with a target > 0
+    that no patient brings closer gets the smallest free patient. Training gets every patient left when
+    the sizes ask for all the data (sum >= N: the CEAL paper's 878 / 220 / 275 of 1373, default_split),
+    else a seeded n_train of their samples (all of them if fewer). The achieved sizes are what the arrays
+    hold (split_data records and prints them); only a set with a target > 0 and no patient left is an error."""
     n_train, n_val, n_test = sizes
     rng = np.random.default_rng(seed)
     n = len(data)
     if data.groups is not None:
         groups = np.unique(data.groups)
         rng.shuffle(groups)
-        parts, g = [[], []], 0
-        for k, target in enumerate((n_test, n_val)):
-            while len(parts[k]) < target and g < len(groups):
-                parts[k] += list(np.flatnonzero(data.groups == groups[g]))
-                g += 1
-        rest = np.concatenate([np.flatnonzero(data.groups == grp) for grp in groups[g:]] or [np.zeros(0, int)])
-        test, val = np.array(parts[0], dtype=np.int64), np.array(parts[1], dtype=np.int64)
-        train = rng.permutation(rest.astype(np.int64))[:n_train]
+        count = dict(zip(*np.unique(data.groups, return_counts=True)))
+        free, parts = list(groups), []
+        for what, target in (("test", n_test), ("validation", n_val), ("training", n_train)):
+            if target > 0 and not free:
+                raise UserError(f"{data.name}: no patient left for the {what} set ({len(groups)} patients, {n} "
+                                f"samples, split train {n_train} / val {n_val} / test {n_test}); lower --split")
+            if what == "training":
+                break
+            part, got = [], 0
+            for g in list(free):
+                if 2 * (target - got) > count[g]:
+                    part.append(g)
+                    got += count[g]
+                    free.remove(g)
+            if target > 0 and not part:
+                part = [min(free, key=lambda g: count[g])]
+                free.remove(part[0])
+            parts.append(part)
+        members = lambda gs: np.flatnonzero(np.isin(data.groups, gs)).astype(np.int64)
+        test, val, rest = members(parts[0]), members(parts[1]), members(free)
+        train = rest if n_train + n_val + n_test >= n else rng.permutation(rest)[:n_train]
+        return np.sort(train), np.sort(val), np.sort(test)
     else:
         pool = np.asarray(data.official.get("train", np.arange(n)))
         if "test" in data.official:
@@ -508,17 +545,44 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
     """A run's seeded split and labelling counts, recorded in its folder. Flags left at None come from the
     data: --split from `split` (else default_split), --initial and --query as the paper's `initial` and
     `query` of its training pool of `paper_pool`, carried to this pool (pool_share). Writes splits.json and
-    the resolved flags (config.json); returns the train, validation and test indices."""
+    the resolved flags (config.json, with the sizes achieved as "split_achieved": a split by patient, lgg,
+    is approximate and also prints requested vs achieved), checks the training pool's masks
+    (check_foreground); returns the train, validation and test indices."""
     if args.split is None:
         args.split = split or default_split(data)
     ids = make_splits(data, args.split, args.seed)
+    achieved = [len(i) for i in ids]
+    if data.groups is not None:  # by patient: the sizes are approximate (make_splits)
+        print(f"split by patient: requested train {args.split[0]} / val {args.split[1]} / test {args.split[2]}, "
+              f"achieved {achieved[0]} / {achieved[1]} / {achieved[2]} "
+              f"({' / '.join(str(len(set(data.groups[i]))) for i in ids)} patients)")
+    check_foreground(data, ids[0], getattr(args, "data_dir", None))
     if args.initial is None:
         args.initial = pool_share(len(ids[0]), initial, paper_pool)
     if args.query is None:
         args.query = pool_share(len(ids[0]), query, paper_pool)
     run.update_config(args)
+    run.write_json("config.json", dict(json.load(open(run.path("config.json"))), split_achieved=achieved))
     run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in zip(("train", "val", "test"), ids)})
     return ids
+
+
+EMPTY_WARN = 0.5  # warn when more than this share of the training pool's masks is empty (lgg --all-slices: ~65 %)
+
+
+def check_foreground(data, pool, data_dir=None):
+    """The training pool must hold some foreground: masks that are all empty mean another mask convention or
+    the wrong folder, and the run would end at Dice 0 without a word. Full-resolution masks where known
+    (Data.positive). All empty: UserError; more than EMPTY_WARN of them empty: one warning line."""
+    pos = data.positive if data.positive is not None else data.y.reshape(len(data), -1).any(1)
+    n, empty = len(pool), int(len(pool) - np.count_nonzero(pos[pool]))
+    if n and empty == n:
+        raise UserError(f"{data_dir or data.name}: all {n} masks of the training pool are empty (not one foreground "
+                        f"pixel); expected binary masks with the lesion bright (0/255) or 1 (0/1) on a 0 background. "
+                        f"Masks in another convention, or the wrong folder?")
+    if empty > EMPTY_WARN * n:
+        print(f"warning: {empty} of {n} training-pool masks ({empty / n:.0%}) are empty; expected for lgg "
+              f"--all-slices, else check the masks in {data_dir or data.name} (lesion 255 or 1, background 0)")
 
 
 def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --rounds"):
@@ -598,8 +662,11 @@ def make_synthetic(n, size=64, channels=3, seed=0):
 
 
 def keep_positive(data):
-    """Only samples whose mask is not empty (the CEAL paper's 1373 LGG slices with tumour)."""
-    return data.subset(np.flatnonzero(data.y.reshape(len(data), -1).any(1)))
+    """Only samples whose mask is not empty at the files' own resolution (Data.positive, decided before
+    resizing), so the same slices are kept at every --image-size: the CEAL paper's 1373 LGG slices with
+    tumour, of which 34 would vanish at 32 px. Data without `positive` (synthetic) uses the masks it has."""
+    pos = data.positive if data.positive is not None else data.y.reshape(len(data), -1).any(1)
+    return data.subset(np.flatnonzero(pos))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -801,8 +868,13 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
     for b in batches(idx, batch_size):
         xb = to_input(x[b])
         xb = xb.contiguous(memory_format=memory_format(device))
+        # sums of d = p - p0, p0 the first pass (the shifted-data form of Welford's method): E[p^2] - E[p]^2 in
+        # float32 cancels to rounding noise where the model is confident (p ~ 1: var ~ 1e-8 < float32's 6e-8
+        # spacing of p^2), which would scramble the ranking of the least uncertain samples; the moments of d
+        # are of the size of the variance itself. (float64 would also do, but MPS has none.)
         s1 = torch.zeros((len(b),) + tuple(x.shape[-2:]), device=device)
         s2 = torch.zeros_like(s1)
+        p0 = None
         # passes per forward: batched, as many as fit in 2^24 pixels (256 images of 256 x 256); looped, one
         per = max(1, min(T, 2 ** 24 // (len(b) * xb.shape[-1] * xb.shape[-2]))) if batched else 1
         with autocast(device, amp):
@@ -819,17 +891,18 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
                 r = min(per, T - t)
                 out = run(r)
                 out = out[0] if isinstance(out, tuple) else out
-                p = torch.sigmoid(out.float()[:, 0])
+                p = torch.sigmoid(out.float()[:, 0]).reshape(r, len(b), *s1.shape[1:])
+                if p0 is None:
+                    p0 = p[0].clone()
+                d = p.sub_(p0)  # in place: p is this pass's own tensor
                 if r == 1:
-                    s1.add_(p)
-                    s2.addcmul_(p, p)
+                    s1.add_(d[0])
+                    s2.addcmul_(d[0], d[0])
                 else:
-                    p = p.reshape(r, len(b), *s1.shape[1:])
-                    s1 += p.sum(0)
-                    s2 += (p * p).sum(0)
-        mean = s1 / T
-        var = (s2 / T - mean * mean).clamp_(min=0)
-        yield b, mean, var
+                    s1 += d.sum(0)
+                    s2 += (d * d).sum(0)
+        m1 = s1 / T
+        yield b, p0 + m1, (s2 / T - m1 * m1).clamp_(min=0)
     model.eval()
 
 
@@ -841,9 +914,13 @@ def query_random(pool, k, rng):
     return rng.choice(np.asarray(pool), size=min(k, len(pool)), replace=False)
 
 
-def top_k(pool, scores, k, largest=True):
-    """The k pool samples with the largest (or smallest) score; ties broken by pool order (stable)."""
-    order = np.argsort(-np.asarray(scores) if largest else np.asarray(scores), kind="stable")
+def top_k(pool, scores, k, largest=True, rng=None):
+    """The k pool samples with the largest (or smallest) score. Ties: with rng (a seeded numpy Generator) in
+    a random order drawn from it (one permutation of the pool per call, whether or not there are ties);
+    without, by pool order (stable), so the lowest pool positions win."""
+    key = -np.asarray(scores, dtype=np.float64) if largest else np.asarray(scores, dtype=np.float64)
+    perm = np.arange(len(key)) if rng is None else rng.permutation(len(key))
+    order = perm[np.argsort(key[perm], kind="stable")]
     return np.asarray(pool)[order[:k]]
 
 
@@ -936,19 +1013,30 @@ def pooled_features(model, x, idx, batch_size, device, amp=False, grid=1):
     return torch.cat(out).cpu() if out else torch.zeros(0, model.feature_channels * grid * grid)
 
 
-def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6):
+def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6, band="paper", pseudo="nearest"):
     """CEAL's selection (ceal_mcdropout.md, Sec. 4.2) on the pool's uncertainty scores; returns positions
-    into `scores` for the four groups:
+    into `scores` for the four groups, on the histogram of the scores in `bins` bins (Fig. 6; the reference
+    code of Gorriz et al. uses 80):
     1. the n_low lowest scores (lesions the model missed) -> oracle;
     2. the n_high highest scores -> oracle;
-    3. n_band drawn at random from the low-uncertainty band of the histogram (Fig. 6): the bins from the
-       lowest up to band_bins above the histogram's mode (the reference code's get_thirt_index also
-       starts 6 of 80 bins above the mode) -> oracle;
-    4. n_pseudo closest to the centre of the histogram's mode bin, the "highly confident" samples (the
-       reference code's get_pseudo_index draws from that bin) -> pseudo-labelled by the model.
-    Groups never overlap; a band holding fewer than n_band samples is filled with the next-lowest scores, so
-    the oracle budget is constant; when the pool is smaller than asked, the oracle groups are served first.
-    (In common.py because ssl_coldstart.py uses CEAL as a comparator.)"""
+    3. n_band drawn at random from the low-uncertainty band -> oracle. The paper: samples that "get mixed
+       up with the highly confident samples" (group 4, which sits at the histogram's mode). Two readings:
+       band="paper" (default): every score up to band_bins bins above the mode bin, the mode bin and all
+       below it included (scores <= the upper edge of bin mode + band_bins);
+       band="reference": the reference code's random_index / get_thirt_index, the interval from the lower
+       edge of bin mode + band_bins to the lower edge of bin bins - 33 (bin 47 of 80), so above the mode
+       and never in it (empty when the mode sits at bin 41 or higher);
+    4. n_pseudo "highly confident" samples at the histogram's mode -> pseudo-labelled by the model.
+       pseudo="nearest" (default): the n_pseudo closest to the centre of the mode bin, deterministic, so
+       the paper's count is met, reaching into the neighbouring bins when the mode bin holds fewer;
+       pseudo="reference": the reference code's get_pseudo_index, a random draw inside the mode bin, fewer
+       than n_pseudo when the bin holds fewer.
+    Groups never overlap (the reference code draws the pseudo-labels from the whole pool, oracle picks
+    included). A band holding fewer than n_band samples is filled with the next-lowest scores, so the oracle
+    budget is constant (the reference code queries fewer); when the pool is smaller than asked, the oracle
+    groups are served first. (In common.py because ssl_coldstart.py uses CEAL as a comparator.)"""
+    if band not in ("paper", "reference") or pseudo not in ("nearest", "reference"):
+        raise ValueError(f"ceal_groups: band {band!r} or pseudo {pseudo!r} unknown")
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(scores, kind="stable")
     low = order[:n_low]
@@ -957,17 +1045,24 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
     taken = low_set | set(high.tolist())
     counts, edges = np.histogram(scores, bins=bins)
     mode = int(np.argmax(counts))
-    band_top = edges[min(mode + 1 + band_bins, bins)]
-    candidates = np.array([i for i in order if i not in taken and scores[i] <= band_top], dtype=np.int64)
-    band = rng.choice(candidates, size=min(n_band, len(candidates)), replace=False) if len(candidates) else candidates
-    if len(band) < n_band:  # a thin band: the oracle budget stays the same, filled with the next-lowest scores
+    if band == "paper":
+        inside = scores <= edges[min(mode + 1 + band_bins, bins)]
+    else:  # reference: interval(uncertain, edges[mode + 6], edges[80 - 33]), i.e. start <= score < end
+        inside = (scores >= edges[min(mode + band_bins, bins)]) & (scores < edges[bins - 33])
+    candidates = np.array([i for i in order if i not in taken and inside[i]], dtype=np.int64)
+    band_ = rng.choice(candidates, size=min(n_band, len(candidates)), replace=False) if len(candidates) else candidates
+    if len(band_) < n_band:  # a thin band: the oracle budget stays the same, filled with the next-lowest scores
         cand = set(candidates.tolist())
-        band = np.concatenate([band, [i for i in order if i not in taken and i not in cand][:n_band - len(band)]])
-    taken |= set(band.tolist())
+        band_ = np.concatenate([band_, [i for i in order if i not in taken and i not in cand][:n_band - len(band_)]])
+    taken |= set(band_.tolist())
     rest = np.array([i for i in order if i not in taken], dtype=np.int64)
-    centre = (edges[mode] + edges[mode + 1]) / 2
-    pseudo = rest[np.argsort(np.abs(scores[rest] - centre), kind="stable")[:n_pseudo]]
-    return low.astype(np.int64), high, band.astype(np.int64), pseudo
+    if pseudo == "nearest":
+        centre = (edges[mode] + edges[mode + 1]) / 2
+        pick = rest[np.argsort(np.abs(scores[rest] - centre), kind="stable")[:n_pseudo]]
+    else:  # reference: interval(uncertain, edges[mode], edges[mode + 1]), shuffled, the first n_pseudo
+        in_mode = rest[(scores[rest] >= edges[mode]) & (scores[rest] < edges[mode + 1])]
+        pick = rng.choice(in_mode, size=min(n_pseudo, len(in_mode)), replace=False) if len(in_mode) else in_mode
+    return low.astype(np.int64), high, band_.astype(np.int64), pick.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1004,7 +1099,11 @@ class Run:
             cfg = json.load(open(cfg_path))
             if cfg.get("script") != self.script:
                 raise UserError(f"--resume {self.dir}: the run was made by {cfg.get('script')}, not {self.script}")
-            for k, v in cfg["args"].items():  # the run's own flags win; only --device/--resume/--amp may change
+            # the run's own flags win, --amp included (the rest of a run computes as its start did); only
+            # --resume, --device and --workers may change
+            if args.amp and not cfg["args"].get("amp"):
+                print(f"resume: --amp ignored: {self.dir} was started without it, and a run keeps its numerics")
+            for k, v in cfg["args"].items():
                 if k not in ("resume", "device", "workers"):
                     setattr(args, k, v)
         else:
@@ -1044,8 +1143,8 @@ class Run:
             return
         path = self.path(name)
         new = not os.path.isfile(path)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns or list(rows[0]))
+        with open(path, "a", newline="") as f:  # "\n" line ends in every CSV (csv's default is "\r\n")
+            w = csv.DictWriter(f, fieldnames=columns or list(rows[0]), lineterminator="\n")
             if new:
                 w.writeheader()
             w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
@@ -1062,7 +1161,7 @@ class Run:
             return
         cols = list(rows[0])
         with open(self.path(name), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
+            w = csv.DictWriter(f, fieldnames=cols, lineterminator="\n")  # as append_csv
             w.writeheader()
             w.writerows(r for r in rows if keep(r))
 
@@ -1129,28 +1228,107 @@ class Run:
 
 
 class Progress:
-    """One line per epoch and per round: loss, Dice, elapsed, ETA (from the epochs still planned)."""
+    """One line per epoch and per round: loss, Dice, elapsed and the ETA.
 
-    def __init__(self, run, total_epochs, done_epochs=0):
+    Progress(run, total_epochs, done_epochs, plan=...): plan holds the work of every round 0, 1, ..., as
+    (images trained, epochs, pool images scored), e.g. Progress.plan(...) for the usual protocol. The ETA is
+    then the work still planned at the costs measured so far in this run:
+      training:  training seconds / (images x epochs trained)     x  images x epochs still planned
+      selection: selection seconds / pool images scored            x  pool images still to score
+      the rest:  seconds per round outside both (test, checkpoint, figures)  x  rounds still to finish
+    so it counts the selection time and the labelled set growing from round to round, which epochs alone do
+    not. Until some round has scored its pool, scoring an image is taken to cost one training image-epoch;
+    in a round that scores, the time from the last round's end to its first epoch, less that epoch at the
+    measured training cost, stands in for its selection time until the round reports select_s.
+    Without a plan: the epochs still planned at the mean epoch time so far (selection time unseen)."""
+
+    def __init__(self, run, total_epochs=1, done_epochs=0, plan=None):
         self.run, self.total, self.done = run, max(1, total_epochs), done_epochs
         self.t_start, self.done_start = time.time(), done_epochs
+        self.work = [tuple(int(v) for v in w) for w in plan] if plan else None
+        self.train_s = self.train_ie = self.select_s = self.select_n = self.other_s = 0.0
+        self.other_rounds, self.finished, self.cur, self.t_round = 0, -1, None, self.t_start
+        for row in (run.read_csv("rounds.csv") if self.work else []):  # --resume: the costs of the rounds done
+            self._measured(row)
+
+    @staticmethod
+    def plan(initial, query, rounds, epochs_initial, epochs, pool, scored=True, pseudo=None):
+        """The usual protocol's work per round: round 0 trains `initial` images for `epochs_initial` epochs;
+        round r >= 1 scores the `pool` images still unlabelled (none if not `scored`, e.g. random), moves
+        `query` of them to the labelled set and trains it, plus pseudo(r) pseudo-labelled images (CEAL; those
+        new in round r leave the pool), for `epochs`. Stops where the pool runs out, as the scripts do.
+        pool: the images unlabelled after round 0."""
+        work, n, left, before = [(initial, epochs_initial, 0)], initial, pool, 0
+        for r in range(1, rounds + 1):
+            if left <= 0:
+                break
+            now = int(pseudo(r)) if pseudo else 0
+            work.append((n + min(left, query) + now, epochs, left if scored else 0))
+            n, left, before = n + min(left, query), left - min(left, query) - max(0, now - before), now
+        return work
+
+    def _work(self, rnd):
+        return self.work[rnd] if 0 <= rnd < len(self.work) else (0, 0, 0)
+
+    def _measured(self, row, wall=None):
+        n, e, s = self._work(int(row["round"]))
+        train_s, select_s = float(row["train_s"]), float(row["select_s"])
+        self.train_s, self.train_ie = self.train_s + train_s, self.train_ie + n * e
+        if s:
+            self.select_s, self.select_n = self.select_s + select_s, self.select_n + s
+        if wall is not None:
+            self.other_s, self.other_rounds = self.other_s + max(0.0, wall - train_s - select_s), self.other_rounds + 1
+        self.finished = max(self.finished, int(row["round"]))
+
+    def eta_s(self, now=None):
+        """Seconds still to go (see the class doc)."""
+        now = time.time() if now is None else now
+        if not self.work:
+            return (now - self.t_start) / max(1, self.done - self.done_start) * max(0, self.total - self.done)
+        ts, tie, ss, sn = self.train_s, self.train_ie, self.select_s, self.select_n
+        left_ie = left_n = 0
+        first = self.finished + 1  # the first round not started
+        if self.cur is not None:   # a round in training: [round, epochs done, its epochs, first epoch's end, last's]
+            rnd, k, epochs, t_first, t_last = self.cur
+            n, _, s = self._work(rnd)
+            if k >= 2:  # its epochs after the first: training only
+                ts, tie = ts + t_last - t_first, tie + (k - 1) * n
+            gap = t_first - self.t_round  # its selection and its first epoch
+            if not tie and n:
+                ts, tie = gap, n
+            elif s and tie:
+                ss, sn = ss + max(0.0, gap - ts / tie * n), sn + s
+            left_ie, first = max(0, epochs - k) * n, rnd + 1
+        for n, e, s in self.work[first:]:
+            left_ie, left_n = left_ie + n * e, left_n + s
+        rate_train = ts / tie if tie else 0.0
+        rate_select = ss / sn if sn else rate_train
+        other = self.other_s / self.other_rounds if self.other_rounds else 0.0
+        rounds_left = max(0, len(self.work) - (self.cur[0] if self.cur is not None else first))
+        return rate_train * left_ie + rate_select * left_n + other * rounds_left
 
     def _eta(self):
-        rate = (time.time() - self.t_start) / max(1, self.done - self.done_start)
-        return fmt_s(rate * max(0, self.total - self.done))
+        return fmt_s(self.eta_s())
 
     def epoch(self, rnd, epoch, epochs, loss, val_dice=None):
         self.done += 1
+        now = time.time()
+        if self.cur is None or self.cur[0] != rnd:
+            self.cur = [rnd, 0, epochs, now, now]
+        self.cur[1:] = [epoch + 1, epochs, self.cur[3], now]
         vd = "" if val_dice is None else f" val_dice {val_dice:.3f}"
         print(f"  round {rnd} epoch {epoch + 1}/{epochs} loss {loss:.4f}{vd} | {fmt_s(self.run.elapsed())} "
               f"elapsed, ETA {self._eta()}", flush=True)
 
     def round(self, row):
+        now = time.time()
+        if self.work:
+            self._measured(row, now - self.t_round)
+        self.t_round, self.cur = now, None
         extra = f" pseudo {row['pseudo']}" if row.get("pseudo") else ""
         print(f"round {row['round']}: labelled {row['labeled']}{extra} test dice {row['dice_mean']:.4f} "
               f"± {row['dice_std']:.4f} iou {row['iou_mean']:.4f} (train {row['train_s']:.1f}s, select "
               f"{row['select_s']:.1f}s) | {fmt_s(self.run.elapsed())} elapsed, ETA {self._eta()}", flush=True)
-
 
 def fmt_s(s):
     s = int(round(s))
@@ -1247,13 +1425,15 @@ def plot_hist(path, values, bins=80, xlabel="", title="", marks=None):
         return
     img = Image.open(path).convert("RGB")
     d = ImageDraw.Draw(img)
-    (W, H), L, R, B = img.size, 64, 16, 48
+    # plot()'s geometry: its right margin R holds the legend ("pool"), and its x range is the bar centres'
+    legend_w = int(ImageFont.load_default().getlength("pool")) + 30
+    (W, H), L, R, B = img.size, 64, 16 + legend_w, 48
     lo, hi = centres.min(), centres.max()
-    hi = hi if hi > lo else lo + 1
+    lo, hi = (lo, hi) if hi > lo else (lo - 1, hi + 1)
     for k, (label, v) in enumerate(marks.items()):
         col = COLOURS[(k + 1) % len(COLOURS)]
-        for u in np.asarray(v, float):
-            x = L + (u - lo) / (hi - lo) * (W - L - R)
+        for u in np.asarray(v, float):  # a score half a bin beyond the outer centres stays on the frame
+            x = min(max(L + (u - lo) / (hi - lo) * (W - L - R), L), W - R)
             d.line([x, H - B - 6, x, H - B - 1], fill=col, width=2)
         d.rectangle([W - R - 150, 30 + 20 + 14 * k, W - R - 140, 30 + 28 + 14 * k], fill=col)
         d.text((W - R - 136, 30 + 18 + 14 * k), f"{label} (ticks)", fill="black")
@@ -1342,7 +1522,8 @@ def learning_curve(run, rows):
 # ----------------------------------------------------------------------------------------------------------
 def collect_runs(paths):
     """One dict per finished round of every run folder under `paths` (run folders or their parents):
-    the run's flags (config.json "args"), its script, folder, and the round's rounds.csv columns (numbers
+    the run's flags (config.json "args"), its script, folder, whether the run finished (`finished`: it
+    wrote summary.json; False while it runs or after a crash), and the round's rounds.csv columns (numbers
     as floats). A run with a missing or empty rounds.csv contributes nothing."""
     rows = []
     for p in paths:
@@ -1354,8 +1535,9 @@ def collect_runs(paths):
             rounds = os.path.join(run_dir, "rounds.csv")
             if not os.path.isfile(rounds):
                 continue
+            finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
             for r in csv.DictReader(open(rounds)):
-                row = dict(cfg["args"], script=cfg["script"], run=run_dir)
+                row = dict(cfg["args"], script=cfg["script"], run=run_dir, finished=finished)
                 for k, v in r.items():
                     try:
                         row[k] = float(v)
@@ -1366,7 +1548,9 @@ def collect_runs(paths):
 
 
 def summarise(rows, by, values=("dice_mean",)):
-    """Group rows by the keys `by` and give n, mean and std (over runs, e.g. seeds) of each value."""
+    """Group rows by the keys `by` and give n, the mean and the sample standard deviation (ddof = 1) over the
+    runs in each group (normally seeds) of each value: v and v_std. A group of one run has std NaN (not 0:
+    one run says nothing about the spread), which markdown_table prints as the mean alone."""
     groups = {}
     for r in rows:
         groups.setdefault(tuple(_key(r.get(k)) for k in by), []).append(r)
@@ -1376,7 +1560,8 @@ def summarise(rows, by, values=("dice_mean",)):
         row = dict(zip(by, key), n=len(g))
         for v in values:
             a = np.array([float(r[v]) for r in g if r.get(v) not in (None, "")], float)
-            row[v], row[v + "_std"] = (float(a.mean()), float(a.std())) if len(a) else (float("nan"), float("nan"))
+            row[v] = float(a.mean()) if len(a) else float("nan")
+            row[v + "_std"] = float(a.std(ddof=1)) if len(a) > 1 else float("nan")
         out.append(row)
     return out
 
@@ -1386,11 +1571,15 @@ def _key(v):
 
 
 def markdown_table(rows, columns, headers=None):
-    """rows: dicts; a column "x" whose row also has "x_std" prints as mean ± std."""
+    """rows: dicts; a column "x" whose row also has "x_std" prints as mean ± std (summarise's sample std;
+    the mean alone where the row has n = 1 or the std is NaN). Give the table an "n" column so that a reader
+    sees how many runs each ± is over."""
     def cell(r, c):
         v = r.get(c, "")
         if isinstance(v, float):
-            return f"{v:.4f} ± {r[c + '_std']:.4f}" if c + "_std" in r and r.get("n", 1) > 1 else f"{v:.4f}"
+            sd = r.get(c + "_std")
+            ok = isinstance(sd, (int, float)) and math.isfinite(sd) and r.get("n", 1) > 1
+            return f"{v:.4f} ± {sd:.4f}" if ok else f"{v:.4f}"
         return str(v)
     head = headers or columns
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -64,17 +64,27 @@ def main(argv=None):
         rng.bit_generator.state = state["rng_select"]
         gen.set_state(state["rng_batches"])
     progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
-                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs)
+                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
+                                                         args.epochs, len(train_ids) - args.initial, args.strategy == "tta"))
 
     for rnd in range(start, args.rounds + 1):
         t0, queried = time.time(), {}
         if rnd > 0:  # the query rule: the only part that differs from a random baseline
             if args.strategy == "tta":
-                new = common.top_k(pool, tta_variance(model, x, pool, args.batch_size, device), args.query)
-            else:
-                new = common.query_random(pool, args.query, rng)
+                scores = tta_variance(model, x, pool, args.batch_size, device)
+                new = common.top_k(pool, scores, args.query)
+            else:  # random: pool_scores.csv keeps the same columns, the score left empty
+                scores, new = [""] * len(pool), common.query_random(pool, args.query, rng)
             queried["oracle"] = [data.ids[i] for i in new]
+            # the audit trail: every pool sample's score and whether it was picked; the picks as the model saw them
+            run.log_pool_scores(rnd, [data.ids[i] for i in pool], {"tta_variance": scores}, queried)
+            common.save_picks(run, rnd, model, data, x, {"oracle": new},
+                              dict(zip(pool.tolist(), scores)) if args.strategy == "tta" else None,
+                              args.batch_size, device, args.amp)
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
+        else:
+            queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start
         select_s, t0 = time.time() - t0, time.time()
         epochs = args.epochs_initial if rnd == 0 else args.epochs
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp, generator=gen,

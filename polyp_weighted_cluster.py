@@ -10,6 +10,7 @@ loss on unlabelled images pushes the two class features apart while training (Eq
   python polyp_weighted_cluster.py --tables runs/                             # Tables 1-2 from finished runs
 """
 import copy
+import os
 import time
 
 import numpy as np
@@ -24,7 +25,7 @@ from unet import UNet
 # Defaults per dataset. The paper's numbers for CVC-ClinicDB (Sec. 3.1); its second dataset is in-house
 # (1000 train / 100 test, 3 epochs per round), so kvasir-seg (1000 images) takes that protocol.
 DEFAULTS = {
-    "cvc-clinicdb": dict(split=[550, 0, 62],   # Sec. 3.1 (after PraNet [20]): 550 train / 62 test, seeded random here; no validation set
+    "cvc-clinicdb": dict(split=[550, 0, 62],   # Sec. 3.1 (after PraNet [20]): 550 train / 62 test, seeded random here (--test-list: a fixed list); no validation set
                          image_size=352,       # Sec. 3.1
                          initial=30,           # Table 2 starts at 30 labelled; paper silent on how they are drawn: random
                          query=30, rounds=5,   # Sec. 3.1: B = 30, R = 5 (30 -> 180 labelled, Tables 1-2)
@@ -63,6 +64,10 @@ def parse_args(argv=None):
     # Method flags
     p.add_argument("--delta", type=float, default=0.2, help="margin delta of L_fdl (Sec. 2.2: 0.2; default 0.2)")
     p.add_argument("--lam", type=float, default=0.1, help="weight lambda_c of L_fdl (Sec. 2.3: 0.1; default 0.1)")
+    p.add_argument("--fdl-grad-through-mask", action="store_true", help="let L_fdl back-propagate through the "
+                   "prediction y that masks the features as well as through f_E (default: off, y detached: Sec. 2.2 "
+                   "pushes the features apart; through y the loss can instead be lowered by changing the "
+                   "prediction, see docs/polyp_weighted_cluster.md)")
     p.add_argument("--fdl-initial", action="store_true", help="also add L_fdl in the initial training (paper "
                    "silent; Table 2 gives every variant, w/o DIS included, the same 30-labelled score, so off)")
     p.add_argument("--kmeans-init", type=int, default=10, help="K-means restarts, the best objective kept "
@@ -71,6 +76,11 @@ def parse_args(argv=None):
                    "the public Suggestive Annotation re-implementation uses 4; default 4)")
     p.add_argument("--asa-candidates", type=int, default=2, help="ASA-style: the top (this x B) uncertain "
                    "samples are the candidates (assumed; default 2)")
+    p.add_argument("--test-list", metavar="FILE", help="a file of sample names (one per line, file extension "
+                   "optional) that form the test set, e.g. PraNet's fixed 62 CVC-ClinicDB test images [20]; the rest "
+                   "are split into train / val by --split (its TEST is replaced by the list's length). Default: a "
+                   "seeded random split. CVC-ClinicDB's 612 frames come from 29 colonoscopy video sequences, so a random "
+                   "split puts neighbouring frames of one polyp on both sides")
     p.add_argument("--tables", nargs="+", metavar="RUN_DIR", help="print Tables 1-2 from finished run folders "
                    "(or their parents) and exit without training")
     p.add_argument("--table-labeled", type=int, nargs="+", default=[90, 120, 180],
@@ -99,6 +109,17 @@ def uncertainty(f1, f0):
 def fdl_loss(f1, f0, delta):
     """Eq. 5: L_fdl = E_{x in D_U} max[0, cos(F_1(x), F_0(x)) - delta]."""
     return torch.clamp(uncertainty(f1, f0) - delta, min=0).mean()
+
+
+def discrepancy_loss(model, xu, delta, through_mask=False):
+    """Eq. 5 on an unlabelled batch xu (network input, training mode). The prediction y that masks the features
+    (Eq. 1) is detached by default, so the gradient moves the encoder features F_1, F_0 apart (Sec. 2.2: "magnify
+    the differentiation between the features"). With through_mask the gradient also reaches y, and the loss
+    can then be lowered by changing the prediction instead (--fdl-grad-through-mask; measured in the docs)."""
+    feats = model.encode(xu)
+    with torch.set_grad_enabled(through_mask and torch.is_grad_enabled()):
+        probs = torch.sigmoid(model.decode(feats).float()[:, 0])
+    return fdl_loss(*class_features(probs, feats[-1].float()), delta)
 
 
 @torch.inference_mode()
@@ -135,11 +156,16 @@ def weighted_kmeans(feats, weights, k, seed, n_init=10):
     return km.cluster_centers_, km.labels_, float(km.inertia_)
 
 
+def sq_distances(a, b):
+    """Squared Euclidean distances (N, K) in float64 as ||a||^2 - 2 a.b + ||b||^2, without the (N, K, C) array."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.maximum((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None], 0)
+
+
 def nearest_to_centroids(feats, centres, labels):
     """Sec. 2.1: from each cluster, the member nearest its centroid; never the same sample twice (a cluster
     without an unused member takes the unused sample nearest its centroid). Positions into feats."""
-    feats = np.asarray(feats, np.float64)
-    dist = ((feats[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1)  # (N, K)
+    dist = sq_distances(feats, centres)  # (N, K)
     chosen = []
     for k in range(len(centres)):
         members = np.flatnonzero(labels == k)
@@ -150,8 +176,9 @@ def nearest_to_centroids(feats, centres, labels):
 
 def class_mean_iou(pred, gt):
     """mIoU per image: the mean of the background and polyp IoU (common.dice_iou: both empty = 1). Paper
-    silent on the definition; Table 1's mIoU exceeds its Dice everywhere, which a polyp-only IoU never does
-    (IoU <= Dice per image), so the class mean it is.
+    silent on the definition. Table 1's mIoU exceeds its Dice in 14 of the 15 CVC-ClinicDB cells (not ASA at
+    180: 0.8703 vs 0.8740) and in 3 of the 15 in-house cells (Dice is higher in the other 12); a polyp-only IoU
+    never exceeds Dice (IoU <= Dice per image, so also on average), so the class mean it is.
     PROPOSED for common.py: a class-mean IoU next to dice_iou, if another script reports mIoU."""
     return (common.dice_iou(pred, gt)[1] + common.dice_iou(~pred, ~gt)[1]) / 2
 
@@ -166,6 +193,45 @@ def evaluate(model, x, y, idx, batch_size, device, amp=False):
         i.append(iou)
         m.append(class_mean_iou(p > 0.5, y[b] > 0))
     return tuple(torch.cat(t).cpu().numpy() for t in (d, i, m))
+
+
+@torch.inference_mode()
+def fg_share(model, x, y, idx, args, device):
+    """The predicted polyp share of the pixels of x[idx] (threshold 0.5) and the true one: a prediction that
+    grows far beyond the truth is how L_fdl through the mask shows (docs). Ground truth of the pool is read for
+    this log line only, never by a query rule. ("", "") for an empty set."""
+    if len(idx) == 0:
+        return "", ""
+    pred = sum(float((p > 0.5).sum()) for _, p in common.predict_batches(model, x, idx, args.batch_size, device, args.amp))
+    n = len(idx) * x.shape[-1] * x.shape[-2]
+    return pred / n, float(y[torch.as_tensor(np.asarray(idx), device=y.device)].float().mean())
+
+
+def use_test_list(data, args):
+    """--test-list FILE: the named samples become the dataset's official test set (common.make_splits then takes
+    all of them; validation and the training pool are drawn, seeded, from the rest) and --split's TEST its
+    length. Names are sample ids (file stems); a line may keep its extension or folder; '#' starts a comment."""
+    try:
+        lines = open(args.test_list).read().splitlines()
+    except OSError as e:
+        raise common.UserError(f"--test-list {args.test_list}: cannot read it ({e.strerror})")
+    names = [l.split("#", 1)[0].strip() for l in lines]
+    names = [n for n in names if n]
+    where = {sid: i for i, sid in enumerate(data.ids)}
+    stem = lambda n: n if n in where else os.path.splitext(os.path.basename(n))[0]
+    missing = [n for n in names if stem(n) not in where]
+    if missing or not names:
+        raise common.UserError(f"--test-list {args.test_list}: " + (
+            f"{len(missing)} of its {len(names)} names are not samples of --data {args.data} ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); expected one sample id (file stem, e.g. {data.ids[0]}) per line"
+            if missing else "no names in it; expected one sample id (file stem) per line"))
+    test = np.unique([where[stem(n)] for n in names])
+    rest = np.setdiff1d(np.asarray(data.official.get("train", np.arange(len(data)))), test)
+    data.official = dict(data.official, train=rest, test=test)
+    if "val" in data.official:
+        data.official["val"] = np.setdiff1d(data.official["val"], test)
+    n_val = args.split[1] if args.split else 0
+    args.split = [args.split[0] if args.split else len(rest) - n_val, n_val, len(test)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,10 +270,12 @@ def asa_uncertainty(model, x, y, labeled, pool, args, device, rng):
 
 
 def select(args, model, x, y, labeled, pool, device, rng):
-    """Positions into pool of the samples to query, and the pool's scores for the log and figures."""
+    """Positions into pool of the samples to query, and the pool's scores for the log and figures (info["rule"]:
+    the score each pick is shown with in picks/round_K.png)."""
     k, s = min(args.query, len(pool)), args.strategy
     feat, unc, ent = score(model, x, pool, args.batch_size, device, args.amp)
-    info = {"unc": unc.numpy(), "ent": ent.numpy(), "feat": feat.numpy(), "cluster": np.full(len(pool), -1)}
+    info = {"unc": unc.numpy(), "ent": ent.numpy(), "feat": feat.numpy()}
+    info["rule"] = info["ent"] if s == "entropy" else info["unc"]
     if s == "random":
         return common.query_random(np.arange(len(pool)), k, rng), info
     if s == "entropy":  # mean binary entropy over pixels (the ranking equals the sum's: same image size)
@@ -219,16 +287,19 @@ def select(args, model, x, y, labeled, pool, device, rng):
         if s == "coreset":  # k-center greedy on F(x), starting from the labelled set
             both = torch.cat([lab_feat, feat])
             mask = np.r_[np.ones(len(labeled), bool), np.zeros(len(pool), bool)]
+            info["min_dist_labeled"] = info["rule"] = torch.cdist(feat, lab_feat).min(1).values.numpy()
             return common.kcenter_greedy(both, mask, k) - len(labeled), info
-        info["asa"] = asa_uncertainty(model, x, y, labeled, pool, args, device, rng).numpy()
-        cand = common.top_k(np.arange(len(pool)), info["asa"], min(len(pool), args.asa_candidates * k))
+        info["asa_variance"] = info["rule"] = asa_uncertainty(model, x, y, labeled, pool, args, device, rng).numpy()
+        cand = common.top_k(np.arange(len(pool)), info["asa_variance"], min(len(pool), args.asa_candidates * k))
         return cand[asa_representative(feat[cand], feat, lab_feat, k)], info
     # ours, wo-dis: Eq. 4 weighted by I(x); wo-unc: the same K-means unweighted ("w/o UNC")
-    if k >= len(pool):
+    if k >= len(pool):  # the whole pool: one cluster per sample
+        info["cluster"], info["centroid_dist"] = np.arange(len(pool)), np.zeros(len(pool))
         return np.arange(len(pool)), info
     weights = np.ones(len(pool)) if s == "wo-unc" else np.clip(info["unc"], 1e-6, None)  # I >= 0: ReLU features
     centres, labels, _ = weighted_kmeans(info["feat"], weights, k, int(rng.integers(2 ** 31)), args.kmeans_init)
     info["cluster"], info["centres"] = labels, centres
+    info["centroid_dist"] = np.sqrt(sq_distances(info["feat"], centres)[np.arange(len(pool)), labels])
     return nearest_to_centroids(info["feat"], centres, labels), info
 
 
@@ -246,6 +317,8 @@ def main(argv=None):
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)
+    if args.test_list:  # a fixed test set (PraNet's 62 CVC-ClinicDB images [20]); train / val drawn from the rest
+        use_test_list(data, args)
     # other data: the CVC-ClinicDB shares, 30 initial (Table 2) and B = 30 (Sec. 3.1) of the 550 pool
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 30, 30, 550)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
@@ -270,7 +343,9 @@ def main(argv=None):
         gen_u.set_state(state["rng_unlabeled"])
         start = state["round"] + 1
     progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
-                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs)
+                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
+                                                         args.epochs, len(train_ids) - args.initial, args.strategy != "random"))
 
     for rnd in range(start, args.rounds + 1):
         # ---- selection (Sec. 2.1) ----
@@ -285,25 +360,27 @@ def main(argv=None):
             assert len(set(pos.tolist())) == len(pos), "a sample was queried twice"
             queried[f"oracle-{args.strategy}"] = [data.ids[i] for i in pool[pos]]
             log_pool(run, rnd, data, pool, pos, info)
+            common.save_picks(run, rnd, model, data, x, {f"oracle-{args.strategy}": pool[pos]},
+                              dict(zip(pool[pos].tolist(), info["rule"][pos])), args.batch_size, device, args.amp)
             labeled = np.concatenate([labeled, pool[pos]])
             pool = np.setdiff1d(pool, pool[pos])
+        else:
+            queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start (paper silent: random)
 
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
         t0 = time.time()
         epochs = args.epochs_initial if rnd == 0 else args.epochs
-        use_fdl = args.strategy in FDL_STRATEGIES and (rnd > 0 or args.fdl_initial) and len(pool) > 0
+        use_fdl = (args.strategy in FDL_STRATEGIES and (rnd > 0 or args.fdl_initial) and len(pool) > 0
+                   and args.lam > 0)  # --lam 0 trains exactly as w/o DIS (no extra forward through BatchNorm)
         fdl_log = []
         pool_t = torch.as_tensor(pool, device=device, dtype=torch.long)
 
         def extra_loss(model):  # Eq. 5 on an unlabelled batch gathered by index from the device-resident pool
             b = pool_t[torch.randperm(len(pool_t), generator=gen_u)[: args.batch_size].to(device)]
-            xu = common.to_input(x[b])
-            xu = xu.contiguous(memory_format=common.memory_format(device))
-            feats = model.encode(xu)
-            probs = torch.sigmoid(model.decode(feats).float()[:, 0])
-            loss = fdl_loss(*class_features(probs, feats[-1].float()), args.delta)
+            xu = common.to_input(x[b]).contiguous(memory_format=common.memory_format(device))
+            loss = discrepancy_loss(model, xu, args.delta, args.fdl_grad_through_mask)
             fdl_log.append(loss.detach())
-            return args.lam * loss
+            return args.lam * loss  # Eq. 7
 
         def on_epoch(e, loss, _s):
             fdl = torch.stack(fdl_log).mean().item() if fdl_log else 0.0
@@ -318,11 +395,13 @@ def main(argv=None):
 
         # ---- evaluation on the test set (mIoU and Dice, Table 1); the round is written first ----
         dice, iou, miou = evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
+        fg_pred, fg_true = fg_share(model, x, y, pool, args, device)
         row = {"round": rnd, "labeled": len(labeled), "pseudo": 0, "dice_mean": float(dice.mean()),
                "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
                "miou_mean": float(miou.mean()), "miou_std": float(miou.std()), "pool_left": len(pool),
                "pool_unc": float(info["unc"].mean()) if info else "",  # mean I(x) of the pool before the query
-               "queried_unc": float(info["unc"][pos].mean()) if info else ""}
+               "queried_unc": float(info["unc"][pos].mean()) if info else "",
+               "pool_fg_pred": fg_pred, "pool_fg_true": fg_true}  # L_fdl's side effect: see fg_share
         run.log_round(row, queried)
         run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "labeled": labeled,
                              "pool": pool, "rng_select": rng.bit_generator.state, "rng_batches": gen.get_state(),
@@ -346,16 +425,13 @@ def main(argv=None):
 
 
 def log_pool(run, rnd, data, pool, pos, info):
-    """pool_scores.csv (I(x), entropy, cluster, queried) and the figures: the pool's I(x) histogram with
-    the queried samples marked, and for K-means strategies the features' first two principal components
-    with centroids and queries (the paper's Fig. 2)."""
-    picked = np.zeros(len(pool), bool)
-    picked[pos] = True
-    extra = info.get("asa", np.full(len(pool), np.nan))
-    run.append_csv("pool_scores.csv", [{"round": rnd, "sample_id": data.ids[i], "uncertainty": float(u),
-                                        "entropy": float(e), "asa_variance": float(a), "cluster": int(c),
-                                        "queried": int(q)} for i, u, e, a, c, q in
-                                       zip(pool, info["unc"], info["ent"], extra, info["cluster"], picked)])
+    """pool_scores.csv (per pool sample: I(x), entropy, and the score of the strategy's own rule, with the group
+    it went to) and the figures: the pool's I(x) histogram with the queried samples marked, and for K-means
+    strategies the features' first two principal components with centroids and queries (the paper's Fig. 2)."""
+    scores = {"uncertainty": info["unc"], "entropy": info["ent"]}
+    scores.update({k: info[k] for k in ("cluster", "centroid_dist", "asa_variance", "min_dist_labeled") if k in info})
+    run.log_pool_scores(rnd, [data.ids[i] for i in pool], scores,
+                        {f"oracle-{run.args.strategy}": [data.ids[i] for i in pool[pos]]})
     common.plot_hist(run.path("uncertainty_hist.png"), info["unc"], 40, "I(x) = cos(F1, F0)",
                      f"pool uncertainty, round {rnd}", marks={"queried": info["unc"][pos]})
     if "centres" in info:

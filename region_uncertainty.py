@@ -50,6 +50,7 @@ DEFAULTS = {
                   epochs_initial=10, epochs=10, lr=0.01, momentum=0.9, weight_decay=1e-4, width=64, mc_passes=20),
 }
 STRATEGIES = ["least-confidence", "entropy", "mc-dropout", "random", "full"]
+UNLABELLED = 255  # training-target value of a pixel nobody has labelled (masks are 0/1)
 
 # Paper numbers (Dice as a fraction) for the tables and summary.json.
 PAPER_TABLE1 = {"random": (0.87, 0.85), "full": (0.84, 0.83), "least-confidence": (0.88, 0.87),  # (val, test)
@@ -67,8 +68,10 @@ def parse_args(argv=None):
                    help="Eq. 2 as printed, -y log2 y (default), or the two-term binary entropy")
     p.add_argument("--mc-passes", type=int, help="N dropout passes of Eq. 3; default per --data: isic2018 20, "
                    "synthetic 10 (paper silent; 20 in the CEAL reference code of [24])")
-    p.add_argument("--dropout", type=float, default=0.5, help="dropout on the bottleneck, used by MC dropout "
-                   "(paper silent; the CEAL reference code of [24] uses 0.5 there; default 0.5)")
+    p.add_argument("--dropout", type=float, help="dropout on the bottleneck (layer4's output, before its 1x1 "
+                   "convolution + BatchNorm), which MC dropout samples; default 0.5 with --strategy mc-dropout (paper "
+                   "silent; the CEAL reference code of [24] uses 0.5 there), 0 for every other strategy (the paper's "
+                   "network has none)")
     p.add_argument("--partial", action="store_true", help="Sec. III-B: the oracle labels only the uncertain pixels "
                    "of a queried image, the binarised prediction the rest (--rounds then defaults to 20 on isic2018)")
     p.add_argument("--tau-u", type=float, default=0.25, help="uncertainty threshold: a pixel is uncertain where "
@@ -89,8 +92,14 @@ def parse_args(argv=None):
         args.rounds = DEFAULTS.get(args.data, DEFAULTS["other"])["rounds_partial"]
     args = common.resolve(args, DEFAULTS)
     del args.rounds_partial
+    if args.dropout is None:  # only MC dropout needs dropout; trained into the others it shifts BatchNorm (docs)
+        args.dropout = 0.5 if args.strategy == "mc-dropout" else 0.0
     if args.tables:
         return args
+    if not 0 <= args.dropout < 1:
+        raise common.UserError(f"--dropout {args.dropout}: expected a value in [0, 1)")
+    if args.strategy == "mc-dropout" and args.dropout == 0:
+        raise common.UserError("--strategy mc-dropout needs --dropout > 0 (with no dropout every pass is the same)")
     if args.partial and args.strategy == "full":
         raise common.UserError("--partial needs an active-learning strategy, not --strategy full")
     if not 0 < args.tau_u <= 0.5:
@@ -135,10 +144,11 @@ def score_pool(model, x, pool, args, device):
     return torch.cat(scores).cpu().numpy() if scores else np.zeros(0)
 
 
-def query(pool, scores, k, strategy):
+def query(pool, scores, k, strategy, rng=None):
     """The k most uncertain pool images: the LOWEST sums of |0.5 - y| (least confidence), the highest sums of
-    entropy or of MC-dropout standard deviation."""
-    return common.top_k(pool, scores, k, largest=strategy != "least-confidence")
+    entropy or of MC-dropout standard deviation. Exact ties (e.g. saturated predictions) in an order drawn from
+    rng (the run's seeded query generator), not by pool position."""
+    return common.top_k(pool, scores, k, largest=strategy != "least-confidence", rng=rng)
 
 
 # ---- Sec. III-B: partial annotation ----
@@ -234,8 +244,8 @@ def main(argv=None):
         print_tables(args.tables)
         return None
     device = common.get_device(args.device)
-    common.seed_everything(args.seed, args.deterministic)
     run = common.Run(__file__, args, device)
+    common.seed_everything(args.seed, args.deterministic)  # after Run: on --resume, the run's own --deterministic
 
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
@@ -244,7 +254,10 @@ def main(argv=None):
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 128, 32, 2594)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     x, y = common.to_device(data, device)
-    target = y.clone()  # the training target: the oracle's mask, or with --partial oracle + model (Sec. III-B)
+    # The training target, written when a sample is labelled: the oracle's mask, or with --partial oracle + model
+    # (Sec. III-B). Unlabelled samples hold UNLABELLED, never a copy of the ground truth, so a target that was not
+    # written is caught before training (below) instead of silently being the ground truth.
+    target = torch.full_like(y, UNLABELLED)
 
     # ---- model, optimiser, sets ----
     model = build_model(args, device)
@@ -269,16 +282,21 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         labeled, pool, partial_ids, steps = state["labeled"], state["pool"], state["partial_ids"], state["steps"]
+        oracle_ids = torch.as_tensor(np.setdiff1d(labeled, partial_ids), device=device)
+        target[oracle_ids] = y[oracle_ids]
         target[torch.as_tensor(partial_ids, device=device)] = state["partial_masks"].to(device)
         rng.bit_generator.state = state["rng_select"]
         gen.set_state(state["rng_batches"])
         start = state["round"] + 1
     progress = common.Progress(run, epochs0 + rounds * args.epochs + int(full and steps_full % spe > 0),
-                               0 if start == 0 else epochs0 + (start - 1) * args.epochs)
+                               0 if start == 0 else epochs0 + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0 + int(full and steps_full % spe > 0),
+                                                         args.epochs, len(train_ids) - n_initial, args.strategy != "random"))
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. III-A) and annotation (Sec. III-B) ----
         t0 = time.time()
+        scores, score_of = {}, None  # random (and the cold start) use no score
         if rnd == 0:  # the random cold start (or, for the full baseline, the whole training set)
             new, how = labeled, "oracle-full" if full else "oracle-initial"
         else:
@@ -288,12 +306,12 @@ def main(argv=None):
             if args.strategy == "random":
                 new = common.query_random(pool, args.query, rng)
             else:
-                scores = score_pool(model, x, pool, args, device)
-                new = query(pool, scores, args.query, args.strategy)
-                run.append_csv("pool_scores.csv", [{"round": rnd, "sample_id": data.ids[i], "score": float(s),
-                                                    "selected": int(c)}
-                                                   for i, s, c in zip(pool, scores, np.isin(pool, new))])
+                scores = {"score": score_pool(model, x, pool, args, device)}
+                new = query(pool, scores["score"], args.query, args.strategy, rng)
+                score_of = dict(zip(pool.tolist(), scores["score"]))
             how = "oracle-partial" if args.partial else "oracle"
+            # every pool image of this round, its score and whether it was picked: the rule checked from the folder
+            run.log_pool_scores(rnd, [data.ids[i] for i in pool], scores, {how: [data.ids[i] for i in new]})
             labeled = np.concatenate([labeled, new])
             pool = np.setdiff1d(pool, new)
         new_t = torch.as_tensor(new, device=device)
@@ -305,9 +323,14 @@ def main(argv=None):
             target_dice = float(common.dice_iou(t, y[new_t])[0].mean())  # how good the mixed labels are
             partial_ids = np.concatenate([partial_ids, new])
         else:  # the oracle annotates every pixel
+            target[new_t] = y[new_t]
             pct_positive, pct_verify, target_dice = 100.0 * float((y[new_t] > 0).float().mean()), 100.0, 1.0
+        if bool((target[torch.as_tensor(labeled, device=device)] == UNLABELLED).any()):
+            raise RuntimeError(f"round {rnd}: a labelled image has no training target (a bug, not your input)")
         queried = {how: [data.ids[i] for i in new]}
         select_s = time.time() - t0
+        # picks/round_<rnd>.png: what the rule asked for (with --partial: the images the oracle partly annotates)
+        common.save_picks(run, rnd, model, data, x, {how: new}, score_of, args.batch_size, device, args.amp)
 
         # ---- training: fine-tune on all labelled images, 10 epochs per iteration (Sec. IV-D, V-A) ----
         t0 = time.time()

@@ -4,7 +4,8 @@ papers/ssl_coldstart.md).
 The cold-start set is chosen without labels: a U-Net is pre-trained on the unlabelled pool by restoring
 Models Genesis corruptions (Eq. 1), its last-encoder features are pooled and clustered with K-means (Eq. 2),
 and each cluster gives N_Ci = ceil(C x N_i / N) samples, nearest its centroid first; the segmentation model
-starts from the self-supervised weights and every iteration continues the cluster ranking.
+starts from the self-supervised weights (all but the output head, as the authors' code) and every iteration
+continues the cluster ranking. Every round writes pool_scores.csv and picks/round_K.png.
 
   python ssl_coldstart.py                                              # synthetic data, CPU, about 1.5 minutes
   python ssl_coldstart.py --data isic2017 --data-dir ~/data/isic2017   # the paper's protocol (GPU)
@@ -32,15 +33,16 @@ DEFAULTS = {
                      epochs_initial=10, epochs=2,  # Sec. IV-A: 10 initial epochs, 2 per iteration
                      batch_size=16,         # paper silent
                      lr=1e-4,               # paper silent: Adam 1e-4
-                     width=32,              # Sec. IV-A: last encoder stage 512x16x16 at 256^2 -> width 32
+                     width=32,              # Sec. IV-A: last encoder stage 512x16x16 at 256^2 -> width 32 (the
+                                            # authors' code: width 64, bottleneck halved to 512; docs)
                      image_size=256,        # Sec. IV-A: 256x256, grayscale, min-max normalised
                      clusters=10,           # Sec. IV-A: k = 10 (Table II also 5)
                      aap_grid=2,            # Sec. IV-A: AAP to 512x2x2 = 2048-d (Table II also 1x1 = 512-d)
                      ssl_epochs=100,        # paper silent: Models Genesis trains to convergence; 100 epochs here
-                     ssl_lr=1e-3,           # paper silent: Adam 1e-3 for the reconstruction task
                      shuffle_blocks=10000,  # Models Genesis reference code: 10,000 blocks
                      mc_passes=20,          # paper silent (Fig. 2 comparator): CEAL reference code 20
-                     pseudo_step=20,        # CEAL Sec. 4.2: 20 x iteration pseudo-labels (Fig. 2 comparator)
+                     pseudo_step=20,        # CEAL Sec. 4.2: 20 x iteration pseudo-labels; DSAL JBHI code: 20 more
+                                            # per iteration from iteration 5 (Fig. 2 comparators)
                      ensemble_size=4),      # paper silent: the public Suggestive Annotation re-implementation, M = 4
     # CPU-sized protocol, about 1.5 minutes on 2 cores (docs/ssl_coldstart.md): C = 40 of a pool of 300 (the
     # paper: 300 of 1600), +10 x 9 iterations, epochs 50 / 10 (the paper's 10 / 2 ratio; 40 images make only
@@ -49,14 +51,15 @@ DEFAULTS = {
     # times); 1,000 (~3 times) keeps the CPU row fast.
     "synthetic": dict(split=[300, 0, 100], initial=40, query=10, rounds=9, epochs_initial=50, epochs=10,
                       batch_size=16, lr=1e-3, width=16, image_size=64, clusters=10, aap_grid=2, ssl_epochs=6,
-                      ssl_lr=1e-3, shuffle_blocks=1000, mc_passes=10, pseudo_step=5, ensemble_size=4),
+                      shuffle_blocks=1000, mc_passes=10, pseudo_step=5, ensemble_size=4),
     # Any other dataset: the ISIC protocol; split from the data (common.default_split), C and the query size
     # the ISIC shares of the pool (300 and 35 of 1600: common.pool_share).
     "other": dict(split=None, initial=None, query=None, rounds=9, epochs_initial=10, epochs=2, batch_size=16,
-                  lr=1e-4, width=32, image_size=256, clusters=10, aap_grid=2, ssl_epochs=100, ssl_lr=1e-3,
+                  lr=1e-4, width=32, image_size=256, clusters=10, aap_grid=2, ssl_epochs=100,
                   shuffle_blocks=10000, mc_passes=20, pseudo_step=20, ensemble_size=4),
 }
-STRATEGIES = ["cluster", "random", "mc-dropout", "ceal", "ens-s", "ens-js", "dsal"]
+STRATEGIES = ["cluster", "random", "mc-dropout", "ceal", "ens-s", "ens-js", "suggestive", "dsal"]
+SENTINEL = 255  # target of a sample nobody has labelled yet: the oracle writes the ground truth, pseudo-labels the model's mask
 
 # Models Genesis transform probabilities (the public 2D port of the reference code; PROTOCOLS.md).
 FLIP_P, FLIP_TIMES = 0.4, 3           # flip, repeated while rand < 0.4, at most 3 times
@@ -87,13 +90,30 @@ def parse_args(argv=None):
                    help="how the base set of C = --initial samples is chosen; auto: cluster for --strategy cluster, "
                         "random for the others (paper silent on the comparators' base set) (default: auto)")
     p.add_argument("--ssl-init", action=argparse.BooleanOptionalAction, default=True,
-                   help="initialise the segmentation model from the self-supervised weights (Sec. III-C; "
+                   help="initialise the segmentation model from the self-supervised weights, all but the output "
+                        "head unless --transfer-head (Sec. III-C; "
                         "Table I 'W/'); --no-ssl-init for 'W/o' (default: on)")
     p.add_argument("--ssl-weights", metavar="PATH", help="pre-trained weights (ssl_weights.pt of an earlier run) "
                    "instead of pre-training here, so a sweep pre-trains once per seed (default: pre-train)")
+    p.add_argument("--channels", type=int, default=1, choices=[1, 3],
+                   help="input channels: 1 = grayscale (Sec. IV-A: the paper's ISIC protocol), 3 = RGB (for colour "
+                        "data; the reconstruction target is then the RGB image) (default: 1)")
+    p.add_argument("--transfer-head", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --ssl-init, also copy the reconstruction U-Net's 1x1 output head (trained to output "
+                        "intensities); the authors' segmentation code drops it (default: off, head starts random)")
+    p.add_argument("--up", default="transpose", choices=["transpose", "bilinear"],
+                   help="U-Net upsampling: transposed convolutions, or bilinear + 1x1 convolution as in the authors' "
+                        "U-Net (paper silent; default: transpose)")
     p.add_argument("--ssl-epochs", type=int, help="Models Genesis pre-training epochs; default per --data: "
                    "isic2017 100, synthetic 6 (paper silent)")
-    p.add_argument("--ssl-lr", type=float, help="pre-training learning rate, Adam (paper silent; default 1e-3)")
+    p.add_argument("--ssl-optim", default="adam", choices=["adam", "sgd"],
+                   help="pre-training optimiser: adam (ours: Adam, --ssl-lr 1e-3, batch --batch-size) or sgd (the "
+                        "authors' code: SGD momentum 0.9, lr 0.01, batch 1, lr halved every 40 epochs; their early "
+                        "stopping is left out) (default: adam)")
+    p.add_argument("--ssl-lr", type=float, help="pre-training learning rate (paper silent; default 1e-3 with adam, "
+                   "0.01 with sgd)")
+    p.add_argument("--ssl-batch-size", type=int, help="pre-training batch (paper silent; default --batch-size with "
+                   "adam, 1 with sgd)")
     p.add_argument("--shuffle-blocks", type=int, help="local pixel shuffling: blocks per image (Models Genesis "
                    "reference code: 10000; default 10000)")
     p.add_argument("--clusters", type=int, help="k of K-means (Sec. IV-A: 10; Table II: 5 or 10; default 10)")
@@ -106,11 +126,15 @@ def parse_args(argv=None):
                    "(CEAL Sec. 4.2: 20); default per --data")
     p.add_argument("--dropout", type=float, help="bottleneck dropout (paper silent; default 0.5 for mc-dropout "
                    "and ceal as in the public CEAL code, else 0)")
-    p.add_argument("--ensemble-size", type=int, help="ens-s / ens-js: M models on bootstrap resamples (paper "
-                   "silent; the public Suggestive Annotation re-implementation uses 4; default 4)")
-    p.add_argument("--dsal-select", default="highest", choices=["highest", "lowest"],
-                   help="dsal: query the highest mean head agreement (the DSAL paper's text) or the lowest "
-                        "(its later public code) (default: highest)")
+    p.add_argument("--ensemble-size", type=int, help="ens-s / ens-js / suggestive: M models on bootstrap resamples, "
+                   "each from its own random initialisation (paper silent; the public Suggestive Annotation "
+                   "re-implementation uses 4; default 4)")
+    p.add_argument("--dsal-select", default="lowest", choices=["lowest", "highest"],
+                   help="dsal: query the lowest mean head agreement (DSAL, JBHI 2021 [5], the paper's Fig. 2 "
+                        "comparator) or the highest (the earlier EMBC 2020 text) (default: lowest)")
+    p.add_argument("--dsal-pseudo-from", type=int, default=5,
+                   help="dsal: pseudo-label from this iteration on (JBHI code: pseudo_epoch 5; 0 = never) "
+                        "(default: 5)")
     p.add_argument("--tables", nargs="+", metavar="RUN_DIR", help="print Table I / II (and the Fig. 2 "
                    "comparison) from finished run folders, write them to OUT/ssl_coldstart_tables.md, and exit")
     args = common.resolve(p.parse_args(argv), DEFAULTS)
@@ -118,6 +142,13 @@ def parse_args(argv=None):
         args.cold_start = "cluster" if args.strategy == "cluster" else "random"
     if args.dropout is None:
         args.dropout = 0.5 if args.strategy in ("mc-dropout", "ceal") else 0.0
+    if args.ssl_lr is None:
+        args.ssl_lr = 0.01 if args.ssl_optim == "sgd" else 1e-3
+    if args.ssl_batch_size is None:
+        args.ssl_batch_size = 1 if args.ssl_optim == "sgd" else args.batch_size
+    if args.transfer_head and args.channels != 1:
+        raise common.UserError("--transfer-head with --channels 3: the reconstruction head outputs 3 channels, "
+                               "the segmentation head 1; it cannot be copied")
     if args.image_size % 16 or args.image_size < 16:
         raise common.UserError(f"--image-size {args.image_size}: expected a multiple of 16 (the U-Net pools 4 times)")
     return args
@@ -264,9 +295,16 @@ def models_genesis(x, gen, n_blocks=10000):
 
 def pretrain(run, x, pool, pool_ids, args, device):
     """Eq. 1: min_theta sum_i l(f(D(x_i); theta), x_i) on the unlabelled pool, l = L2 between sigmoid(output)
-    and the clean image. Returns the U-Net's state dict and saves it as ssl_weights.pt in the run folder."""
-    model = common.prepare_model(UNet(1, 1, args.width), device, args.compile)
-    opt = torch.optim.Adam(model.parameters(), lr=args.ssl_lr)
+    and the clean image (all --channels). Returns the U-Net's state dict and saves it as ssl_weights.pt in the run
+    folder. --ssl-optim adam: ours (paper silent); sgd: the authors' code (SGD momentum 0.9, lr 0.01, batch 1,
+    step decay; the step, 40 epochs x 0.5, is the Models Genesis PyTorch code's StepLR(0.8 x patience 50)).
+    Their early stopping watches a validation loss on test images: left out, the run trains --ssl-epochs."""
+    model = common.prepare_model(ssl_unet(args), device, args.compile)
+    if args.ssl_optim == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=args.ssl_lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=40, gamma=0.5)
+    else:
+        opt, sched = torch.optim.Adam(model.parameters(), lr=args.ssl_lr), None
     gen = torch.Generator(device=device).manual_seed(args.seed)   # the corruptions
     order = torch.Generator().manual_seed(args.seed)             # batch order
     if os.path.isfile(run.path("ssl_epochs.csv")):
@@ -274,15 +312,18 @@ def pretrain(run, x, pool, pool_ids, args, device):
 
     def on_epoch(e, loss, s):
         run.append_csv("ssl_epochs.csv", {"epoch": e + 1, "loss": loss, "seconds": s})
+        if sched is not None:
+            sched.step()
         print(f"  ssl epoch {e + 1}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
               f"{common.fmt_s(run.elapsed())} elapsed", flush=True)
 
-    losses = common.train(model, opt, x, x, pool, args.ssl_epochs, args.batch_size, device=device, amp=args.amp,
+    losses = common.train(model, opt, x, x, pool, args.ssl_epochs, args.ssl_batch_size, device=device, amp=args.amp,
                           loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
                           augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks),
                           generator=order, on_epoch=on_epoch)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
+                "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim,
                 "pool": list(pool_ids), "epochs": args.ssl_epochs, "losses": losses},
                run.path("ssl_weights.pt"))
     ssl_panel(run, model, x, pool, gen, args, device)
@@ -297,23 +338,31 @@ def load_ssl_weights(path, args, pool_ids):
         raise common.UserError(f"--ssl-weights {path}: unreadable ({type(e).__name__}: {e})")
     if not (isinstance(saved, dict) and "state_dict" in saved):
         raise common.UserError(f"--ssl-weights {path}: expected the ssl_weights.pt that ssl_coldstart.py writes")
-    for key in ("width", "image_size"):
-        if saved.get(key) != getattr(args, key):
+    for key, old in (("width", None), ("image_size", None), ("channels", 1), ("up", "transpose")):
+        if saved.get(key, old) != getattr(args, key):
             raise common.UserError(f"--ssl-weights {path}: pre-trained with --{key.replace('_', '-')} "
-                                   f"{saved.get(key)}, this run uses {getattr(args, key)}")
+                                   f"{saved.get(key, old)}, this run uses {getattr(args, key)}")
     if saved.get("pool") != list(pool_ids):
         print(f"note: {path} was pre-trained on a different pool (another --seed or --split); the self-supervised "
               f"model may have seen this run's test images (never their labels). Pre-train once per seed.")
     return saved["state_dict"], saved.get("losses", [])
 
 
-def init_from_ssl(model, state):
-    """Sec. III-C: the segmentation U-Net starts from the self-supervised weights (all layers: same
-    architecture, one output channel). Only deep-supervision heads (dsal) may be missing from `state`."""
+def ssl_unet(args):
+    """The reconstruction U-Net: the segmentation U-Net's body, one output channel per input channel."""
+    return UNet(args.channels, args.channels, args.width, up=args.up)
+
+
+def init_from_ssl(model, state, head=False):
+    """Sec. III-C: the segmentation U-Net starts from the self-supervised weights. The 1x1 output head
+    (`head.*`, trained to output intensities) is left at its random initialisation unless head=True, as
+    in the authors' segmentation code, which loads every key but `outc` (--transfer-head copies it).
+    Deep-supervision heads (dsal) are not in `state`. Returns the keys left at their initialisation."""
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if head or not k.startswith("head.")}
     bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
-    bad += [k for k in missing if not k.startswith("aux.")]
+    bad += [k for k in missing if not k.startswith(("aux.", "head."))]
     if bad:
         raise common.UserError(f"the self-supervised weights do not fit the segmentation U-Net: {bad[:5]}")
     model.load_state_dict(state, strict=False)
@@ -385,7 +434,7 @@ def ssl_features(state, x, train_ids, args, device):
     """Last encoder stage of the pre-trained U-Net on the clean pool images, in pool order (eval mode, no
     corruption: the public code clusters randomly drawn corrupted images, so its picks do not index the
     pool), pooled to aap_grid x aap_grid and flattened: (N, 16 x width x grid^2)."""
-    model = common.prepare_model(UNet(1, 1, args.width), device, args.compile)
+    model = common.prepare_model(ssl_unet(args), device, args.compile)
     model.load_state_dict(state)
     feats = common.pooled_features(model, x, train_ids, args.batch_size, device, args.amp, grid=args.aap_grid)
     assert len(feats) == len(train_ids)
@@ -405,61 +454,114 @@ def cluster_query(labels, rank, train_ids, pool, n_new):
 # ----------------------------------------------------------------------------------------------------------
 # Fig. 2 comparators (query rules shared with other scripts live in common.py)
 # ----------------------------------------------------------------------------------------------------------
+DSAL_STAGES = (1, 2)  # DSAL, JBHI 2021 [5], public code: heads after decoder stages 1 and 2 (0 = lowest resolution)
+
+
 def dsal_loss(out, target):
-    """DSAL: CE + Dice on the final, middle and lower heads, weighted 0.6 / 0.3 / 0.1. The heads sit on decoder
-    stages 0 (lower, 1/8 resolution) and 1 (middle, 1/4), the choice dsal_fingerbones.py documents."""
-    logits, (lower, middle) = out
+    """DSAL ([5], its public code's loss_weights [0.6, 0.3, 0.1]): Eq. 3's CE + Dice on the final head (0.6), the
+    head after decoder stage 1 (1/4 resolution, 0.3) and the one after stage 2 (1/2, 0.1; its "L-DSC")."""
+    logits, (s1, s2) = out
     L = common.bce_dice_loss
-    return 0.6 * L(logits, target) + 0.3 * L(middle, target) + 0.1 * L(lower, target)
+    return 0.6 * L(logits, target) + 0.3 * L(s1, target) + 0.1 * L(s2, target)
 
 
 @torch.inference_mode()
 def dsal_scores(model, x, pool, args, device):
-    """Mean of Dice(lower, final) and Dice(middle, final) of the binarised heads per pool image."""
+    """Per pool image: the mean of Dice(final, stage-1 head) ("M-DSC") and Dice(final, stage-2 head) ("L-DSC")
+    of the binarised heads, those two terms, the confidence mean |p - 0.5| of the final head (the JBHI code's
+    pseudo-label filter), and the final head's mask (the pseudo-label)."""
     model.eval()
-    out = []
+    agree, l_dsc, m_dsc, conf, masks = [], [], [], [], []
     for b in common.batches(torch.as_tensor(pool, device=device), args.batch_size):
         with common.autocast(device, args.amp):
-            logits, (lower, middle) = model(common.to_input(x[b]))
+            logits, (s1, s2) = model(common.to_input(x[b]))
+        p = torch.sigmoid(logits.float()[:, 0])
         m = lambda t: torch.sigmoid(t.float()[:, 0]) > 0.5
-        out.append(common.head_agreement(m(lower), m(middle), m(logits))[0])
-    return torch.cat(out).cpu().numpy()
+        a, lo, mid = common.head_agreement(m(s2), m(s1), p > 0.5)
+        agree.append(a), l_dsc.append(lo), m_dsc.append(mid)
+        conf.append((p - 0.5).abs().flatten(1).mean(1))
+        masks.append((p > 0.5).to(torch.uint8))
+    cat = lambda v: torch.cat(v).cpu().numpy()
+    return cat(agree), cat(l_dsc), cat(m_dsc), cat(conf), torch.cat(masks)
 
 
-def ensemble_scores(members, x, pool, args, device, rule):
-    """ens-s: pixel variance across the M models, mean per image; ens-js: Jensen-Shannon divergence, sum."""
-    score = common.ensemble_variance if rule == "ens-s" else common.ensemble_js
-    out = [score(torch.stack([p for _, p in outs]))
-           for outs in zip(*[common.predict_batches(m, x, pool, args.batch_size, device, args.amp) for m in members])]
-    return torch.cat(out).cpu().numpy()
+def dsal_pseudo(agreement, confidence, exclude, n, bins=10):
+    """DSAL's weak labeller ([5], public code with CONF_THRES): among the pool samples whose confidence lies in
+    the top bin of a 10-bin histogram, the n with the highest head agreement; fewer there: filled with the
+    highest agreement of the rest. `exclude` (this round's oracle picks) never gets a pseudo-label. Positions."""
+    keep = np.setdiff1d(np.arange(len(agreement)), exclude)
+    if n <= 0 or len(keep) == 0:
+        return np.zeros(0, np.int64)
+    edges = np.histogram(confidence[keep], bins=bins)[1]
+    by_agreement = lambda idx: idx[np.argsort(-agreement[idx], kind="stable")]
+    picks = by_agreement(keep[confidence[keep] >= edges[-2]])[:n]
+    if len(picks) < n:
+        picks = np.concatenate([picks, by_agreement(np.setdiff1d(keep, picks))[:n - len(picks)]])
+    return picks.astype(np.int64)
+
+
+def ensemble_scores(members, x, pool, args, device):
+    """From the M members' probabilities p_m per pool image: "entropy", the Shannon entropy of the ensemble mean
+    H(mean_m p_m) summed over pixels (ens-S; the authors' DSAL code's ensemble_S, there in nats, here in bits:
+    the same ranking); "js", the Jensen-Shannon divergence summed over pixels (ens-JS, Kuo et al.); "variance",
+    the pixel variance across members averaged over pixels (Suggestive Annotation's uncertainty)."""
+    out = {"entropy": [], "js": [], "variance": []}
+    for outs in zip(*[common.predict_batches(m, x, pool, args.batch_size, device, args.amp) for m in members]):
+        p = torch.stack([p for _, p in outs])
+        out["entropy"].append(common.entropy_scores(p.mean(0), reduce="sum"))
+        out["js"].append(common.ensemble_js(p))
+        out["variance"].append(common.ensemble_variance(p))
+    return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
+
+
+# pool_scores.csv columns: the scores each rule uses (and the ones computed beside them)
+SCORE_COLUMNS = {"cluster": ["cluster", "rank", "distance"], "random": [], "mc-dropout": ["mc_variance"],
+                 "ceal": ["mc_variance"], "ens-s": ["ens_entropy", "ens_js", "ens_variance"],
+                 "ens-js": ["ens_entropy", "ens_js", "ens_variance"],
+                 "suggestive": ["ens_entropy", "ens_js", "ens_variance", "sa_candidate"],
+                 "dsal": ["agreement", "m_dsc", "l_dsc", "confidence"]}
 
 
 def query(strategy, rnd, model, members, x, pool, args, device, rng):
-    """One iteration's picks for a comparator: {how: positions into pool}, per-pool scores, pseudo-masks."""
-    n, masks = min(args.query, len(pool)), None
+    """One iteration's picks for a comparator: ({how: positions into pool}, {pool_scores.csv column: value per
+    pool sample}, the rule's score per pool sample, pseudo-label masks per pool sample or None)."""
+    n, at = min(args.query, len(pool)), np.arange(len(pool))
     if strategy in ("mc-dropout", "ceal"):      # MC dropout: sum of the pixel variances over T passes
         scores, means = [], []
         for _, mean, var in common.mc_dropout(model, x, pool, args.mc_passes, args.batch_size, device, args.amp):
             scores.append(var.sum((1, 2)))
             means.append((mean > 0.5).to(torch.uint8))
         scores, masks = torch.cat(scores).cpu().numpy(), torch.cat(means)
+        cols = {"mc_variance": scores}
         if strategy == "ceal":                  # CEAL: lowest, highest, low band; most confident pseudo-labelled
             n_low = n_high = round(n * 2 / 7)
             g = common.ceal_groups(scores, n_low, n_high, n - n_low - n_high, args.pseudo_step * rnd, rng)
-            return {"oracle-lowest": g[0], "oracle-highest": g[1], "oracle-band": g[2], "pseudo": g[3]}, scores, masks
-        return {"oracle-mc-dropout": common.top_k(np.arange(len(pool)), scores, n)}, scores, masks
-    if strategy == "ens-s":                     # K = 2k most uncertain, then facility location over the pool
-        scores = ensemble_scores(members, x, pool, args, device, strategy)
-        cand = common.top_k(np.arange(len(pool)), scores, 2 * n)
+            return {"oracle-lowest": g[0], "oracle-highest": g[1], "oracle-band": g[2], "pseudo": g[3]}, cols, \
+                scores, masks
+        return {"oracle-mc-dropout": common.top_k(at, scores, n)}, cols, scores, masks
+    if strategy in ("ens-s", "ens-js", "suggestive"):
+        e = ensemble_scores(members, x, pool, args, device)
+        cols = {"ens_entropy": e["entropy"], "ens_js": e["js"], "ens_variance": e["variance"]}
+        if strategy == "ens-s":                 # top-b by the Shannon entropy of the ensemble mean
+            return {"oracle-ens-s": common.top_k(at, e["entropy"], n)}, cols, e["entropy"], None
+        if strategy == "ens-js":                # top-b: the knapsack of Kuo et al. when every image costs the same
+            return {"oracle-ens-js": common.top_k(at, e["js"], n)}, cols, e["js"], None
+        # Suggestive Annotation: the K = 2k most uncertain (variance), then k by facility location over the pool
+        cand = common.top_k(at, e["variance"], 2 * n)
         feats = torch.stack([common.pooled_features(m, x, pool, args.batch_size, device, args.amp)
                              for m in members]).mean(0)  # paper silent: the members' mean descriptor
-        return {"oracle-ens-s": cand[common.facility_location(feats[torch.as_tensor(cand)], feats, n)]}, scores, masks
-    if strategy == "ens-js":                    # top-b: the knapsack of Kuo et al. when every image costs the same
-        scores = ensemble_scores(members, x, pool, args, device, strategy)
-        return {"oracle-ens-js": common.top_k(np.arange(len(pool)), scores, n)}, scores, masks
-    scores = dsal_scores(model, x, pool, args, device)  # dsal
-    picks = common.top_k(np.arange(len(pool)), scores, n, largest=args.dsal_select == "highest")
-    return {"oracle-dsal": picks}, scores, masks
+        cols["sa_candidate"] = np.isin(at, cand).astype(np.int64)
+        picks = cand[common.facility_location(feats[torch.as_tensor(cand)], feats, n)]
+        return {"oracle-suggestive": picks}, cols, e["variance"], None
+    # dsal ([5]): the lowest head agreement to the oracle (strong labeller); from iteration --dsal-pseudo-from on,
+    # pseudo_step x (t - from + 1) confident, high-agreement samples pseudo-labelled by the final head (weak
+    # labeller; the JBHI code: 20 + 20 (t - 5)), re-drawn every iteration
+    agree, l_dsc, m_dsc, conf, masks = dsal_scores(model, x, pool, args, device)
+    oracle = common.top_k(at, agree, n, largest=args.dsal_select == "highest")
+    picks = {"oracle-dsal": oracle}
+    if args.dsal_pseudo_from > 0 and rnd >= args.dsal_pseudo_from:
+        picks["pseudo"] = dsal_pseudo(agree, conf, oracle, args.pseudo_step * (rnd - args.dsal_pseudo_from + 1))
+    return picks, {"agreement": agree, "m_dsc": m_dsc, "l_dsc": l_dsc, "confidence": conf}, agree, masks
 
 
 def minmax_uint8(x):
@@ -477,8 +579,9 @@ def main(argv=None):
     common.seed_everything(args.seed, args.deterministic)
     run = common.Run(__file__, args, device)
 
-    # ---- data: grayscale (channels=1), min-max normalised; ISIC 2017: pool and test from the 2000 training images ----
-    data = common.load_data(args.data, args.data_dir, args.image_size, 1, args.seed,
+    # ---- data: grayscale (Sec. IV-A; --channels 3 for RGB), min-max normalised; ISIC 2017: pool and test from the
+    # 2000 training images ----
+    data = common.load_data(args.data, args.data_dir, args.image_size, args.channels, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)
     if args.data == "isic2017" and "train" in data.official:
         data = data.subset(data.official["train"])  # Sec. IV-A: 1600 pool + 400 test drawn from the 2000
@@ -489,7 +592,8 @@ def main(argv=None):
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     pool_ids = [data.ids[i] for i in train_ids]
     x, y = common.to_device(data, device)
-    target = y.clone()  # ground truth for oracle labels, the model's mask for pseudo-labels (ceal)
+    # the training target: SENTINEL until the oracle reveals the ground truth or the model gives a pseudo-label
+    target = torch.full_like(y, SENTINEL)
 
     # ---- Sec. III-A: self-supervised pre-training on the unlabelled pool (or its weights, reused) ----
     uses_clusters = "cluster" in (args.strategy, args.cold_start)
@@ -509,14 +613,16 @@ def main(argv=None):
     common.seed_everything(args.seed + 1, args.deterministic)  # what follows is the same whether SSL ran or loaded
 
     # ---- models (Sec. III-C), optimisers, sets ----
-    net = lambda: common.prepare_model(UNet(1, 1, args.width, dropout=args.dropout, dropout_at="bottleneck",
-                                            deep_supervision=(0, 1) if args.strategy == "dsal" else ()), device,
-                                            args.compile)
+    net = lambda: common.prepare_model(UNet(args.channels, 1, args.width, up=args.up, dropout=args.dropout,
+                                            dropout_at="bottleneck",
+                                            deep_supervision=DSAL_STAGES if args.strategy == "dsal" else ()),
+                                       device, args.compile)
     model = net()
-    members = [net() for _ in range(args.ensemble_size if args.strategy in ("ens-s", "ens-js") else 0)]
     if args.ssl_init:
-        for m in [model] + members:
-            init_from_ssl(m, ssl_state)
+        init_from_ssl(model, ssl_state, head=args.transfer_head)
+    # ensemble members: each from its own random initialisation (the diversity an ensemble needs; SSL weights
+    # would start them all from one point), trained on bootstrap resamples; they only score the pool
+    members = [net() for _ in range(args.ensemble_size if args.strategy in ("ens-s", "ens-js", "suggestive") else 0)]
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     opts = [torch.optim.Adam(m.parameters(), lr=args.lr) for m in members]
     loss_fn = dsal_loss if args.strategy == "dsal" else common.bce_dice_loss  # Eq. 3: CE + Dice
@@ -533,12 +639,18 @@ def main(argv=None):
             m.load_state_dict(s["model"])
             o.load_state_dict(s["opt"])
         labeled, pseudo, pool, clusters = state["labeled"], state["pseudo"], state["pool"], state["clusters"]
+        target[torch.as_tensor(labeled, device=device)] = y[torch.as_tensor(labeled, device=device)]
         target[torch.as_tensor(pseudo, device=device)] = state["pseudo_masks"].to(device)
         rng.bit_generator.state = state["rng_select"]
         gen.set_state(state["rng_batches"])
         start = state["round"] + 1
     progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
-                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs)
+                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
+                                                         args.epochs, len(train_ids) - args.initial,
+                                                         args.strategy not in ("cluster", "random"),
+                                                         (lambda r: args.pseudo_step * r * (r + 1) // 2)
+                                                         if args.strategy == "ceal" else None))
 
     for rnd in range(start, args.rounds + 1):
         # ---- selection: round 0 is the cold start (Sec. III-B), then the strategy's query rule ----
@@ -546,32 +658,49 @@ def main(argv=None):
         if rnd > 0 and len(pool) == 0:
             print(f"round {rnd}: the unlabelled pool is used up; stopping")
             break
-        queried, scores, score_sel = {}, None, float("nan")
+        queried, scores, score_sel, masks = {}, None, float("nan"), None
         if rnd == 0 and uses_clusters:
             feats = ssl_features(ssl_state, x, train_ids, args, device)
             clusters = cluster_ranking(feats, args.clusters, args.seed)
             write_clusters(run, data, train_ids, clusters)
         way = args.cold_start if rnd == 0 else args.strategy
         n_new = args.initial if rnd == 0 else args.query
+        cols = {c: [""] * len(pool) for c in SCORE_COLUMNS["cluster"] * uses_clusters + SCORE_COLUMNS[args.strategy]}
+        if uses_clusters:  # the cluster ranking of every pool sample, whatever the rule of this round
+            at = np.searchsorted(train_ids, pool)
+            cols.update(cluster=clusters[0][at], rank=clusters[1][at], distance=clusters[2][at])
         if way == "cluster":
             new = cluster_query(clusters[0], clusters[1], train_ids, pool, n_new)
             score_sel = float(clusters[2][np.searchsorted(train_ids, new)].mean())  # distance to the centroid
             queried["oracle-cluster"] = new
+            shown = dict(zip(pool.tolist(), cols["distance"]))
         elif way == "random":
             queried["oracle-random"] = common.query_random(pool, n_new, rng)
+            shown = None
         else:
-            picks, scores, masks = query(way, rnd, model, members, x, pool, args, device, rng)
+            picks, score_cols, scores, masks = query(way, rnd, model, members, x, pool, args, device, rng)
             queried = {how: pool[g] for how, g in picks.items()}
+            cols.update(score_cols)
             score_sel = float(np.mean(scores[np.concatenate([g for how, g in picks.items() if how != "pseudo"])]))
-            if "pseudo" in picks:
-                g = torch.as_tensor(picks["pseudo"], device=device)
-                target[torch.as_tensor(pool[picks["pseudo"]], device=device)] = masks[g]
+            shown = dict(zip(pool.tolist(), scores))
+        run.log_pool_scores(rnd, [data.ids[i] for i in pool], cols,
+                            {how: [data.ids[i] for i in ids] for how, ids in queried.items()})
+        common.save_picks(run, rnd, model, data, x, queried, shown, args.batch_size, device, args.amp)
+        # the oracle reveals the ground truth; pseudo-labels are the model's masks. CEAL's pseudo-labelled samples
+        # leave the pool and stay pseudo-labelled; DSAL's are re-drawn every iteration and stay in the pool.
+        dev = lambda ids: torch.as_tensor(ids, device=device)
+        if args.strategy == "dsal" and "pseudo" in queried:
+            target[dev(pseudo)] = SENTINEL
+            pseudo = np.zeros(0, np.int64)
         for how, ids in queried.items():
-            if how == "pseudo":
-                pseudo = np.concatenate([pseudo, ids])
-            else:
+            if how != "pseudo":
                 labeled = np.concatenate([labeled, ids])
-        pool = np.setdiff1d(pool, np.concatenate(list(queried.values())))
+                target[dev(ids)] = y[dev(ids)]
+        if "pseudo" in queried:
+            pseudo = np.concatenate([pseudo, queried["pseudo"]])
+            target[dev(queried["pseudo"])] = masks[dev(picks["pseudo"])]
+        leave = [ids for how, ids in queried.items() if how != "pseudo" or args.strategy != "dsal"]
+        pool = np.setdiff1d(pool, np.concatenate(leave))
         select_s = time.time() - t0
 
         # ---- training: fine-tuned on the enlarged labelled set, 10 epochs first, then 2 per iteration ----
@@ -582,9 +711,12 @@ def main(argv=None):
             run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
             progress.epoch(rnd, e, epochs, loss)
 
-        common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device,
+        train_ids_now = np.concatenate([labeled, pseudo])
+        if bool((target[dev(train_ids_now)] == SENTINEL).any()):
+            raise RuntimeError("a training target is still unlabelled (SENTINEL): a selection bug")
+        common.train(model, opt, x, target, train_ids_now, epochs, args.batch_size, device=device,
                      amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
-        for m, o in zip(members, opts):  # ens-s / ens-js: M models on bootstrap resamples of the labelled set
+        for m, o in zip(members, opts):  # ens-s / ens-js / suggestive: M models on bootstrap resamples of the labelled set
             common.train(m, o, x, target, rng.choice(labeled, len(labeled), replace=True), epochs, args.batch_size,
                          device=device, amp=args.amp, loss_fn=loss_fn, generator=gen)
         train_s = time.time() - t0
@@ -683,6 +815,21 @@ def tables(args):
         raise common.UserError(f"--tables {' '.join(args.tables)}: no ssl_coldstart run folder with a rounds.csv there")
     for r in rows:
         r["method"], r["init"], r["start"] = method(r), "w/ SSL" if r["ssl_init"] else "w/o SSL", r["cold_start"]
+        auto = "cluster" if r["strategy"] == "cluster" else "random"  # --cold-start auto
+        if r["cold_start"] != auto:   # e.g. random queries after a clustered base set: a method of its own
+            r["method"] += f", {r['cold_start']} base set"
+        r["schedule"] = f"{int(r['epochs_initial'])}+{int(r['epochs'])} epochs"
+        for flag, default in (("channels", 1), ("up", "transpose"), ("ssl_optim", "adam")):
+            r.setdefault(flag, default)  # runs of older versions lack these flags; they copied the head:
+        r["transfer_head"] = bool(r.get("transfer_head", True) and r["ssl_init"])
+    if len({r["schedule"] for r in rows}) > 1:  # runs with other epochs are never pooled: the schedule shows
+        for r in rows:
+            r["method"] += f", {r['schedule']}"
+    for flag, name in (("channels", lambda v: f"{v} ch"), ("up", str), ("transfer_head", lambda v: "head copied"
+                       if v else "head random"), ("ssl_optim", lambda v: f"SSL {v}")):
+        if len({r[flag] for r in rows}) > 1:  # likewise any other setting that differs between the runs
+            for r in rows:
+                r["method"] += f", {name(r[flag])}"
     last = {}
     for r in rows:
         last[r["run"]] = max(last.get(r["run"], 0), r["round"])

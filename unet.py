@@ -2,8 +2,8 @@
 
 UNet: Ronneberger et al. 2015, with configurable width and depth, transposed-convolution or bilinear
 upsampling, dropout placement ("every" block between its two convolutions, "bottleneck" only, or "none"),
-optional deep supervision (auxiliary heads on decoder stages, upsampled to full size) and access to the
-last encoder stage's features.
+optional deep supervision (auxiliary heads on decoder stages, upsampled to full size by nearest neighbour) and
+access to the last encoder stage's features.
 
 At width 64, depth 4 (5 encoder stages, 4 decoder stages), transposed convolutions: about 31.0 M
 parameters, the CEAL paper's "around 31 million" (Sec. 1.2).
@@ -86,9 +86,9 @@ class UNet(nn.Module):
         aux = []
         for s, (up, block) in enumerate(zip(self.ups, self.dec)):
             x = block(torch.cat([up(x), feats[-2 - s]], dim=1))
-            if str(s) in self.aux:
-                aux.append(F.interpolate(self.aux[str(s)](x), size=feats[0].shape[-2:], mode="bilinear",
-                                         align_corners=False))
+            if str(s) in self.aux:  # nearest, as the DSAL authors' Keras UpSampling2D (and deterministic on CUDA,
+                # where bilinear's backward is not)
+                aux.append(F.interpolate(self.aux[str(s)](x), size=feats[0].shape[-2:], mode="nearest"))
         out = self.head(x)
         return (out, aux) if self.ds_stages else out
 
@@ -161,6 +161,27 @@ class ResNet18Encoder(nn.Module):
         return [x0, x1, x2, x3, self.layer4(x3)]
 
 
+def bilinear_up2(x):
+    """Bilinear x2 upsampling of (B, C, H, W), align_corners=False, from slices: along each axis
+    out[2i] = 0.75 x[i] + 0.25 x[i-1] and out[2i+1] = 0.75 x[i] + 0.25 x[i+1], the edges clamped. The same
+    numbers as F.interpolate(x, scale_factor=2, mode="bilinear") (tested), with a backward made of slices and
+    sums, which is deterministic on CUDA, where F.interpolate's bilinear backward is not."""
+    for d in (2, 3):
+        n = x.shape[d]
+        prev = torch.cat([x.narrow(d, 0, 1), x.narrow(d, 0, n - 1)], d)
+        nxt = torch.cat([x.narrow(d, 1, n - 1), x.narrow(d, n - 1, 1)], d)
+        x = torch.stack([0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt], d + 1).flatten(d, d + 1)
+    return x
+
+
+def upsample2x(x):
+    """Bilinear x2: F.interpolate, or bilinear_up2 on CUDA under --deterministic
+    (torch.use_deterministic_algorithms, which raises on F.interpolate's bilinear backward there)."""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return bilinear_up2(x).contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
 def conv_bn_relu(c_in, c_out, k):
     """Convolution, then BatchNorm ("batch normalization is added after each convolution layer"), ReLU."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
@@ -172,14 +193,15 @@ class ResNetUNet(nn.Module):
     in the U-Net architecture, 1x1 convolutions are incorporated, and batch normalization is added after each
     convolution layer". The decoder is not described further; this one follows the common public ResNet-18
     U-Net layout (usuyama/pytorch-unet): a 1x1 convolution on every encoder stage before it is concatenated
-    (where the channel count grows), bilinear x2 upsampling, a 3x3 convolution after each concatenation, a
+    (where the channel count grows), bilinear x2 upsampling (upsample2x), a 3x3 convolution after each concatenation, a
     two-convolution full-resolution branch on the input, and BatchNorm after every convolution.
 
     Same interface as UNet: forward(x) -> logits (B, out_ch, H, W); encode(x) -> list of features (the last
     is layer4, the bottleneck); decode(feats) -> logits; features(x); dropout_at; feature_channels. Input is
     in [0, 1]; with mean/std given (ImageNet's for pretrained weights) the model normalises it itself, so
     training, prediction and MC dropout all see the same normalisation. Dropout, when p > 0, sits on the
-    bottleneck only, so MC dropout may run the encoder once and the decoder T times (common.mc_dropout).
+    bottleneck only, so MC dropout may run the encoder once and the decoder T times (common.mc_dropout);
+    region_uncertainty.py gives it dropout only for --strategy mc-dropout (the paper's network has none).
     H and W must be multiples of 32."""
 
     def __init__(self, in_ch=3, out_ch=1, width=64, dropout=0.0, mean=None, std=None):
@@ -212,9 +234,9 @@ class ResNetUNet(nn.Module):
         full, skips = feats[0], feats[1:]
         x = self.skip1x1[4](self.bottleneck_drop(skips[4]))
         for s, conv in zip((3, 2, 1, 0), self.up):
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = upsample2x(x)
             x = conv(torch.cat([x, self.skip1x1[s](skips[s])], dim=1))
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = upsample2x(x)
         return self.head(self.full2(torch.cat([x, full], dim=1)))
 
     def forward(self, x):

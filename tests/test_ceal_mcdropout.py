@@ -1,14 +1,19 @@
-"""ceal_mcdropout.py: the four CEAL groups on hand-made scores, and the script end to end (synthetic, the
-real LGG sample files, --resume, seeding, strategies, bad input)."""
+"""ceal_mcdropout.py: the four CEAL groups on hand-made scores (both readings of the band and of the pseudo
+group), main() with a known score checked against the rule from the run folder, and the script end to end
+(synthetic, the real LGG sample files, --resume, seeding, strategies, bad input)."""
 import csv
 import json
 import os
-import shutil
+import re
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import ceal_mcdropout
 import common
+import interface
 from conftest import REAL, run_dir_from, run_script
 
 TINY = ["--split", 40, 10, 10, "--image-size", 32, "--width", 4, "--initial", 10, "--query", 7, "--rounds", 2,
@@ -32,6 +37,44 @@ def test_ceal_groups_on_hand_made_scores():
     assert all((a == b).all() for a, b in zip((low, high, band, pseudo), again))
 
 
+def test_ceal_groups_band_and_pseudo_readings_by_hand():
+    # 80 bins of width 0.1 over [0, 8]: 0 and 8 fix the range. The mode is bin 20 (2.0 <= s < 2.1, 6 scores).
+    scores = np.array([0.0, 0.05,                                # 0, 1: the two lowest
+                       2.01, 2.03, 2.05, 2.06, 2.08, 2.09,       # 2-7: the mode bin 20
+                       1.5, 2.55, 2.65, 2.72,                    # 8: below the mode; 9-11: bins 25, 26, 27
+                       3.0, 4.0, 4.65, 4.75,                     # 12-15: bins 30, 40, 46, 47
+                       7.9, 8.0])                                # 16, 17: the two highest
+    counts, edges = np.histogram(scores, 80)
+    assert np.argmax(counts) == 20 and np.isclose(edges[1] - edges[0], 0.1)
+    everything = set(range(len(scores)))
+    # paper: every score up to the upper edge of bin 20 + 6 = 2.7, mode bin and below included
+    low, high, band, pseudo = common.ceal_groups(scores, 2, 2, 9, 0, np.random.default_rng(0))
+    assert set(low) == {0, 1} and set(high) == {16, 17}
+    assert set(band) == {2, 3, 4, 5, 6, 7, 8, 9, 10}             # all 9 candidates: 2.72 (bin 27) is out
+    # reference: from the lower edge of bin 26 (2.6) to the lower edge of bin 47 (4.7)
+    _, _, band, _ = common.ceal_groups(scores, 2, 2, 5, 0, np.random.default_rng(0), band="reference")
+    assert set(band) == {10, 11, 12, 13, 14}                     # 2.65, 2.72, 3.0, 4.0, 4.65; not 2.55, 4.75
+    _, _, band, _ = common.ceal_groups(scores, 2, 2, 7, 0, np.random.default_rng(0), band="reference")
+    assert set(band) == {10, 11, 12, 13, 14, 8, 2}               # 5 in the band + the 2 next-lowest (1.5, 2.01)
+    # pseudo, nearest: the closest to the mode bin's centre 2.05, deterministic
+    _, _, band, pseudo = common.ceal_groups(scores, 2, 2, 0, 4, np.random.default_rng(0))
+    assert list(pseudo[:1]) == [4] and set(pseudo) == {3, 4, 5, 6}   # |s - 2.05| = 0, .01, .02, .02
+    _, _, _, pseudo = common.ceal_groups(scores, 2, 2, 0, 8, np.random.default_rng(0))
+    assert set(pseudo) == {2, 3, 4, 5, 6, 7, 8, 9}               # beyond the bin: 2.55 (.5) and 1.5 (.55)
+    # pseudo, reference: random inside the mode bin only, fewer when it holds fewer
+    _, _, _, pseudo = common.ceal_groups(scores, 2, 2, 0, 4, np.random.default_rng(0), pseudo="reference")
+    assert len(pseudo) == 4 and set(pseudo) <= {2, 3, 4, 5, 6, 7}
+    draws = {tuple(sorted(common.ceal_groups(scores, 2, 2, 0, 4, np.random.default_rng(s), pseudo="reference")[3]))
+             for s in range(20)}
+    assert len(draws) > 1                                        # random, not the nearest four
+    _, _, _, pseudo = common.ceal_groups(scores, 2, 2, 0, 8, np.random.default_rng(0), pseudo="reference")
+    assert set(pseudo) == {2, 3, 4, 5, 6, 7}
+    for kw in ({}, {"band": "reference", "pseudo": "reference"}):  # never overlapping, whatever the reading
+        g = common.ceal_groups(scores, 2, 2, 4, 6, np.random.default_rng(1), **kw)
+        every = np.concatenate(g)
+        assert len(set(every)) == len(every) and set(every) <= everything
+
+
 def test_ceal_groups_small_pool_serves_the_oracle_first():
     low, high, band, pseudo = common.ceal_groups(np.arange(6.0), 2, 2, 1, 10, np.random.default_rng(0))
     # 80 bins over 0..5: every bin holds at most one score, the mode is bin 0 and the band (up to bin 7,
@@ -44,17 +87,29 @@ def read(run, name):
     return list(csv.DictReader(open(os.path.join(run, name))))
 
 
-def test_end_to_end_resume_and_seed(tmp_path):
-    full = run_dir_from(run_script("ceal_mcdropout.py", *TINY, "--out", tmp_path / "a"))
+def main(*args):
+    """The script in this process (no second import of torch) where its command line is not under test."""
+    return ceal_mcdropout.main(["--device", "cpu", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One finished TINY run, shared by the tests that only read it."""
+    return run_dir_from(run_script("ceal_mcdropout.py", *TINY, "--out", tmp_path_factory.mktemp("ceal")))
+
+
+def test_end_to_end_resume_and_seed(full_run, tmp_path):
+    full = full_run
     rows = read(full, "rounds.csv")
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
-    assert [int(r["labeled"]) for r in rows] == [10, 17, 24] and [int(r["pseudo"]) for r in rows] == [0, 2, 6]
+    assert [int(r["labeled"]) for r in rows] == [10, 17, 24] and [int(r["pseudo"]) for r in rows] == [0, 2, 4]
     q = read(full, "queried.csv")
     assert {r["how"] for r in q} == {"initial", "oracle-lowest", "oracle-highest", "oracle-band", "pseudo"}
-    assert len({r["sample_id"] for r in q}) == len(q) == 10 + 7 * 2 + 2 + 4   # nothing queried twice
+    assert len({r["sample_id"] for r in q}) == len(q) == 10 + 7 * 2 + 2 + 2   # nothing queried twice
     train_ids = set(json.load(open(os.path.join(full, "splits.json")))["train"])
     assert {r["sample_id"] for r in q} <= train_ids
-    for f in ("summary.json", "learning_curve.png", "panel.png", "uncertainty_hist.png", "uncertainty_vs_dice.png",
+    for f in ("summary.json", "learning_curve.png", "panel.png", "figures/uncertainty_hist_round_1.png",
+              "figures/uncertainty_hist_round_2.png", "figures/uncertainty_vs_dice_round_2.png", "picks/round_2.png",
               "checkpoint.pt", "config.json", "epochs.csv", "pool_scores.csv"):
         assert os.path.isfile(os.path.join(full, f)), f
     assert json.load(open(os.path.join(full, "summary.json")))["final_dice"] == pytest.approx(float(rows[-1]["dice_mean"]), abs=1e-5)
@@ -69,26 +124,27 @@ def test_end_to_end_resume_and_seed(tmp_path):
     assert resumed == part
     assert read(resumed, "queried.csv") == q
     assert [r["dice_mean"] for r in read(resumed, "rounds.csv")] == [r["dice_mean"] for r in rows]
+    assert read(resumed, "pool_scores.csv") == read(full, "pool_scores.csv")
+    for name in ("rounds.csv", "queried.csv", "epochs.csv", "pool_scores.csv"):  # rewritten on resume: one line end
+        raw = open(os.path.join(resumed, name), "rb").read()
+        assert b"\r" not in raw and raw.endswith(b"\n"), name
+    interface.assert_interface("ceal_mcdropout.py", resumed, help=False)
 
-    # another seed: other queries
-    other = run_dir_from(run_script("ceal_mcdropout.py", *TINY, "--seed", 1, "--out", tmp_path / "c"))
-    assert read(other, "queried.csv") != q
+    # another seed: other queries (in this process: the command line is under test above)
+    other = main(*TINY, "--seed", 1, "--rounds", 1, "--out", tmp_path / "c")
+    assert read(other, "queried.csv") != q[:len(read(other, "queried.csv"))]
 
 
-def test_interface_check(tmp_path):
-    run = run_dir_from(run_script("ceal_mcdropout.py", *TINY, "--rounds", 1, "--out", tmp_path))
-    checker = os.path.join(REAL, "..", "..", "tools", "check_run.py")
-    if not os.path.isfile(checker):
-        pytest.skip("../shared/tools/check_run.py absent")
-    out = run_script(checker, "ceal_mcdropout.py", run, check=False, device=False)
-    assert out.returncode == 0 and "interface ok" in out.stdout, out.stdout + out.stderr
+def test_interface_check(full_run):
+    interface.assert_interface("ceal_mcdropout.py", full_run)
 
 
 @pytest.mark.parametrize("strategy,labeled", [("random", [10, 17]), ("full", [40])])
 def test_baselines(tmp_path, strategy, labeled):
-    run = run_dir_from(run_script("ceal_mcdropout.py", *TINY, "--rounds", 1, "--strategy", strategy, "--out", tmp_path))
+    run = main(*TINY, "--rounds", 1, "--strategy", strategy, "--out", tmp_path)
     rows = read(run, "rounds.csv")
     assert [int(r["labeled"]) for r in rows] == labeled and all(r["pseudo"] == "0" for r in rows)
+    interface.assert_interface("ceal_mcdropout.py", run, help=False)
 
 
 def test_real_lgg_layout_as_downloaded(tmp_path):
@@ -96,7 +152,8 @@ def test_real_lgg_layout_as_downloaded(tmp_path):
         pytest.skip("real samples absent")
     run = run_dir_from(run_script("ceal_mcdropout.py", "--data", "lgg", "--data-dir", os.path.join(REAL, "kaggle_3m"),
                                   "--split", 2, 0, 2, "--initial", 1, "--query", 1, "--rounds", 1, "--image-size", 32,
-                                  "--width", 4, "--epochs-initial", 1, "--epochs", 1, "--mc-passes", 2, "--out", tmp_path))
+                                  "--width", 4, "--epochs-initial", 1, "--epochs", 1, "--mc-passes", 2, "--pseudo-step", 0,  # a pool of 2
+                                  "--out", tmp_path))
     rows = read(run, "rounds.csv")
     assert [int(r["labeled"]) for r in rows] == [1, 2]
     splits = json.load(open(os.path.join(run, "splits.json")))
@@ -109,8 +166,155 @@ def test_bad_input_messages(tmp_path):
         out = run_script("ceal_mcdropout.py", *args, "--out", tmp_path, check=False)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         return out.stderr
-    assert "--data isic2017 needs --data-dir" in fails("--data", "isic2017")
-    assert "labelling budget 1100" in fails(*TINY, "--initial", 1000, "--query", 50)
+    assert "--data isic2017 needs --data-dir" in fails("--data", "isic2017")  # the command line: exit 2, no traceback
+
+    def fails_here(message, *args):  # the others in this process: the same UserError that exits 2
+        with pytest.raises(common.UserError, match=re.escape(message)):
+            main(*args, "--out", tmp_path)
+    fails_here("labelling budget 1100", *TINY, "--initial", 1000, "--query", 50)  # the oracle's budget: an error
     (tmp_path / "wrong" / "images").mkdir(parents=True)
-    assert "wrong: expected the official layout" in fails("--data", "isic2017", "--data-dir", tmp_path / "wrong")
-    assert "nowhere: folder not found" in fails("--data", "lgg", "--data-dir", tmp_path / "nowhere")
+    fails_here("wrong: expected the official layout", "--data", "isic2017", "--data-dir", tmp_path / "wrong")
+    fails_here("nowhere: folder not found", "--data", "lgg", "--data-dir", tmp_path / "nowhere")
+
+
+def test_pseudo_labels_that_do_not_fit_are_counted_and_said(tmp_path, monkeypatch, capsys):
+    """The pseudo-labels count in the budget: per-iteration needs 2 x (1 + 2 + 3) = 12 of the pool of 40 beyond
+    10 + 7 x 3 oracle labels, 3 too many: the run says so and goes on (the oracle is served first), as Table 2's
+    LGG protocol needs (329 + 35 x 10 + 20 x 10 = 879 of 878 slices)."""
+    monkeypatch.setenv("ALSEG_STOP_AFTER_ROUND", "0")
+    with pytest.raises(SystemExit):
+        main(*TINY, "--rounds", 3, "--pseudo-mode", "per-iteration", "--out", tmp_path)
+    assert "12 pseudo-labels (per-iteration) exceed the training pool of 40 by 3" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ main() with a known score, picks audited
+KNOWN = ["--split", 60, 10, 10, "--image-size", 32, "--width", 4, "--initial", 10, "--query", 7, "--rounds", 2,
+         "--epochs-initial", 1, "--epochs", 1, "--batch-size", 16, "--pseudo-step", 3, "--device", "cpu"]
+
+
+def known_score(n):
+    """A score per data index from a fixed permutation, shaped like Fig. 6: a few near 0 (missed lesions), a pile
+    at 2.0 (the confident mode), a spread from 2.3 to 2.9 (where the reference band lies) and high ones 5-7."""
+    u = np.random.default_rng(123).permutation(n) / n
+    return np.select([u < 0.08, u < 0.5, u < 0.8], [0.01 + u, 2.0 + 0.002 * u, 2.3 + 2 * (u - 0.5)], 5 + 10 * (u - 0.8))
+
+
+def run_known(tmp_path, monkeypatch, *flags):
+    """main() in-process with score_pool replaced by known_score and pseudo-masks that are NOT the ground truth
+    (the inverted mask), recording the data and every training call's (indices, targets)."""
+    seen = {}
+    load, train = common.load_data, common.train
+
+    def load_data(*a, **k):
+        seen["data"] = load(*a, **k)
+        seen["score"] = known_score(len(seen["data"]))
+        return seen["data"]
+
+    def score_pool(model, x, y, pool, args, device):
+        pool = np.asarray(pool)
+        return seen["score"][pool].copy(), (1 - y[torch.as_tensor(pool)]).to(torch.uint8), np.zeros(len(pool))
+
+    def record_train(model, opt, x, target, idx, *a, **k):
+        seen.setdefault("train", []).append((np.asarray(idx).copy(), target[torch.as_tensor(np.asarray(idx))].clone()))
+        return train(model, opt, x, target, idx, *a, **k)
+
+    monkeypatch.setattr(common, "load_data", load_data)
+    monkeypatch.setattr(common, "train", record_train)
+    monkeypatch.setattr(ceal_mcdropout, "score_pool", score_pool)
+    run = ceal_mcdropout.main([*map(str, KNOWN), "--out", str(tmp_path), *flags])
+    return run, seen
+
+
+@pytest.mark.parametrize("mode,band,pick", [("total", "paper", "nearest"), ("redraw", "reference", "reference"),
+                                            ("per-iteration", "paper", "nearest")])
+def test_picks_follow_the_rule_on_a_known_score(tmp_path, monkeypatch, mode, band, pick):
+    run, seen = run_known(tmp_path, monkeypatch, "--pseudo-mode", mode, "--band", band, "--pseudo-pick", pick)
+    data, S = seen["data"], seen["score"]
+    index = {sid: i for i, sid in enumerate(data.ids)}
+    y = torch.as_tensor(data.y)
+    q, ps = read(run, "queried.csv"), read(run, "pool_scores.csv")
+    got = lambda rnd, how: {index[r["sample_id"]] for r in q if int(r["round"]) == rnd and r["how"] == how}
+    train = {index[i] for i in json.load(open(os.path.join(run, "splits.json")))["train"]}
+    labelled, pseudo, pool = got(0, "initial"), set(), train - got(0, "initial")
+    assert len(labelled) == 10 and len(pool) == 50
+    for rnd in (1, 2):
+        rows = [r for r in ps if int(r["round"]) == rnd]
+        assert {index[r["sample_id"]] for r in rows} == pool                       # the whole pool, scored
+        assert all(float(r["uncertainty"]) == pytest.approx(S[index[r["sample_id"]]], rel=1e-5) for r in rows)
+        P = np.array(sorted(pool))
+        s = S[P]
+        order = P[np.argsort(s)]
+        low, high, bnd, pse = (got(rnd, h) for h in ("oracle-lowest", "oracle-highest", "oracle-band", "pseudo"))
+        assert low == set(order[:2].tolist()) and high == set(order[-2:].tolist())  # 7 -> 2 / 2 / 3 (Sec. 4.2)
+        counts, edges = np.histogram(s, 80)
+        mode_ = int(np.argmax(counts))
+        if band == "paper":
+            inside = {int(i) for i in P[s <= edges[mode_ + 7]]}
+        else:
+            inside = {int(i) for i in P[(s >= edges[mode_ + 6]) & (s < edges[47])]}
+        assert len(inside - low - high) >= 3 and len(bnd) == 3 and bnd <= inside - low - high  # a real draw
+        k4 = 3 if mode == "total" else 3 * rnd
+        rest = np.array(sorted(pool - low - high - bnd))
+        if pick == "nearest":
+            centre = (edges[mode_] + edges[mode_ + 1]) / 2
+            assert pse == set(rest[np.argsort(np.abs(S[rest] - centre), kind="stable")[:k4]].tolist())
+        else:
+            in_mode = {int(i) for i in rest if edges[mode_] <= S[i] < edges[mode_ + 1]}
+            assert len(in_mode) > k4 and len(pse) == k4 and pse <= in_mode
+        picked = {index[r["sample_id"]]: r["picked"] for r in rows if r["picked"]}
+        assert picked == {**{i: "oracle-lowest" for i in low}, **{i: "oracle-highest" for i in high},
+                          **{i: "oracle-band" for i in bnd}, **{i: "pseudo" for i in pse}}
+        # the sets: oracle picks leave the pool; pseudo-labels leave it too, except when re-drawn each round
+        labelled |= low | high | bnd
+        pseudo = pse if mode == "redraw" else pseudo | pse
+        pool = pool - low - high - bnd - (set() if mode == "redraw" else pse)
+        # what was trained on: ground truth for the oracle's samples, the model's mask (here the inverted
+        # ground truth) for the pseudo-labels, never the UNLABELLED sentinel
+        idx, target = seen["train"][rnd]
+        assert set(idx.tolist()) == labelled | pseudo and len(idx) == len(labelled) + len(pseudo)
+        for i, t in zip(idx.tolist(), target):
+            assert torch.equal(t, y[i] if i in labelled else 1 - y[i]), (rnd, i, i in pseudo)
+        assert (target != 255).all()
+        assert os.path.isfile(os.path.join(run, "picks", f"round_{rnd}.png"))
+        for f in ("uncertainty_hist", "uncertainty_vs_dice"):
+            assert os.path.isfile(os.path.join(run, "figures", f"{f}_round_{rnd}.png"))
+    rows = read(run, "rounds.csv")
+    assert [int(r["pseudo"]) for r in rows] == {"total": [0, 3, 6], "redraw": [0, 3, 6], "per-iteration": [0, 3, 9]}[mode]
+    assert [int(r["pool_left"]) for r in rows][-1] == len(pool)
+
+
+def test_random_strategy_writes_pool_scores_and_picks(tmp_path, monkeypatch):
+    run, seen = run_known(tmp_path, monkeypatch, "--strategy", "random", "--rounds", "1")
+    ps, q = read(run, "pool_scores.csv"), read(run, "queried.csv")
+    assert len(ps) == 50 and all(r["uncertainty"] == "" for r in ps)
+    assert {r["sample_id"] for r in ps if r["picked"] == "oracle-random"} == \
+        {r["sample_id"] for r in q if r["how"] == "oracle-random"} and len(q) == 17
+    assert os.path.isfile(os.path.join(run, "picks", "round_1.png"))
+
+
+def test_pseudo_step_scales_with_the_pool_on_other_data(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    common.write_folder(common.make_synthetic(200, 32, 3, seed=0), str(root))
+    run = ceal_mcdropout.main(["--data", "folder", "--data-dir", str(root), "--image-size", "32", "--width", "4",
+                               "--rounds", "1", "--epochs-initial", "1", "--epochs", "1", "--mc-passes", "2",
+                               "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "runs")])
+    args = json.load(open(os.path.join(run, "config.json")))["args"]
+    n = len(json.load(open(os.path.join(run, "splits.json")))["train"])
+    assert n == 128 and (args["initial"], args["query"], args["pseudo_step"]) == (48, 3, 2)  # 600, 35, 20 of 1600
+    assert [int(r["pseudo"]) for r in read(run, "rounds.csv")] == [0, 2]
+
+
+def test_plot_hist_ticks_line_up_with_the_bars(tmp_path):
+    """The marks under the bars use plot()'s geometry (its right margin holds the legend): a mark at the
+    highest score sits under the last bar, not in the legend."""
+    values = np.concatenate([np.linspace(0, 1, 50), [3.0]])
+    common.plot_hist(tmp_path / "h.png", values, 80, marks={"top": [3.0], "bottom": [0.0]})
+    a = np.asarray(Image.open(tmp_path / "h.png").convert("RGB")).astype(int)
+    H, B = a.shape[0], 48
+    bar = np.flatnonzero((np.abs(a - [123, 175, 211]) < 4).all(2).any(0))  # the bars' columns (blue over white)
+    runs = np.split(bar, np.flatnonzero(np.diff(bar) > 2) + 1)  # (the frame line may cut a bar)
+    cols = lambda rgb, row: np.flatnonzero((np.abs(a[row] - rgb) < 3).all(1))
+    top = cols(np.array(common.COLOURS[1]), H - B - 3)      # the ticks' row, under the bars
+    bottom = cols(np.array(common.COLOURS[2]), H - B - 3)
+    assert len(top) and runs[-1].min() <= top.mean() <= runs[-1].max(), (top, runs[-1])  # under the lone bar at 3.0
+    assert len(bottom) and runs[0].min() <= bottom.mean() <= runs[0].min() + 8, (bottom, runs[0])  # the first bar

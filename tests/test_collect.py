@@ -1,9 +1,13 @@
-"""collect.py and common.collect_runs / summarise / markdown_table on hand-made run folders."""
+"""collect.py and common.collect_runs / summarise / markdown_table on hand-made run folders; the run folder's
+CSV line ends and --resume's flags (common.Run)."""
+import argparse
 import csv
 import json
+import math
 import os
 
 import pytest
+import torch
 
 import collect
 import common
@@ -11,7 +15,7 @@ import common
 COLS = common.ROUND_COLUMNS
 
 
-def fake_run(root, name, script, strategy, seed, dices, data="synthetic", labeled=(10, 20, 30)):
+def fake_run(root, name, script, strategy, seed, dices, data="synthetic", labeled=(10, 20, 30), finished=True):
     d = root / name
     d.mkdir(parents=True)
     json.dump({"script": script, "args": {"data": data, "strategy": strategy, "seed": seed}}, open(d / "config.json", "w"))
@@ -21,12 +25,14 @@ def fake_run(root, name, script, strategy, seed, dices, data="synthetic", labele
         for r, (n, dice) in enumerate(zip(labeled, dices)):
             w.writerow(dict(round=r, labeled=n, pseudo=0, dice_mean=dice, dice_std=0.1, iou_mean=dice - 0.1,
                             train_s=1, select_s=1))
+    if finished:
+        json.dump({"final_dice": dices[-1]}, open(d / "summary.json", "w"))
     return d
 
 
 def test_grouping_mean_std_and_missing_rounds(tmp_path):
     fake_run(tmp_path, "a0", "ceal_mcdropout", "ceal", 0, [0.5, 0.6, 0.7])
-    fake_run(tmp_path, "a1", "ceal_mcdropout", "ceal", 1, [0.7, 0.8])          # interrupted: no round 2
+    fake_run(tmp_path, "a1", "ceal_mcdropout", "ceal", 1, [0.7, 0.8], finished=False)  # interrupted: no round 2
     fake_run(tmp_path, "b0", "ceal_mcdropout", "random", 0, [0.4, 0.5, 0.6])
     fake_run(tmp_path, "c0", "ssl_coldstart", "random", 0, [0.3, 0.35, 0.4])
     fake_run(tmp_path, "d0", "ceal_mcdropout", "ceal", 0, [0.9, 0.9, 0.9], data="lgg")
@@ -34,16 +40,19 @@ def test_grouping_mean_std_and_missing_rounds(tmp_path):
     json.dump({"script": "x", "args": {}}, open(tmp_path / "not_a_run" / "config.json", "w"))  # no rounds.csv
     s = collect.collect([str(tmp_path)])
     ceal = {r["labeled"]: r for r in s if r["strategy"] == "ceal" and r["data"] == "synthetic"}
-    assert ceal[10]["n"] == 2 and ceal[10]["dice_mean"] == pytest.approx(0.6) and ceal[10]["dice_mean_std"] == pytest.approx(0.1)
+    # sample std (ddof = 1): 0.5 and 0.7 -> sqrt(((-0.1)^2 + 0.1^2) / (2 - 1)) = 0.1414
+    assert ceal[10]["n"] == 2 and ceal[10]["dice_mean"] == pytest.approx(0.6) and ceal[10]["dice_mean_std"] == pytest.approx(math.sqrt(0.02))
+    assert ceal[10]["unfinished"] == 1 and ceal[30]["unfinished"] == 0 and math.isnan(ceal[30]["dice_mean_std"])
     assert ceal[20]["dice_mean"] == pytest.approx(0.7) and ceal[30]["n"] == 1 and ceal[30]["dice_mean"] == pytest.approx(0.7)
     assert ceal[10]["iou_mean"] == pytest.approx(0.5)
     assert len(s) == 3 * 4 and {r["script"] for r in s} == {"ceal_mcdropout", "ssl_coldstart"}
     assert len(collect.collect([str(tmp_path)], data="lgg")) == 3
     final = collect.collect([str(tmp_path)], by=["script", "strategy", "data"], final=True)
     row = next(r for r in final if r["strategy"] == "ceal" and r["data"] == "synthetic")
-    assert row["n"] == 2 and row["dice_mean"] == pytest.approx(0.75)  # last rounds: 0.7 and 0.8
+    assert row["n"] == 1 and row["dice_mean"] == pytest.approx(0.7)  # a1 (no summary.json) is not a final result
     table = common.markdown_table(s, ["script", "strategy", "labeled", "n", "dice_mean"])
-    assert "| ceal_mcdropout | ceal | 10 | 2 | 0.6000 ± 0.1000 |" in table
+    assert "| ceal_mcdropout | ceal | 10 | 2 | 0.6000 ± 0.1414 |" in table
+    assert "| ceal_mcdropout | ceal | 30 | 1 | 0.7000 |" in table  # one run: the mean alone
 
 
 def test_cli_writes_table_csv_and_figure(tmp_path, capsys):
@@ -53,9 +62,44 @@ def test_cli_writes_table_csv_and_figure(tmp_path, capsys):
     collect.main([str(tmp_path / "runs"), "--out", str(out)])
     for f in ("results.md", "results.csv", "curves.png"):
         assert (out / f).stat().st_size > 0
-    assert "0.5500 ± 0.0500" in (out / "results.md").read_text()
+    assert "| 2 | 0.5500 ± 0.0707 |" in (out / "results.md").read_text()  # 0.5, 0.6: sample std 0.0707
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["labeled"] for r in rows] == ["10", "20", "30"]
+
+
+def test_unfinished_runs_out_of_final_and_marked_per_round(tmp_path, capsys):
+    fake_run(tmp_path, "done0", "example_tta", "tta", 0, [0.5, 0.6, 0.7])
+    fake_run(tmp_path, "done1", "example_tta", "tta", 1, [0.5, 0.6, 0.9])
+    fake_run(tmp_path, "crashed", "example_tta", "tta", 2, [0.5, 0.1], finished=False)
+    final = collect.main([str(tmp_path), "--final", "--by", "script", "strategy"])
+    out = capsys.readouterr()
+    assert final[0]["n"] == 2 and final[0]["dice_mean"] == pytest.approx(0.8) and final[0]["unfinished"] == 0
+    assert "left out 1 unfinished run(s)" in out.err and "crashed" in out.err
+    assert "unfinished" not in out.out  # the final table holds finished runs only
+    per_round = collect.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert {r["labeled"]: r["unfinished"] for r in per_round} == {10: 1, 20: 1, 30: 0}
+    assert "of which unfinished" in out and "| example_tta | tta | synthetic | 20 | 3 | 0.4333 ± 0.2887 |" in out
+    assert "runs without summary.json" in out
+
+
+def _args(**kw):
+    base = dict(resume=None, out=None, data="synthetic", strategy="s", seed=0, device="cpu", workers=0, amp=False)
+    return argparse.Namespace(**dict(base, **kw))
+
+
+def test_run_csv_line_ends_and_resume_keeps_the_runs_amp(tmp_path, capsys):
+    run = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
+    run.append_csv("a.csv", [{"round": 0, "v": 1.5}, {"round": 1, "v": 2.0}])
+    run.append_csv("a.csv", {"round": 2, "v": 3})
+    run.truncate_csv("a.csv", lambda r: int(r["round"]) <= 1)  # what --resume does to an unfinished round
+    run.append_csv("a.csv", {"round": 2, "v": 4})
+    raw = open(run.path("a.csv"), "rb").read()
+    assert raw == b"round,v\n0,1.5\n1,2\n2,4\n"  # "\n" everywhere, never csv's default "\r\n"
+    again = _args(resume=run.dir, amp=True, device="cuda:1", workers=3, seed=5)
+    common.Run("x.py", again, torch.device("cpu"))
+    assert "--amp ignored" in capsys.readouterr().out
+    assert (again.amp, again.seed, again.device, again.workers) == (False, 0, "cuda:1", 3)  # device, workers may change
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
@@ -93,4 +137,33 @@ def test_example_method_end_to_end_and_resume(tmp_path):
     part = str(next((tmp_path / "b").iterdir()))
     run_script("example_tta.py", "--resume", part)
     read = lambda d, f: open(os.path.join(d, f)).read()
-    assert read(full, "queried.csv") == read(part, "queried.csv") and read(full, "queried.csv").count("\n") == 9
+    assert read(full, "queried.csv") == read(part, "queried.csv") and read(full, "queried.csv").count("\n") == 1 + 6 + 2 * 4
+    import interface
+    interface.assert_interface("example_tta.py", [full, part])
+
+
+def test_example_method_queries_the_top_k_of_a_known_score(tmp_path, monkeypatch):
+    """example_tta.main() in-process with the score replaced by a fixed permutation of the data indices: each
+    round queries exactly the `--query` largest scores of its pool, and pool_scores.csv holds the pool and
+    the picks (the run folder alone shows that the rule was followed)."""
+    import numpy as np
+    import example_tta
+    perm = np.random.default_rng(7).permutation(1000).astype(float)
+    monkeypatch.setattr(example_tta, "tta_variance", lambda model, x, pool, bs, device: perm[np.asarray(pool)])
+    run = example_tta.main(["--split", "30", "5", "10", "--image-size", "32", "--width", "4", "--initial", "6",
+                            "--query", "4", "--rounds", "2", "--epochs-initial", "1", "--epochs", "1",
+                            "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)])
+    q = list(csv.DictReader(open(os.path.join(run, "queried.csv"))))
+    ps = list(csv.DictReader(open(os.path.join(run, "pool_scores.csv"))))
+    index = {sid: i for i, sid in enumerate(f"syn{i:05d}" for i in range(45))}
+    assert set(index) >= {r["sample_id"] for r in ps}
+    pool = set(json.load(open(os.path.join(run, "splits.json")))["train"]) - {r["sample_id"] for r in q if r["round"] == "0"}
+    for rnd in ("1", "2"):
+        rows = [r for r in ps if r["round"] == rnd]
+        assert {r["sample_id"] for r in rows} == pool and len(pool) == 24 - 4 * (int(rnd) - 1)
+        assert all(float(r["tta_variance"]) == perm[index[r["sample_id"]]] for r in rows)
+        top = set(sorted(pool, key=lambda sid: -perm[index[sid]])[:4])
+        picked = {r["sample_id"] for r in q if r["round"] == rnd and r["how"] == "oracle"}
+        assert picked == top == {r["sample_id"] for r in rows if r["picked"] == "oracle"}
+        assert os.path.isfile(os.path.join(run, "picks", f"round_{rnd}.png"))
+        pool -= picked

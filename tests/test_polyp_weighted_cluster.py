@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REAL, ROOT, run_dir_from, run_script
+import interface
+from conftest import REAL, ROOT, THREADS, run_dir_from, run_script
 
 import common
 import polyp_weighted_cluster as pwc
@@ -136,6 +137,159 @@ def test_split_without_validation():
     assert len(train) == 15 and len(val) == 0 and len(test) == 5 and not set(train) & set(test)
 
 
+def test_discrepancy_loss_detaches_the_mask_by_default():
+    """L_fdl moves the encoder features, not the prediction that masks them, unless --fdl-grad-through-mask."""
+    torch.manual_seed(0)
+    model = pwc.UNet(3, 1, 4)
+    xu = torch.rand(2, 3, 32, 32) * 2 - 1
+    decoder = [p for m in (model.ups, model.dec, model.head) for p in m.parameters()]
+    for through, reaches_decoder in ((False, False), (True, True)):
+        model.zero_grad(set_to_none=True)
+        loss = pwc.discrepancy_loss(model, xu, -1.0, through_mask=through)  # delta = -1: the hinge is always on
+        loss.backward()
+        assert 1 <= loss.item() <= 2  # cos + 1, cos >= 0 on ReLU features
+        assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.enc.parameters())
+        assert any(p.grad is not None and p.grad.abs().max() > 0 for p in decoder) == reaches_decoder, through
+
+
+def test_sq_distances_equal_the_broadcast_form():
+    """The ||a||^2 - 2ab + ||b||^2 form gives the (N, K, C) broadcast's distances and the same queries."""
+    rng = np.random.default_rng(0)
+    for n, k, c in ((200, 12, 64), (50, 5, 3)):
+        feats, centres = rng.normal(size=(n, c)) * rng.uniform(0.1, 10), rng.normal(size=(k, c))
+        old = ((feats[:, None, :] - centres[None]) ** 2).sum(-1)
+        assert np.allclose(pwc.sq_distances(feats, centres), old, rtol=1e-9, atol=1e-9)
+        labels = np.argmin(old, 1)
+        chosen_old = []
+        for j in range(k):  # the previous nearest_to_centroids, verbatim apart from the distance array
+            members = np.flatnonzero(labels == j)
+            order = np.r_[members[np.argsort(old[members, j], kind="stable")], np.argsort(old[:, j], kind="stable")]
+            chosen_old.append(next(int(i) for i in order if int(i) not in chosen_old))
+        assert pwc.nearest_to_centroids(feats, centres, labels).tolist() == chosen_old
+
+
+# ---- main() with a known scorer: the picks in queried.csv against each rule --------------------------------
+N_FAKE, K_FAKE = 50, 4  # TINY: 40 + 0 + 10 samples, B = 4
+
+
+def fake_scores(pool, gaussian=False):
+    """Known per-sample scores, indexed by data index, laid out over the first round's pool. Features: K
+    well-separated groups (1000 apart on axis 0), members spread along axis 1 by rank; within a group I(x) falls
+    fivefold per rank, so the I-weighted centroid lies within 0.25 of the group's most uncertain member while the
+    unweighted one sits in the middle of the group. Samples outside the pool (labelled, test) get ranks after it.
+    gaussian: 8-d standard normal features instead (no near-ties in float32 distances, for Core-set)."""
+    rng = np.random.default_rng(7)
+    order = np.r_[rng.permutation(np.asarray(pool)), rng.permutation(np.setdiff1d(np.arange(N_FAKE), pool))]
+    group, rank = np.zeros(N_FAKE, int), np.zeros(N_FAKE, int)
+    group[order], rank[order] = np.arange(N_FAKE) % K_FAKE, np.arange(N_FAKE) // K_FAKE
+    unc = 5.0 ** -rank * (1 + 0.05 * group)  # distinct: top-k without ties; above the 1e-6 clip in the pool
+    feat = np.c_[1000.0 * group, rank + rng.uniform(0, 0.01, N_FAKE)]
+    ent = rng.permutation(N_FAKE) / N_FAKE
+    if gaussian:
+        feat = rng.normal(size=(N_FAKE, 8))
+    return group, feat, unc, ent
+
+
+@pytest.fixture
+def known_scorer(monkeypatch):
+    """main() in-process, training skipped, pwc.score replaced by fake_scores(); returns run(strategy, *flags)
+    -> (run dir, [(pool before the round, picks of the round) for rounds 1, 2], the captured L_fdl hooks,
+    the fake scores (group, feat, unc, ent))."""
+    hooks, fake, nonlocal_gaussian = [], [], [False]
+
+    def score(model, x, idx, batch_size, device, amp=False):
+        idx = np.asarray(idx)
+        if not fake:  # the first call of a run scores round 1's pool
+            fake.extend(fake_scores(idx, nonlocal_gaussian[0]))
+        _, feat, unc, ent = fake
+        return torch.tensor(feat[idx]).float(), torch.tensor(unc[idx]), torch.tensor(ent[idx])
+
+    def train(model, opt, x, y, idx, epochs, batch_size, *, extra_loss=None, **kw):
+        if extra_loss is not None:
+            hooks.append((model, extra_loss))
+        return [0.0] * epochs
+
+    monkeypatch.setattr(pwc, "score", score)
+    monkeypatch.setattr(common, "train", train)
+    out = os.environ["ALSEG_CACHE"]
+
+    def run(strategy, *flags, gaussian=False):
+        fake.clear()
+        nonlocal_gaussian[0] = gaussian
+        d = pwc.main(["--device", "cpu", *map(str, TINY), "--kmeans-init", "10", "--strategy", strategy,
+                      "--out", out, *map(str, flags)])
+        unc = fake[2]
+        idx = {sid: i for i, sid in enumerate(f"syn{i:05d}" for i in range(N_FAKE))}
+        q = rows(d, "queried.csv")
+        pool = set(idx[s] for s in json.load(open(os.path.join(d, "splits.json")))["train"])
+        pool -= {idx[r["sample_id"]] for r in q if r["how"] == "initial"}
+        rounds = []
+        for rnd in (1, 2):
+            picks = {idx[r["sample_id"]] for r in q if r["round"] == str(rnd)}
+            scores = [r for r in rows(d, "pool_scores.csv") if r["round"] == str(rnd)]
+            # pool_scores.csv: this round's pool, the fake I(x), and the picks
+            assert {idx[r["sample_id"]] for r in scores} == pool
+            assert all(float(r["uncertainty"]) == pytest.approx(unc[idx[r["sample_id"]]], rel=1e-5) for r in scores)
+            assert {idx[r["sample_id"]] for r in scores if r["picked"]} == picks and len(picks) == K_FAKE
+            rounds.append((sorted(pool), picks))
+            pool -= picks
+        return d, rounds, hooks, tuple(fake)
+
+    return run
+
+
+def test_ours_queries_the_most_uncertain_member_of_each_group(known_scorer):
+    """Eq. 4 with K = B: the I-weighted centroid of each group lies on its most uncertain member, which is
+    queried; unweighted (w/o UNC) the query is the member nearest the group's plain mean. (Inverting the
+    weights, or dropping them, makes the first assertion fail.)"""
+    _, rounds, hooks, (group, feat, unc, _) = known_scorer("ours", "--delta", -1)
+    for pool, picks in rounds:
+        pool = np.array(pool)
+        assert picks == {int(pool[group[pool] == g][np.argmax(unc[pool[group[pool] == g]])]) for g in range(K_FAKE)}
+    # L_fdl enters Eq. 7 with a positive weight: with delta = -1 the hook returns lambda (cos + 1) in [0.1, 0.2]
+    assert hooks, "ours trains with L_fdl after the initial round"
+    model, extra_loss = hooks[-1]
+    model.train()
+    assert 0.1 <= extra_loss(model).item() <= 0.2
+    _, rounds, _, (group, feat, _, _) = known_scorer("wo-unc")
+    for pool, picks in rounds:
+        pool = np.array(pool)
+        want = set()
+        for g in range(K_FAKE):
+            m = pool[group[pool] == g]
+            want.add(int(m[np.argmin(((feat[m] - feat[m].mean(0)) ** 2).sum(1))]))
+        assert picks == want
+
+
+def test_entropy_wo_clu_and_coreset_pick_by_their_rules(known_scorer):
+    for strategy, key in (("entropy", 3), ("wo-clu", 2)):  # the B highest scores of the pool (entropy, I(x))
+        _, rounds, _, fake = known_scorer(strategy)
+        for pool, picks in rounds:
+            assert picks == set(np.array(pool)[np.argsort(-fake[key][pool])[:K_FAKE]].tolist()), strategy
+    d, rounds, _, (_, feat, _, _) = known_scorer("coreset", gaussian=True)
+    labelled = {int(r["sample_id"][3:]) for r in rows(d, "queried.csv") if r["how"] == "initial"}
+    for pool, picks in rounds:  # k-center greedy: each pick the pool sample farthest from everything chosen
+        chosen = sorted(labelled)
+        for _ in range(K_FAKE):
+            dist = np.sqrt(((feat[pool][:, None] - feat[chosen][None]) ** 2).sum(-1)).min(1)
+            chosen.append(pool[int(np.argmax(dist))])
+        assert picks == set(chosen[-K_FAKE:])
+        labelled |= picks
+
+
+def test_test_list_fixes_the_test_set(known_scorer, tmp_path):
+    names = tmp_path / "test.txt"
+    names.write_text("# PraNet-style list\nsyn00003.png\nsyn00011\n\nimages/syn00040.jpg\n")
+    d = known_scorer("random", "--test-list", names)[0]
+    splits = json.load(open(os.path.join(d, "splits.json")))
+    assert sorted(splits["test"]) == ["syn00003", "syn00011", "syn00040"] and len(splits["train"]) == 40
+    assert not set(splits["train"]) & set(splits["test"])
+    assert json.load(open(os.path.join(d, "config.json")))["args"]["split"] == [40, 0, 3]
+    names.write_text("syn00003\nsyn00999\nnope\n")
+    with pytest.raises(common.UserError, match="2 of its 3 names.*syn00999, nope"):
+        known_scorer("random", "--test-list", names)
+
+
 # ---- end to end: every strategy on tiny synthetic data -----------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -148,7 +302,7 @@ def runs(tmp_path_factory):
             "for s in sys.argv[1:]: print(s, p.main(['--device', 'cpu', *%r, '--strategy', s, '--out', %r]))"
             % ([str(a) for a in TINY], str(out)))
     res = subprocess.run([sys.executable, "-c", code, *others], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, OMP_NUM_THREADS="2"))
+                         env=dict(os.environ, OMP_NUM_THREADS=THREADS))
     assert res.returncode == 0, res.stderr[-3000:]
     dirs.update(l.split(" ", 1) for l in res.stdout.splitlines() if l.split(" ", 1)[0] in others)
     assert set(dirs) == set(pwc.STRATEGIES), res.stdout[-2000:]
@@ -156,21 +310,21 @@ def runs(tmp_path_factory):
 
 
 def test_every_strategy_end_to_end(runs):
-    sys.path.insert(0, os.path.join(ROOT, "..", "shared", "tools"))
-    import check_run  # the shared interface check: --help once, then every run folder
-    assert check_run.check_help(os.path.join(ROOT, "polyp_weighted_cluster.py")) == []
+    interface.assert_interface("polyp_weighted_cluster.py", runs.values())  # --help once, every run folder
     for s, run in runs.items():
-        assert check_run.check_run(run) == [], s
         r = rows(run)
         assert [int(x["labeled"]) for x in r] == [6, 10, 14]
         assert all(0 <= float(x["miou_mean"]) <= 1 and x["miou_std"] != "" for x in r)
         q = rows(run, "queried.csv")
         ids = [x["sample_id"] for x in q]
-        assert len(ids) == 8 and len(set(ids)) == 8, f"{s}: a sample was queried twice"
+        assert len(ids) == 14 and len(set(ids)) == 14, f"{s}: a sample was queried twice"
         train = set(json.load(open(os.path.join(run, "splits.json")))["train"])
         assert set(ids) <= train
         scores = rows(run, "pool_scores.csv")
-        assert sum(int(x["queried"]) for x in scores) == 8 and {x["sample_id"] for x in scores if x["queried"] == "1"} == set(ids)
+        picked = [x["sample_id"] for x in scores if x["picked"]]
+        assert sorted(picked) == sorted(ids[6:]) and {x["picked"] for x in scores} == {"", f"oracle-{s}"}, s
+        assert [x["how"] for x in q[:6]] == ["initial"] * 6 and {x["round"] for x in q[:6]} == {"0"}
+        assert all(os.path.isfile(os.path.join(run, "picks", f"round_{k}.png")) for k in (1, 2)), s
         assert json.load(open(os.path.join(run, "summary.json")))["final_dice"] == pytest.approx(float(r[-1]["dice_mean"]))
     # every strategy starts from the same initial model (Table 2: one 30-labelled score for all variants)
     first = {s: rows(run)[0]["dice_mean"] for s, run in runs.items()}
@@ -185,7 +339,7 @@ def test_every_strategy_end_to_end(runs):
 
 
 def test_resume_gives_the_uninterrupted_run(runs, tmp_path):
-    env = dict(os.environ, ALSEG_STOP_AFTER_ROUND="1", OMP_NUM_THREADS="2")  # as conftest.run_script
+    env = dict(os.environ, ALSEG_STOP_AFTER_ROUND="1", OMP_NUM_THREADS=THREADS)  # as conftest.run_script
     out = subprocess.run([sys.executable, os.path.join(ROOT, "polyp_weighted_cluster.py"), "--device", "cpu",
                           *map(str, TINY), "--out", str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 3, out.stderr[-2000:]

@@ -1,22 +1,24 @@
-"""region_uncertainty.py: the three image scores and their direction, partial annotation and its two
-percentages, the ResNet-18 encoder loading torchvision's keys, the augmentation keeping image and mask
-aligned, the full baseline's step count, and the script end to end (least confidence, --partial, --resume,
-full, MC dropout, --tables) on tiny synthetic data."""
+"""region_uncertainty.py: the three image scores and their direction, the MC-dropout path of score_pool,
+dropout only in the MC-dropout network, partial annotation and its two percentages, the ResNet-18 encoder
+loading torchvision's keys, bilinear_up2 == F.interpolate, the augmentation keeping image and mask aligned,
+the full baseline's step count, main() with known predictions (each rule's picks in queried.csv; --partial's
+training targets keep the model's labels, unlabelled targets hold the sentinel), and the script end to end
+(least confidence, --partial, --resume, full, MC dropout under --deterministic, --tables) on tiny synthetic
+data."""
 import csv
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+import interface
 import region_uncertainty as ru
 import unet
-from conftest import ROOT, run_dir_from, run_script
+from conftest import run_dir_from, run_script
 
 TINY = ["--split", 40, 10, 10, "--image-size", 64, "--width", 4, "--rounds", 2, "--epochs", 1, "--epochs-initial", 1,
         "--batch-size", 8, "--initial", 8, "--query", 4, "--mc-passes", 3]
@@ -277,18 +279,17 @@ def runs(tmp_path_factory):
     assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     r["stopped"] = [os.path.join(out / "resumed", d) for d in os.listdir(out / "resumed")][0]
     run_dir_from(run_script("region_uncertainty.py", "--resume", r["stopped"]))
-    r["full"] = run_dir_from(run_script("region_uncertainty.py", *TINY, "--strategy", "full", "--epochs", 2,
-                                        "--out", out))
-    r["mc"] = run_dir_from(run_script("region_uncertainty.py", *TINY, "--strategy", "mc-dropout", "--out", out))
+    r["full"] = ru.main(["--device", "cpu", *map(str, TINY), "--strategy", "full", "--epochs", "2", "--out", str(out)])
+    # --deterministic on the CPU path: torch raises on an op without a deterministic implementation (warn_only=False)
+    r["mc"] = run_dir_from(run_script("region_uncertainty.py", *TINY, "--strategy", "mc-dropout", "--deterministic",
+                                      "--out", out))
     r["out"] = out
     return r
 
 
 def test_partial_run_end_to_end(runs):
     d = runs["partial"]
-    check = subprocess.run([sys.executable, os.path.join(ROOT, "..", "shared", "tools", "check_run.py"),
-                            os.path.join(ROOT, "region_uncertainty.py"), d], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout
+    interface.assert_interface("region_uncertainty.py", [d, runs["stopped"], runs["full"], runs["mc"]])
     rows = read_csv(os.path.join(d, "rounds.csv"))
     assert [int(r["round"]) for r in rows] == [0, 1, 2] and [int(r["labeled"]) for r in rows] == [8, 12, 16]
     assert [int(r["pseudo"]) for r in rows] == [0, 4, 8]  # images whose target is part model
@@ -300,11 +301,13 @@ def test_partial_run_end_to_end(runs):
     q = read_csv(os.path.join(d, "queried.csv"))
     assert {r["how"] for r in q} == {"oracle-initial", "oracle-partial"} and len(q) == 16
     scores = read_csv(os.path.join(d, "pool_scores.csv"))
+    assert {s["round"] for s in scores} == {"1", "2"} and len(scores) == 32 + 28  # every pool image, every round
     r1 = [s for s in scores if s["round"] == "1"]                # least confidence took the lowest sums
-    chosen = [float(s["score"]) for s in r1 if s["selected"] == "1"]
-    assert len(chosen) == 4 and max(chosen) <= min(float(s["score"]) for s in r1 if s["selected"] == "0")
-    for f in ("panel.png", "annotation.png", "dice_curve.png", "learning_curve.png"):
-        assert os.path.isfile(os.path.join(d, f))
+    chosen = [float(s["score"]) for s in r1 if s["picked"] == "oracle-partial"]
+    assert len(chosen) == 4 and max(chosen) <= min(float(s["score"]) for s in r1 if s["picked"] == "")
+    for f in ("panel.png", "annotation.png", "dice_curve.png", "learning_curve.png", "picks/round_0.png",
+              "picks/round_1.png", "picks/round_2.png"):
+        assert os.path.isfile(os.path.join(d, f)), f
     assert json.load(open(os.path.join(d, "config.json")))["args"]["partial"] is True
 
 
@@ -327,6 +330,8 @@ def test_full_baseline_trains_the_al_step_count(runs):
 def test_mc_dropout_run_and_tables(runs, capsys):
     rows = read_csv(os.path.join(runs["mc"], "rounds.csv"))
     assert [int(r["labeled"]) for r in rows] == [8, 12, 16]
+    config = json.load(open(os.path.join(runs["mc"], "config.json")))["args"]
+    assert config["dropout"] == 0.5 and config["deterministic"] is True
     ru.main(["--tables", str(runs["out"])])
     out = capsys.readouterr().out
     t1, t2 = out.split("Table II")
@@ -337,3 +342,187 @@ def test_mc_dropout_run_and_tables(runs, capsys):
     assert "| synthetic | 8+4x2, 64px | full dataset | - | - | 1 |" in t2
     with pytest.raises(ru.common.UserError, match="no finished region_uncertainty runs"):
         ru.main(["--tables", str(runs["out"] / "nothing-here")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropout only where MC dropout needs it; the MC-dropout path of score_pool
+# ---------------------------------------------------------------------------------------------------------
+def test_dropout_only_in_the_mc_dropout_network():
+    cpu = torch.device("cpu")
+    drops = lambda m: [mod.p for mod in m.modules() if isinstance(mod, nn.Dropout)]
+    for strategy in ("least-confidence", "entropy", "random", "full"):  # the paper's network: no dropout
+        args = ru.parse_args(["--strategy", strategy])
+        assert args.dropout == 0 and drops(ru.build_model(args, cpu)) == []
+    args = ru.parse_args(["--strategy", "mc-dropout"])
+    assert args.dropout == 0.5 and drops(ru.build_model(args, cpu)) == [0.5]
+    assert ru.parse_args(["--dropout", "0.2"]).dropout == 0.2  # by flag, for any strategy
+    with pytest.raises(ru.common.UserError, match="mc-dropout needs --dropout > 0"):
+        ru.parse_args(["--strategy", "mc-dropout", "--dropout", "0"])
+
+
+class SharedDropout(nn.Module):
+    """Image i (its first pixel holds i) gets the logit s_i * z at every pixel, z = dropout(1) with p = 0.5: one
+    draw per pass for the whole batch, 0 or 2. Over N passes with a share q of z = 2, each pixel's standard
+    deviation is |sigmoid(2 s_i) - 0.5| sqrt(q (1 - q)): the same q for every image of the batch."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.register_buffer("s", torch.tensor(s))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        z = self.drop(torch.ones(1))
+        s = self.s[(x[:, 0, 0, 0] * 255).round().long()]
+        return (s * z).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
+
+
+def test_score_pool_mc_dropout_hand_case():
+    s = [0.0, 0.5, -1.5, 1.0]
+    x = torch.zeros(4, 3, 2, 3, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.arange(4, dtype=torch.uint8)
+    args = type("A", (), dict(strategy="mc-dropout", batch_size=4, amp=False, mc_passes=20))
+    torch.manual_seed(0)
+    scores = ru.score_pool(SharedDropout(s), x, np.arange(4), args, torch.device("cpu"))
+    amp = np.abs(1 / (1 + np.exp(-2 * np.array(s))) - 0.5)        # |sigmoid(2 s) - 0.5|
+    assert scores[3] > 0 and scores[0] == pytest.approx(0, abs=1e-6)  # 0 < q < 1; s = 0 never varies
+    assert scores / scores[3] == pytest.approx(amp / amp[3], rel=1e-4)  # Eq. 3: sum of per-pixel std
+    q = (scores[3] / 6 / amp[3]) ** 2                               # back out q: 6 pixels, q (1 - q) = (std/amp)^2
+    assert 0 < q <= 0.25
+    assert sorted(ru.query(np.arange(4), scores, 2, "mc-dropout")) == [2, 3]  # the highest: |s| = 1.5 and 1
+
+
+def test_score_pool_mc_dropout_matches_n_plain_passes():
+    """On the real network (encoder once, decoder N times): the summed std of N plain forwards with dropout on
+    (two-pass, float64), under the same seed."""
+    torch.manual_seed(0)
+    model = unet.ResNetUNet(3, 1, 4, dropout=0.5, mean=ru.IMAGENET_MEAN, std=ru.IMAGENET_STD)
+    x = (torch.rand(3, 3, 64, 64) * 255).to(torch.uint8)
+    args = type("A", (), dict(strategy="mc-dropout", batch_size=3, amp=False, mc_passes=6))
+    torch.manual_seed(1)
+    scores = ru.score_pool(model, x, np.arange(3), args, torch.device("cpu"))
+    torch.manual_seed(1)
+    ru.common.enable_mc_dropout(model)
+    with torch.no_grad():
+        p = torch.stack([torch.sigmoid(model(x.float() / 255))[:, 0] for _ in range(6)]).double()
+    want = p.std(0, unbiased=False).flatten(1).sum(1).numpy()
+    assert want.min() > 0 and scores == pytest.approx(want, rel=1e-3)
+
+
+def test_bilinear_up2_is_f_interpolate():
+    """unet.upsample2x's deterministic CUDA path (bilinear_up2) computes F.interpolate's bilinear x2, forward
+    and backward."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    a = unet.bilinear_up2(x)
+    b = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    g = torch.randn_like(a)
+    assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(torch.autograd.grad(a, x, g)[0], torch.autograd.grad(b, x, g)[0], atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main() with known scores: the picks in queried.csv follow each rule; --partial keeps the model's labels
+# ---------------------------------------------------------------------------------------------------------
+N_DATA = 60                                              # TINY: 40 / 10 / 10 synthetic images, ids syn00000...
+RANK = np.random.default_rng(123).permutation(N_DATA)    # a fixed permutation: the known uncertainty order
+
+
+def fake_predict(probs):
+    """common.predict_batches returning probs[data index] (N, H, W) instead of the model's prediction."""
+    def predict_batches(model, x, idx, batch_size, device, amp=False):
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        for b in ru.common.batches(idx, batch_size):
+            yield b, probs[b]
+    return predict_batches
+
+
+def fake_mc(std):
+    """common.mc_dropout returning a per-image constant standard deviation std[data index]."""
+    def mc_dropout(model, x, idx, T, batch_size, device, amp=False, **kw):
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        for b in ru.common.batches(idx, batch_size):
+            yield b, torch.full((len(b), 64, 64), 0.5), (std[b] ** 2).view(-1, 1, 1).expand(-1, 64, 64)
+    return mc_dropout
+
+
+def recording_train(log):
+    """common.train that first records what it is given: a copy of the whole target tensor and the indices."""
+    real = ru.common.train
+
+    def train(model, opt, x, target, idx, *a, **kw):
+        log.append((target.clone(), np.asarray(idx).copy()))
+        return real(model, opt, x, target, idx, *a, **kw)
+    return train
+
+
+def picks_by_round(run):
+    q = read_csv(os.path.join(run, "queried.csv"))
+    rounds = sorted({int(e["round"]) for e in q})
+    return {r: [int(e["sample_id"][3:]) for e in q if int(e["round"]) == r] for r in rounds}
+
+
+@pytest.mark.parametrize("strategy", ["least-confidence", "entropy", "mc-dropout"])
+def test_main_queries_the_most_uncertain_of_known_scores(strategy, tmp_path, monkeypatch):
+    """Image i predicts p_i = 0.05 + 0.3 RANK[i] / 60 at every pixel (MC dropout: std 0.01 (1 + RANK[i])). The
+    most uncertain are the highest RANK for every rule: least confidence's LOWEST sum of |0.5 - p| (p < 0.5),
+    the highest printed entropy -p log2 p (rising below 1/e), the highest std. Each round must query the 4 pool
+    images of highest RANK, and pool_scores.csv must hold Eqs. 1-3 of the known maps."""
+    rank = torch.as_tensor(RANK, dtype=torch.float32)
+    p = (0.05 + 0.3 * rank / N_DATA).view(-1, 1, 1).expand(-1, 64, 64).contiguous()
+    monkeypatch.setattr(ru.common, "predict_batches", fake_predict(p))
+    monkeypatch.setattr(ru.common, "mc_dropout", fake_mc(0.01 * (1 + rank)))
+    run = ru.main(["--device", "cpu", *map(str, TINY), "--strategy", strategy, "--out", str(tmp_path)])
+    picks = picks_by_round(run)
+    train = [int(sid[3:]) for sid in json.load(open(os.path.join(run, "splits.json")))["train"]]
+    labelled = set(picks[0])
+    assert len(picks[0]) == 8 and sorted(picks) == [0, 1, 2]
+    for rnd in (1, 2):
+        pool = [i for i in train if i not in labelled]
+        want = sorted(pool, key=lambda i: -RANK[i])[:4]
+        assert sorted(picks[rnd]) == sorted(want), (rnd, picks[rnd], want)
+        labelled |= set(picks[rnd])
+    hand = {"least-confidence": lambda i: 4096 * abs(0.5 - float(p[i, 0, 0])),
+            "entropy": lambda i: -4096 * float(p[i, 0, 0]) * math.log2(float(p[i, 0, 0])),
+            "mc-dropout": lambda i: 4096 * 0.01 * (1 + RANK[i])}[strategy]
+    rows = read_csv(os.path.join(run, "pool_scores.csv"))
+    assert len(rows) == 32 + 28
+    for r in rows:
+        i = int(r["sample_id"][3:])
+        assert float(r["score"]) == pytest.approx(hand(i), rel=1e-4)
+        assert (r["picked"] == "oracle") == (i in picks[int(r["round"])])
+
+
+def test_main_partial_targets_keep_the_model_labels(tmp_path, monkeypatch):
+    """--partial with a known prediction map per image: what common.train is given each round is, for a
+    partially annotated image, the ground truth on its uncertain pixels (|0.5 - p| < tau_u) and p > tau_b on
+    the rest, NOT the ground truth there; for an oracle image the ground truth; for every image not (yet)
+    labelled the UNLABELLED sentinel, never a copy of the ground truth."""
+    p = torch.rand(N_DATA, 64, 64, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(ru.common, "predict_batches", fake_predict(p))
+    log = []
+    monkeypatch.setattr(ru.common, "train", recording_train(log))
+    run = ru.main(["--device", "cpu", *map(str, TINY), "--partial", "--tau-u", "0.2", "--tau-b", "0.6",
+                   "--out", str(tmp_path)])
+    y = torch.as_tensor(ru.common.load_data("synthetic", None, 64, 3, 0, n=N_DATA, quiet=True).y)
+    uncertain = (0.5 - p).abs() < 0.2
+    partial_target = torch.where(uncertain, y > 0, p > 0.6).to(torch.uint8)
+    picks = picks_by_round(run)
+    assert len(log) == 3  # one training call per round
+    model_differs = 0
+    for rnd, (target, idx) in enumerate(log):
+        labelled = sorted(sum((picks[r] for r in range(rnd + 1)), []))
+        assert sorted(idx.tolist()) == labelled
+        for i in range(N_DATA):
+            if i in picks[0]:                                     # the cold start: the oracle's whole mask
+                assert torch.equal(target[i], y[i]), i
+            elif i in labelled:                                   # Sec. III-B: oracle where uncertain, model elsewhere
+                assert torch.equal(target[i], partial_target[i]), i
+                model_differs += int(((partial_target[i] != y[i]) & ~uncertain[i]).sum())
+            else:                                                 # not labelled: the sentinel, not the ground truth
+                assert bool((target[i] == ru.UNLABELLED).all()), i
+    assert model_differs > 1000  # the model's labels really differ from the ground truth (the test has teeth)
+    rows = read_csv(os.path.join(run, "rounds.csv"))
+    for rnd in (1, 2):
+        u = uncertain[picks[rnd]]
+        assert float(rows[rnd]["pct_verify"]) == pytest.approx(100 * float(u.float().mean()), rel=1e-4)
+        assert float(rows[rnd]["pct_positive"]) == pytest.approx(
+            100 * float((u & (y[picks[rnd]] > 0)).float().mean()), rel=1e-4, abs=1e-6)

@@ -178,3 +178,34 @@ def test_benchmark_runs_and_prints_every_comparison(capsys):
                  "pooled_features", "forward + backward", "cached uint8", "peak host memory"):
         assert line in out, line
     assert "0.635 GiB" in out  # 2600 x (3 x 256 x 256 + 256 x 256) bytes = 681,574,400 B
+
+
+def test_mc_variance_accurate_on_a_confident_model():
+    """Where the model is confident (p ~ 1, median pixel variance 1e-11 to 1e-8), every path of common.mc_dropout
+    gives the variance of a two-pass float64 computation on the same T probability maps (same seed, same
+    dropout masks): E[p^2] - E[p]^2 in float32 would return rounding noise there (image sums off by a factor
+    ~400 on this model), scrambling CEAL's "lowest uncertainty" group."""
+    T = 8
+    xf = X.float() / 255
+    for at in ("bottleneck", "every"):
+        m = make_model(0.5, at)
+        with torch.no_grad():
+            m.head.weight.div_(20)   # logits ~ 9 +- a little: p ~ 1 - 1e-4, moved slightly by dropout
+            m.head.bias.fill_(9.0)
+        for batched in (True, False):
+            common.enable_mc_dropout(m)  # the reference: the same masks (same seed, same batch shape), float64
+            torch.manual_seed(1)
+            with torch.inference_mode():
+                if batched:  # mc_dropout's batched path runs the T passes as one forward of the batch repeated
+                    p = torch.sigmoid(m(xf.repeat(T, 1, 1, 1)).float()[:, 0]).reshape(T, *xf.shape[:1], *xf.shape[2:])
+                else:
+                    p = torch.stack([torch.sigmoid(m(xf).float()[:, 0]) for _ in range(T)])
+            p = p.double()
+            ref = ((p - p.mean(0)) ** 2).mean(0)  # two passes
+            assert 1e-13 < ref.median() < 1e-8 and ref.max() < 1e-4 and p.min() > 0.9  # confident indeed
+            for encoder_once in ((True, False) if at == "bottleneck" else (False,)):
+                mean, var = mc(m, T, encoder_once=encoder_once, batched=batched)
+                assert torch.allclose(mean.double(), p.mean(0), atol=1e-6)
+                assert (var.double() - ref).abs().max() < 1e-10, (at, batched, encoder_once)
+                rel = (var.double().sum((1, 2)) / ref.sum((1, 2)) - 1).abs().max()
+                assert rel < 1e-3, (at, batched, encoder_once, rel)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import common
+import interface
 import ssl_coldstart as S
-from conftest import REAL, run_dir_from, run_script
+from conftest import run_dir_from, run_script
 from unet import UNet
 
 TINY = ["--split", 40, 0, 10, "--image-size", 32, "--width", 4, "--initial", 8, "--query", 4, "--rounds", 2,
@@ -220,17 +221,41 @@ def test_ssl_features_are_clean_and_in_pool_order():
 def test_ssl_weights_loaded_into_the_segmentation_model(tmp_path):
     state = UNet(1, 1, 4).state_dict()
     seg = UNet(1, 1, 4, dropout=0.5, dropout_at="bottleneck")
-    assert S.init_from_ssl(seg, state) == []
+    init = {k: v.clone() for k, v in seg.state_dict().items()}
+    # default: everything but the 1x1 output head (trained to output intensities), as the authors' code ('outc')
+    assert S.init_from_ssl(seg, state) == ["head.weight", "head.bias"]
+    for k, v in seg.state_dict().items():
+        assert torch.equal(v, init[k] if k.startswith("head.") else state[k]), k
+    assert not torch.equal(state["head.weight"], init["head.weight"])
+    assert S.init_from_ssl(seg, state, head=True) == []                 # --transfer-head: the whole network
     assert all(torch.equal(seg.state_dict()[k], v) for k, v in state.items())
-    dsal = UNet(1, 1, 4, deep_supervision=(1, 2))
+    dsal = UNet(1, 1, 4, deep_supervision=S.DSAL_STAGES)
     missing = S.init_from_ssl(dsal, state)
-    assert missing and all(k.startswith("aux.") for k in missing)
+    assert missing and all(k.startswith(("aux.", "head.")) for k in missing)
     with pytest.raises(common.UserError, match="do not fit"):
         S.init_from_ssl(UNet(1, 1, 8), state)
+    # --channels 3: the reconstruction net outputs RGB; the body fits, the head never does
+    rgb = UNet(3, 3, 4).state_dict()
+    assert S.init_from_ssl(UNet(3, 1, 4), rgb) == ["head.weight", "head.bias"]
+    with pytest.raises(common.UserError, match="do not fit"):
+        S.init_from_ssl(UNet(3, 1, 4), rgb, head=True)
     torch.save({"state_dict": state, "width": 4, "image_size": 32, "pool": ["a"]}, tmp_path / "w.pt")
     args = S.parse_args(["--width", "8", "--image-size", "32"])
     with pytest.raises(common.UserError, match="pre-trained with --width 4, this run uses 8"):
         S.load_ssl_weights(str(tmp_path / "w.pt"), args, ["a"])
+    args = S.parse_args(["--width", "4", "--image-size", "32", "--channels", "3"])
+    with pytest.raises(common.UserError, match="pre-trained with --channels 1, this run uses 3"):
+        S.load_ssl_weights(str(tmp_path / "w.pt"), args, ["a"])
+
+
+def test_pretraining_settings_flags():
+    a = S.parse_args([])
+    assert (a.ssl_optim, a.ssl_lr, a.ssl_batch_size, a.transfer_head, a.channels, a.up) == \
+        ("adam", 1e-3, a.batch_size, False, 1, "transpose")
+    a = S.parse_args(["--ssl-optim", "sgd"])              # the authors' code: SGD 0.01, momentum 0.9, batch 1
+    assert (a.ssl_lr, a.ssl_batch_size) == (0.01, 1)
+    with pytest.raises(common.UserError, match="--transfer-head with --channels 3"):
+        S.parse_args(["--transfer-head", "--channels", "3"])
 
 
 def test_minmax_per_image():
@@ -254,6 +279,18 @@ def base(tmp_path_factory):
     return tmp, run_dir_from(run_script("ssl_coldstart.py", *TINY, "--out", tmp / "a"))
 
 
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """An ssl_weights.pt for the TINY protocol, written in process (random weights: the tests that use it check
+    where weights go, not what they learned), so those tests need no pre-training subprocess."""
+    args = S.parse_args([*map(str, TINY)])
+    path = tmp_path_factory.mktemp("w") / "ssl_weights.pt"
+    torch.manual_seed(0)
+    torch.save({"state_dict": S.ssl_unet(args).state_dict(), "width": args.width, "image_size": args.image_size,
+                "channels": 1, "up": "transpose", "pool": []}, path)
+    return str(path)
+
+
 def test_end_to_end_pipeline_and_resume(base):
     tmp, full = base
     rows = read(full, "rounds.csv")
@@ -273,10 +310,7 @@ def test_end_to_end_pipeline_and_resume(base):
     for f in ("ssl_weights.pt", "ssl_epochs.csv", "ssl_panel.png", "clusters.png", "learning_curve.png",
               "panel.png", "summary.json", "checkpoint.pt"):
         assert os.path.isfile(os.path.join(full, f)), f
-    checker = os.path.join(REAL, "..", "..", "tools", "check_run.py")
-    if os.path.isfile(checker):
-        out = run_script(checker, "ssl_coldstart.py", full, check=False, device=False)
-        assert out.returncode == 0 and "interface ok" in out.stdout, out.stdout + out.stderr
+    interface.assert_interface("ssl_coldstart.py", full)
 
     # interrupted after round 1, then --resume: the same queries and the same results
     out = run_script("ssl_coldstart.py", *TINY, "--out", tmp / "b", check=False, env_extra={"ALSEG_STOP_AFTER_ROUND": "1"})
@@ -284,35 +318,47 @@ def test_end_to_end_pipeline_and_resume(base):
     part = os.path.join(tmp / "b", os.listdir(tmp / "b")[0])
     resumed = run_dir_from(run_script("ssl_coldstart.py", "--resume", part))
     assert resumed == part and read(resumed, "queried.csv") == q
+    interface.assert_interface("ssl_coldstart.py", resumed, help=False)
     same = ("round", "labeled", "dice_mean", "iou_mean", "clusters_covered", "score_selected")
     assert [[r[c] for c in same] for r in read(resumed, "rounds.csv")] == [[r[c] for c in same] for r in rows]
 
 
-def test_ssl_weights_reach_the_model_end_to_end(base, tmp_path):
-    """No training (--epochs-initial 0): the segmentation model is the pre-trained U-Net, or not with --no-ssl-init."""
-    weights = os.path.join(base[1], "ssl_weights.pt")
+def test_ssl_weights_reach_the_model_end_to_end(weights, tmp_path):
+    """No training (--epochs-initial 0): the segmentation model is the pre-trained U-Net but its output head
+    (all of it with --transfer-head), or not at all with --no-ssl-init."""
     saved = torch.load(weights, weights_only=False)["state_dict"]
-    for flag, same in (("--ssl-init", True), ("--no-ssl-init", False)):
-        run = main("--rounds", 0, "--epochs-initial", 0, flag, "--ssl-weights", weights, "--out", tmp_path)
+    for flags, body, head in ((["--ssl-init"], True, False), (["--transfer-head"], True, True),
+                              (["--no-ssl-init"], False, False)):
+        run = main("--rounds", 0, "--epochs-initial", 0, *flags, "--ssl-weights", weights, "--out", tmp_path)
         model = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["model"]
-        assert all(torch.equal(model[k], v) for k, v in saved.items()) == same
+        assert all(torch.equal(model[k], v) for k, v in saved.items() if not k.startswith("head.")) == body
+        assert torch.equal(model["head.weight"], saved["head.weight"]) == head
         assert not os.path.isfile(os.path.join(run, "ssl_weights.pt"))  # reused, not pre-trained again
 
 
 @pytest.mark.parametrize("strategy,how", [("random", {"oracle-random"}), ("mc-dropout", {"oracle-mc-dropout"}),
                                           ("ceal", {"oracle-lowest", "oracle-highest", "oracle-band", "pseudo"}),
                                           ("ens-s", {"oracle-ens-s"}), ("ens-js", {"oracle-ens-js"}),
-                                          ("dsal", {"oracle-dsal"})])
-def test_comparators_end_to_end(base, tmp_path, strategy, how):
-    weights = os.path.join(base[1], "ssl_weights.pt")
-    run = main("--rounds", 1, "--strategy", strategy, "--ssl-weights", weights, "--out", tmp_path)
+                                          ("suggestive", {"oracle-suggestive"}), ("dsal", {"oracle-dsal", "pseudo"})])
+def test_comparators_end_to_end(weights, tmp_path, strategy, how):
+    run = main("--rounds", 1, "--strategy", strategy, "--ssl-weights", weights, "--dsal-pseudo-from", 1,
+               "--out", tmp_path)
     rows = read(run, "rounds.csv")
     assert [int(r["labeled"]) for r in rows] == [8, 12]
-    assert [int(r["pseudo"]) for r in rows] == ([0, 2] if strategy == "ceal" else [0, 0])
+    assert [int(r["pseudo"]) for r in rows] == ([0, 2] if strategy in ("ceal", "dsal") else [0, 0])
     q = read(run, "queried.csv")
     assert {r["how"] for r in q if r["round"] == "0"} == {"oracle-random"}    # comparators: random base set
     assert {r["how"] for r in q if r["round"] == "1"} == how
     assert len({r["sample_id"] for r in q}) == len(q)
+    # every round: pool_scores.csv (the pool at selection time, its scores, the group of each pick) and picks/
+    ps = read(run, "pool_scores.csv")
+    for rnd in ("0", "1"):
+        this = {r["sample_id"]: r["picked"] for r in ps if r["round"] == rnd}
+        assert {sid: how for sid, how in this.items() if how} == {r["sample_id"]: r["how"] for r in q if r["round"] == rnd}
+        assert os.path.isfile(os.path.join(run, "picks", f"round_{rnd}.png"))
+    assert len([r for r in ps if r["round"] == "0"]) == 40 and len([r for r in ps if r["round"] == "1"]) == 32
+    assert set(ps[0]) == {"round", "sample_id", "picked", *S.SCORE_COLUMNS[strategy]}
+    assert all(r[c] != "" for r in ps if r["round"] == "1" for c in S.SCORE_COLUMNS[strategy])
 
 
 def test_tables_command(base, tmp_path):
@@ -326,7 +372,7 @@ def test_tables_command(base, tmp_path):
     # Table II: the two cluster runs (seeds 0 and 1) are one column, mean ± std over the seeds per iteration
     d = np.array([[float(r["dice_mean"]) for r in read(run, "rounds.csv")] for run in (full, other)])
     assert "| iter | cluster k=3 AAP 256 (n=2) |" in text
-    assert f"| 2 | {d[:, 2].mean():.4f} ± {d[:, 2].std():.4f} |" in text
+    assert f"| 2 | {d[:, 2].mean():.4f} ± {d[:, 2].std(ddof=1):.4f} |" in text  # sample std over seeds
     # Table I: random with / without SSL weights, clustering only at the default k = 10 and AAP 2x2
     assert "random, w/o SSL (n=1)" in text and "cluster k=3 AAP 256, w/ SSL" not in text
     with pytest.raises(common.UserError, match="no ssl_coldstart run folder"):
@@ -343,3 +389,182 @@ def test_bad_input_messages(tmp_path):
         main("--image-size", 40, "--out", tmp_path)
     with pytest.raises(common.UserError, match="labelling budget 48"):
         main("--initial", 40, "--out", tmp_path)
+
+
+# ------------------------------------------------ each rule end to end, with its scores replaced by known values
+@pytest.fixture
+def spy(monkeypatch):
+    """main() in this process with no pre-training (random SSL weights) and the loaded data kept: the tests below
+    replace a scorer by known values and check the picks in queried.csv against the rule."""
+    seen = {}
+    load = common.load_data
+
+    def keep(*a, **k):
+        seen["data"] = load(*a, **k)
+        return seen["data"]
+
+    monkeypatch.setattr(common, "load_data", keep)
+    monkeypatch.setattr(S, "pretrain", lambda run, x, pool, pool_ids, args, device:
+                        ({k: v.cpu() for k, v in S.ssl_unet(args).state_dict().items()}, []))
+    return seen
+
+
+def picks_by_round(run):
+    out = {}
+    for r in read(run, "queried.csv"):
+        out.setdefault(int(r["round"]), {}).setdefault(r["how"], []).append(r["sample_id"])
+    return out
+
+
+def known(i):
+    """A known score per dataset index, all different, unrelated to the index order."""
+    return float((int(i) * 7919) % 1009) + 0.5
+
+
+def test_cluster_rule_end_to_end(spy, monkeypatch, tmp_path):
+    """Features with three known groups of 20, 12 and 8 samples (shuffled through the pool): the base set takes
+    N_Ci = ceil(C N_i / N) = 5, 3, 2 (C = 10), each group's samples nearest its mean first; later rounds continue
+    the ranking: 10, 6, 4 after round 1 and 15, 9, 6 after round 2 (exact shares, no rounding)."""
+    rng = np.random.default_rng(0)
+    group = rng.permutation(np.repeat([0, 1, 2], [20, 12, 8]))
+    offset = rng.uniform(-1, 1, 40)
+    feats = np.stack([np.array([0.0, 100.0, 1000.0])[group] + offset, np.zeros(40)], 1)
+    monkeypatch.setattr(S, "ssl_features", lambda state, x, train_ids, args, device: feats[:len(train_ids)])
+    run = main("--initial", 10, "--query", 10, "--rounds", 2, "--epochs-initial", 0, "--epochs", 0,
+               "--no-ssl-init", "--out", tmp_path)
+    pool = json.load(open(os.path.join(run, "splits.json")))["train"]          # the order ssl_features saw
+    dist = np.abs(offset - np.array([offset[group == g].mean() for g in range(3)])[group])  # to the group mean
+    nearest = lambda g, n: {pool[j] for j in np.flatnonzero(group == g)[np.argsort(dist[group == g])][:n]}
+    picks, got = picks_by_round(run), set()
+    for rnd, quota in enumerate([(5, 3, 2), (10, 6, 4), (15, 9, 6)]):
+        assert set(picks[rnd]) == {"oracle-cluster"}
+        got |= set(picks[rnd]["oracle-cluster"])
+        assert got == set().union(*(nearest(g, n) for g, n in enumerate(quota))), rnd
+    ps = read(run, "pool_scores.csv")   # every round: each pool sample's cluster, rank and distance
+    assert {r["round"] for r in ps} == {"0", "1", "2"} and set(ps[0]) >= {"cluster", "rank", "distance", "picked"}
+    assert len([r for r in ps if r["round"] == "2"]) == 20
+
+
+def test_mc_dropout_and_ens_s_query_the_highest_score_end_to_end(spy, monkeypatch, tmp_path):
+    """MC dropout and ens-S with a known score per image: each round's oracle picks are the top --query of the
+    pool by that score, and pool_scores.csv holds that score."""
+    def fake_mc(model, x, idx, T, batch_size, device, amp=False, **k):
+        idx = torch.as_tensor(np.asarray(idx))
+        for b in common.batches(idx, batch_size):
+            var = torch.tensor([known(i) for i in b]).view(-1, 1, 1).expand(-1, *x.shape[-2:]) / x.shape[-1] ** 2
+            yield b, torch.full(var.shape, 0.5), var
+    monkeypatch.setattr(common, "mc_dropout", fake_mc)
+    monkeypatch.setattr(S, "ensemble_scores", lambda members, x, pool, args, device: {
+        "entropy": np.array([known(i) for i in pool]), "js": -np.array([known(i) for i in pool]),
+        "variance": -np.array([known(i) for i in pool])})   # js and variance rank the other way: not used by ens-s
+    for strategy, col in (("mc-dropout", "mc_variance"), ("ens-s", "ens_entropy")):
+        run = main("--strategy", strategy, "--epochs-initial", 0, "--epochs", 0, "--out", tmp_path / strategy)
+        data, picks = spy["data"], picks_by_round(run)
+        score = {data.ids[i]: known(i) for i in range(len(data))}
+        pool = set(json.load(open(os.path.join(run, "splits.json")))["train"])
+        ps = read(run, "pool_scores.csv")
+        for rnd in range(3):
+            if rnd:
+                got = picks[rnd][f"oracle-{strategy}"]
+                assert sorted(got, key=score.get) == sorted(pool, key=score.get)[-4:], (strategy, rnd)
+                assert all(abs(float(r[col]) - score[r["sample_id"]]) < 1e-3 for r in ps if r["round"] == str(rnd))
+            pool -= set(sum(picks[rnd].values(), []))
+
+
+def test_dsal_rule_end_to_end(spy, monkeypatch, tmp_path):
+    """DSAL ([5]): the lowest head agreement to the oracle; from --dsal-pseudo-from on, pseudo_step x (t - from + 1)
+    pseudo-labels, the highest agreement among the most confident (top bin of 10), re-drawn every round and left
+    in the pool; their targets are the model's masks (here all ones), never the ground truth."""
+    confident = lambda i: known(i) % 3 == 0.5            # about a third of the pool in the top confidence bin
+
+    def fake(model, x, pool, args, device):
+        a = np.array([known(i) for i in pool])
+        conf = np.array([0.4 if confident(i) else 0.1 for i in pool])
+        return a, a, a, conf, torch.ones((len(pool),) + tuple(x.shape[-2:]), dtype=torch.uint8)
+    monkeypatch.setattr(S, "dsal_scores", fake)
+    run = main("--strategy", "dsal", "--dsal-pseudo-from", 1, "--epochs-initial", 0, "--epochs", 0, "--out", tmp_path)
+    data, picks = spy["data"], picks_by_round(run)
+    index = {data.ids[i]: i for i in range(len(data))}
+    pool = set(json.load(open(os.path.join(run, "splits.json")))["train"]) - set(picks[0]["oracle-random"])
+    for rnd, n_pseudo in ((1, 2), (2, 4)):
+        by_score = sorted(pool, key=lambda sid: known(index[sid]))
+        assert set(picks[rnd]["oracle-dsal"]) == set(by_score[:4]), rnd                     # lowest agreement
+        top = [sid for sid in by_score[4:] if confident(index[sid])][-n_pseudo:]              # highest, confident
+        assert set(picks[rnd]["pseudo"]) == set(top), rnd
+        pool -= set(picks[rnd]["oracle-dsal"])                   # pseudo-labelled samples stay in the pool
+    ck = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    assert sorted(data.ids[i] for i in ck["pseudo"]) == sorted(picks[2]["pseudo"])  # round 1's set is replaced
+    assert (ck["pseudo_masks"] == 1).all()               # the model's masks, not the ground truth
+    assert not all((data.y[i] == 1).all() for i in ck["pseudo"])
+    assert int(read(run, "rounds.csv")[-1]["pseudo"]) == 4
+
+
+def test_ensemble_members_start_from_different_initialisations(weights, monkeypatch, tmp_path):
+    seen = []
+    real = S.ensemble_scores
+
+    def spy_members(members, *a):
+        seen.append([{k: v.clone() for k, v in m.state_dict().items()} for m in members])
+        return real(members, *a)
+    monkeypatch.setattr(S, "ensemble_scores", spy_members)
+    main("--strategy", "ens-s", "--rounds", 1, "--epochs-initial", 0, "--ensemble-size", 3, "--ssl-weights", weights,
+         "--out", tmp_path)                                   # no training before round 1: the initial weights
+    saved = torch.load(weights, weights_only=False)["state_dict"]
+    k = "enc.0.conv1.weight"
+    w = [m[k] for m in seen[0]]
+    assert len(w) == 3 and not any(torch.equal(w[i], w[j]) for i in range(3) for j in range(i))
+    assert not any(torch.equal(v, saved[k]) for v in w)
+
+
+def test_ensemble_scores_by_hand():
+    """Three images, two members: (0.5, 0.5), (0.9, 0.1) and (0.99, 0.99) everywhere. ens-S is the entropy of
+    the mean (1, 1, 0.08 bits a pixel): it does not tell the first two apart, the variance (0, 0.16, 0) and
+    Jensen-Shannon (0, 0.53, 0) do."""
+    probs = torch.tensor([[0.5, 0.9, 0.99], [0.5, 0.1, 0.99]])
+
+    class Member(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, xb):                     # image i is the constant i / 255
+            i = (xb[:, 0, 0, 0] * 255).round().long()
+            return torch.logit(probs[self.m][i]).view(-1, 1, 1, 1).expand(-1, 1, *xb.shape[-2:])
+    x = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous()
+    args = S.parse_args(["--batch-size", "2"])
+    e = S.ensemble_scores([Member(0), Member(1)], x, np.arange(3), args, torch.device("cpu"))
+    h = lambda p: -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    assert np.allclose(e["entropy"], 16 * np.array([1, 1, h(0.99)]), atol=1e-3)
+    assert np.allclose(e["variance"], [0, 0.16, 0], atol=1e-5)
+    assert np.allclose(e["js"], 16 * np.array([0, 1 - h(0.9), 0]), atol=1e-3)
+
+
+def test_dsal_pseudo_by_hand():
+    agreement = np.array([0.9, 0.8, 0.7, 0.95, 0.1])
+    confidence = np.array([0.40, 0.10, 0.39, 0.10, 0.40])   # top bin: samples 0, 2, 4
+    assert S.dsal_pseudo(agreement, confidence, [4], 2).tolist() == [0, 2]      # 3 is not confident enough
+    assert S.dsal_pseudo(agreement, confidence, [4], 3).tolist() == [0, 2, 3]   # filled by agreement
+    assert S.dsal_pseudo(agreement, confidence, [], 0).tolist() == []
+
+
+def test_tables_keep_base_set_and_schedule_apart(tmp_path):
+    """Run folders written by hand: random queries after a clustered base set are not pooled with random ones,
+    and runs with other epochs are never pooled with the default schedule."""
+    def fake_run(name, dice, **flags):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        a = dict(vars(S.parse_args(["--strategy", flags.pop("strategy", "random")])), **flags)
+        json.dump({"script": "ssl_coldstart", "args": a}, open(d / "config.json", "w"))
+        with open(d / "rounds.csv", "w") as f:
+            f.write("round,labeled,pseudo,dice_mean,dice_std,iou_mean,train_s,select_s\n")
+            f.write(f"0,40,0,{dice},0,0,0,0\n")
+    fake_run("a", 0.5, cold_start="random")
+    fake_run("b", 0.7, cold_start="random", seed=1)
+    fake_run("c", 0.1, cold_start="cluster")
+    args = S.parse_args(["--tables", str(tmp_path / "runs"), "--out", str(tmp_path / "t")])
+    text = open(S.tables(args)).read()
+    assert "| 40 | 0.1000 | 0.6000 ± " in text                         # columns: "random, cluster base set", "random"
+    assert "random, cluster base set, w/ SSL (n=1)" in text and "random, w/ SSL (n=2)" in text
+    fake_run("d", 0.9, cold_start="random", epochs=7)
+    text = open(S.tables(args)).read()
+    assert "random, 50+10 epochs, w/ SSL (n=2)" in text and "random, 50+7 epochs, w/ SSL (n=1)" in text
