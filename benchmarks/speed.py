@@ -12,7 +12,7 @@ fraction of the bf16 peak and an estimate of the full CEAL ISIC-2017 protocol, a
 
   python benchmarks/speed.py --quick          # about a minute on 2 idle cores
   python benchmarks/speed.py                  # the numbers in docs/speed.md (CPU, 1 and 2 threads)
-  python benchmarks/speed.py --device cuda --amp --compile   # GPU: bf16, channels_last, torch.compile
+  python benchmarks/speed.py --device cuda --amp --compile   # GPU: bf16, channels_last (CUDA only), torch.compile
 """
 import argparse
 import os
@@ -202,8 +202,9 @@ def mc_flops_per_image(width, size, T, dropout_at):
 
 
 def new_model(width, device, args, dropout=0.2, dropout_at="every", cls=UNet, seed=0, prepared=True):
-    """Ours: common.prepare_model (channels_last, optional compile). Naive (prepared=False): .to(device), as
-    the reference code does. The same seed gives the same initial weights."""
+    """Ours: common.prepare_model (its memory format, common.memory_format: channels_last on CUDA, the default
+    layout on the CPU; optional compile). Naive (prepared=False): .to(device), as the reference code does. On
+    the CPU without --compile the two are the same model. The same seed gives the same initial weights."""
     torch.manual_seed(seed)
     m = cls(3, 1, width, dropout=dropout, dropout_at=dropout_at)
     return common.prepare_model(m, device, args.compile) if prepared else m.to(device)
@@ -263,7 +264,8 @@ def row(*cells, widths):
 # ----------------------------------------------------------------------------------------------------------
 def bench_train(cfg, data, args, device, peak):
     """Three loops, each with its own model and Adam from the same initial weights: ours, the naive loop on a
-    plain model (the reference code), and the naive loop on our prepared model (isolates the data path)."""
+    plain model (the reference code), and the naive loop on our prepared model (isolates the data path; on the
+    CPU the prepared model is the plain one, so the two naive loops differ only by noise)."""
     name, width, size, n, bs = cfg
     x, y = common.to_device(data, device)
     idx = np.arange(n)
@@ -380,6 +382,10 @@ def main(argv=None):
     print(f"speed benchmark: torch {torch.__version__}, device {device} ({name}), "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, amp {args.amp}, "
           f"compile {args.compile}, repeats {args.repeats} (median), T = {args.mc_passes}")
+    fmt = common.memory_format(device)
+    print(f"memory format of our prepared models and batches (common.memory_format): {fmt}" +
+          ("" if fmt == torch.channels_last else "; the same as the plain model's, so 'our model prep' and "
+           "'naive prep' differ from the plain/naive lines only by noise (and --compile)"))
     if device.type == "cuda":
         print(f"GPU peak used for the fraction of peak: {peak_txt}")
     if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
@@ -421,9 +427,9 @@ def main(argv=None):
         print(f"\n==== {nt} thread{'s' if nt > 1 else ''} ====" if device.type == "cpu" else "")
         print("training epoch: ours = common.prepare_model + common.train (device-resident uint8, batches gathered by "
               "index);\nnaive = plain model + Dataset/DataLoader (per-sample NumPy -> float, batch copied to the device, "
-              "loss.item() per step);\nnaive NHWC = the naive loop on our prepared model; ratio = naive / ours; "
-              "data path = naive NHWC / ours")
-        print(row("set", "model", "images", "ours s", "naive s", "naive NHWC", "ours im/s", "ratio", "data path",
+              "loss.item() per step);\nnaive prep = the naive loop on our prepared model; ratio = naive / ours; "
+              "data path = naive prep / ours")
+        print(row("set", "model", "images", "ours s", "naive s", "naive prep", "ours im/s", "ratio", "data path",
                   "GFLOP/s", widths=TRAIN_COLS) + "  of peak")
         for cfg in cfgs["train"]:
             summary[(nt, "train", cfg[0])] = bench_train(cfg, data_for(cfg[2], cfg[3]), args, device, peak)

@@ -34,7 +34,7 @@ def one_thread():
 
 
 def make_model(dropout, at="bottleneck", cls=UNet, **kw):
-    """Width 4 at 32 px, prepared as the scripts do (common.prepare_model: channels_last), BatchNorm statistics
+    """Width 4 at 32 px, prepared as the scripts do (common.prepare_model: its memory format, channels_last on CUDA only), BatchNorm statistics
     from real activations (eval-mode BN is then not ~identity, so folding it into the convolutions is really
     tested), logits spread around 0 so that dropout moves them."""
     torch.manual_seed(0)
