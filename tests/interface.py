@@ -1,6 +1,6 @@
 """The project's interface check: what every script promises a user, checked on its --help and on a finished
-run folder. The project's own (it used to live beside the project, in ../shared/tools/check_run.py; a fresh
-clone has no ../shared), with the same checks and more.
+run folder. The project's own (it used to live beside the project, in the shared folder's check_run.py, which
+a fresh clone does not have), with the same checks and more.
 
   check_help(script)                              -> [problems]   the shared flags, in the agreed order
   check_run(run_dir, pool_scores=True, picks=True) -> [problems]   the run folder's files and columns
