@@ -1501,7 +1501,7 @@ def save_picks(run, rnd, model, data, x, groups, scores, batch_size, device, amp
         s = None if scores is None else scores.get(i)
         fg = f"fg {float(data.y[i].mean()):.0%} / pred {float((p > 0.5).mean()):.0%}"
         d.text((4, y0 + 4), f"{how}", fill=COLOURS[list(groups).index(how) % len(COLOURS)], font=font)
-        d.text((4, y0 + 18), str(data.ids[i])[:36], fill="black", font=font)
+        d.text((4, y0 + 18), str(data.ids[i])[:22], fill="black", font=font)  # what fits the caption column
         d.text((4, y0 + 32), "" if s is None else f"score {float(s):.5g}", fill="black", font=font)
         d.text((4, y0 + 46), fg, fill="black", font=font)
     os.makedirs(run.path("picks"), exist_ok=True)
