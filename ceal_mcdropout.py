@@ -11,6 +11,7 @@ pseudo-labels, and whether they leave the pool); the defaults and why are at cea
   python ceal_mcdropout.py --data isic2017 --data-dir ~/data/isic2017 # the paper's ISIC 2017 protocol (GPU)
   python ceal_mcdropout.py --data lgg --data-dir ~/data/kaggle_3m     # the paper's LGG protocol (GPU)
 """
+import math
 import os
 import time
 
@@ -150,8 +151,18 @@ def main(argv=None):
     pool = np.setdiff1d(train_ids, labeled)
     to_t = lambda a: torch.as_tensor(np.asarray(a, np.int64), device=device)
     target[to_t(labeled)] = y[to_t(labeled)]  # the oracle's labels of the initial set
-    rounds = 0 if args.strategy == "full" else args.rounds
-    epochs0 = args.epochs_initial + (args.rounds * args.epochs if args.strategy == "full" else 0)
+    # the AL run's work per round (labelled + pseudo-labelled images trained, epochs, pool images scored)
+    pseudo_of = lambda r: args.pseudo_step * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)
+    plan = common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial, args.epochs,
+                                len(train_ids) - args.initial, args.strategy == "ceal",
+                                pseudo_of if args.strategy == "ceal" else None)
+    # --strategy full, the ceiling: the whole pool for the optimiser steps of a CEAL run with these flags
+    steps_full = common.al_steps(common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
+                                                      args.epochs, len(train_ids) - args.initial, True, pseudo_of),
+                                 args.batch_size)
+    full = args.strategy == "full"
+    rounds = 0 if full else args.rounds
+    epochs0 = math.ceil(steps_full / math.ceil(n_initial / args.batch_size)) if full else args.epochs_initial
     start = 0
     state = run.load_checkpoint()
     if state is not None:
@@ -166,10 +177,7 @@ def main(argv=None):
         start = state["round"] + 1
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0, args.epochs,
-                                                         len(train_ids) - n_initial, args.strategy == "ceal",
-                                                         lambda r: 0 if args.strategy != "ceal" else args.pseudo_step
-                                                         * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)))
+                               plan=[(n_initial, epochs0, 0)] if full else plan)
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. 4.1-4.3) ----
@@ -234,8 +242,12 @@ def main(argv=None):
         train_idx = np.concatenate([labeled, pseudo])
         if bool((target[to_t(train_idx)] == UNLABELLED).any()):
             raise RuntimeError(f"round {rnd}: a training sample has no label (target {UNLABELLED}): a bug in the sets")
-        common.train(model, opt, x, target, train_idx, epochs, args.batch_size,
-                     device=device, amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
+        if full:
+            common.train_steps(model, opt, x, target, train_idx, steps_full, args.batch_size, device=device,
+                               amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
+        else:
+            common.train(model, opt, x, target, train_idx, epochs, args.batch_size,
+                         device=device, amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
         train_s = time.time() - t0
 
         # ---- evaluation on the test set; the round is written before anything else happens ----

@@ -745,6 +745,27 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
     return losses
 
 
+def al_steps(plan, batch_size):
+    """Optimiser steps of the active-learning run that `plan` (Progress.plan: round r trains n_r images for
+    e_r epochs, the pool's end and pseudo-labels counted) describes. --strategy full, the ceiling, trains
+    this many steps on the whole pool."""
+    return sum(e * math.ceil(n / batch_size) for n, e, _ in plan)
+
+
+def train_steps(model, opt, x, target, idx, steps, batch_size, *, generator, on_epoch=None, **kw):
+    """Exactly `steps` optimiser steps on idx: whole epochs, then one partial epoch on a random subset of
+    idx (drawn with generator). The ceiling of every script (--strategy full) trains this way, so that it
+    gets the active-learning run's step count (al_steps) and not more epochs of a larger set. Returns the
+    number of epochs it reported to on_epoch (whole + partial)."""
+    epochs, rest = divmod(steps, math.ceil(len(idx) / batch_size))
+    train(model, opt, x, target, idx, epochs, batch_size, generator=generator, on_epoch=on_epoch, **kw)
+    if rest:
+        part = np.asarray(idx)[torch.randperm(len(idx), generator=generator)[:rest * batch_size].numpy()]
+        train(model, opt, x, target, part, 1, batch_size, generator=generator, **kw,
+              on_epoch=None if on_epoch is None else lambda e, *a: on_epoch(epochs, *a))
+    return epochs + (rest > 0)
+
+
 def batches(idx, batch_size):
     for s in range(0, len(idx), batch_size):
         yield idx[s: s + batch_size]

@@ -9,6 +9,7 @@ that reliably beat a foreground-aware random baseline; ClaSP PE is the only one 
   python example_claspe.py                       # synthetic data, CPU, about a minute
   python example_claspe.py --strategy random     # the baseline, same model, draw and training
   python example_claspe.py --strategy entropy    # ablation: plain predictive-entropy top-k
+  python example_claspe.py --strategy full       # the ceiling: the whole pool, the same optimiser steps
   python example_claspe.py --data kvasir-seg --data-dir ~/data/Kvasir-SEG --device cuda
 
 Sources: the paper (https://openreview.net/forum?id=UamXueEaYW, arXiv 2601.13677; only its abstract was
@@ -27,6 +28,7 @@ renamed "ClaSP PE" in nnactive/analyze/qualitative_loops.py). What each piece fo
   beta grows geometrically from --beta-start at the first query to --beta-end at the last (schedule()).
 Not adapted: the authors average the probabilities of their 5 cross-validation folds; here one model.
 """
+import math
 import time
 
 import numpy as np
@@ -82,7 +84,7 @@ def claspe(pool, H, F, k, beta, rng, fg_share=0.66):
 
 
 def main(argv=None):
-    parser = common.shared_parser(__doc__, ["claspe", "random", "entropy"], DEFAULTS)
+    parser = common.shared_parser(__doc__, ["claspe", "random", "entropy", "full"], DEFAULTS)
     # method flags (ClaSP PE)
     parser.add_argument("--beta-start", type=float, default=1.0, help="power beta at the first query: strong "
                         "noise (default: 1, the authors' PowerPE beta, nnactive/strategies/entropy_pred.py)")
@@ -103,12 +105,18 @@ def main(argv=None):
     # other data: 10 % of the pool to start and 5 % per round (our choice: no paper)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 10, 5, 100)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    full = args.strategy == "full"  # the ceiling: the whole pool, trained for the AL run's optimiser steps
+    steps = common.al_steps(common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
+                                                 args.epochs, len(train_ids) - args.initial), args.batch_size)
+    rounds, epochs0 = (0, math.ceil(steps / math.ceil(len(train_ids) / args.batch_size))) if full else \
+        (args.rounds, args.epochs_initial)
     x, y = common.to_device(data, device)
 
     model = common.prepare_model(UNet(3, 1, args.width), device, args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
-    labeled = rng.choice(train_ids, args.initial, replace=False)
+    n0 = len(train_ids) if full else args.initial
+    labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
     start, state = 0, run.load_checkpoint()
     if state is not None:
@@ -117,12 +125,12 @@ def main(argv=None):
         labeled, pool, start = state["labeled"], state["pool"], state["round"] + 1
         rng.bit_generator.state = state["rng_select"]
         gen.set_state(state["rng_batches"])
-    progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
-                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
-                                                         args.epochs, len(train_ids) - args.initial))
+    progress = common.Progress(run, epochs0 + rounds * args.epochs,
+                               0 if start == 0 else epochs0 + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n0, args.strategy != "random"))
 
-    for rnd in range(start, args.rounds + 1):
+    for rnd in range(start, rounds + 1):
         t0, queried = time.time(), {}
         if rnd > 0:  # the query rule: the only part that differs from a random baseline
             H, F = entropy_scores(model, x, pool, args.batch_size, device, args.amp)
@@ -144,10 +152,16 @@ def main(argv=None):
             common.save_picks(run, rnd, model, data, x, groups, dict(zip(pool, H)), args.batch_size, device, args.amp)
             queried["oracle"] = [data.ids[i] for i in new]
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
+        else:
+            queried["full" if full else "initial"] = [data.ids[i] for i in labeled]  # the seeded random start
         select_s, t0 = time.time() - t0, time.time()
-        epochs = args.epochs_initial if rnd == 0 else args.epochs
-        common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp, generator=gen,
-                     on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
+        epochs = epochs0 if rnd == 0 else args.epochs
+        if full:
+            common.train_steps(model, opt, x, y, labeled, steps, args.batch_size, device=device, amp=args.amp,
+                               generator=gen, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
+        else:
+            common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
+                         generator=gen, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
         train_s = time.time() - t0
 
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)

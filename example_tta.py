@@ -6,8 +6,10 @@ TTA uncertainty of Wang et al., Neurocomputing 338, 2019, used here as a query r
 
   python example_tta.py                     # synthetic data, CPU, about a minute
   python example_tta.py --strategy random   # the baseline, same budget
+  python example_tta.py --strategy full     # the ceiling: the whole pool, the same optimiser steps
   python example_tta.py --data kvasir-seg --data-dir ~/data/Kvasir-SEG --device cuda
 """
+import math
 import time
 
 import numpy as np
@@ -39,7 +41,7 @@ def tta_variance(model, x, pool, batch_size, device):
 
 
 def main(argv=None):
-    args = common.resolve(common.shared_parser(__doc__, ["tta", "random"], DEFAULTS).parse_args(argv), DEFAULTS)
+    args = common.resolve(common.shared_parser(__doc__, ["tta", "random", "full"], DEFAULTS).parse_args(argv), DEFAULTS)
     device = common.get_device(args.device)
     common.seed_everything(args.seed, args.deterministic)
     run = common.Run(__file__, args, device)
@@ -49,12 +51,18 @@ def main(argv=None):
     # other data: 10 % of the pool to start and 5 % per round (our choice: no paper)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 10, 5, 100)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    full = args.strategy == "full"  # the ceiling: the whole pool, trained for the AL run's optimiser steps
+    steps = common.al_steps(common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
+                                                 args.epochs, len(train_ids) - args.initial), args.batch_size)
+    rounds, epochs0 = (0, math.ceil(steps / math.ceil(len(train_ids) / args.batch_size))) if full else \
+        (args.rounds, args.epochs_initial)
     x, y = common.to_device(data, device)
 
     model = common.prepare_model(UNet(3, 1, args.width), device, args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
-    labeled = rng.choice(train_ids, args.initial, replace=False)
+    n0 = len(train_ids) if full else args.initial
+    labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
     start, state = 0, run.load_checkpoint()
     if state is not None:
@@ -63,12 +71,12 @@ def main(argv=None):
         labeled, pool, start = state["labeled"], state["pool"], state["round"] + 1
         rng.bit_generator.state = state["rng_select"]
         gen.set_state(state["rng_batches"])
-    progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
-                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
-                                                         args.epochs, len(train_ids) - args.initial, args.strategy == "tta"))
+    progress = common.Progress(run, epochs0 + rounds * args.epochs,
+                               0 if start == 0 else epochs0 + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n0, args.strategy == "tta"))
 
-    for rnd in range(start, args.rounds + 1):
+    for rnd in range(start, rounds + 1):
         t0, queried = time.time(), {}
         if rnd > 0:  # the query rule: the only part that differs from a random baseline
             if args.strategy == "tta":
@@ -84,11 +92,15 @@ def main(argv=None):
                               args.batch_size, device, args.amp)
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:
-            queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start
+            queried["full" if full else "initial"] = [data.ids[i] for i in labeled]  # the seeded random start
         select_s, t0 = time.time() - t0, time.time()
-        epochs = args.epochs_initial if rnd == 0 else args.epochs
-        common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp, generator=gen,
-                     on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
+        epochs = epochs0 if rnd == 0 else args.epochs
+        if full:
+            common.train_steps(model, opt, x, y, labeled, steps, args.batch_size, device=device, amp=args.amp,
+                               generator=gen, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
+        else:
+            common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
+                         generator=gen, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
         train_s = time.time() - t0
 
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)

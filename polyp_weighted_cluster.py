@@ -10,6 +10,7 @@ loss on unlabelled images pushes the two class features apart while training (Eq
   python polyp_weighted_cluster.py --tables runs/                             # Tables 1-2 from finished runs
 """
 import copy
+import math
 import os
 import time
 
@@ -46,7 +47,7 @@ DEFAULTS = {
     "other": dict(split=None, image_size=352, initial=None, query=None, rounds=5, epochs=5, epochs_initial=50,
                   batch_size=16, lr=1e-4, width=64),
 }
-STRATEGIES = ["ours", "random", "entropy", "coreset", "asa", "wo-unc", "wo-clu", "wo-dis"]
+STRATEGIES = ["ours", "random", "entropy", "coreset", "asa", "wo-unc", "wo-clu", "wo-dis", "full"]  # full: the ceiling
 FDL_STRATEGIES = {"ours", "wo-unc", "wo-clu"}  # train with L_fdl (Eq. 7); baselines and w/o DIS use L_seg only
 # The paper's numbers on CVC-ClinicDB: Table 1 (mIoU, Dice) and Table 2 (ablation mIoU, in %).
 PAPER_TABLE1 = {(90, "random"): (0.8388, 0.8225), (90, "entropy"): (0.8293, 0.8103), (90, "asa"): (0.8307, 0.8157),
@@ -322,6 +323,11 @@ def main(argv=None):
     # other data: the CVC-ClinicDB shares, 30 initial (Table 2) and B = 30 (Sec. 3.1) of the 550 pool
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 30, 30, 550)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    full = args.strategy == "full"  # the ceiling: the whole pool, trained for the AL run's optimiser steps
+    steps = common.al_steps(common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
+                                                 args.epochs, len(train_ids) - args.initial), args.batch_size)
+    rounds, epochs0 = (0, math.ceil(steps / math.ceil(len(train_ids) / args.batch_size))) if full else \
+        (args.rounds, args.epochs_initial)
     x, y = common.to_device(data, device)
 
     # ---- model, optimiser, sets ----
@@ -330,7 +336,8 @@ def main(argv=None):
     rng = np.random.default_rng([args.seed, 1])  # initial draw and queries
     gen = torch.Generator().manual_seed(args.seed)  # batch order of the labelled set
     gen_u = torch.Generator().manual_seed(args.seed + 1)  # unlabelled batches of L_fdl
-    labeled = rng.choice(train_ids, args.initial, replace=False)
+    n0 = len(train_ids) if full else args.initial
+    labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
     start = 0
     state = run.load_checkpoint()
@@ -342,12 +349,12 @@ def main(argv=None):
         gen.set_state(state["rng_batches"])
         gen_u.set_state(state["rng_unlabeled"])
         start = state["round"] + 1
-    progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
-                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
-                                                         args.epochs, len(train_ids) - args.initial, args.strategy != "random"))
+    progress = common.Progress(run, epochs0 + rounds * args.epochs,
+                               0 if start == 0 else epochs0 + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n0, args.strategy not in ("random", "full")))
 
-    for rnd in range(start, args.rounds + 1):
+    for rnd in range(start, rounds + 1):
         # ---- selection (Sec. 2.1) ----
         t0 = time.time()
         queried, info, select_s = {}, None, 0.0
@@ -365,11 +372,12 @@ def main(argv=None):
             labeled = np.concatenate([labeled, pool[pos]])
             pool = np.setdiff1d(pool, pool[pos])
         else:
-            queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start (paper silent: random)
+            # the seeded random start (paper silent: random), or the whole pool for the ceiling
+            queried["full" if full else "initial"] = [data.ids[i] for i in labeled]
 
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
         t0 = time.time()
-        epochs = args.epochs_initial if rnd == 0 else args.epochs
+        epochs = epochs0 if rnd == 0 else args.epochs
         use_fdl = (args.strategy in FDL_STRATEGIES and (rnd > 0 or args.fdl_initial) and len(pool) > 0
                    and args.lam > 0)  # --lam 0 trains exactly as w/o DIS (no extra forward through BatchNorm)
         fdl_log = []
@@ -388,9 +396,13 @@ def main(argv=None):
             run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "fdl": fdl})
             progress.epoch(rnd, e, epochs, loss)
 
-        common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=common.bce_dice_loss, extra_loss=extra_loss if use_fdl else None, generator=gen,
-                     on_epoch=on_epoch)
+        if full:  # no pool left, so no L_fdl: the U-Net on the whole pool with L_seg alone
+            common.train_steps(model, opt, x, y, labeled, steps, args.batch_size, device=device, amp=args.amp,
+                               loss_fn=common.bce_dice_loss, generator=gen, on_epoch=on_epoch)
+        else:
+            common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
+                         loss_fn=common.bce_dice_loss, extra_loss=extra_loss if use_fdl else None, generator=gen,
+                         on_epoch=on_epoch)
         train_s = time.time() - t0
 
         # ---- evaluation on the test set (mIoU and Dice, Table 1); the round is written first ----

@@ -12,6 +12,7 @@ continues the cluster ranking. Every round writes pool_scores.csv and picks/roun
   python ssl_coldstart.py --tables runs/                               # Table I / II from finished runs
 """
 import argparse
+import math
 import os
 import time
 
@@ -58,7 +59,7 @@ DEFAULTS = {
                   lr=1e-4, width=32, image_size=256, clusters=10, aap_grid=2, ssl_epochs=100,
                   shuffle_blocks=10000, mc_passes=20, pseudo_step=20, ensemble_size=4),
 }
-STRATEGIES = ["cluster", "random", "mc-dropout", "ceal", "ens-s", "ens-js", "suggestive", "dsal"]
+STRATEGIES = ["cluster", "random", "mc-dropout", "ceal", "ens-s", "ens-js", "suggestive", "dsal", "full"]
 SENTINEL = 255  # target of a sample nobody has labelled yet: the oracle writes the ground truth, pseudo-labels the model's mask
 
 # Models Genesis transform probabilities (the public 2D port of the reference code; PROTOCOLS.md).
@@ -519,7 +520,7 @@ SCORE_COLUMNS = {"cluster": ["cluster", "rank", "distance"], "random": [], "mc-d
                  "ceal": ["mc_variance"], "ens-s": ["ens_entropy", "ens_js", "ens_variance"],
                  "ens-js": ["ens_entropy", "ens_js", "ens_variance"],
                  "suggestive": ["ens_entropy", "ens_js", "ens_variance", "sa_candidate"],
-                 "dsal": ["agreement", "m_dsc", "l_dsc", "confidence"]}
+                 "dsal": ["agreement", "m_dsc", "l_dsc", "confidence"], "full": []}
 
 
 def query(strategy, rnd, model, members, x, pool, args, device, rng):
@@ -590,6 +591,11 @@ def main(argv=None):
     # other data: the ISIC shares, C = 300 and +35 of the 1600 pool (Sec. IV-A)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 300, 35, 1600)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    full = args.strategy == "full"  # the ceiling: the whole pool, trained for the AL run's optimiser steps
+    steps = common.al_steps(common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
+                                                 args.epochs, len(train_ids) - args.initial), args.batch_size)
+    rounds, epochs0 = (0, math.ceil(steps / math.ceil(len(train_ids) / args.batch_size))) if full else \
+        (args.rounds, args.epochs_initial)
     pool_ids = [data.ids[i] for i in train_ids]
     x, y = common.to_device(data, device)
     # the training target: SENTINEL until the oracle reveals the ground truth or the model gives a pseudo-label
@@ -644,15 +650,15 @@ def main(argv=None):
         rng.bit_generator.state = state["rng_select"]
         gen.set_state(state["rng_batches"])
         start = state["round"] + 1
-    progress = common.Progress(run, args.epochs_initial + args.rounds * args.epochs,
-                               0 if start == 0 else args.epochs_initial + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
-                                                         args.epochs, len(train_ids) - args.initial,
-                                                         args.strategy not in ("cluster", "random"),
+    progress = common.Progress(run, epochs0 + rounds * args.epochs,
+                               0 if start == 0 else epochs0 + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(len(train_ids) if full else args.initial, args.query, rounds,
+                                                         epochs0, args.epochs, len(train_ids) - args.initial,
+                                                         args.strategy not in ("cluster", "random", "full"),
                                                          (lambda r: args.pseudo_step * r * (r + 1) // 2)
                                                          if args.strategy == "ceal" else None))
 
-    for rnd in range(start, args.rounds + 1):
+    for rnd in range(start, rounds + 1):
         # ---- selection: round 0 is the cold start (Sec. III-B), then the strategy's query rule ----
         t0 = time.time()
         if rnd > 0 and len(pool) == 0:
@@ -663,7 +669,7 @@ def main(argv=None):
             feats = ssl_features(ssl_state, x, train_ids, args, device)
             clusters = cluster_ranking(feats, args.clusters, args.seed)
             write_clusters(run, data, train_ids, clusters)
-        way = args.cold_start if rnd == 0 else args.strategy
+        way = "full" if full else args.cold_start if rnd == 0 else args.strategy
         n_new = args.initial if rnd == 0 else args.query
         cols = {c: [""] * len(pool) for c in SCORE_COLUMNS["cluster"] * uses_clusters + SCORE_COLUMNS[args.strategy]}
         if uses_clusters:  # the cluster ranking of every pool sample, whatever the rule of this round
@@ -674,6 +680,9 @@ def main(argv=None):
             score_sel = float(clusters[2][np.searchsorted(train_ids, new)].mean())  # distance to the centroid
             queried["oracle-cluster"] = new
             shown = dict(zip(pool.tolist(), cols["distance"]))
+        elif way == "full":  # the ceiling: the oracle labels the whole pool
+            queried["oracle-full"] = pool.copy()
+            shown = None
         elif way == "random":
             queried["oracle-random"] = common.query_random(pool, n_new, rng)
             shown = None
@@ -705,7 +714,7 @@ def main(argv=None):
 
         # ---- training: fine-tuned on the enlarged labelled set, 10 epochs first, then 2 per iteration ----
         t0 = time.time()
-        epochs = args.epochs_initial if rnd == 0 else args.epochs
+        epochs = epochs0 if rnd == 0 else args.epochs
 
         def on_epoch(e, loss, _s):
             run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
@@ -714,8 +723,12 @@ def main(argv=None):
         train_ids_now = np.concatenate([labeled, pseudo])
         if bool((target[dev(train_ids_now)] == SENTINEL).any()):
             raise RuntimeError("a training target is still unlabelled (SENTINEL): a selection bug")
-        common.train(model, opt, x, target, train_ids_now, epochs, args.batch_size, device=device,
-                     amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
+        if full:
+            common.train_steps(model, opt, x, target, train_ids_now, steps, args.batch_size, device=device,
+                               amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
+        else:
+            common.train(model, opt, x, target, train_ids_now, epochs, args.batch_size, device=device,
+                         amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
         for m, o in zip(members, opts):  # ens-s / ens-js / suggestive: M models on bootstrap resamples of the labelled set
             common.train(m, o, x, target, rng.choice(labeled, len(labeled), replace=True), epochs, args.batch_size,
                          device=device, amp=args.amp, loss_fn=loss_fn, generator=gen)

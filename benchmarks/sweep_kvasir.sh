@@ -3,7 +3,7 @@
 # on the full Kvasir-SEG, one shared schedule, 3 seeds, then the ceiling (--strategy full: the same model on the
 # whole training pool for the active-learning run's optimiser steps). Runs JOBS scripts at a time, one thread
 # each; a run cut short continues with `python SCRIPT.py --resume RUN_DIR`.
-#   bash benchmarks/sweep_kvasir.sh KVASIR_DIR OUT [JOBS] [PART]     PART: al (default), full or all
+#   bash benchmarks/sweep_kvasir.sh KVASIR_DIR OUT [JOBS] [PART]     JOBS: 2 by default; PART: al, full or all (default)
 set -u
 DATA=${1:?usage: bash benchmarks/sweep_kvasir.sh KVASIR_DIR OUT [JOBS] [al|full|all]}; OUT=${2:?OUT folder}
 JOBS=${3:-2}; PART=${4:-all}

@@ -81,7 +81,7 @@ def test_script_end_to_end_and_resume(tmp_path):
     part = str(next((tmp_path / "b").iterdir()))
     run_script("example_claspe.py", "--resume", part)
     read = lambda d, f: open(os.path.join(d, f)).read()
-    assert read(full, "queried.csv") == read(part, "queried.csv") and read(full, "queried.csv").count("\n") == 9
+    assert read(full, "queried.csv") == read(part, "queried.csv") and read(full, "queried.csv").count("\n") == 1 + 6 + 2 * 4
     interface.assert_interface("example_claspe.py", [full, part])  # pool_scores.csv, picks/round_K.png
     queried = list(csv.DictReader(open(os.path.join(full, "queried.csv"))))
     scores = list(csv.DictReader(open(os.path.join(full, "pool_scores.csv"))))

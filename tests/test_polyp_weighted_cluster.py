@@ -297,7 +297,7 @@ def runs(tmp_path_factory):
     instead of seven: the imports, not the runs, dominate at this size)."""
     out = tmp_path_factory.mktemp("runs")
     dirs = {"ours": run_dir_from(run_script("polyp_weighted_cluster.py", *TINY, "--out", out))}
-    others = [s for s in pwc.STRATEGIES if s != "ours"]
+    others = [s for s in pwc.STRATEGIES if s not in ("ours", "full")]  # full: tests/test_full_ceiling.py
     code = ("import sys, polyp_weighted_cluster as p\n"
             "for s in sys.argv[1:]: print(s, p.main(['--device', 'cpu', *%r, '--strategy', s, '--out', %r]))"
             % ([str(a) for a in TINY], str(out)))
@@ -305,7 +305,7 @@ def runs(tmp_path_factory):
                          env=dict(os.environ, OMP_NUM_THREADS=THREADS))
     assert res.returncode == 0, res.stderr[-3000:]
     dirs.update(l.split(" ", 1) for l in res.stdout.splitlines() if l.split(" ", 1)[0] in others)
-    assert set(dirs) == set(pwc.STRATEGIES), res.stdout[-2000:]
+    assert set(dirs) == set(pwc.STRATEGIES) - {"full"}, res.stdout[-2000:]
     return dirs
 
 

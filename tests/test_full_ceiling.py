@@ -1,0 +1,51 @@
+"""The ceiling, --strategy full, in every script: the same model on the whole training pool for the optimiser
+steps of the active-learning run with the same flags (common.al_steps of the run's plan; common.train_steps)."""
+import csv
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+TINY = ["--device", "cpu", "--image-size", 32, "--width", 4, "--split", 40, 8, 12, "--initial", 10, "--query", 7,
+        "--rounds", 2, "--epochs-initial", 2, "--epochs", 1, "--batch-size", 4]
+
+
+def test_train_steps_takes_exactly_the_steps_asked():
+    x = torch.randint(0, 255, (23, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 2, (23, 8, 8), dtype=torch.uint8)
+    model = torch.nn.Conv2d(3, 1, 1)
+    for steps in (1, 5, 6, 13, 30):  # 6 steps an epoch (23 / 4): partial, whole, whole + partial
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        taken, epochs = [], []
+        opt.step = lambda *a, **k: taken.append(1)
+        reported = common.train_steps(model, opt, x, y, np.arange(23), steps, 4, device=torch.device("cpu"),
+                                      generator=torch.Generator().manual_seed(0),
+                                      on_epoch=lambda e, loss, s: epochs.append(e))
+        assert len(taken) == steps and epochs == list(range(reported)) and reported == -(-steps // 6)
+
+
+def test_al_steps_counts_the_plan():
+    # 10 labelled for 2 epochs, then 17 and 24 for 1 (batch 4): 2 x 3 + 5 + 6 = 17 steps
+    assert common.al_steps(common.Progress.plan(10, 7, 2, 2, 1, 30), 4) == 17
+    # the pool runs out after one query of 7 (only 5 left, then none)
+    assert common.al_steps(common.Progress.plan(10, 7, 3, 2, 1, 5), 4) == 2 * 3 + 4
+    # CEAL's pseudo-labels are trained on too: 10 + 7 + 2 pseudo in round 1
+    assert common.al_steps(common.Progress.plan(10, 7, 1, 2, 1, 30, True, lambda r: 2 * r), 4) == 6 + 5
+
+
+@pytest.mark.parametrize("script,extra,steps", [
+    ("example_tta", [], 17), ("example_claspe", [], 17), ("polyp_weighted_cluster", [], 17),
+    ("ssl_coldstart", ["--ssl-epochs", 1, "--channels", 3], 17),
+    ("ceal_mcdropout", ["--pseudo-step", 2, "--mc-passes", 2], 2 * 3 + 5 + 7)])  # 10, 19, 28 (2 + 2 x 2 pseudo)
+def test_full_trains_the_al_runs_steps_on_the_whole_pool(tmp_path, monkeypatch, script, extra, steps):
+    asked = []
+    train_steps = common.train_steps
+    monkeypatch.setattr(common, "train_steps", lambda *a, **k: asked.append(a[5]) or train_steps(*a, **k))
+    run = importlib.import_module(script).main([*map(str, TINY + extra), "--strategy", "full", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
+    assert [int(r["labeled"]) for r in rows] == [40]  # the whole pool, one round
+    assert asked == [steps]
