@@ -10,6 +10,12 @@ runs of each row are unfinished, and --final leaves it out (its last round is no
   python collect.py runs/                                    # print the table of every run under runs/
   python collect.py runs/ --out results/synthetic            # also write results.md, results.csv, curves.png
   python collect.py runs/ --data lgg --by script strategy --final   # only LGG runs; final round per finished run
+  python collect.py runs/ --out results/kvasir-seg --vs-random     # also each rule against its script's random
+
+--vs-random adds vs_random.md and curves_by_script.png: per script, its rule(s) against its own --strategy random
+at each labelled count (difference of the means, and "trails" where the rule's mean is below random's by more
+than one sample std, the larger of the two), with the ceiling (--strategy full: the whole pool, the same
+optimiser steps) as a dashed line.
 """
 import argparse
 import csv
@@ -60,6 +66,60 @@ def curves(path, summary, title=""):
     common.plot(path, series, "labelled samples", "test Dice", title)
 
 
+def vs_random(summary):
+    """Rows of (script, data, strategy, labelled): the rule's mean and std, random's, their difference, and
+    whether the rule trails random by more than one sample std (the larger of the two; n >= 2 each)."""
+    key = lambda r: (r["script"], r["data"], r["labeled"])
+    random = {key(r): r for r in summary if r["strategy"] == "random"}
+    full = {(r["script"], r["data"]): r for r in summary if r["strategy"] == "full"}
+    out = []
+    for r in summary:
+        b = random.get(key(r))
+        if r["strategy"] in ("random", "full") or b is None:
+            continue
+        sd = max(r["dice_mean_std"], b["dice_mean_std"])
+        c = full.get((r["script"], r["data"]))
+        out.append({"script": r["script"], "data": r["data"], "strategy": r["strategy"], "labeled": r["labeled"],
+                    "n": f"{r['n']} / {b['n']}", "rule": f"{r['dice_mean']:.3f} ± {r['dice_mean_std']:.3f}",
+                    "random": f"{b['dice_mean']:.3f} ± {b['dice_mean_std']:.3f}",
+                    "diff": f"{r['dice_mean'] - b['dice_mean']:+.3f}",
+                    "verdict": "n < 2" if sd != sd else "trails" if r["dice_mean"] < b["dice_mean"] - sd else
+                    "leads" if r["dice_mean"] > b["dice_mean"] + sd else "within 1 std",
+                    "ceiling": f"{c['dice_mean']:.3f} ± {c['dice_mean_std']:.3f} ({c['labeled']})" if c else ""})
+    return out
+
+
+def curves_by_script(path, summary, columns=2):
+    """One panel per (script, data): each rule and random with ±1 std bands, the ceiling as a flat line over
+    the same labelled range; the panels side by side in one PNG."""
+    from PIL import Image
+    panels = []
+    for script, data in sorted({(r["script"], r["data"]) for r in summary}):
+        rows = [r for r in summary if (r["script"], r["data"]) == (script, data)]
+        series = {}  # the rule(s) first, then random, then the ceiling: the same colours in every panel
+        for r in sorted(rows, key=lambda r: r["strategy"] == "random"):
+            if r["strategy"] != "full":
+                xs, ys, sd = series.setdefault(r["strategy"], ([], [], []))
+                xs.append(r["labeled"])
+                ys.append(r["dice_mean"])
+                sd.append(0.0 if r["dice_mean_std"] != r["dice_mean_std"] else r["dice_mean_std"])
+        xs = [r["labeled"] for r in rows if r["strategy"] != "full"]
+        for r in rows:
+            if r["strategy"] == "full" and xs:
+                sd = 0.0 if r["dice_mean_std"] != r["dice_mean_std"] else r["dice_mean_std"]
+                series[f"full ({r['labeled']})"] = ([min(xs), max(xs)], [r["dice_mean"]] * 2, [sd] * 2)
+        tmp = path + f".{len(panels)}.png"
+        common.plot(tmp, series, "labelled samples", "test Dice", f"{script} ({data})", size=(480, 330))
+        panels.append(Image.open(tmp).convert("RGB"))
+        os.remove(tmp)
+    w, h = max(p.width for p in panels), max(p.height for p in panels)
+    rows_n = -(-len(panels) // columns)
+    grid = Image.new("RGB", (w * columns, h * rows_n), "white")
+    for k, p in enumerate(panels):
+        grid.paste(p, ((k % columns) * w, (k // columns) * h))
+    grid.save(path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +129,8 @@ def main(argv=None):
     p.add_argument("--final", action="store_true", help="only the last round of each finished run (runs without "
                    "summary.json are left out and counted)")
     p.add_argument("--out", help="folder for results.md, results.csv and curves.png")
+    p.add_argument("--vs-random", action="store_true", help="with --out: also vs_random.md and curves_by_script.png "
+                   "(each rule against its own script's random, and the ceiling)")
     args = p.parse_args(argv)
     summary = collect(args.paths, args.by, args.data, args.final)
     if not summary:
@@ -91,8 +153,15 @@ def main(argv=None):
             w.writerows(summary)
         if "labeled" in args.by and {"script", "strategy"} <= set(args.by):
             curves(os.path.join(args.out, "curves.png"), summary, " ".join(sorted({str(r.get("data", "")) for r in summary})))
-        print(f"written: {args.out}/results.md, results.csv" + (", curves.png" if "labeled" in args.by else ""),
-              file=sys.stderr)
+        if args.vs_random and {"script", "strategy", "data", "labeled"} <= set(args.by):
+            cmp = vs_random(summary)
+            cols = ["script", "data", "strategy", "labeled", "n", "rule", "random", "diff", "verdict", "ceiling"]
+            open(os.path.join(args.out, "vs_random.md"), "w").write(common.markdown_table(
+                cmp, cols, ["script", "data", "rule", "labelled", "runs (rule / random)", "rule's Dice",
+                            "random's Dice", "difference", "verdict (1 sample std)", "ceiling (labelled)"]) + "\n")
+            curves_by_script(os.path.join(args.out, "curves_by_script.png"), summary)
+        print(f"written: {args.out}/results.md, results.csv" + (", curves.png" if "labeled" in args.by else "")
+              + (", vs_random.md, curves_by_script.png" if args.vs_random else ""), file=sys.stderr)
     return summary
 
 

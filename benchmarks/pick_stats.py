@@ -83,6 +83,10 @@ def main(argv=None):
         for r in read(run, "pool_scores.csv"):
             pool_rows[int(r["round"])].append(r)
         labeled, col = [], SCORE.get(script)
+        if 0 not in queried and 1 in pool_rows:  # a run that did not log its initial set: the pool's complement
+            in_pool = {r["sample_id"] for r in pool_rows[1]}
+            train = json.load(open(os.path.join(run, "splits.json")))["train"]
+            queried[0] = [(i, "initial") for i in train if i not in in_pool]
         for rnd in sorted(queried):
             if rnd not in pool_rows:  # a random start, not scored: labelled, no statistics
                 labeled += [index[i] for i, how in queried[rnd] if "pseudo" not in how]

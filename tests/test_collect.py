@@ -167,3 +167,23 @@ def test_example_method_queries_the_top_k_of_a_known_score(tmp_path, monkeypatch
         assert picked == top == {r["sample_id"] for r in rows if r["picked"] == "oracle"}
         assert os.path.isfile(os.path.join(run, "picks", f"round_{rnd}.png"))
         pool -= picked
+
+
+def test_vs_random_verdicts_and_ceiling(tmp_path):
+    """Each rule against its own script's random, per labelled count: 'trails' only where the rule's mean is
+    below random's by more than the larger sample std; the ceiling (full) beside it; one panel per script."""
+    for seed in (0, 1):
+        # at 10 labelled: same start; at 20: rule 0.40/0.42 vs random 0.60/0.62 (trails); at 30: within 1 std
+        fake_run(tmp_path, f"m{seed}", "example_tta", "tta", seed, [0.5, 0.40 + 0.02 * seed, 0.6 + 0.2 * seed])
+        fake_run(tmp_path, f"r{seed}", "example_tta", "random", seed, [0.5, 0.60 + 0.02 * seed, 0.65 + 0.2 * seed])
+        fake_run(tmp_path, f"f{seed}", "example_tta", "full", seed, [0.9], labeled=(300,))
+        fake_run(tmp_path, f"o{seed}", "ceal_mcdropout", "ceal", seed, [0.5, 0.8 + 0.01 * seed, 0.9])  # leads at 20
+        fake_run(tmp_path, f"p{seed}", "ceal_mcdropout", "random", seed, [0.5, 0.6 + 0.01 * seed, 0.9])
+    rows = {(r["script"], r["labeled"]): r for r in collect.vs_random(collect.collect([str(tmp_path)]))}
+    assert {k: r["verdict"] for k, r in rows.items() if k[0] == "example_tta"} == {
+        ("example_tta", 10): "within 1 std", ("example_tta", 20): "trails", ("example_tta", 30): "within 1 std"}
+    assert rows[("ceal_mcdropout", 20)]["verdict"] == "leads" and rows[("example_tta", 20)]["diff"] == "-0.200"
+    assert rows[("example_tta", 20)]["ceiling"] == "0.900 ± 0.000 (300)" and rows[("ceal_mcdropout", 20)]["ceiling"] == ""
+    collect.main([str(tmp_path), "--out", str(tmp_path / "out"), "--vs-random"])
+    assert "| example_tta | synthetic | tta | 20 | 2 / 2 |" in open(tmp_path / "out" / "vs_random.md").read()
+    assert os.path.getsize(tmp_path / "out" / "curves_by_script.png") > 1000
