@@ -1,0 +1,83 @@
+"""Behaviour record: each script's queried ids and final Dice, so that a refactor that must not change behaviour
+(issue 15: the shared round loop) can be checked against the code before it.
+
+  python benchmarks/behaviour.py --record benchmarks/behaviour.json     # before the change
+  python benchmarks/behaviour.py --check benchmarks/behaviour.json      # after: exit 1 on any difference
+
+Two runs per script: its no-flag run (`python SCRIPT.py`, the README's first command for each script) and one
+`--data folder` run on the synthetic set written in the folder layout (a small schedule). Every run gets
+OMP_NUM_THREADS=2 and --device cpu, as recorded (another thread count or CPU can round differently).
+tests/test_behaviour.py holds a smaller record of the same kind that the suite checks on every change.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+SCRIPTS = ["ceal_mcdropout.py", "ssl_coldstart.py", "region_uncertainty.py", "polyp_weighted_cluster.py",
+           "dsal_fingerbones.py", "example_tta.py", "example_claspe.py"]
+FOLDER = ["--split", 60, 10, 20, "--image-size", 32, "--width", 4, "--initial", 10, "--query", 5, "--rounds", 2,
+          "--epochs-initial", 2, "--epochs", 1, "--batch-size", 8]
+METHOD = {"ceal_mcdropout.py": ["--mc-passes", 3, "--pseudo-step", 2], "ssl_coldstart.py": ["--ssl-epochs", 1],
+          "region_uncertainty.py": ["--image-size", 64]}
+
+
+def runs():
+    """{name: (script, args)}: the no-flag run and the folder run of every script."""
+    out = {}
+    for s in SCRIPTS:
+        out[s] = (s, [])
+        out[f"{s} --data folder"] = (s, ["--data", "folder", "--data-dir", "{folder}", *FOLDER, *METHOD.get(s, [])])
+    return out
+
+
+def record_of(run_dir):
+    queried = [[r["round"], r["sample_id"], r["how"]] for r in csv.DictReader(open(os.path.join(run_dir, "queried.csv")))]
+    rows = list(csv.DictReader(open(os.path.join(run_dir, "rounds.csv"))))
+    return {"queried": queried, "dice": [r["dice_mean"] for r in rows]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--record", metavar="JSON")
+    g.add_argument("--check", metavar="JSON")
+    p.add_argument("--only", nargs="+", help="only these run names")
+    args = p.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="behaviour_")
+    folder = common.write_folder(common.make_synthetic(90, 32, 3, seed=0), os.path.join(tmp, "data"))
+    result, env = {}, dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    for name, (script, flags) in runs().items():
+        if args.only and name not in args.only:
+            continue
+        flags = [str(f).replace("{folder}", folder) for f in flags]
+        out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--device", "cpu",
+                              "--out", os.path.join(tmp, "runs")], capture_output=True, text=True, env=env, cwd=ROOT)
+        if out.returncode != 0:
+            sys.exit(f"{name}: exit {out.returncode}\n{out.stderr[-2000:]}")
+        result[name] = record_of(out.stdout.strip().splitlines()[-1].rsplit(";", 1)[-1].strip())
+        print(f"{name}: {len(result[name]['queried'])} queried rows, final Dice {result[name]['dice'][-1]}", flush=True)
+    if args.record:
+        json.dump(result, open(args.record, "w"), indent=0)
+        print(f"recorded {len(result)} runs in {args.record}")
+        return
+    want = json.load(open(args.check))
+    bad = [n for n in result if want.get(n) != result[n]]
+    for n in bad:
+        w, g = want.get(n, {}), result[n]
+        print(f"DIFFERS: {n}: queried {'same' if w.get('queried') == g['queried'] else 'different'}, "
+              f"Dice recorded {w.get('dice')} now {g['dice']}")
+    print(f"{len(result) - len(bad)} of {len(result)} runs identical to {args.check}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
