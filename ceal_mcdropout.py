@@ -11,7 +11,6 @@ pseudo-labels, and whether they leave the pool); the defaults and why are at cea
   python ceal_mcdropout.py --data isic2017 --data-dir ~/data/isic2017 # the paper's ISIC 2017 protocol (GPU)
   python ceal_mcdropout.py --data lgg --data-dir ~/data/kaggle_3m     # the paper's LGG protocol (GPU)
 """
-import math
 import os
 import time
 
@@ -102,9 +101,7 @@ def score_pool(model, x, y, pool, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
-    common.seed_everything(args.seed, args.deterministic)
-    run = common.Run(__file__, args, device)
+    run, device = common.Run.start(__file__, args)
 
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
@@ -151,33 +148,20 @@ def main(argv=None):
     pool = np.setdiff1d(train_ids, labeled)
     to_t = lambda a: torch.as_tensor(np.asarray(a, np.int64), device=device)
     target[to_t(labeled)] = y[to_t(labeled)]  # the oracle's labels of the initial set
-    # the AL run's work per round (labelled + pseudo-labelled images trained, epochs, pool images scored)
-    pseudo_of = lambda r: args.pseudo_step * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)
-    plan = common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial, args.epochs,
-                                len(train_ids) - args.initial, args.strategy == "ceal",
-                                pseudo_of if args.strategy == "ceal" else None)
     # --strategy full, the ceiling: the whole pool for the optimiser steps of a CEAL run with these flags
-    steps_full = common.al_steps(common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
-                                                      args.epochs, len(train_ids) - args.initial, True, pseudo_of),
-                                 args.batch_size)
-    full = args.strategy == "full"
-    rounds = 0 if full else args.rounds
-    epochs0 = math.ceil(steps_full / math.ceil(n_initial / args.batch_size)) if full else args.epochs_initial
-    start = 0
-    state = run.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+    pseudo_of = lambda r: args.pseudo_step * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids), pseudo_of)
+    start, state = run.resume(model, opt, rng, gen)
+    if state:
         labeled, pseudo, pool = state["labeled"], state["pseudo"], state["pool"]
         target.fill_(UNLABELLED)
         target[to_t(labeled)] = y[to_t(labeled)]
         target[to_t(pseudo)] = state["pseudo_masks"].to(device)
-        rng.bit_generator.state = state["rng_select"]
-        gen.set_state(state["rng_batches"])
-        start = state["round"] + 1
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=[(n_initial, epochs0, 0)] if full else plan)
+                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n_initial, args.strategy == "ceal",
+                                                         pseudo_of if args.strategy == "ceal" else None))
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. 4.1-4.3) ----
@@ -242,12 +226,8 @@ def main(argv=None):
         train_idx = np.concatenate([labeled, pseudo])
         if bool((target[to_t(train_idx)] == UNLABELLED).any()):
             raise RuntimeError(f"round {rnd}: a training sample has no label (target {UNLABELLED}): a bug in the sets")
-        if full:
-            common.train_steps(model, opt, x, target, train_idx, steps_full, args.batch_size, device=device,
-                               amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
-        else:
-            common.train(model, opt, x, target, train_idx, epochs, args.batch_size,
-                         device=device, amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
+        common.train(model, opt, x, target, train_idx, epochs, args.batch_size, device=device, amp=args.amp,
+                     loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
         train_s = time.time() - t0
 
         # ---- evaluation on the test set; the round is written before anything else happens ----
@@ -256,25 +236,11 @@ def main(argv=None):
         row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
                "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
                "val_dice": float(np.mean(val)), "oracle_queries": len(labeled) - n_initial, "pool_left": len(pool)}
-        run.log_round(row, queried)
-        run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "labeled": labeled,
-                             "pseudo": pseudo, "pool": pool, "rng_select": rng.bit_generator.state,
-                             "rng_batches": gen.get_state(),
-                             "pseudo_masks": target[torch.as_tensor(pseudo, device=device)].cpu()})
-        rows = run.read_csv("rounds.csv")
-        common.learning_curve(run, rows)
-        progress.round(row)
+        run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pseudo=pseudo, pool=pool,
+                      pseudo_masks=target[torch.as_tensor(pseudo, device=device)].cpu())
 
-    rows = run.read_csv("rounds.csv")
     panel(run, model, data, x, y, pool if len(pool) else test_ids, args, device)
-    run.write_json("summary.json", {"final_dice": float(rows[-1]["dice_mean"]), "final_dice_std": float(rows[-1]["dice_std"]),
-                                    "final_iou": float(rows[-1]["iou_mean"]), "labeled": int(rows[-1]["labeled"]),
-                                    "pseudo": int(rows[-1]["pseudo"]), "rounds": len(rows) - 1,
-                                    "paper_dice": {"isic2017": 0.77, "lgg": 0.58}.get(args.data),
-                                    "wall_s": run.elapsed()})
-    print(f"done: test dice {float(rows[-1]['dice_mean']):.4f} with {rows[-1]['labeled']} labelled; {run.dir}")
-    return run.dir
-
+    return run.finish({"paper_dice": {"isic2017": 0.77, "lgg": 0.58}.get(args.data)})
 
 def figures(run, rnd, scores, pool_dice, groups):
     """Fig. 6 (uncertainty histogram, the four groups marked) and Fig. 5 (uncertainty vs Dice of the pool), one

@@ -713,11 +713,23 @@ def to_device(data, device):
 
 
 def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, loss_fn=bce_dice_loss,
-          augment=None, extra_loss=None, generator=None, log=None, on_epoch=None):
+          augment=None, extra_loss=None, generator=None, log=None, on_epoch=None, steps=None):
     """Train on x[idx] with target[idx] (both uint8 on the device; gathered by index each step).
     augment(xb, yb) -> (xb, yb) runs on device batches; extra_loss(model) -> tensor is added each step (e.g.
     a loss on unlabelled data). The running loss stays on the device: one host sync per epoch. Returns
-    the list of epoch mean losses."""
+    the list of epoch mean losses.
+    steps: instead of `epochs`, exactly this many optimiser steps: whole epochs, then one partial epoch on a
+    random subset of idx (drawn with generator). The ceiling of every script (--strategy full) trains so,
+    for the active-learning run's step count (ceiling), not more epochs of a larger set."""
+    kw = dict(device=device, amp=amp, loss_fn=loss_fn, augment=augment, extra_loss=extra_loss, generator=generator)
+    if steps is not None:
+        epochs, rest = divmod(steps, math.ceil(len(idx) / batch_size))
+        losses = train(model, opt, x, target, idx, epochs, batch_size, on_epoch=on_epoch, **kw)
+        if rest:
+            part = np.asarray(idx)[torch.randperm(len(idx), generator=generator)[:rest * batch_size].numpy()]
+            losses += train(model, opt, x, target, part, 1, batch_size, **kw,
+                            on_epoch=None if on_epoch is None else lambda e, *a: on_epoch(epochs, *a))
+        return losses
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     model.train()
     losses = []
@@ -747,23 +759,27 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
 
 def al_steps(plan, batch_size):
     """Optimiser steps of the active-learning run that `plan` (Progress.plan: round r trains n_r images for
-    e_r epochs, the pool's end and pseudo-labels counted) describes. --strategy full, the ceiling, trains
-    this many steps on the whole pool."""
+    e_r epochs, the pool's end and pseudo-labels counted) describes."""
     return sum(e * math.ceil(n / batch_size) for n, e, _ in plan)
 
 
-def train_steps(model, opt, x, target, idx, steps, batch_size, *, generator, on_epoch=None, **kw):
-    """Exactly `steps` optimiser steps on idx: whole epochs, then one partial epoch on a random subset of
-    idx (drawn with generator). The ceiling of every script (--strategy full) trains this way, so that it
-    gets the active-learning run's step count (al_steps) and not more epochs of a larger set. Returns the
-    number of epochs it reported to on_epoch (whole + partial)."""
-    epochs, rest = divmod(steps, math.ceil(len(idx) / batch_size))
-    train(model, opt, x, target, idx, epochs, batch_size, generator=generator, on_epoch=on_epoch, **kw)
-    if rest:
-        part = np.asarray(idx)[torch.randperm(len(idx), generator=generator)[:rest * batch_size].numpy()]
-        train(model, opt, x, target, part, 1, batch_size, generator=generator, **kw,
-              on_epoch=None if on_epoch is None else lambda e, *a: on_epoch(epochs, *a))
-    return epochs + (rest > 0)
+def ceiling(args, n_train, pseudo=None):
+    """The schedule: (rounds after round 0, epochs of round 0, optimiser steps of round 0 or None). For
+    --strategy full, the ceiling, the same model trains on the whole pool of n_train for the optimiser steps
+    of the active-learning run these flags describe (al_steps; pseudo(r): pseudo-labels trained on in round
+    r, CEAL), in round 0 alone: (0, its epochs, the steps). Otherwise the flags': (rounds, epochs_initial, None)."""
+    if args.strategy != "full":
+        return args.rounds, args.epochs_initial, None
+    steps = al_steps(Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial, args.epochs,
+                                   n_train - args.initial, pseudo=pseudo), args.batch_size)
+    return 0, math.ceil(steps / math.ceil(n_train / args.batch_size)), steps
+
+
+def prediction_panel(run, model, data, x, ids, batch_size, device, amp=False):
+    """panel.png: image, ground truth and the model's prediction for a few samples."""
+    probs = predict(model, x, ids, batch_size, device, amp).cpu().numpy()
+    save_panel(run.path("panel.png"), [[data.x[i], data.y[i], p > 0.5] for i, p in zip(ids, probs)], 3,
+               ["image", "ground truth", "prediction"])
 
 
 def batches(idx, batch_size):
@@ -772,24 +788,35 @@ def batches(idx, batch_size):
 
 
 @torch.inference_mode()
-def predict(model, x, idx, batch_size, device, amp=False):
+def predict(model, x, idx, batch_size, device, amp=False, view=None):
     """Sigmoid probabilities (N, H, W) float32 on the device for x[idx], in batches, BatchNorm and dropout
     in eval mode. (For sets too large to hold, iterate predict_batches.)"""
-    return torch.cat([p for _, p in predict_batches(model, x, idx, batch_size, device, amp)]) if len(idx) else \
+    return torch.cat([p for _, p in predict_batches(model, x, idx, batch_size, device, amp, view)]) if len(idx) else \
         torch.zeros((0,) + tuple(x.shape[-2:]), device=device)
 
 
 @torch.inference_mode()
-def predict_batches(model, x, idx, batch_size, device, amp=False):
+def predict_batches(model, x, idx, batch_size, device, amp=False, view=None):
+    """Sigmoid probabilities (B, H, W) float32 per batch: (indices, probabilities) from forward_batches (the
+    main output where the model has auxiliary heads)."""
+    for b, out in forward_batches(model, x, idx, batch_size, device, amp, view):
+        out = out[0] if isinstance(out, tuple) else out
+        yield b, torch.sigmoid(out.float()[:, 0])
+
+
+def forward_batches(model, x, idx, batch_size, device, amp=False, view=None):
+    """The batched forward of every prediction loop: eval mode (BatchNorm's running statistics, no dropout),
+    the device's memory format and autocast (--amp); yields (indices, the model's output) per batch of x[idx].
+    view(xb) changes the input batch first (e.g. a flip, for test-time augmentation). Call it inside
+    torch.inference_mode()."""
     model.eval()
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):
-        xb = to_input(x[b])
+        xb = to_input(x[b]) if view is None else view(to_input(x[b]))
         xb = xb.contiguous(memory_format=memory_format(device))
         with autocast(device, amp):
             out = model(xb)
-        out = out[0] if isinstance(out, tuple) else out
-        yield b, torch.sigmoid(out.float()[:, 0])
+        yield b, out  # outside autocast: the caller's own arithmetic runs as it would without the helper
 
 
 @torch.inference_mode()
@@ -1142,6 +1169,52 @@ class Run:
                    "numpy": np.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds")}
             self.write_json("config.json", cfg)
         self.args, self.t0, self.offset_s = args, time.time(), 0.0
+
+    # ---- the round loop's plumbing, called by every script in the same place and the same words ----
+    @classmethod
+    def start(cls, script, args):
+        """Run start: the device, the seeds, the run folder (a new one, or --resume's). Returns (run, device)."""
+        device = get_device(args.device)
+        run = cls(script, args, device)
+        seed_everything(args.seed, args.deterministic)  # after Run: on --resume, the run's own seed and flags
+        return run, device
+
+    def resume(self, model, opt, rng, gen):
+        """--resume: the model, optimiser and RNG states of the last finished round are restored. Returns
+        (the first round still to run, the checkpoint) - the script takes its own sets from the checkpoint -
+        or (0, None) for a new run."""
+        state = self.load_checkpoint()
+        if state is None:
+            return 0, None
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng_select"]
+        gen.set_state(state["rng_batches"])
+        return state["round"] + 1, state
+
+    def end_round(self, row, queried, progress, model, opt, rng, gen, **sets):
+        """End of a round: its row of rounds.csv and its queried ids (written first, so nothing finished is
+        lost), the checkpoint (model, optimiser, RNG states and the script's sets, e.g. labeled=, pool=),
+        the learning curve and the progress line. Returns rounds.csv's rows so far."""
+        self.log_round(row, queried)
+        self.save_checkpoint({"round": row["round"], "model": model.state_dict(), "opt": opt.state_dict(), **sets,
+                              "rng_select": rng.bit_generator.state, "rng_batches": gen.get_state()})
+        rows = self.read_csv("rounds.csv")
+        learning_curve(self, rows)
+        progress.round(row)
+        return rows
+
+    def finish(self, summary=None, line=""):
+        """The end of a run: summary.json (the last round's Dice, IoU and sets, the wall time, and the
+        script's own summary entries) and the last line, 'done: ... ; RUN_DIR'. Returns the run folder."""
+        rows = self.read_csv("rounds.csv")
+        last = rows[-1]
+        self.write_json("summary.json", {
+            "final_dice": float(last["dice_mean"]), "final_dice_std": float(last["dice_std"]),
+            "final_iou": float(last["iou_mean"]), "labeled": int(last["labeled"]), "pseudo": int(last["pseudo"]),
+            "rounds": len(rows) - 1, **(summary or {}), "wall_s": self.elapsed()})
+        print(f"done: test dice {float(last['dice_mean']):.4f}{line} with {last['labeled']} labelled; {self.dir}")
+        return self.dir
 
     def update_config(self, args):
         """Record flags derived after the run folder was made (split, initial, query from the data)."""

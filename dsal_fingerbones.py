@@ -267,16 +267,6 @@ def select(pool, score, k, rule, rng=None):
     return common.top_k(pool, score, k, largest=rule == "highest", rng=rng)
 
 
-def al_steps(args, n_train):
-    """Optimiser steps of the active-learning run: epochs_initial x ceil(initial / batch), then per step r
-    epochs x ceil(labelled_r / batch), labelled_r = min(initial + r x query, n_train), for the steps that run
-    (the run stops when the pool is used up). --strategy full trains this many steps on the whole set."""
-    steps_run = min(args.rounds, math.ceil(max(0, n_train - args.initial) / args.query))
-    return args.epochs_initial * math.ceil(args.initial / args.batch_size) + sum(
-        args.epochs * math.ceil(min(args.initial + r * args.query, n_train) / args.batch_size)
-        for r in range(1, steps_run + 1))
-
-
 def rank_average(a):
     """Ranks 1..n, ties given the mean of the ranks they span (numpy only)."""
     a = np.asarray(a, dtype=np.float64)
@@ -327,9 +317,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.tables:
         return tables(args)
-    device = common.get_device(args.device)
-    run = common.Run(__file__, args, device)
-    common.seed_everything(args.seed, args.deterministic)  # after Run: on --resume, the run's own --deterministic
+    run, device = common.Run.start(__file__, args)
 
     # ---- data: folder layout (or synthetic) -> uint8 cache -> intensity normalisation -> seeded split ----
     in_ch = 1 if args.data in ("folder", "synthetic") else 3  # the radiographs are grayscale
@@ -354,29 +342,21 @@ def main(argv=None):
     loss_fn = lambda out, t: ds_loss(out, t, args.ds_stages, args.ds_weights, args.loss == "ce+dice")
     rng = np.random.default_rng([args.seed, 1])  # initial set and random queries
     gen = torch.Generator().manual_seed(args.seed)  # batch order
-    n_initial = len(train_ids) if args.strategy == "full" else args.initial
-    labeled = rng.choice(train_ids, n_initial, replace=False)
-    pool = np.setdiff1d(train_ids, labeled)
-    full = args.strategy == "full"
-    rounds = 0 if full else args.rounds
     # --strategy full: the whole training set for the AL run's optimiser steps (whole epochs, then one partial
     # epoch on a random subset), as region_uncertainty.py's full baseline (its paper, Sec. V-A) does
-    steps_full = al_steps(args, len(train_ids))
-    spe = math.ceil(len(train_ids) / args.batch_size)
-    epochs0 = steps_full // spe if full else args.epochs_initial
-    steps, start = 0, 0
-    state = run.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        labeled, pool, steps = state["labeled"], state["pool"], state.get("steps", 0)
-        rng.bit_generator.state = state["rng_select"]
-        gen.set_state(state["rng_batches"])
-        start = state["round"] + 1
-    progress = common.Progress(run, epochs0 + rounds * args.epochs + int(full and steps_full % spe > 0),
+    rounds, epochs0, steps_full = common.ceiling(args, len(train_ids))
+    full = steps_full is not None
+    n_initial = len(train_ids) if full else args.initial
+    labeled = rng.choice(train_ids, n_initial, replace=False)
+    pool = np.setdiff1d(train_ids, labeled)
+    steps = 0  # optimiser steps so far
+    start, state = run.resume(model, opt, rng, gen)
+    if state:
+        labeled, pool, steps = state["labeled"], state["pool"], state["steps"]
+    progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0 + int(full and steps_full % spe > 0),
-                                                         args.epochs, len(train_ids) - n_initial, args.strategy == "dsal"))
+                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n_initial, args.strategy == "dsal"))
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. III-B): score the pool with the model of the previous step ----
@@ -419,20 +399,13 @@ def main(argv=None):
         t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
 
-        extra = full and steps_full % spe > 0  # the full baseline's last, partial epoch
-
         def on_epoch(e, loss, _s):
             run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
-            progress.epoch(rnd, e, epochs + extra, loss)
+            progress.epoch(rnd, e, epochs, loss)
 
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
-        steps += epochs * math.ceil(len(labeled) / args.batch_size)
-        if full and steps_full > steps:  # the AL run's step count exactly: a random subset for the last steps
-            part = labeled[torch.randperm(len(labeled), generator=gen)[:(steps_full - steps) * args.batch_size].numpy()]
-            common.train(model, opt, x, y, part, 1, args.batch_size, device=device, amp=args.amp, loss_fn=loss_fn,
-                         generator=gen, on_epoch=lambda e, *a: on_epoch(epochs, *a))
-            steps += math.ceil(len(part) / args.batch_size)
+                     loss_fn=loss_fn, generator=gen, steps=steps_full, on_epoch=on_epoch)
+        steps += steps_full or epochs * math.ceil(len(labeled) / args.batch_size)
         train_s = time.time() - t0
 
         # ---- evaluation on the test set (final head); the round is written before anything else ----
@@ -443,30 +416,19 @@ def main(argv=None):
                "val_dice": float(np.mean(val)), "pool_left": len(pool), "steps": steps}
         row.update({k: fig3.get(k) for k in ("pool_scored", "rho_l_dsc", "rho_m_dsc", "rho_mean", "pool_dice",
                                               "queried_dice", "queried_score")})
-        run.log_round(row, queried)
-        run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "labeled": labeled,
-                             "pool": pool, "steps": steps, "rng_select": rng.bit_generator.state,
-                             "rng_batches": gen.get_state()})
-        rows = run.read_csv("rounds.csv")
-        common.learning_curve(run, rows)
+        rows = run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool, steps=steps)
         if fig3:
             figures(run, rows)
-        progress.round(row)
 
     rows = run.read_csv("rounds.csv")
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
     rho = {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in ("rho_l_dsc", "rho_m_dsc", "rho_mean")}
-    run.write_json("summary.json", {
-        "final_dice": float(rows[-1]["dice_mean"]), "final_dice_std": float(rows[-1]["dice_std"]),
-        "final_iou": float(rows[-1]["iou_mean"]), "labeled": int(rows[-1]["labeled"]), "rounds": len(rows) - 1,
+    return run.finish({
         "steps": int(rows[-1]["steps"]),
         "training_set": len(train_ids), "fraction_labeled": int(rows[-1]["labeled"]) / len(train_ids),
         "mean_rho": {k: float(np.nanmean(v)) if len(v) and not np.isnan(v).all() else None for k, v in rho.items()},
         "paper": {"annotations_for_full_dice": 60, "fraction_for_full_dice": 0.4316,  # Fig. 4, Sec. IV-B
-                  "fig3_rank_regression_coefficients": {"l_dsc": 0.80, "m_dsc": 0.73, "mean": 0.80}},  # Fig. 3
-        "wall_s": run.elapsed()})
-    print(f"done: test dice {float(rows[-1]['dice_mean']):.4f} with {rows[-1]['labeled']} labelled; {run.dir}")
-    return run.dir
+                  "fig3_rank_regression_coefficients": {"l_dsc": 0.80, "m_dsc": 0.73, "mean": 0.80}}})  # Fig. 3
 
 
 # ----------------------------------------------------------------------------------------------------------

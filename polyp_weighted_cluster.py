@@ -10,7 +10,6 @@ loss on unlabelled images pushes the two class features apart while training (Eq
   python polyp_weighted_cluster.py --tables runs/                             # Tables 1-2 from finished runs
 """
 import copy
-import math
 import os
 import time
 
@@ -311,9 +310,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.tables:
         return tables(args.tables, args.table_labeled)
-    device = common.get_device(args.device)
-    common.seed_everything(args.seed, args.deterministic)
-    run = common.Run(__file__, args, device)
+    run, device = common.Run.start(__file__, args)
 
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
@@ -323,11 +320,7 @@ def main(argv=None):
     # other data: the CVC-ClinicDB shares, 30 initial (Table 2) and B = 30 (Sec. 3.1) of the 550 pool
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 30, 30, 550)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    full = args.strategy == "full"  # the ceiling: the whole pool, trained for the AL run's optimiser steps
-    steps = common.al_steps(common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
-                                                 args.epochs, len(train_ids) - args.initial), args.batch_size)
-    rounds, epochs0 = (0, math.ceil(steps / math.ceil(len(train_ids) / args.batch_size))) if full else \
-        (args.rounds, args.epochs_initial)
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # --strategy full: the ceiling
     x, y = common.to_device(data, device)
 
     # ---- model, optimiser, sets ----
@@ -336,19 +329,13 @@ def main(argv=None):
     rng = np.random.default_rng([args.seed, 1])  # initial draw and queries
     gen = torch.Generator().manual_seed(args.seed)  # batch order of the labelled set
     gen_u = torch.Generator().manual_seed(args.seed + 1)  # unlabelled batches of L_fdl
-    n0 = len(train_ids) if full else args.initial
+    n0 = len(train_ids) if steps else args.initial
     labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
-    start = 0
-    state = run.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+    start, state = run.resume(model, opt, rng, gen)
+    if state:
         labeled, pool = state["labeled"], state["pool"]
-        rng.bit_generator.state = state["rng_select"]
-        gen.set_state(state["rng_batches"])
         gen_u.set_state(state["rng_unlabeled"])
-        start = state["round"] + 1
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
                                plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
@@ -373,7 +360,7 @@ def main(argv=None):
             pool = np.setdiff1d(pool, pool[pos])
         else:
             # the seeded random start (paper silent: random), or the whole pool for the ceiling
-            queried["full" if full else "initial"] = [data.ids[i] for i in labeled]
+            queried["full" if steps else "initial"] = [data.ids[i] for i in labeled]
 
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
         t0 = time.time()
@@ -396,13 +383,10 @@ def main(argv=None):
             run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "fdl": fdl})
             progress.epoch(rnd, e, epochs, loss)
 
-        if full:  # no pool left, so no L_fdl: the U-Net on the whole pool with L_seg alone
-            common.train_steps(model, opt, x, y, labeled, steps, args.batch_size, device=device, amp=args.amp,
-                               loss_fn=common.bce_dice_loss, generator=gen, on_epoch=on_epoch)
-        else:
-            common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                         loss_fn=common.bce_dice_loss, extra_loss=extra_loss if use_fdl else None, generator=gen,
-                         on_epoch=on_epoch)
+        # the ceiling (steps): no pool left, so no L_fdl: the U-Net on the whole pool with L_seg alone
+        common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
+                     loss_fn=common.bce_dice_loss, extra_loss=extra_loss if use_fdl else None, generator=gen,
+                     steps=steps, on_epoch=on_epoch)
         train_s = time.time() - t0
 
         # ---- evaluation on the test set (mIoU and Dice, Table 1); the round is written first ----
@@ -414,27 +398,17 @@ def main(argv=None):
                "pool_unc": float(info["unc"].mean()) if info else "",  # mean I(x) of the pool before the query
                "queried_unc": float(info["unc"][pos].mean()) if info else "",
                "pool_fg_pred": fg_pred, "pool_fg_true": fg_true}  # L_fdl's side effect: see fg_share
-        run.log_round(row, queried)
-        run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "labeled": labeled,
-                             "pool": pool, "rng_select": rng.bit_generator.state, "rng_batches": gen.get_state(),
-                             "rng_unlabeled": gen_u.get_state()})
-        common.learning_curve(run, run.read_csv("rounds.csv"))
         print(f"  mIoU (background and polyp) {row['miou_mean']:.4f}")
-        progress.round(row)
+        run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,
+                      rng_unlabeled=gen_u.get_state())
 
     rows = run.read_csv("rounds.csv")
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
     paper = PAPER_TABLE1.get((180, args.strategy), (PAPER_TABLE2[args.strategy][-1] / 100, None)
                              if args.strategy in PAPER_TABLE2 else (None, None))
-    run.write_json("summary.json", {
-        "final_dice": float(rows[-1]["dice_mean"]), "final_dice_std": float(rows[-1]["dice_std"]),
-        "final_iou": float(rows[-1]["iou_mean"]), "final_miou": float(rows[-1]["miou_mean"]),
-        "labeled": int(rows[-1]["labeled"]), "rounds": len(rows) - 1, "wall_s": run.elapsed(),
-        "paper_cvc_180": {"miou": paper[0], "dice": paper[1]}})  # Tables 1-2, CVC-ClinicDB, 180 labelled
-    print(f"done: test dice {float(rows[-1]['dice_mean']):.4f} miou {float(rows[-1]['miou_mean']):.4f} with "
-          f"{rows[-1]['labeled']} labelled; {run.dir}")
-    return run.dir
-
+    return run.finish({"final_miou": float(rows[-1]["miou_mean"]),  # Tables 1-2, CVC-ClinicDB, 180 labelled
+                       "paper_cvc_180": {"miou": paper[0], "dice": paper[1]}},
+                      f" miou {float(rows[-1]['miou_mean']):.4f}")
 
 def log_pool(run, rnd, data, pool, pos, info):
     """pool_scores.csv (per pool sample: I(x), entropy, and the score of the strategy's own rule, with the group

@@ -217,13 +217,6 @@ def _blend(img, other, factor):
     return (factor * img + (1 - factor) * other).clamp(0, 1)
 
 
-def al_steps(args):
-    """Optimisation steps of the AL run: every round trains its epochs over all labelled images (Sec. V-A,
-    footnote 6). The full-dataset baseline trains for this many steps."""
-    return sum((args.epochs_initial if r == 0 else args.epochs) * math.ceil((args.initial + r * args.query) /
-               args.batch_size) for r in range(args.rounds + 1))
-
-
 def build_model(args, device):
     model = ResNetUNet(3, 1, args.width, dropout=args.dropout, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if args.encoder_weights:
@@ -243,9 +236,7 @@ def main(argv=None):
     if args.tables:
         print_tables(args.tables)
         return None
-    device = common.get_device(args.device)
-    run = common.Run(__file__, args, device)
-    common.seed_everything(args.seed, args.deterministic)  # after Run: on --resume, the run's own --deterministic
+    run, device = common.Run.start(__file__, args)
 
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
@@ -267,31 +258,23 @@ def main(argv=None):
     augment = None if args.no_augment else make_augment()
     rng = np.random.default_rng([args.seed, 1])  # query draws
     gen = torch.Generator().manual_seed(args.seed)  # batch order
-    full = args.strategy == "full"
+    rounds, epochs0, steps_full = common.ceiling(args, len(train_ids))  # --strategy full (Sec. V-A)
+    full = steps_full is not None
     n_initial = len(train_ids) if full else args.initial
     labeled = rng.choice(train_ids, n_initial, replace=False)  # Sec. IV-D: random cold start
     pool = np.setdiff1d(train_ids, labeled)
     partial_ids = np.zeros(0, np.int64)  # images whose target is part oracle, part model
-    rounds = 0 if full else args.rounds
-    steps_full = al_steps(args)
-    spe = math.ceil(len(train_ids) / args.batch_size)
-    epochs0 = steps_full // spe if full else args.epochs_initial
-    steps, start = 0, 0
-    state = run.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+    steps = 0  # optimiser steps so far
+    start, state = run.resume(model, opt, rng, gen)
+    if state:
         labeled, pool, partial_ids, steps = state["labeled"], state["pool"], state["partial_ids"], state["steps"]
         oracle_ids = torch.as_tensor(np.setdiff1d(labeled, partial_ids), device=device)
         target[oracle_ids] = y[oracle_ids]
         target[torch.as_tensor(partial_ids, device=device)] = state["partial_masks"].to(device)
-        rng.bit_generator.state = state["rng_select"]
-        gen.set_state(state["rng_batches"])
-        start = state["round"] + 1
-    progress = common.Progress(run, epochs0 + rounds * args.epochs + int(full and steps_full % spe > 0),
+    progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0 + int(full and steps_full % spe > 0),
-                                                         args.epochs, len(train_ids) - n_initial, args.strategy != "random"))
+                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n_initial, args.strategy not in ("random", "full")))
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. III-A) and annotation (Sec. III-B) ----
@@ -335,21 +318,15 @@ def main(argv=None):
         # ---- training: fine-tune on all labelled images, 10 epochs per iteration (Sec. IV-D, V-A) ----
         t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
-        extra = full and steps_full % spe > 0  # the full baseline's last, partial epoch
 
         def on_epoch(e, loss, _s):
             run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
-            progress.epoch(rnd, e, epochs + extra, loss)
+            progress.epoch(rnd, e, epochs, loss)
 
+        # Sec. V-A: the full baseline gets the AL run's step count exactly (steps_full)
         common.train(model, opt, x, target, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=loss_fn, augment=augment, generator=gen, on_epoch=on_epoch)
-        steps += epochs * math.ceil(len(labeled) / args.batch_size)
-        if full and steps_full > steps:  # Sec. V-A: the full baseline gets the AL run's step count exactly
-            rest = (steps_full - steps) * args.batch_size
-            part = labeled[torch.randperm(len(labeled), generator=gen)[:rest].numpy()]
-            common.train(model, opt, x, target, part, 1, args.batch_size, device=device, amp=args.amp,
-                         loss_fn=loss_fn, augment=augment, generator=gen, on_epoch=lambda e, *a: on_epoch(epochs, *a))
-            steps += math.ceil(len(part) / args.batch_size)
+                     loss_fn=loss_fn, augment=augment, generator=gen, steps=steps_full, on_epoch=on_epoch)
+        steps += steps_full or epochs * math.ceil(len(labeled) / args.batch_size)
         train_s = time.time() - t0
 
         # ---- validation (100 images, every iteration) and test Dice; the round is written first ----
@@ -359,31 +336,19 @@ def main(argv=None):
                "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
                "val_dice": float(val_dice.mean()), "val_dice_std": float(val_dice.std()),
                "pct_positive": pct_positive, "pct_verify": pct_verify, "target_dice": target_dice, "steps": steps}
-        run.log_round(row, queried)
-        run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "labeled": labeled,
-                             "pool": pool, "partial_ids": partial_ids, "steps": steps,
-                             "partial_masks": target[torch.as_tensor(partial_ids, device=device)].cpu(),
-                             "rng_select": rng.bit_generator.state, "rng_batches": gen.get_state()})
-        rows = run.read_csv("rounds.csv")
-        common.learning_curve(run, rows)
-        figures(run, rows)
-        progress.round(row)
+        figures(run, run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,
+                                   partial_ids=partial_ids, steps=steps,
+                                   partial_masks=target[torch.as_tensor(partial_ids, device=device)].cpu()))
 
     rows = run.read_csv("rounds.csv")
     panel(run, model, data, x, y, pool if len(pool) else test_ids, args, device)
     paper = PAPER_TABLE2.get((args.tau_u, args.tau_b)) if args.partial else PAPER_TABLE1.get(args.strategy)
-    run.write_json("summary.json", {
-        "final_dice": float(rows[-1]["dice_mean"]), "final_dice_std": float(rows[-1]["dice_std"]),
-        "final_iou": float(rows[-1]["iou_mean"]), "final_val_dice": float(rows[-1]["val_dice"]),
-        "labeled": int(rows[-1]["labeled"]), "rounds": len(rows) - 1, "steps": int(rows[-1]["steps"]),
+    return run.finish({
+        "final_val_dice": float(rows[-1]["val_dice"]), "steps": int(rows[-1]["steps"]),
         "mean_pct_positive": float(np.mean([float(r["pct_positive"]) for r in (rows[1:] or rows)])),  # Table II
         "mean_pct_verify": float(np.mean([float(r["pct_verify"]) for r in (rows[1:] or rows)])),
-        "paper_test_dice": None if args.data != "isic2018" or paper is None else paper[0 if args.partial else 1],
-        "wall_s": run.elapsed()})
-    print(f"done: test dice {float(rows[-1]['dice_mean']):.4f} (val {float(rows[-1]['val_dice']):.4f}) with "
-          f"{rows[-1]['labeled']} labelled; {run.dir}")
-    return run.dir
-
+        "paper_test_dice": None if args.data != "isic2018" or paper is None else paper[0 if args.partial else 1]},
+        f" (val {float(rows[-1]['val_dice']):.4f})")
 
 def figures(run, rows):
     """Fig. 4 (Dice against annotated images, validation and test) and Fig. 5 (Dice and the percentages of

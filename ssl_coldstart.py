@@ -12,7 +12,6 @@ continues the cluster ranking. Every round writes pool_scores.csv and picks/roun
   python ssl_coldstart.py --tables runs/                               # Table I / II from finished runs
 """
 import argparse
-import math
 import os
 import time
 
@@ -576,9 +575,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.tables:
         return tables(args)
-    device = common.get_device(args.device)
-    common.seed_everything(args.seed, args.deterministic)
-    run = common.Run(__file__, args, device)
+    run, device = common.Run.start(__file__, args)
 
     # ---- data: grayscale (Sec. IV-A; --channels 3 for RGB), min-max normalised; ISIC 2017: pool and test from the
     # 2000 training images ----
@@ -591,11 +588,7 @@ def main(argv=None):
     # other data: the ISIC shares, C = 300 and +35 of the 1600 pool (Sec. IV-A)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 300, 35, 1600)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    full = args.strategy == "full"  # the ceiling: the whole pool, trained for the AL run's optimiser steps
-    steps = common.al_steps(common.Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial,
-                                                 args.epochs, len(train_ids) - args.initial), args.batch_size)
-    rounds, epochs0 = (0, math.ceil(steps / math.ceil(len(train_ids) / args.batch_size))) if full else \
-        (args.rounds, args.epochs_initial)
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # --strategy full: the ceiling
     pool_ids = [data.ids[i] for i in train_ids]
     x, y = common.to_device(data, device)
     # the training target: SENTINEL until the oracle reveals the ground truth or the model gives a pseudo-label
@@ -636,23 +629,17 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)  # batch order
     labeled, pseudo, pool = np.zeros(0, np.int64), np.zeros(0, np.int64), train_ids.copy()
     clusters = None                                 # (labels, rank, dist) over train_ids
-    start = 0
-    state = run.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+    start, state = run.resume(model, opt, rng, gen)
+    if state:
         for m, o, s in zip(members, opts, state["members"]):
             m.load_state_dict(s["model"])
             o.load_state_dict(s["opt"])
         labeled, pseudo, pool, clusters = state["labeled"], state["pseudo"], state["pool"], state["clusters"]
         target[torch.as_tensor(labeled, device=device)] = y[torch.as_tensor(labeled, device=device)]
         target[torch.as_tensor(pseudo, device=device)] = state["pseudo_masks"].to(device)
-        rng.bit_generator.state = state["rng_select"]
-        gen.set_state(state["rng_batches"])
-        start = state["round"] + 1
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(len(train_ids) if full else args.initial, args.query, rounds,
+                               plan=common.Progress.plan(len(train_ids) if steps else args.initial, args.query, rounds,
                                                          epochs0, args.epochs, len(train_ids) - args.initial,
                                                          args.strategy not in ("cluster", "random", "full"),
                                                          (lambda r: args.pseudo_step * r * (r + 1) // 2)
@@ -669,7 +656,7 @@ def main(argv=None):
             feats = ssl_features(ssl_state, x, train_ids, args, device)
             clusters = cluster_ranking(feats, args.clusters, args.seed)
             write_clusters(run, data, train_ids, clusters)
-        way = "full" if full else args.cold_start if rnd == 0 else args.strategy
+        way = "full" if steps else args.cold_start if rnd == 0 else args.strategy
         n_new = args.initial if rnd == 0 else args.query
         cols = {c: [""] * len(pool) for c in SCORE_COLUMNS["cluster"] * uses_clusters + SCORE_COLUMNS[args.strategy]}
         if uses_clusters:  # the cluster ranking of every pool sample, whatever the rule of this round
@@ -723,12 +710,8 @@ def main(argv=None):
         train_ids_now = np.concatenate([labeled, pseudo])
         if bool((target[dev(train_ids_now)] == SENTINEL).any()):
             raise RuntimeError("a training target is still unlabelled (SENTINEL): a selection bug")
-        if full:
-            common.train_steps(model, opt, x, target, train_ids_now, steps, args.batch_size, device=device,
-                               amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
-        else:
-            common.train(model, opt, x, target, train_ids_now, epochs, args.batch_size, device=device,
-                         amp=args.amp, loss_fn=loss_fn, generator=gen, on_epoch=on_epoch)
+        common.train(model, opt, x, target, train_ids_now, epochs, args.batch_size, device=device,
+                     amp=args.amp, loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
         for m, o in zip(members, opts):  # ens-s / ens-js / suggestive: M models on bootstrap resamples of the labelled set
             common.train(m, o, x, target, rng.choice(labeled, len(labeled), replace=True), epochs, args.batch_size,
                          device=device, amp=args.amp, loss_fn=loss_fn, generator=gen)
@@ -742,29 +725,15 @@ def main(argv=None):
                "pool_left": len(pool), "score_selected": score_sel,
                "score_pool": float(np.mean(scores)) if scores is not None else float("nan"),
                "clusters_covered": covered}
-        run.log_round(row, {how: [data.ids[i] for i in ids] for how, ids in queried.items()})
-        run.save_checkpoint({"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(),
-                             "members": [{"model": m.state_dict(), "opt": o.state_dict()}
-                                         for m, o in zip(members, opts)],
-                             "labeled": labeled, "pseudo": pseudo, "pool": pool, "clusters": clusters,
-                             "pseudo_masks": target[torch.as_tensor(pseudo, device=device)].cpu(),
-                             "rng_select": rng.bit_generator.state, "rng_batches": gen.get_state()})
-        common.learning_curve(run, run.read_csv("rounds.csv"))
-        progress.round(row)
+        run.end_round(row, {how: [data.ids[i] for i in ids] for how, ids in queried.items()}, progress, model, opt,
+                      rng, gen, members=[{"model": m.state_dict(), "opt": o.state_dict()} for m, o in zip(members, opts)],
+                      labeled=labeled, pseudo=pseudo, pool=pool, clusters=clusters,
+                      pseudo_masks=target[torch.as_tensor(pseudo, device=device)].cpu())
 
-    rows = run.read_csv("rounds.csv")
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
-    run.write_json("summary.json", {"final_dice": float(rows[-1]["dice_mean"]),
-                                    "final_dice_std": float(rows[-1]["dice_std"]),
-                                    "final_iou": float(rows[-1]["iou_mean"]), "labeled": int(rows[-1]["labeled"]),
-                                    "pseudo": int(rows[-1]["pseudo"]), "rounds": len(rows) - 1,
-                                    "ssl_loss_final": ssl_losses[-1] if ssl_losses else None, "ssl_s": ssl_s,
-                                    "ssl_weights": None if ssl_state is None else args.ssl_weights or
-                                    run.path("ssl_weights.pt"),
-                                    "paper_dice": paper_final(args), "wall_s": run.elapsed()})
-    print(f"done: test dice {float(rows[-1]['dice_mean']):.4f} with {rows[-1]['labeled']} labelled; {run.dir}")
-    return run.dir
-
+    return run.finish({"ssl_loss_final": ssl_losses[-1] if ssl_losses else None, "ssl_s": ssl_s,
+                       "ssl_weights": None if ssl_state is None else args.ssl_weights or run.path("ssl_weights.pt"),
+                       "paper_dice": paper_final(args)})
 
 def method(a):
     """A run's column name in the tables, from its flags (a dict): the feature dimension is 16 x width x grid^2."""

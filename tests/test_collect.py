@@ -149,7 +149,7 @@ def test_example_method_queries_the_top_k_of_a_known_score(tmp_path, monkeypatch
     import numpy as np
     import example_tta
     perm = np.random.default_rng(7).permutation(1000).astype(float)
-    monkeypatch.setattr(example_tta, "tta_variance", lambda model, x, pool, bs, device: perm[np.asarray(pool)])
+    monkeypatch.setattr(example_tta, "tta_variance", lambda model, x, pool, bs, device, amp=False: perm[np.asarray(pool)])
     run = example_tta.main(["--split", "30", "5", "10", "--image-size", "32", "--width", "4", "--initial", "6",
                             "--query", "4", "--rounds", "2", "--epochs-initial", "1", "--epochs", "1",
                             "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)])

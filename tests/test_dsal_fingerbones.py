@@ -347,14 +347,17 @@ def test_top_k_ties_drawn_from_the_seeded_generator():
 
 
 def test_al_steps_and_the_full_baseline_budget():
-    a = types.SimpleNamespace(initial=10, query=10, rounds=13, epochs_initial=50, epochs=10, batch_size=8)
+    a = types.SimpleNamespace(strategy="full", initial=10, query=10, rounds=13, epochs_initial=50, epochs=10,
+                              batch_size=8)
     # the paper's folder protocol, 139 training images: 50 x 2 + 10 x (3+4+5+7+8+9+10+12+13+14+15+17+18) = 1450
-    # (the former full baseline, 180 epochs x ceil(139/8) = 3240 steps, was 2.2 x that)
-    assert dsal.al_steps(a, 139) == 100 + 10 * 135 == 1450
-    b = types.SimpleNamespace(initial=10, query=10, rounds=2, epochs_initial=2, epochs=1, batch_size=8)
-    assert dsal.al_steps(b, 40) == 2 * 2 + 3 + 4                # TINY
-    b.rounds = 20                                              # more steps than the pool allows: stops at 40
-    assert dsal.al_steps(b, 40) == 2 * 2 + 3 + 4 + 5
+    # (the former full baseline, 180 epochs x ceil(139/8) = 3240 steps, was 2.2 x that): 1450 / 18 -> 81 epochs
+    assert common.ceiling(a, 139) == (0, 81, 100 + 10 * 135) and 100 + 10 * 135 == 1450
+    b = types.SimpleNamespace(strategy="full", initial=10, query=10, rounds=2, epochs_initial=2, epochs=1, batch_size=8)
+    assert common.ceiling(b, 40)[2] == 2 * 2 + 3 + 4                # TINY
+    b.rounds = 20                                                    # more steps than the pool allows: stops at 40
+    assert common.ceiling(b, 40)[2] == 2 * 2 + 3 + 4 + 5
+    b.strategy = "dsal"                                              # not the ceiling: the flags' schedule
+    assert common.ceiling(b, 40) == (20, 2, None)
 
 
 def test_deterministic_flag_fails_loudly_and_switches_off():

@@ -1,5 +1,6 @@
 """The ceiling, --strategy full, in every script: the same model on the whole training pool for the optimiser
-steps of the active-learning run with the same flags (common.al_steps of the run's plan; common.train_steps)."""
+steps of the active-learning run with the same flags (common.ceiling, common.al_steps of the run's plan,
+common.train(steps=))."""
 import csv
 import importlib
 import os
@@ -14,7 +15,7 @@ TINY = ["--device", "cpu", "--image-size", 32, "--width", 4, "--split", 40, 8, 1
         "--rounds", 2, "--epochs-initial", 2, "--epochs", 1, "--batch-size", 4]
 
 
-def test_train_steps_takes_exactly_the_steps_asked():
+def test_train_takes_exactly_the_steps_asked():
     x = torch.randint(0, 255, (23, 3, 8, 8), dtype=torch.uint8)
     y = torch.randint(0, 2, (23, 8, 8), dtype=torch.uint8)
     model = torch.nn.Conv2d(3, 1, 1)
@@ -22,10 +23,9 @@ def test_train_steps_takes_exactly_the_steps_asked():
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         taken, epochs = [], []
         opt.step = lambda *a, **k: taken.append(1)
-        reported = common.train_steps(model, opt, x, y, np.arange(23), steps, 4, device=torch.device("cpu"),
-                                      generator=torch.Generator().manual_seed(0),
-                                      on_epoch=lambda e, loss, s: epochs.append(e))
-        assert len(taken) == steps and epochs == list(range(reported)) and reported == -(-steps // 6)
+        losses = common.train(model, opt, x, y, np.arange(23), 99, 4, device=torch.device("cpu"), steps=steps,
+                              generator=torch.Generator().manual_seed(0), on_epoch=lambda e, loss, s: epochs.append(e))
+        assert len(taken) == steps and epochs == list(range(len(losses))) and len(losses) == -(-steps // 6)
 
 
 def test_al_steps_counts_the_plan():
@@ -43,9 +43,9 @@ def test_al_steps_counts_the_plan():
     ("ceal_mcdropout", ["--pseudo-step", 2, "--mc-passes", 2], 2 * 3 + 5 + 7)])  # 10, 19, 28 (2 + 2 x 2 pseudo)
 def test_full_trains_the_al_runs_steps_on_the_whole_pool(tmp_path, monkeypatch, script, extra, steps):
     asked = []
-    train_steps = common.train_steps
-    monkeypatch.setattr(common, "train_steps", lambda *a, **k: asked.append(a[5]) or train_steps(*a, **k))
+    train = common.train
+    monkeypatch.setattr(common, "train", lambda *a, **k: asked.append(k.get("steps")) or train(*a, **k))
     run = importlib.import_module(script).main([*map(str, TINY + extra), "--strategy", "full", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
     assert [int(r["labeled"]) for r in rows] == [40]  # the whole pool, one round
-    assert asked == [steps]
+    assert [s for s in asked if s is not None] == [steps]
