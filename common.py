@@ -150,9 +150,9 @@ def memory_format(device):
 
 def prepare_model(model, device, compile=False):
     """Move to the device in its memory format (channels_last on CUDA: memory_format); train, predict_batches,
-    mc_dropout and pooled_features feed batches in the same format. compile=True (--compile) compiles forward()
-    in place (nn.Module.compile: state_dict keys, attributes and checkpoints unchanged; encode/decode called
-    directly, as mc_dropout does, stay eager)."""
+    mc_dropout (and ssl_coldstart.pooled_features) feed batches in the same format. compile=True (--compile)
+    compiles forward() in place (nn.Module.compile: state_dict keys, attributes and checkpoints unchanged;
+    encode/decode called directly, as mc_dropout does, stay eager)."""
     model = model.to(device).to(memory_format=memory_format(device))
     if compile:
         model.compile()
@@ -661,14 +661,6 @@ def make_synthetic(n, size=64, channels=3, seed=0):
     return data
 
 
-def keep_positive(data):
-    """Only samples whose mask is not empty at the files' own resolution (Data.positive, decided before
-    resizing), so the same slices are kept at every --image-size: the CEAL paper's 1373 LGG slices with
-    tumour, of which 34 would vanish at 32 px. Data without `positive` (synthetic) uses the masks it has."""
-    pos = data.positive if data.positive is not None else data.y.reshape(len(data), -1).any(1)
-    return data.subset(np.flatnonzero(pos))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Metrics and losses
 # ----------------------------------------------------------------------------------------------------------
@@ -965,73 +957,11 @@ def ensemble_variance(probs):
     return probs.float().var(0, unbiased=False).flatten(1).mean(1)
 
 
-def ensemble_js(probs):
-    """ens-JS (Kuo et al. 2018): per pixel JS = H(mean_m p_m) - mean_m H(p_m), Bernoulli entropy, summed over
-    pixels -> (B,). Their cost-sensitive knapsack is top-b when every image costs the same."""
-    p = probs.float()
-    return (binary_entropy(p.mean(0)) - binary_entropy(p).mean(0)).flatten(1).sum(1)
-
-
-def facility_location(cand_feats, pool_feats, k):
-    """Greedy max of F(S) = sum_{u in pool} max_{s in S} cos(f_s, f_u) over S within the candidates (ens-S's
-    representativeness step). Returns positions into cand_feats, in the order chosen."""
-    c = F.normalize(torch.as_tensor(cand_feats).float(), dim=1)
-    u = F.normalize(torch.as_tensor(pool_feats).float(), dim=1)
-    sim = c @ u.T                                 # (K, N)
-    best = torch.full((u.shape[0],), -1.0)        # current max similarity of each pool sample to S (cos >= -1)
-    chosen = []
-    for _ in range(min(k, len(c))):
-        gain = torch.clamp(sim - best, min=0).sum(1)
-        if chosen:
-            gain[chosen] = -1
-        j = int(torch.argmax(gain))
-        chosen.append(j)
-        best = torch.maximum(best, sim[j])
-    return np.array(chosen, dtype=np.int64)
-
-
-def kcenter_greedy(feats, labeled_mask, k):
-    """Core-set (Sener & Savarese 2018), k-center greedy: starting from the labelled points, repeatedly add
-    argmax_i min_{j in S} ||x_i - x_j|| (Euclidean). Returns the k chosen unlabelled positions in order."""
-    x = torch.as_tensor(feats).float()
-    lab = torch.as_tensor(np.asarray(labeled_mask, bool))
-    chosen = []
-    if lab.any():
-        d = torch.cdist(x, x[lab]).min(1).values
-    else:  # nothing labelled yet: start from the point nearest the mean (deterministic)
-        chosen = [int(torch.argmin(((x - x.mean(0)) ** 2).sum(1)))]
-        d = torch.cdist(x, x[chosen])[:, 0]
-    while len(chosen) < k:
-        d[lab] = -1
-        d[chosen] = -1
-        j = int(torch.argmax(d))
-        if d[j] < 0:
-            break
-        chosen.append(j)
-        d = torch.minimum(d, torch.cdist(x, x[j:j + 1])[:, 0])
-    return np.array(chosen, dtype=np.int64)
-
-
 def head_agreement(lower, middle, final):
     """DSAL's score from binarised masks (B, H, W) of the deep-supervision heads: the mean of
     Dice(lower, final) and Dice(middle, final) per image -> (B,); also returns the two terms."""
     l_dsc, m_dsc = dice_iou(lower, final)[0], dice_iou(middle, final)[0]
     return (l_dsc + m_dsc) / 2, l_dsc, m_dsc
-
-
-@torch.inference_mode()
-def pooled_features(model, x, idx, batch_size, device, amp=False, grid=1):
-    """Last encoder stage features of x[idx], adaptive-average-pooled to grid x grid and flattened, in one
-    batched pass (eval mode): (N, C * grid^2) float32 on the CPU (one copy at the end: no host sync per batch)."""
-    model.eval()
-    out = []
-    for b in batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
-        xb = to_input(x[b])
-        xb = xb.contiguous(memory_format=memory_format(device))
-        with autocast(device, amp):
-            f = model.features(xb)
-        out.append(F.adaptive_avg_pool2d(f.float(), grid).flatten(1))
-    return torch.cat(out).cpu() if out else torch.zeros(0, model.feature_channels * grid * grid)
 
 
 def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6, band="paper", pseudo="nearest"):
