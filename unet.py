@@ -2,8 +2,9 @@
 
 UNet: Ronneberger et al. 2015, with configurable width and depth, transposed-convolution or bilinear
 upsampling, dropout placement ("every" block between its two convolutions, "bottleneck" only, or "none"),
-optional deep supervision (auxiliary heads on decoder stages, upsampled to full size by nearest neighbour) and
-access to the last encoder stage's features.
+optional deep supervision (auxiliary heads on decoder stages, upsampled to full size by nearest neighbour),
+access to the last encoder stage's features, and Monte Carlo dropout passes that repeat only what follows a
+bottleneck dropout (mc_decoder, for common.mc_dropout).
 
 At width 64, depth 4 (5 encoder stages, 4 decoder stages), transposed convolutions: about 31.0 M
 parameters, the CEAL paper's "around 31 million" (Sec. 1.2).
