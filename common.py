@@ -150,9 +150,9 @@ def memory_format(device):
 
 def prepare_model(model, device, compile=False):
     """Move to the device in its memory format (channels_last on CUDA: memory_format); train, predict_batches,
-    mc_dropout and pooled_features feed batches in the same format. compile=True (--compile) compiles forward()
-    in place (nn.Module.compile: state_dict keys, attributes and checkpoints unchanged; encode/decode called
-    directly, as mc_dropout does, stay eager)."""
+    mc_dropout (and ssl_coldstart.pooled_features) feed batches in the same format. compile=True (--compile)
+    compiles forward() in place (nn.Module.compile: state_dict keys, attributes and checkpoints unchanged;
+    encode/decode called directly, as mc_dropout does, stay eager)."""
     model = model.to(device).to(memory_format=memory_format(device))
     if compile:
         model.compile()
@@ -661,14 +661,6 @@ def make_synthetic(n, size=64, channels=3, seed=0):
     return data
 
 
-def keep_positive(data):
-    """Only samples whose mask is not empty at the files' own resolution (Data.positive, decided before
-    resizing), so the same slices are kept at every --image-size: the CEAL paper's 1373 LGG slices with
-    tumour, of which 34 would vanish at 32 px. Data without `positive` (synthetic) uses the masks it has."""
-    pos = data.positive if data.positive is not None else data.y.reshape(len(data), -1).any(1)
-    return data.subset(np.flatnonzero(pos))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Metrics and losses
 # ----------------------------------------------------------------------------------------------------------
@@ -842,80 +834,23 @@ def enable_mc_dropout(model):
 
 @torch.inference_mode()
 def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, encoder_once=None):
-    """T stochastic passes with dropout on and BatchNorm in eval mode; yields (indices, mean, var) per batch,
-    mean and var of the sigmoid probability per pixel (B, H, W), so a caller reduces as it goes and a pool
-    of any size fits in memory.
+    """Monte Carlo dropout: T stochastic passes with dropout on and BatchNorm in eval mode; yields (indices, mean,
+    var) per batch, mean and var of the sigmoid probability per pixel (B, H, W), so a caller reduces as it goes
+    and a pool of any size fits in memory.
 
-    Speed (benchmarks/speed.py times each path against T plain forwards; tests/test_speed_equivalence.py
-    shows they compute the same thing):
-    - encoder once: when dropout sits only at the bottleneck (model.dropout_at == "bottleneck", the public
-      CEAL code's placement) or nowhere, the encoder runs once per batch and only the decoder T times. For
-      unet.UNet only what depends on the dropout mask is repeated: each decoder stage's first convolution
-      reads cat(up(h), skip), and a convolution of concatenated channels is the sum of the convolutions of
-      each part, so the skip half (fixed by the encoder) is computed once per batch; BatchNorm (eval, an
-      affine map) is folded into the decoder's convolutions; auxiliary heads are skipped. Same numbers up
-      to float rounding, and the same dropout masks as T plain forwards under the same seed.
+    The loop below is the plain one: per batch, T passes, the moments of p summed as they come. What makes it
+    fast is how a pass runs (benchmarks/speed.py times each path against T plain forwards;
+    tests/test_speed_equivalence.py shows they compute the same thing):
+    - encoder once (mc_passes): where dropout sits only after the encoder, the encoder runs once per batch.
     - batched: the T passes run as forwards of the batch repeated (up to 2^24 pixels, 256 images of 256^2,
       per forward), on CUDA; looped on the CPU, where looping measured faster (PERF_NOTES.md).
     `batched` and `encoder_once` (True/False) override the automatic choice."""
     enable_mc_dropout(model)
     batched = device.type == "cuda" if batched is None else batched
-    can_split = getattr(model, "dropout_at", "every") in ("bottleneck", "none") and hasattr(model, "encode")
-    if encoder_once and not can_split:
-        raise ValueError("encoder_once needs a model with dropout only at the bottleneck (model.dropout_at)")
-    encoder_once = can_split if encoder_once is None else encoder_once
-    fmt = memory_format(device)
-
-    def fold(conv, bn):  # BatchNorm in eval mode is y = s * z + t: fold it into the convolution before it
-        w = conv.weight.float()
-        b = torch.zeros(conv.out_channels, device=w.device) if conv.bias is None else conv.bias.float()
-        if isinstance(bn, nn.BatchNorm2d):
-            s = (bn.running_var.float() + bn.eps).rsqrt() * (1 if bn.weight is None else bn.weight.float())
-            b = (b - bn.running_mean.float()) * s + (0 if bn.bias is None else bn.bias.float())
-            w = w * s[:, None, None, None]
-        return w, b
-
-    def split_stages():  # None unless the model's decoder is unet.UNet's, unchanged
-        try:
-            from unet import UNet, Block, Up
-        except ImportError:
-            return None
-        if getattr(type(model), "decode", None) is not UNet.decode or getattr(type(model), "encode", None) is not UNet.encode:
-            return None
-        stages = []
-        for up, blk in zip(model.ups, model.dec):
-            ok = type(up).forward is Up.forward and type(blk).forward is Block.forward and isinstance(blk.drop, nn.Identity)
-            for conv, bn in ((blk.conv1, blk.bn1), (blk.conv2, blk.bn2)):
-                ok = ok and conv.groups == 1 and conv.padding_mode == "zeros" and (
-                    isinstance(bn, nn.Identity) or (isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None))
-            if not ok:
-                return None
-            (w1, b1), (w2, b2) = fold(blk.conv1, blk.bn1), fold(blk.conv2, blk.bn2)
-            c = blk.conv1.in_channels // 2  # conv1 reads cat([up(h), skip]): up(h) is the first half
-            stages.append((up, blk.conv1, w1[:, :c].contiguous(memory_format=fmt), w1[:, c:].contiguous(memory_format=fmt),
-                           b1, blk.conv2, w2.contiguous(memory_format=fmt), b2))
-        return stages
-
-    def conv(cv, inp, w, b):  # cv's convolution with other weights
-        return F.conv2d(inp, w, b, cv.stride, cv.padding, cv.dilation)
-
-    def rep(t, r):  # the batch repeated r times, in the model's memory format
-        return t.repeat(r, 1, 1, 1).contiguous(memory_format=fmt) if r > 1 else t
-
-    stages = split_stages() if encoder_once else None
-
-    def decode_split(h, pre, reps):  # h: bottleneck features of reps x B images; pre: skip halves of B images
-        h = model.bottleneck_drop(h)
-        for (up, conv1, w_up, _, b1, conv2, w2, b2), p in zip(stages, pre):
-            z = conv(conv1, up(h), w_up, b1)
-            z.unflatten(0, (reps, -1)).add_(p)  # + the skip half, the same for every pass
-            h = conv(conv2, z.relu_(), w2, b2).relu_()
-        return model.head(h)
-
+    passes_of = mc_passes(model, device, encoder_once)
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):
-        xb = to_input(x[b])
-        xb = xb.contiguous(memory_format=memory_format(device))
+        xb = to_input(x[b]).contiguous(memory_format=memory_format(device))
         # sums of d = p - p0, p0 the first pass (the shifted-data form of Welford's method): E[p^2] - E[p]^2 in
         # float32 cancels to rounding noise where the model is confident (p ~ 1: var ~ 1e-8 < float32's 6e-8
         # spacing of p^2), which would scramble the ranking of the least uncertain samples; the moments of d
@@ -926,18 +861,10 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
         # passes per forward: batched, as many as fit in 2^24 pixels (256 images of 256 x 256); looped, one
         per = max(1, min(T, 2 ** 24 // (len(b) * xb.shape[-1] * xb.shape[-2]))) if batched else 1
         with autocast(device, amp):
-            if encoder_once:
-                feats = model.encode(xb)
-                if stages is not None:
-                    pre = [conv(conv1, feats[-2 - s], w_skip, None) for s, (_, conv1, _, w_skip, *_) in enumerate(stages)]
-                    run = lambda r: decode_split(rep(feats[-1], r), pre, r)
-                else:
-                    run = lambda r: model.decode([rep(f, r) for f in feats])
-            else:
-                run = lambda r: model(rep(xb, r))
-            for t in range(0, T, per):
+            forward = passes_of(xb)  # forward(r): the logits of r passes over xb, stacked (r x B, ...)
+            for t in range(0, T, per):  # the T passes, `per` of them in each forward
                 r = min(per, T - t)
-                out = run(r)
+                out = forward(r)
                 out = out[0] if isinstance(out, tuple) else out
                 p = torch.sigmoid(out.float()[:, 0]).reshape(r, len(b), *s1.shape[1:])
                 if p0 is None:
@@ -952,6 +879,37 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
         m1 = s1 / T
         yield b, p0 + m1, (s2 / T - m1 * m1).clamp_(min=0)
     model.eval()
+
+
+def mc_passes(model, device, encoder_once=None):
+    """How mc_dropout runs its passes: returns passes_of(xb) -> forward, forward(r) the logits of r stochastic
+    passes over the batch xb, stacked along the batch axis (r x B, ...), as model(xb repeated r times) gives.
+
+    Encoder once: when dropout sits only at the bottleneck (model.dropout_at == "bottleneck", the public CEAL
+    code's placement) or nowhere, model.encode(xb) runs once per batch and only model.decode r times. A model
+    that knows its own layers may do better with model.mc_decoder(memory format), called once here: unet.UNet
+    repeats only what depends on the dropout mask (its skip halves computed once, BatchNorm folded). Same
+    numbers up to float rounding, and the same dropout masks as plain forwards under the same seed.
+    encoder_once (True/False) overrides the automatic choice."""
+    can_split = getattr(model, "dropout_at", "every") in ("bottleneck", "none") and hasattr(model, "encode")
+    if encoder_once and not can_split:
+        raise ValueError("encoder_once needs a model with dropout only at the bottleneck (model.dropout_at)")
+    encoder_once = can_split if encoder_once is None else encoder_once
+    fmt = memory_format(device)
+    own = getattr(model, "mc_decoder", None) if encoder_once else None
+    decoder = own(fmt) if own is not None else None  # None: the model's decoder is not one it can split
+
+    def rep(t, r):  # the batch repeated r times, in the model's memory format
+        return t.repeat(r, 1, 1, 1).contiguous(memory_format=fmt) if r > 1 else t
+
+    def passes_of(xb):
+        if not encoder_once:
+            return lambda r: model(rep(xb, r))
+        feats = model.encode(xb)
+        if decoder is not None:
+            return decoder(feats)
+        return lambda r: model.decode([rep(f, r) for f in feats])
+    return passes_of
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -992,73 +950,11 @@ def ensemble_variance(probs):
     return probs.float().var(0, unbiased=False).flatten(1).mean(1)
 
 
-def ensemble_js(probs):
-    """ens-JS (Kuo et al. 2018): per pixel JS = H(mean_m p_m) - mean_m H(p_m), Bernoulli entropy, summed over
-    pixels -> (B,). Their cost-sensitive knapsack is top-b when every image costs the same."""
-    p = probs.float()
-    return (binary_entropy(p.mean(0)) - binary_entropy(p).mean(0)).flatten(1).sum(1)
-
-
-def facility_location(cand_feats, pool_feats, k):
-    """Greedy max of F(S) = sum_{u in pool} max_{s in S} cos(f_s, f_u) over S within the candidates (ens-S's
-    representativeness step). Returns positions into cand_feats, in the order chosen."""
-    c = F.normalize(torch.as_tensor(cand_feats).float(), dim=1)
-    u = F.normalize(torch.as_tensor(pool_feats).float(), dim=1)
-    sim = c @ u.T                                 # (K, N)
-    best = torch.full((u.shape[0],), -1.0)        # current max similarity of each pool sample to S (cos >= -1)
-    chosen = []
-    for _ in range(min(k, len(c))):
-        gain = torch.clamp(sim - best, min=0).sum(1)
-        if chosen:
-            gain[chosen] = -1
-        j = int(torch.argmax(gain))
-        chosen.append(j)
-        best = torch.maximum(best, sim[j])
-    return np.array(chosen, dtype=np.int64)
-
-
-def kcenter_greedy(feats, labeled_mask, k):
-    """Core-set (Sener & Savarese 2018), k-center greedy: starting from the labelled points, repeatedly add
-    argmax_i min_{j in S} ||x_i - x_j|| (Euclidean). Returns the k chosen unlabelled positions in order."""
-    x = torch.as_tensor(feats).float()
-    lab = torch.as_tensor(np.asarray(labeled_mask, bool))
-    chosen = []
-    if lab.any():
-        d = torch.cdist(x, x[lab]).min(1).values
-    else:  # nothing labelled yet: start from the point nearest the mean (deterministic)
-        chosen = [int(torch.argmin(((x - x.mean(0)) ** 2).sum(1)))]
-        d = torch.cdist(x, x[chosen])[:, 0]
-    while len(chosen) < k:
-        d[lab] = -1
-        d[chosen] = -1
-        j = int(torch.argmax(d))
-        if d[j] < 0:
-            break
-        chosen.append(j)
-        d = torch.minimum(d, torch.cdist(x, x[j:j + 1])[:, 0])
-    return np.array(chosen, dtype=np.int64)
-
-
 def head_agreement(lower, middle, final):
     """DSAL's score from binarised masks (B, H, W) of the deep-supervision heads: the mean of
     Dice(lower, final) and Dice(middle, final) per image -> (B,); also returns the two terms."""
     l_dsc, m_dsc = dice_iou(lower, final)[0], dice_iou(middle, final)[0]
     return (l_dsc + m_dsc) / 2, l_dsc, m_dsc
-
-
-@torch.inference_mode()
-def pooled_features(model, x, idx, batch_size, device, amp=False, grid=1):
-    """Last encoder stage features of x[idx], adaptive-average-pooled to grid x grid and flattened, in one
-    batched pass (eval mode): (N, C * grid^2) float32 on the CPU (one copy at the end: no host sync per batch)."""
-    model.eval()
-    out = []
-    for b in batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
-        xb = to_input(x[b])
-        xb = xb.contiguous(memory_format=memory_format(device))
-        with autocast(device, amp):
-            f = model.features(xb)
-        out.append(F.adaptive_avg_pool2d(f.float(), grid).flatten(1))
-    return torch.cat(out).cpu() if out else torch.zeros(0, model.feature_channels * grid * grid)
 
 
 def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6, band="paper", pseudo="nearest"):

@@ -235,8 +235,30 @@ def use_test_list(data, args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Baselines: ASA-style selection (Core-set, entropy and random are common.py's)
+# Baselines: Core-set and ASA-style selection (entropy and random are common.py's)
 # ----------------------------------------------------------------------------------------------------------
+def kcenter_greedy(feats, labeled_mask, k):
+    """Core-set (Sener & Savarese 2018), k-center greedy: starting from the labelled points, repeatedly add
+    argmax_i min_{j in S} ||x_i - x_j|| (Euclidean). Returns the k chosen unlabelled positions in order."""
+    x = torch.as_tensor(feats).float()
+    lab = torch.as_tensor(np.asarray(labeled_mask, bool))
+    chosen = []
+    if lab.any():
+        d = torch.cdist(x, x[lab]).min(1).values
+    else:  # nothing labelled yet: start from the point nearest the mean (deterministic)
+        chosen = [int(torch.argmin(((x - x.mean(0)) ** 2).sum(1)))]
+        d = torch.cdist(x, x[chosen])[:, 0]
+    while len(chosen) < k:
+        d[lab] = -1
+        d[chosen] = -1
+        j = int(torch.argmax(d))
+        if d[j] < 0:
+            break
+        chosen.append(j)
+        d = torch.minimum(d, torch.cdist(x, x[j:j + 1])[:, 0])
+    return np.array(chosen, dtype=np.int64)
+
+
 def asa_representative(cand, pool, labelled, k):
     """ASA-style "distribution discrepancy" step (assumed; PROTOCOLS.md): greedily pick, among the candidate
     features, the one maximising mean cos(c, pool) - mean cos(c, labelled); each pick joins the labelled
@@ -288,7 +310,7 @@ def select(args, model, x, y, labeled, pool, device, rng):
             both = torch.cat([lab_feat, feat])
             mask = np.r_[np.ones(len(labeled), bool), np.zeros(len(pool), bool)]
             info["min_dist_labeled"] = info["rule"] = torch.cdist(feat, lab_feat).min(1).values.numpy()
-            return common.kcenter_greedy(both, mask, k) - len(labeled), info
+            return kcenter_greedy(both, mask, k) - len(labeled), info
         info["asa_variance"] = info["rule"] = asa_uncertainty(model, x, y, labeled, pool, args, device, rng).numpy()
         cand = common.top_k(np.arange(len(pool)), info["asa_variance"], min(len(pool), args.asa_candidates * k))
         return cand[asa_representative(feat[cand], feat, lab_feat, k)], info

@@ -430,13 +430,28 @@ def take_from_clusters(labels, rank, available, inc):
     return np.concatenate(out)
 
 
+@torch.inference_mode()
+def pooled_features(model, x, idx, batch_size, device, amp=False, grid=1):
+    """Last encoder stage features of x[idx], adaptive-average-pooled to grid x grid and flattened, in one
+    batched pass (eval mode): (N, C * grid^2) float32 on the CPU (one copy at the end: no host sync per batch)."""
+    model.eval()
+    out = []
+    for b in common.batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
+        xb = common.to_input(x[b])
+        xb = xb.contiguous(memory_format=common.memory_format(device))
+        with common.autocast(device, amp):
+            f = model.features(xb)
+        out.append(F.adaptive_avg_pool2d(f.float(), grid).flatten(1))
+    return torch.cat(out).cpu() if out else torch.zeros(0, model.feature_channels * grid * grid)
+
+
 def ssl_features(state, x, train_ids, args, device):
     """Last encoder stage of the pre-trained U-Net on the clean pool images, in pool order (eval mode, no
     corruption: the public code clusters randomly drawn corrupted images, so its picks do not index the
     pool), pooled to aap_grid x aap_grid and flattened: (N, 16 x width x grid^2)."""
     model = common.prepare_model(ssl_unet(args), device, args.compile)
     model.load_state_dict(state)
-    feats = common.pooled_features(model, x, train_ids, args.batch_size, device, args.amp, grid=args.aap_grid)
+    feats = pooled_features(model, x, train_ids, args.batch_size, device, args.amp, grid=args.aap_grid)
     assert len(feats) == len(train_ids)
     return feats.numpy()
 
@@ -500,6 +515,13 @@ def dsal_pseudo(agreement, confidence, exclude, n, bins=10):
     return picks.astype(np.int64)
 
 
+def ensemble_js(probs):
+    """ens-JS (Kuo et al. 2018): per pixel JS = H(mean_m p_m) - mean_m H(p_m), Bernoulli entropy, summed over
+    pixels -> (B,). Their cost-sensitive knapsack is top-b when every image costs the same."""
+    p = probs.float()
+    return (common.binary_entropy(p.mean(0)) - common.binary_entropy(p).mean(0)).flatten(1).sum(1)
+
+
 def ensemble_scores(members, x, pool, args, device):
     """From the M members' probabilities p_m per pool image: "entropy", the Shannon entropy of the ensemble mean
     H(mean_m p_m) summed over pixels (ens-S; the authors' DSAL code's ensemble_S, there in nats, here in bits:
@@ -509,9 +531,27 @@ def ensemble_scores(members, x, pool, args, device):
     for outs in zip(*[common.predict_batches(m, x, pool, args.batch_size, device, args.amp) for m in members]):
         p = torch.stack([p for _, p in outs])
         out["entropy"].append(common.entropy_scores(p.mean(0), reduce="sum"))
-        out["js"].append(common.ensemble_js(p))
+        out["js"].append(ensemble_js(p))
         out["variance"].append(common.ensemble_variance(p))
     return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
+
+
+def facility_location(cand_feats, pool_feats, k):
+    """Greedy max of F(S) = sum_{u in pool} max_{s in S} cos(f_s, f_u) over S within the candidates (ens-S's
+    representativeness step). Returns positions into cand_feats, in the order chosen."""
+    c = F.normalize(torch.as_tensor(cand_feats).float(), dim=1)
+    u = F.normalize(torch.as_tensor(pool_feats).float(), dim=1)
+    sim = c @ u.T                                 # (K, N)
+    best = torch.full((u.shape[0],), -1.0)        # current max similarity of each pool sample to S (cos >= -1)
+    chosen = []
+    for _ in range(min(k, len(c))):
+        gain = torch.clamp(sim - best, min=0).sum(1)
+        if chosen:
+            gain[chosen] = -1
+        j = int(torch.argmax(gain))
+        chosen.append(j)
+        best = torch.maximum(best, sim[j])
+    return np.array(chosen, dtype=np.int64)
 
 
 # pool_scores.csv columns: the scores each rule uses (and the ones computed beside them)
@@ -548,10 +588,10 @@ def query(strategy, rnd, model, members, x, pool, args, device, rng):
             return {"oracle-ens-js": common.top_k(at, e["js"], n)}, cols, e["js"], None
         # Suggestive Annotation: the K = 2k most uncertain (variance), then k by facility location over the pool
         cand = common.top_k(at, e["variance"], 2 * n)
-        feats = torch.stack([common.pooled_features(m, x, pool, args.batch_size, device, args.amp)
+        feats = torch.stack([pooled_features(m, x, pool, args.batch_size, device, args.amp)
                              for m in members]).mean(0)  # paper silent: the members' mean descriptor
         cols["sa_candidate"] = np.isin(at, cand).astype(np.int64)
-        picks = cand[common.facility_location(feats[torch.as_tensor(cand)], feats, n)]
+        picks = cand[facility_location(feats[torch.as_tensor(cand)], feats, n)]
         return {"oracle-suggestive": picks}, cols, e["variance"], None
     # dsal ([5]): the lowest head agreement to the oracle (strong labeller); from iteration --dsal-pseudo-from on,
     # pseudo_step x (t - from + 1) confident, high-agreement samples pseudo-labelled by the final head (weak

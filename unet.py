@@ -2,8 +2,9 @@
 
 UNet: Ronneberger et al. 2015, with configurable width and depth, transposed-convolution or bilinear
 upsampling, dropout placement ("every" block between its two convolutions, "bottleneck" only, or "none"),
-optional deep supervision (auxiliary heads on decoder stages, upsampled to full size by nearest neighbour) and
-access to the last encoder stage's features.
+optional deep supervision (auxiliary heads on decoder stages, upsampled to full size by nearest neighbour),
+access to the last encoder stage's features, and Monte Carlo dropout passes that repeat only what follows a
+bottleneck dropout (mc_decoder, for common.mc_dropout).
 
 At width 64, depth 4 (5 encoder stages, 4 decoder stages), transposed convolutions: about 31.0 M
 parameters, the CEAL paper's "around 31 million" (Sec. 1.2).
@@ -52,7 +53,8 @@ class UNet(nn.Module):
 
     encode(x) -> list of the encoder stages' outputs (the last is the bottleneck, "last encoder stage");
     decode(feats) -> logits. With dropout_at="bottleneck" (the public CEAL code's placement) the encoder
-    has no dropout, so MC-dropout sampling may run encode() once and decode() T times (common.mc_dropout).
+    has no dropout, so MC-dropout sampling may run encode() once and the decoder T times (common.mc_dropout),
+    and of the decoder only what depends on the dropout mask (mc_decoder).
     """
 
     def __init__(self, in_ch=3, out_ch=1, width=64, depth=4, up="transpose", dropout=0.0, dropout_at="every",
@@ -98,6 +100,67 @@ class UNet(nn.Module):
     def features(self, x):
         """Last encoder stage (bottleneck) features, e.g. (B, 512, 16, 16) at width 32, 256x256 input."""
         return self.encode(x)[-1]
+
+    def mc_decoder(self, memory_format=torch.contiguous_format):
+        """Monte Carlo dropout's decoder passes (common.mc_passes calls this once per mc_dropout call, then
+        encode() once per batch): with dropout only at the bottleneck, only what depends on the dropout mask
+        is repeated. Each decoder stage's first convolution reads cat(up(h), skip), and a convolution of
+        concatenated channels is the sum of the convolutions of each part, so the skip half (fixed by the
+        encoder) is computed once per batch; BatchNorm (eval, an affine map) is folded into the decoder's
+        convolutions (fold_batchnorm), once here; auxiliary heads are skipped. Same numbers as decode() up to
+        float rounding, and the same dropout masks under the same seed.
+
+        Returns passes_of(feats) -> forward: feats = encode(x) of one batch; forward(r) the logits of r passes,
+        (r x B, out_ch, H, W). None where the decoder is not this class's own, unchanged (a subclass overrides
+        encode, decode, Up or Block; dropout in the decoder blocks; a convolution this does not split), and
+        the caller runs decode() instead. memory_format: the model's (common.memory_format)."""
+        if type(self).decode is not UNet.decode or type(self).encode is not UNet.encode:
+            return None
+        fmt = memory_format
+        stages = []
+        for up, blk in zip(self.ups, self.dec):
+            ok = (type(up).forward is Up.forward and type(blk).forward is Block.forward
+                  and isinstance(blk.drop, nn.Identity))
+            for conv, bn in ((blk.conv1, blk.bn1), (blk.conv2, blk.bn2)):
+                ok = ok and conv.groups == 1 and conv.padding_mode == "zeros" and (
+                    isinstance(bn, nn.Identity) or (isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None))
+            if not ok:
+                return None
+            (w1, b1), (w2, b2) = fold_batchnorm(blk.conv1, blk.bn1), fold_batchnorm(blk.conv2, blk.bn2)
+            c = blk.conv1.in_channels // 2  # conv1 reads cat([up(h), skip]): up(h) is the first half
+            w_up, w_skip = w1[:, :c].contiguous(memory_format=fmt), w1[:, c:].contiguous(memory_format=fmt)
+            stages.append((up, blk.conv1, w_up, w_skip, b1, blk.conv2, w2.contiguous(memory_format=fmt), b2))
+
+        def conv(cv, inp, w, b):  # cv's convolution with other weights
+            return F.conv2d(inp, w, b, cv.stride, cv.padding, cv.dilation)
+
+        def passes_of(feats):
+            # the skip halves of the first convolutions, from the encoder: the same for every pass
+            skips = [conv(conv1, feats[-2 - s], w_skip, None) for s, (_, conv1, _, w_skip, *_) in enumerate(stages)]
+
+            def forward(r):  # r passes: the bottleneck repeated r times, dropout, the decoder
+                h = feats[-1].repeat(r, 1, 1, 1).contiguous(memory_format=fmt) if r > 1 else feats[-1]
+                h = self.bottleneck_drop(h)
+                for (up, conv1, w_up, _, b1, conv2, w2, b2), skip in zip(stages, skips):
+                    z = conv(conv1, up(h), w_up, b1)
+                    z.unflatten(0, (r, -1)).add_(skip)  # + the skip half, the same for every pass
+                    h = conv(conv2, z.relu_(), w2, b2).relu_()
+                return self.head(h)
+            return forward
+        return passes_of
+
+
+def fold_batchnorm(conv, bn):
+    """(weight, bias) in float32 of conv followed by bn in eval mode, as one convolution: BatchNorm in eval
+    mode is the affine map y = s * z + t, s = gamma / sqrt(running_var + eps), t = beta - s * running_mean.
+    bn may be nn.Identity (the convolution's own weight and bias)."""
+    w = conv.weight.float()
+    b = torch.zeros(conv.out_channels, device=w.device) if conv.bias is None else conv.bias.float()
+    if isinstance(bn, nn.BatchNorm2d):
+        s = (bn.running_var.float() + bn.eps).rsqrt() * (1 if bn.weight is None else bn.weight.float())
+        b = (b - bn.running_mean.float()) * s + (0 if bn.bias is None else bn.bias.float())
+        w = w * s[:, None, None, None]
+    return w, b
 
 
 def count_parameters(model):

@@ -6,7 +6,7 @@ What is compared (docs/speed.md explains each line):
      plain Dataset + DataLoader loop that converts each sample from NumPy and copies batches to the device;
   2. MC-dropout scoring of a pool at T = 20: common.mc_dropout vs T separate full forward passes, for dropout
      at the bottleneck only (the public CEAL code) and dropout in every block (the CEAL paper);
-  3. features for the clustering scripts: common.pooled_features (batched) vs one sample at a time.
+  3. features for K-means (ssl_coldstart.py): ssl_coldstart.pooled_features (batched) vs one sample at a time.
 It also prints images/s, model FLOPs per image (torch.utils.flop_counter), achieved GFLOP/s, on a GPU the
 fraction of the bf16 peak and an estimate of the full CEAL ISIC-2017 protocol, and peak memory.
 
@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import ssl_coldstart  # noqa: E402
 from unet import UNet  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' spec sheets (TFLOP/s, without sparsity); --peak-tflops overrides.
@@ -343,7 +344,7 @@ def bench_features(cfg, data, args, device):
     idx = np.arange(n)
     model = new_model(width, device, args)
     fresh_stats(model, x, device)
-    t = side_by_side({"ours": lambda: common.pooled_features(model, x, idx, bs, device, args.amp),
+    t = side_by_side({"ours": lambda: ssl_coldstart.pooled_features(model, x, idx, bs, device, args.amp),
                       "naive": lambda: naive_features(model, x, idx, device, args.amp)}, args.repeats, device)
     print(row(name, f"w{width} {size}px", n, f"{t['ours']:.3f}", f"{t['naive']:.3f}", f"{n / t['ours']:.1f}",
               f"{t['naive'] / t['ours']:.2f}x", widths=FEAT_COLS), flush=True)
@@ -441,8 +442,8 @@ def main(argv=None):
             print(row("dropout", "path", "s", "im/s", "ratio", "same prep", "FLOP ratio", widths=MC_COLS) + "  of peak")
             summary[(nt, "mc", cfg[0])] = bench_mc(cfg, data_for(cfg[2], cfg[3]), args, device, peak,
                                                    measure_both=device.type == "cpu" or not args.quick)
-        print("\nfeatures for K-means (last encoder stage, pooled 1x1): ours = common.pooled_features (batched); "
-              "naive = one sample at a time")
+        print("\nfeatures for K-means (last encoder stage, pooled 1x1): ours = ssl_coldstart.pooled_features "
+              "(batched); naive = one sample at a time")
         print(row("set", "model", "images", "ours s", "naive s", "ours im/s", "ratio", widths=FEAT_COLS))
         for cfg in cfgs["feats"]:
             summary[(nt, "feats", cfg[0])] = bench_features(cfg, data_for(cfg[2], cfg[3]), args, device)

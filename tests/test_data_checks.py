@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ceal_mcdropout
 import common
 from conftest import REAL, run_dir_from, run_script
 
@@ -116,7 +117,7 @@ def test_lgg_fixture_tumour_slices_at_every_size_and_paper_split(lgg, monkeypatc
     for size in (16, 32):
         d = common.load_data("lgg", lgg.root, size, quiet=True)
         assert len(d) > 1373 and d.positive.sum() == 1373
-        pos = common.keep_positive(d)
+        pos = ceal_mcdropout.keep_positive(d)
         assert len(pos) == 1373 and set(lgg.tiny) <= set(pos.ids)  # the one-pixel tumours are kept ...
         vanished = {pos.ids[i] for i in np.flatnonzero(~pos.y.reshape(len(pos), -1).any(1))}
         assert vanished == set(lgg.tiny)  # ... though resizing wiped them out (so this test can fail)
@@ -152,7 +153,7 @@ def test_ceal_paper_lgg_protocol_on_fixture(lgg, tmp_path):
 def test_real_lgg_paper_split_is_impossible_on_two_patients(tmp_path):
     if not os.path.isdir(os.path.join(REAL, "kaggle_3m")):
         pytest.skip("real samples absent")
-    d = common.keep_positive(common.load_data("lgg", os.path.join(REAL, "kaggle_3m"), 16, quiet=True))
+    d = ceal_mcdropout.keep_positive(common.load_data("lgg", os.path.join(REAL, "kaggle_3m"), 16, quiet=True))
     with pytest.raises(common.UserError, match="no patient left for the validation set"):
         common.make_splits(d, PAPER_LGG, 0)
 

@@ -114,7 +114,7 @@ def test_coreset_kcenter_greedy_by_hand():
     lab = torch.tensor([[0., 0.]])
     pool = torch.tensor([[1., 0.], [5., 0.], [10., 0.], [9., 0.]])
     # as select() does: labelled first, pool positions = chosen - len(labelled)
-    chosen = common.kcenter_greedy(torch.cat([lab, pool]), np.r_[True, [False] * 4], 3) - 1
+    chosen = pwc.kcenter_greedy(torch.cat([lab, pool]), np.r_[True, [False] * 4], 3) - 1
     # farthest from {0}: 10; then min-distances 1, 5, -, 1 -> 5; then 1, -, -, 1 -> first of the tie (1)
     assert chosen.tolist() == [2, 1, 0]
 

@@ -198,6 +198,7 @@ def test_resnet18_encoder_rejects_wrong_dicts(tmp_path):
 
 def test_resnet_unet_interface_for_common_helpers():
     import common
+    import ssl_coldstart  # its pooled_features reads the features of any model with features()
     model = unet.ResNetUNet(3, 1, 8, dropout=0.5, mean=ru.IMAGENET_MEAN, std=ru.IMAGENET_STD)
     assert model.dropout_at == "bottleneck" and model.feature_channels == 64
     model.eval()
@@ -205,7 +206,7 @@ def test_resnet_unet_interface_for_common_helpers():
     with torch.no_grad():
         feats = model.encode(x.float() / 255)
     assert [f.shape[-1] for f in feats] == [64, 32, 16, 8, 4, 2] and feats[-1].shape == (3, 64, 2, 2)
-    assert common.pooled_features(model, x, np.arange(3), 2, torch.device("cpu")).shape == (3, 64)
+    assert ssl_coldstart.pooled_features(model, x, np.arange(3), 2, torch.device("cpu")).shape == (3, 64)
     # MC dropout: encoder once + decoder T times gives a positive variance; BatchNorm stays in eval mode
     (_, mean, var), = list(common.mc_dropout(model, x, np.arange(3), 4, 3, torch.device("cpu")))
     assert mean.shape == (3, 64, 64) and float(var.sum()) > 0

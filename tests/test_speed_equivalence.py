@@ -1,7 +1,7 @@
 """The fast paths compute the same thing as the naive ones that benchmarks/speed.py times them against:
 common.mc_dropout (encoder once with the skip halves computed once, batched, looped) vs T plain forwards,
 common.train (device-resident uint8, batches gathered by index) vs a Dataset + DataLoader loop, and
-common.pooled_features (batched) vs one sample at a time. No timing here (the benchmark measures speed)."""
+ssl_coldstart.pooled_features (batched) vs one sample at a time. No timing here (the benchmark measures speed)."""
 import importlib.util
 import os
 
@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+import ssl_coldstart
 from unet import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +166,7 @@ def test_train_matches_a_naive_loop_on_the_same_batches():
 @pytest.mark.parametrize("grid", [1, 2])
 def test_pooled_features_batched_equals_per_sample(grid):
     m = make_model(0.2, "every")
-    ours = common.pooled_features(m, X, IDX, 4, CPU, grid=grid)
+    ours = ssl_coldstart.pooled_features(m, X, IDX, 4, CPU, grid=grid)
     ref = speed.naive_features(m, X, IDX, CPU, grid=grid)
     assert ours.shape == (6, 64 * grid * grid) and ours.device.type == "cpu"
     assert torch.allclose(ours, ref, atol=1e-5) and ref.std() > 0

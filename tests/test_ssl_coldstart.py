@@ -192,7 +192,7 @@ def test_selected_ids_index_the_pool():
         def features(self, t):
             return t
 
-    feats = common.pooled_features(Brightness(), x, slots, 3, torch.device("cpu"), grid=1)
+    feats = S.pooled_features(Brightness(), x, slots, 3, torch.device("cpu"), grid=1)
     labels, rank, dist = S.cluster_ranking(feats.numpy() * 255, 3, 0)
     picked = S.cluster_query(labels, rank, slots, slots, 10)           # quotas 4, 3, 3 (exact)
     assert sorted(pixel[picked].tolist()) == [23, 24, 26, 27, 121, 122, 124, 211, 212, 213]
