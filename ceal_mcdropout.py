@@ -5,7 +5,7 @@ predictions is an uncertainty map whose sum ranks the unlabelled pool; each iter
 the most uncertain samples, and a random draw from the low-uncertainty band, to the oracle, and
 pseudo-labels the most confident samples with the model's own prediction. Where the paper can be read two
 ways, the other reading is a flag: --band (group 3), --pseudo-pick (group 4) and --pseudo-mode (how many
-pseudo-labels, and whether they leave the pool); the defaults and why are at ceal_groups and main().
+pseudo-labels, and whether they leave the pool); the defaults and why are at ceal_groups and ceal_query.
 
   python ceal_mcdropout.py                                           # synthetic data, CPU, about 2 minutes
   python ceal_mcdropout.py --data isic2017 --data-dir ~/data/isic2017 # the paper's ISIC 2017 protocol (GPU)
@@ -81,8 +81,29 @@ def parse_args(argv=None):
                    help="paper silent; the reference code trains on soft Dice (default: bce+dice)")
     p.add_argument("--all-slices", action="store_true",
                    help="lgg: keep slices without tumour (the paper keeps the 1373 with tumour)")
-    args = common.resolve(p.parse_args(argv), DEFAULTS)
-    return args
+    return common.resolve(p.parse_args(argv), DEFAULTS)
+
+
+def ceal_budget(run, args, n_train):
+    """--pseudo-step for other data, and the budget of Sec. 4.2 checked against the training pool of n_train.
+    Returns pseudo_of(r): the pseudo-labels iteration r trains on, "20 x number of iterations" (--pseudo-mode)."""
+    if args.pseudo_step is None:  # other data: the ISIC share, 20 of the 1600 (Sec. 4.2)
+        args.pseudo_step = common.pool_share(n_train, 20, 1600)
+        run.update_config(args)
+    # The budget: the oracle's queries must fit the pool (an error otherwise). The pseudo-labels the last
+    # iteration R needs from the pool (pseudo_step x R for total and redraw, pseudo_step x (1 + ... + R) for
+    # per-iteration) are counted too: where they do not fit, the last groups 4 are smaller (ceal_groups serves
+    # the oracle first) and the run says so here. Table 2's LGG protocol is such a case: 329 + 35 x 10 + 20 x 10
+    # = 879 of 878 slices, so its last iteration pseudo-labels 19.
+    pseudo_of = lambda r: args.pseudo_step * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)
+    R = args.rounds
+    n_pseudo = pseudo_of(R) if args.strategy == "ceal" else 0
+    common.check_budget(n_train, args.initial, args.query if args.strategy != "full" else 0, R)
+    short = args.initial + args.query * R + n_pseudo - n_train
+    if args.strategy == "ceal" and short > 0:
+        print(f"note: {args.initial} + {args.query} x {R} oracle labels + {n_pseudo} pseudo-labels ({args.pseudo_mode}) "
+              f"exceed the training pool of {n_train} by {short}: the last iterations pseudo-label fewer")
+    return pseudo_of
 
 
 def score_pool(model, x, y, pool, args, device):
@@ -99,156 +120,22 @@ def score_pool(model, x, y, pool, args, device):
     return cat(scores).cpu().numpy(), cat(pseudo_masks), cat(dice).cpu().numpy()
 
 
-def keep_positive(data):
-    """Only samples whose mask is not empty at the files' own resolution (Data.positive, decided before
-    resizing), so the same slices are kept at every --image-size: the CEAL paper's 1373 LGG slices with
-    tumour, of which 34 would vanish at 32 px. Data without `positive` (synthetic) uses the masks it has."""
-    pos = data.positive if data.positive is not None else data.y.reshape(len(data), -1).any(1)
-    return data.subset(np.flatnonzero(pos))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    run, device = common.Run.start(__file__, args)
-
-    # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
-    data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
-                            n=sum(args.split) if args.split else None, workers=args.workers)
-    if args.data == "lgg" and not args.all_slices:
-        data = keep_positive(data)  # Sec. 2: the 1373 slices with tumour (full-resolution masks, any size)
-    # other data: the ISIC shares, D^L 600 of the 1600 (37.5 %, Sec. 4) and +35 per iteration (Sec. 4.2)
-    train_ids, val_ids, test_ids = common.split_data(run, data, args, 600, 35, 1600)
-    if args.pseudo_step is None:  # other data: the ISIC share, 20 of the 1600 (Sec. 4.2)
-        args.pseudo_step = common.pool_share(len(train_ids), 20, 1600)
-        run.update_config(args)
-    # The budget: the oracle's queries must fit the pool (an error otherwise). The pseudo-labels the last
-    # iteration R needs from the pool (pseudo_step x R for total and redraw, pseudo_step x (1 + ... + R) for
-    # per-iteration) are counted too: where they do not fit, the last groups 4 are smaller (ceal_groups serves
-    # the oracle first) and the run says so here. Table 2's LGG protocol is such a case: 329 + 35 x 10 + 20 x 10
-    # = 879 of 878 slices, so its last iteration pseudo-labels 19.
-    R = args.rounds
-    n_pseudo = args.pseudo_step * (R * (R + 1) // 2 if args.pseudo_mode == "per-iteration" else R)
-    n_pseudo = n_pseudo if args.strategy == "ceal" else 0
-    common.check_budget(len(train_ids), args.initial, args.query if args.strategy != "full" else 0, R)
-    short = args.initial + args.query * R + n_pseudo - len(train_ids)
-    if args.strategy == "ceal" and short > 0:
-        print(f"note: {args.initial} + {args.query} x {R} oracle labels + {n_pseudo} pseudo-labels ({args.pseudo_mode}) "
-              f"exceed the training pool of {len(train_ids)} by {short}: the last iterations pseudo-label fewer")
-    x, y = common.to_device(data, device)
-    # The training target: the ground truth once the oracle reveals it, the model's mask for a pseudo-label,
-    # and UNLABELLED for the rest, so that a sample that is trained on without a label is caught (below).
-    UNLABELLED = 255
-    target = torch.full_like(y, UNLABELLED)
-
-    # ---- model, optimiser, sets ----
-    # U-Net of Sec. 1.2; BatchNorm after every convolution is our choice (paper silent; the reference code has none)
-    model = common.prepare_model(UNet(3, 1, args.width, dropout=args.dropout, dropout_at=args.dropout_at), device,
-                                 args.compile)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loss_fn = common.bce_dice_loss if args.loss == "bce+dice" else common.soft_dice_loss
-    rng = np.random.default_rng([args.seed, 1])  # query draws
-    gen = torch.Generator().manual_seed(args.seed)  # batch order
+def ceal_query(run, rnd, model, x, y, pool, args, rng, device):
+    """Sec. 4.1-4.2: the pool scored with MC dropout and split into the four groups (Figs. 5-6 drawn). Returns
+    the scores, the Dice of Fig. 5, the groups ({how: pool samples}: three to the oracle) and the pseudo masks."""
+    scores, masks, pool_dice = score_pool(model, x, y, pool, args, device)
     n_low = n_high = round(args.query * 2 / 7)  # 35 -> 10 / 10 / 15 (Sec. 4.2)
     n_band = args.query - n_low - n_high
-    n_initial = len(train_ids) if args.strategy == "full" else args.initial
-    labeled = rng.choice(train_ids, n_initial, replace=False)
-    pseudo = np.zeros(0, np.int64)
-    pool = np.setdiff1d(train_ids, labeled)
-    to_t = lambda a: torch.as_tensor(np.asarray(a, np.int64), device=device)
-    target[to_t(labeled)] = y[to_t(labeled)]  # the oracle's labels of the initial set
-    # --strategy full, the ceiling: the whole pool for the optimiser steps of a CEAL run with these flags
-    pseudo_of = lambda r: args.pseudo_step * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)
-    rounds, epochs0, steps = common.ceiling(args, len(train_ids), pseudo_of)
-    start, state = run.resume(model, opt, rng, gen)
-    if state:
-        labeled, pseudo, pool = state["labeled"], state["pseudo"], state["pool"]
-        target.fill_(UNLABELLED)
-        target[to_t(labeled)] = y[to_t(labeled)]
-        target[to_t(pseudo)] = state["pseudo_masks"].to(device)
-    progress = common.Progress(run, epochs0 + rounds * args.epochs,
-                               0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0, args.epochs,
-                                                         len(train_ids) - n_initial, args.strategy == "ceal",
-                                                         pseudo_of if args.strategy == "ceal" else None))
+    # Sec. 4.2, group 4: "20 x number of iterations" pseudo-labels. Default (total): the pseudo-labelled
+    # set holds pseudo_step x rnd, pseudo_step new ones a round, so ISIC's 1000-sample pool lasts the 10
+    # iterations (350 oracle + 200 pseudo) and the selected leave the pool (Sec. 4.3)
+    k4 = args.pseudo_step * (1 if args.pseudo_mode == "total" else rnd)
+    g1, g2, g3, g4 = common.ceal_groups(  # Sec. 4.2: the four groups (positions into pool)
+        scores, n_low, n_high, n_band, k4, rng, band=args.band, pseudo=args.pseudo_pick)
+    figures(run, rnd, scores, pool_dice, (g1, g2, g3, g4))
+    groups = {"oracle-lowest": pool[g1], "oracle-highest": pool[g2], "oracle-band": pool[g3], "pseudo": pool[g4]}
+    return scores, pool_dice, groups, masks[at(g4, device)]
 
-    for rnd in range(start, rounds + 1):
-        # ---- selection (Sec. 4.1-4.3) ----
-        t0 = time.time()
-        queried = {}
-        if rnd > 0 and len(pool) == 0:
-            print(f"round {rnd}: the unlabelled pool is used up; stopping")
-            break
-        if rnd > 0 and args.strategy == "ceal":
-            scored = pool
-            scores, masks, pool_dice = score_pool(model, x, y, scored, args, device)
-            # Sec. 4.2, group 4: "20 x number of iterations" pseudo-labels. Default (total): the pseudo-labelled
-            # set holds pseudo_step x rnd, pseudo_step new ones a round, so ISIC's 1000-sample pool lasts the 10
-            # iterations (350 oracle + 200 pseudo) and the selected leave the pool (Sec. 4.3)
-            k4 = args.pseudo_step * (1 if args.pseudo_mode == "total" else rnd)
-            g1, g2, g3, g4 = common.ceal_groups(  # Sec. 4.2: the four groups (positions into pool)
-                scores, n_low, n_high, n_band, k4, rng, band=args.band, pseudo=args.pseudo_pick)
-            groups = {"oracle-lowest": scored[g1], "oracle-highest": scored[g2], "oracle-band": scored[g3],
-                      "pseudo": scored[g4]}
-            queried = {how: [data.ids[i] for i in g] for how, g in groups.items()}
-            oracle = np.concatenate([scored[g1], scored[g2], scored[g3]])
-            if args.pseudo_mode == "redraw":  # the reference code: last round's pseudo-labels go back unlabelled
-                target[to_t(pseudo)] = UNLABELLED
-                pseudo = scored[g4]
-                pool = np.setdiff1d(pool, oracle)
-            else:
-                pseudo = np.concatenate([pseudo, scored[g4]])
-                pool = np.setdiff1d(pool, np.concatenate([oracle, scored[g4]]))
-            target[to_t(oracle)] = y[to_t(oracle)]  # the oracle reveals the ground truth
-            target[to_t(scored[g4])] = masks[to_t(g4)]  # the model's mask (score_pool), never the truth
-            labeled = np.concatenate([labeled, oracle])
-            # pool_scores.csv: the score that selects, and the Dice of Fig. 5 (never used to select)
-            run.log_pool_scores(rnd, [data.ids[i] for i in scored], {"uncertainty": scores, "dice": pool_dice}, queried)
-            figures(run, rnd, scores, pool_dice, (g1, g2, g3, g4))
-            common.save_picks(run, rnd, model, data, x, groups, {int(i): s for i, s in zip(scored, scores)},
-                              args.batch_size, device, args.amp)
-        elif rnd > 0:  # random: the same oracle budget, no pseudo-labels
-            scored = pool
-            new = common.query_random(pool, args.query, rng)
-            queried["oracle-random"] = [data.ids[i] for i in new]
-            target[to_t(new)] = y[to_t(new)]
-            labeled = np.concatenate([labeled, new])
-            pool = np.setdiff1d(pool, new)
-            run.log_pool_scores(rnd, [data.ids[i] for i in scored], {"uncertainty": [""] * len(scored),
-                                                                     "dice": [""] * len(scored)}, queried)
-            common.save_picks(run, rnd, model, data, x, {"oracle-random": new}, None, args.batch_size, device, args.amp)
-        if rnd == 0:
-            queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start (all of it for "full")
-        select_s = time.time() - t0
-
-        # ---- training: 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper
-        # silent; Sec. 4.3: "the model is again trained on D^L"; the reference code continues from its weights) ----
-        t0 = time.time()
-        epochs = epochs0 if rnd == 0 else args.epochs
-
-        def on_epoch(e, loss, _s):  # Figs. 7-10: validation Dice per epoch
-            vd = float(common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0].mean()) if len(val_ids) else None
-            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "val_dice": vd})
-            progress.epoch(rnd, e, epochs, loss, vd)
-            model.train()
-
-        train_idx = np.concatenate([labeled, pseudo])
-        if bool((target[to_t(train_idx)] == UNLABELLED).any()):
-            raise RuntimeError(f"round {rnd}: a training sample has no label (target {UNLABELLED}): a bug in the sets")
-        common.train(model, opt, x, target, train_idx, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
-        train_s = time.time() - t0
-
-        # ---- evaluation on the test set; the round is written before anything else happens ----
-        dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
-        val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0] if len(val_ids) else [np.nan]
-        row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
-               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "val_dice": float(np.mean(val)), "oracle_queries": len(labeled) - n_initial, "pool_left": len(pool)}
-        run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pseudo=pseudo, pool=pool,
-                      pseudo_masks=target[torch.as_tensor(pseudo, device=device)].cpu())
-
-    panel(run, model, data, x, y, pool if len(pool) else test_ids, args, device)
-    return run.finish({"paper_dice": {"isic2017": 0.77, "lgg": 0.58}.get(args.data)})
 
 def figures(run, rnd, scores, pool_dice, groups):
     """Fig. 6 (uncertainty histogram, the four groups marked) and Fig. 5 (uncertainty vs Dice of the pool), one
@@ -263,6 +150,51 @@ def figures(run, rnd, scores, pool_dice, groups):
                 "Dice of the prediction", f"round {rnd}", kind="scatter")
 
 
+# The training target: the ground truth once the oracle reveals it, the model's mask for a pseudo-label,
+# and UNLABELLED for the rest, so that a sample that is trained on without a label is caught (main).
+UNLABELLED = 255
+
+
+def at(ids, device):
+    """Sample indices as a tensor on the device, to index x, y and the training target."""
+    return torch.as_tensor(np.asarray(ids, np.int64), device=device)
+
+
+def training_target(y, labeled, pseudo, pseudo_masks=None):
+    """The training target of a new run, or of a resumed one (pseudo_masks: its pseudo-labels, checkpointed)."""
+    target = torch.full_like(y, UNLABELLED)
+    target[at(labeled, y.device)] = y[at(labeled, y.device)]  # the oracle's labels (the initial set, or so far)
+    if pseudo_masks is not None:
+        target[at(pseudo, y.device)] = pseudo_masks.to(y.device)
+    return target
+
+
+def take_labels(target, y, groups, masks, labeled, pseudo, pool, pseudo_mode):
+    """Sec. 4.3: the groups of a selection step labelled in the training target, the oracle's with the ground
+    truth (they join D^L), the pseudo group's with the model's masks. Returns the sets (labeled, pseudo, pool)."""
+    oracle = np.concatenate([g for how, g in groups.items() if how != "pseudo"])
+    new = groups.get("pseudo", np.zeros(0, np.int64))
+    if pseudo_mode == "redraw":  # the reference code: last round's pseudo-labels go back unlabelled
+        target[at(pseudo, y.device)] = UNLABELLED
+        pseudo = new
+        pool = np.setdiff1d(pool, oracle)
+    else:
+        pseudo = np.concatenate([pseudo, new])
+        pool = np.setdiff1d(pool, np.concatenate([oracle, new]))
+    target[at(oracle, y.device)] = y[at(oracle, y.device)]  # the oracle reveals the ground truth
+    if masks is not None:
+        target[at(new, y.device)] = masks  # the model's mask (score_pool), never the truth
+    return np.concatenate([labeled, oracle]), pseudo, pool
+
+
+def keep_positive(data):
+    """Only samples whose mask is not empty at the files' own resolution (Data.positive, decided before
+    resizing), so the same slices are kept at every --image-size: the CEAL paper's 1373 LGG slices with
+    tumour, of which 34 would vanish at 32 px. Data without `positive` (synthetic) uses the masks it has."""
+    pos = data.positive if data.positive is not None else data.y.reshape(len(data), -1).any(1)
+    return data.subset(np.flatnonzero(pos))
+
+
 def panel(run, model, data, x, y, ids, args, device, n=4):
     """Fig. 2: image / ground truth / prediction / uncertainty map for a few samples."""
     ids = np.asarray(ids)[:n]
@@ -271,6 +203,92 @@ def panel(run, model, data, x, y, ids, args, device, n=4):
         for j, i in enumerate(b.tolist()):
             rows.append([data.x[i], data.y[i], (mean[j] > 0.5).float().cpu().numpy(), var[j].float().cpu().numpy()])
     common.save_panel(run.path("panel.png"), rows, 4, ["image", "ground truth", "prediction", "uncertainty"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run, device = common.Run.start(__file__, args)
+
+    data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
+                            n=sum(args.split) if args.split else None, workers=args.workers)
+    if args.data == "lgg" and not args.all_slices:
+        data = keep_positive(data)  # Sec. 2: the 1373 slices with tumour (full-resolution masks, any size)
+    # other data: the ISIC shares, D^L 600 of the 1600 (37.5 %, Sec. 4) and +35 per iteration (Sec. 4.2)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 600, 35, 1600)
+    pseudo_of = ceal_budget(run, args, len(train_ids))
+    # --strategy full, the ceiling: the whole pool for the optimiser steps of a CEAL run with these flags
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids), pseudo_of)
+    x, y = common.to_device(data, device)
+
+    # U-Net of Sec. 1.2; BatchNorm after every convolution is our choice (paper silent; the reference code has none)
+    model = common.prepare_model(UNet(3, 1, args.width, dropout=args.dropout, dropout_at=args.dropout_at), device,
+                                 args.compile)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = common.bce_dice_loss if args.loss == "bce+dice" else common.soft_dice_loss
+    rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
+    n0 = len(train_ids) if args.strategy == "full" else args.initial
+    labeled = rng.choice(train_ids, n0, replace=False)
+    pool = np.setdiff1d(train_ids, labeled)
+    pseudo = np.zeros(0, np.int64)
+    start, state = run.resume(model, opt, rng, gen)
+    if state:
+        labeled, pseudo, pool = state["labeled"], state["pseudo"], state["pool"]
+    target = training_target(y, labeled, pseudo, state["pseudo_masks"] if state else None)
+    progress = common.Progress(run, epochs0 + rounds * args.epochs,
+                               0 if start == 0 else epochs0 + (start - 1) * args.epochs,
+                               plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n0, args.strategy == "ceal",
+                                                         pseudo_of if args.strategy == "ceal" else None))
+
+    for rnd in range(start, rounds + 1):
+        t0, queried = time.time(), {}
+        if rnd > 0 and len(pool) == 0:
+            print(f"round {rnd}: the unlabelled pool is used up; stopping")
+            break
+        if rnd > 0:  # the query rule: the only part that differs from a random baseline
+            if args.strategy == "ceal":  # Sec. 4.1-4.3
+                scores, pool_dice, groups, masks = ceal_query(run, rnd, model, x, y, pool, args, rng, device)
+            else:  # random: pool_scores.csv keeps the same columns, the score left empty
+                scores, new = [""] * len(pool), common.query_random(pool, args.query, rng)
+                groups, masks, pool_dice = {"oracle-random": new}, None, scores  # same oracle budget, no pseudo-labels
+            queried = {how: [data.ids[i] for i in g] for how, g in groups.items()}
+            # the audit trail: every pool sample's score and whether it was picked; the picks as the model saw them
+            # pool_scores.csv: the score that selects, and the Dice of Fig. 5 (never used to select)
+            run.log_pool_scores(rnd, [data.ids[i] for i in pool], {"uncertainty": scores, "dice": pool_dice}, queried)
+            common.save_picks(run, rnd, model, data, x, groups,
+                              dict(zip(pool.tolist(), scores)) if args.strategy == "ceal" else None,
+                              args.batch_size, device, args.amp)
+            labeled, pseudo, pool = take_labels(target, y, groups, masks, labeled, pseudo, pool, args.pseudo_mode)
+        else:
+            queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start (all of it for "full")
+        select_s, t0 = time.time() - t0, time.time()
+        # training: 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper silent;
+        # Sec. 4.3: "the model is again trained on D^L"; the reference code continues from its weights)
+        epochs = epochs0 if rnd == 0 else args.epochs
+
+        def on_epoch(e, loss, _s):  # Figs. 7-10: validation Dice per epoch
+            vd = float(common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0].mean()) if len(val_ids) else None
+            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "val_dice": vd})
+            progress.epoch(rnd, e, epochs, loss, vd)
+            model.train()
+
+        train_idx = np.concatenate([labeled, pseudo])
+        if bool((target[at(train_idx, device)] == UNLABELLED).any()):
+            raise RuntimeError(f"round {rnd}: a training sample has no label (target {UNLABELLED}): a bug in the sets")
+        common.train(model, opt, x, target, train_idx, epochs, args.batch_size, device=device, amp=args.amp,
+                     loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
+        train_s = time.time() - t0
+
+        dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
+        val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0] if len(val_ids) else [np.nan]
+        row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
+               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
+               "val_dice": float(np.mean(val)), "oracle_queries": len(labeled) - n0, "pool_left": len(pool)}
+        run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pseudo=pseudo, pool=pool,
+                      pseudo_masks=target[torch.as_tensor(pseudo, device=device)].cpu())
+
+    panel(run, model, data, x, y, pool if len(pool) else test_ids, args, device)
+    return run.finish({"paper_dice": {"isic2017": 0.77, "lgg": 0.58}.get(args.data)})
 
 
 if __name__ == "__main__":

@@ -313,6 +313,64 @@ def paper_split(n):
     return [n - val - test, val, test]
 
 
+def split_and_steps(run, data, args):
+    """The seeded split (a folder: paper_split's shares, Sec. IV-A), the initial set and the step size
+    (common.split_data), the step count until the training pool is used up, and the check of --initial and
+    --query; all recorded in config.json. Returns the train, validation and test indices."""
+    # Sec. IV-A: 10 random images, then +10 per step, of the 139 training images (the same shares elsewhere)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 10, 10, 139,
+                                                     split=paper_split(len(data)) if args.data == "folder" else None)
+    if not 1 <= args.initial <= len(train_ids) or args.query < 1:
+        raise common.UserError(f"--initial {args.initial} / --query {args.query}: need 1 <= --initial <= the "
+                               f"training pool ({len(train_ids)}) and --query >= 1")
+    if args.rounds is None:  # steps until the training pool is used up
+        args.rounds = math.ceil((len(train_ids) - args.initial) / args.query)
+    run.update_config(args)  # and the step count
+    return train_ids, val_ids, test_ids
+
+
+def query(run, rnd, model, data, x, y, pool, args, device, rng):
+    """One selection step (Sec. III-B): score the pool with the model of the previous step, query args.query
+    images (dsal: by the mean head agreement, select(); random: at random), and log the pool's scores, the
+    picks and Fig. 3's numbers of the step (R-DSC against each proxy). Returns (the picks, the name they are
+    logged under, the Fig. 3 numbers, the selection time)."""
+    t0 = time.time()
+    s = score_pool(model, x, y, pool, args, device)  # every strategy: Fig. 3 is about the model
+    if args.strategy == "dsal":
+        new = select(pool, s["score"], args.query, args.select, rng)
+    else:
+        t0 = time.time()  # random does not need the scores: its selection time excludes them
+        new = common.query_random(pool, args.query, rng)
+    select_s = time.time() - t0
+    how = f"oracle-{args.strategy}" + (f"-{args.select}" if args.strategy == "dsal" else "")
+    chosen = np.isin(pool, new)
+    fig3 = {"pool_scored": len(pool), "rho_l_dsc": spearman(s["r_dsc"], s["l_dsc"]),
+            "rho_m_dsc": spearman(s["r_dsc"], s["m_dsc"]), "rho_mean": spearman(s["r_dsc"], s["score"]),
+            "pool_dice": float(s["r_dsc"].mean()), "queried_dice": float(s["r_dsc"][chosen].mean()),
+            "queried_score": float(s["score"][chosen].mean())}
+    # the rule's score (mean) with its two terms, and R-DSC for Fig. 3 (it never selects)
+    run.log_pool_scores(rnd, [data.ids[i] for i in pool], {"mean": s["score"], "l_dsc": s["l_dsc"],
+                                                           "m_dsc": s["m_dsc"], "r_dsc": s["r_dsc"]},
+                        {how: [data.ids[i] for i in new]})
+    # picks/round_<rnd>.png, with the model that scored the pool (before this step's training)
+    common.save_picks(run, rnd, model, data, x, {how: new}, dict(zip(pool.tolist(), s["score"])),
+                      args.batch_size, device, args.amp)
+    return new, how, fig3, select_s
+
+
+def summary(run, n_train):
+    """summary.json's own entries: the optimiser steps, the labelled fraction of the training set of n_train, the
+    mean Spearman rho of each proxy over the steps (Fig. 3), and the paper's numbers beside them."""
+    rows = run.read_csv("rounds.csv")
+    rho = {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in ("rho_l_dsc", "rho_m_dsc", "rho_mean")}
+    return {
+        "steps": int(rows[-1]["steps"]),
+        "training_set": n_train, "fraction_labeled": int(rows[-1]["labeled"]) / n_train,
+        "mean_rho": {k: float(np.nanmean(v)) if len(v) and not np.isnan(v).all() else None for k, v in rho.items()},
+        "paper": {"annotations_for_full_dice": 60, "fraction_for_full_dice": 0.4316,  # Fig. 4, Sec. IV-B
+                  "fig3_rank_regression_coefficients": {"l_dsc": 0.80, "m_dsc": 0.73, "mean": 0.80}}}  # Fig. 3
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.tables:
@@ -325,15 +383,10 @@ def main(argv=None):
     data = make_fingerbones(n or 160, args.image_size, args.seed) if args.data == "synthetic" else \
         common.load_data(args.data, args.data_dir, args.image_size, in_ch, args.seed, n=n, workers=args.workers)
     data.x = normalise(data.x, args.normalise)
-    # Sec. IV-A: 10 random images, then +10 per step, of the 139 training images (the same shares elsewhere)
-    train_ids, val_ids, test_ids = common.split_data(run, data, args, 10, 10, 139,
-                                                     split=paper_split(len(data)) if args.data == "folder" else None)
-    if args.rounds is None:  # steps until the training pool is used up
-        args.rounds = math.ceil((len(train_ids) - args.initial) / args.query)
-    if not 1 <= args.initial <= len(train_ids) or args.query < 1:
-        raise common.UserError(f"--initial {args.initial} / --query {args.query}: need 1 <= --initial <= the "
-                               f"training pool ({len(train_ids)}) and --query >= 1")
-    run.update_config(args)  # and the step count
+    train_ids, val_ids, test_ids = split_and_steps(run, data, args)
+    # --strategy full: the whole training set for the AL run's optimiser steps (whole epochs, then one partial
+    # epoch on a random subset), as region_uncertainty.py's full baseline (its paper, Sec. V-A) does
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids))
     x, y = common.to_device(data, device)
 
     # ---- model, optimiser, sets ----
@@ -342,56 +395,30 @@ def main(argv=None):
     loss_fn = lambda out, t: ds_loss(out, t, args.ds_stages, args.ds_weights, args.loss == "ce+dice")
     rng = np.random.default_rng([args.seed, 1])  # initial set and random queries
     gen = torch.Generator().manual_seed(args.seed)  # batch order
-    # --strategy full: the whole training set for the AL run's optimiser steps (whole epochs, then one partial
-    # epoch on a random subset), as region_uncertainty.py's full baseline (its paper, Sec. V-A) does
-    rounds, epochs0, steps_full = common.ceiling(args, len(train_ids))
-    full = steps_full is not None
-    n_initial = len(train_ids) if full else args.initial
-    labeled = rng.choice(train_ids, n_initial, replace=False)
+    n0 = len(train_ids) if steps is not None else args.initial
+    labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
-    steps = 0  # optimiser steps so far
+    steps_done = 0  # optimiser steps so far
     start, state = run.resume(model, opt, rng, gen)
     if state:
-        labeled, pool, steps = state["labeled"], state["pool"], state["steps"]
+        labeled, pool, steps_done = state["labeled"], state["pool"], state["steps"]
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0, args.epochs,
-                                                         len(train_ids) - n_initial, args.strategy == "dsal"))
+                               plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n0, args.strategy == "dsal"))
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. III-B): score the pool with the model of the previous step ----
         queried, fig3 = {}, {}
-        if rnd > 0 and len(pool) == 0:
-            print(f"round {rnd}: the training set is used up; stopping")
-            break
         if rnd > 0:
-            t0 = time.time()
-            s = score_pool(model, x, y, pool, args, device)  # every strategy: Fig. 3 is about the model
-            if args.strategy == "dsal":
-                new = select(pool, s["score"], args.query, args.select, rng)
-            else:
-                t0 = time.time()  # random does not need the scores: its selection time excludes them
-                new = common.query_random(pool, args.query, rng)
-            select_s = time.time() - t0
-            how = f"oracle-{args.strategy}" + (f"-{args.select}" if args.strategy == "dsal" else "")
+            if len(pool) == 0:
+                print(f"round {rnd}: the training set is used up; stopping")
+                break
+            new, how, fig3, select_s = query(run, rnd, model, data, x, y, pool, args, device, rng)
             queried[how] = [data.ids[i] for i in new]
-            chosen = np.isin(pool, new)
-            fig3 = {"pool_scored": len(pool), "rho_l_dsc": spearman(s["r_dsc"], s["l_dsc"]),
-                    "rho_m_dsc": spearman(s["r_dsc"], s["m_dsc"]), "rho_mean": spearman(s["r_dsc"], s["score"]),
-                    "pool_dice": float(s["r_dsc"].mean()), "queried_dice": float(s["r_dsc"][chosen].mean()),
-                    "queried_score": float(s["score"][chosen].mean())}
-            # the rule's score (mean) with its two terms, and R-DSC for Fig. 3 (it never selects)
-            run.log_pool_scores(rnd, [data.ids[i] for i in pool], {"mean": s["score"], "l_dsc": s["l_dsc"],
-                                                                   "m_dsc": s["m_dsc"], "r_dsc": s["r_dsc"]},
-                                {how: queried[how]})
-            # picks/round_<rnd>.png, with the model that scored the pool (before this step's training)
-            common.save_picks(run, rnd, model, data, x, {how: new}, dict(zip(pool.tolist(), s["score"])),
-                              args.batch_size, device, args.amp)
-            labeled = np.concatenate([labeled, new])
-            pool = np.setdiff1d(pool, new)
+            labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # the initial labelled set (random, Sec. IV-A), or the whole training set for --strategy full
-            select_s = 0.0
-            how = "full" if full else "initial-random"
+            select_s, how = 0.0, "full" if steps is not None else "initial-random"
             queried[how] = [data.ids[i] for i in labeled]
             common.save_picks(run, rnd, model, data, x, {how: labeled}, None, args.batch_size, device, args.amp)
 
@@ -404,8 +431,8 @@ def main(argv=None):
             progress.epoch(rnd, e, epochs, loss)
 
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=loss_fn, generator=gen, steps=steps_full, on_epoch=on_epoch)
-        steps += steps_full or epochs * math.ceil(len(labeled) / args.batch_size)
+                     loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
+        steps_done += steps or epochs * math.ceil(len(labeled) / args.batch_size)
         train_s = time.time() - t0
 
         # ---- evaluation on the test set (final head); the round is written before anything else ----
@@ -413,22 +440,16 @@ def main(argv=None):
         val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0] if len(val_ids) else [np.nan]
         row = {"round": rnd, "labeled": len(labeled), "pseudo": 0, "dice_mean": float(dice.mean()),
                "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "val_dice": float(np.mean(val)), "pool_left": len(pool), "steps": steps}
+               "val_dice": float(np.mean(val)), "pool_left": len(pool), "steps": steps_done}
         row.update({k: fig3.get(k) for k in ("pool_scored", "rho_l_dsc", "rho_m_dsc", "rho_mean", "pool_dice",
                                               "queried_dice", "queried_score")})
-        rows = run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool, steps=steps)
+        rows = run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,
+                             steps=steps_done)
         if fig3:
             figures(run, rows)
 
-    rows = run.read_csv("rounds.csv")
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
-    rho = {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in ("rho_l_dsc", "rho_m_dsc", "rho_mean")}
-    return run.finish({
-        "steps": int(rows[-1]["steps"]),
-        "training_set": len(train_ids), "fraction_labeled": int(rows[-1]["labeled"]) / len(train_ids),
-        "mean_rho": {k: float(np.nanmean(v)) if len(v) and not np.isnan(v).all() else None for k, v in rho.items()},
-        "paper": {"annotations_for_full_dice": 60, "fraction_for_full_dice": 0.4316,  # Fig. 4, Sec. IV-B
-                  "fig3_rank_regression_coefficients": {"l_dsc": 0.80, "m_dsc": 0.73, "mean": 0.80}}})  # Fig. 3
+    return run.finish(summary(run, len(train_ids)))
 
 
 # ----------------------------------------------------------------------------------------------------------

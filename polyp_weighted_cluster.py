@@ -328,6 +328,43 @@ def select(args, model, x, y, labeled, pool, device, rng):
 # ----------------------------------------------------------------------------------------------------------
 # The active-learning loop
 # ----------------------------------------------------------------------------------------------------------
+def fdl_training(run, progress, rnd, epochs, args, x, pool, gen_u, device):
+    """Training with L = L_seg + lambda_c L_fdl (Eq. 5-7, Sec. 2.2-2.3): L_fdl on unlabelled batches of the pool,
+    drawn with gen_u, for the strategies that use it (FDL_STRATEGIES) after the initial training (--fdl-initial:
+    also in it). Returns common.train's extra_loss (None: L_seg alone) and on_epoch, which writes each epoch's
+    loss and mean L_fdl to epochs.csv."""
+    use_fdl = (args.strategy in FDL_STRATEGIES and (rnd > 0 or args.fdl_initial) and len(pool) > 0
+               and args.lam > 0)  # --lam 0 trains exactly as w/o DIS (no extra forward through BatchNorm)
+    fdl_log = []
+    pool_t = torch.as_tensor(pool, device=device, dtype=torch.long)
+
+    def extra_loss(model):  # Eq. 5 on an unlabelled batch gathered by index from the device-resident pool
+        b = pool_t[torch.randperm(len(pool_t), generator=gen_u)[: args.batch_size].to(device)]
+        xu = common.to_input(x[b]).contiguous(memory_format=common.memory_format(device))
+        loss = discrepancy_loss(model, xu, args.delta, args.fdl_grad_through_mask)
+        fdl_log.append(loss.detach())
+        return args.lam * loss  # Eq. 7
+
+    def on_epoch(e, loss, _s):
+        fdl = torch.stack(fdl_log).mean().item() if fdl_log else 0.0
+        fdl_log.clear()
+        run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "fdl": fdl})
+        progress.epoch(rnd, e, epochs, loss)
+
+    return extra_loss if use_fdl else None, on_epoch
+
+
+def summary(run, args):
+    """summary.json's own entries, the final mIoU beside the paper's CVC-ClinicDB numbers at 180 labelled (Table 1;
+    Table 2's mIoU for the ablations), and the end of the last line: run.finish's two arguments."""
+    rows = run.read_csv("rounds.csv")
+    paper = PAPER_TABLE1.get((180, args.strategy), (PAPER_TABLE2[args.strategy][-1] / 100, None)
+                             if args.strategy in PAPER_TABLE2 else (None, None))
+    return ({"final_miou": float(rows[-1]["miou_mean"]),  # Tables 1-2, CVC-ClinicDB, 180 labelled
+             "paper_cvc_180": {"miou": paper[0], "dice": paper[1]}},
+            f" miou {float(rows[-1]['miou_mean']):.4f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.tables:
@@ -365,21 +402,19 @@ def main(argv=None):
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. 2.1) ----
-        t0 = time.time()
-        queried, info, select_s = {}, None, 0.0
+        t0, queried, info, select_s = time.time(), {}, None, 0.0
         if rnd > 0:
             if len(pool) == 0:
                 print(f"round {rnd}: the unlabelled pool is used up; stopping")
                 break
             pos, info = select(args, model, x, y, labeled, pool, device, rng)
-            select_s = time.time() - t0
+            new, select_s = pool[pos], time.time() - t0
             assert len(set(pos.tolist())) == len(pos), "a sample was queried twice"
-            queried[f"oracle-{args.strategy}"] = [data.ids[i] for i in pool[pos]]
+            queried[f"oracle-{args.strategy}"] = [data.ids[i] for i in new]
             log_pool(run, rnd, data, pool, pos, info)
-            common.save_picks(run, rnd, model, data, x, {f"oracle-{args.strategy}": pool[pos]},
-                              dict(zip(pool[pos].tolist(), info["rule"][pos])), args.batch_size, device, args.amp)
-            labeled = np.concatenate([labeled, pool[pos]])
-            pool = np.setdiff1d(pool, pool[pos])
+            common.save_picks(run, rnd, model, data, x, {f"oracle-{args.strategy}": new},
+                              dict(zip(new.tolist(), info["rule"][pos])), args.batch_size, device, args.amp)
+            labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:
             # the seeded random start (paper silent: random), or the whole pool for the ceiling
             queried["full" if steps else "initial"] = [data.ids[i] for i in labeled]
@@ -387,28 +422,10 @@ def main(argv=None):
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
         t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
-        use_fdl = (args.strategy in FDL_STRATEGIES and (rnd > 0 or args.fdl_initial) and len(pool) > 0
-                   and args.lam > 0)  # --lam 0 trains exactly as w/o DIS (no extra forward through BatchNorm)
-        fdl_log = []
-        pool_t = torch.as_tensor(pool, device=device, dtype=torch.long)
-
-        def extra_loss(model):  # Eq. 5 on an unlabelled batch gathered by index from the device-resident pool
-            b = pool_t[torch.randperm(len(pool_t), generator=gen_u)[: args.batch_size].to(device)]
-            xu = common.to_input(x[b]).contiguous(memory_format=common.memory_format(device))
-            loss = discrepancy_loss(model, xu, args.delta, args.fdl_grad_through_mask)
-            fdl_log.append(loss.detach())
-            return args.lam * loss  # Eq. 7
-
-        def on_epoch(e, loss, _s):
-            fdl = torch.stack(fdl_log).mean().item() if fdl_log else 0.0
-            fdl_log.clear()
-            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "fdl": fdl})
-            progress.epoch(rnd, e, epochs, loss)
-
+        extra_loss, on_epoch = fdl_training(run, progress, rnd, epochs, args, x, pool, gen_u, device)
         # the ceiling (steps): no pool left, so no L_fdl: the U-Net on the whole pool with L_seg alone
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=common.bce_dice_loss, extra_loss=extra_loss if use_fdl else None, generator=gen,
-                     steps=steps, on_epoch=on_epoch)
+                     loss_fn=common.bce_dice_loss, extra_loss=extra_loss, generator=gen, steps=steps, on_epoch=on_epoch)
         train_s = time.time() - t0
 
         # ---- evaluation on the test set (mIoU and Dice, Table 1); the round is written first ----
@@ -424,13 +441,9 @@ def main(argv=None):
         run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,
                       rng_unlabeled=gen_u.get_state())
 
-    rows = run.read_csv("rounds.csv")
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
-    paper = PAPER_TABLE1.get((180, args.strategy), (PAPER_TABLE2[args.strategy][-1] / 100, None)
-                             if args.strategy in PAPER_TABLE2 else (None, None))
-    return run.finish({"final_miou": float(rows[-1]["miou_mean"]),  # Tables 1-2, CVC-ClinicDB, 180 labelled
-                       "paper_cvc_180": {"miou": paper[0], "dice": paper[1]}},
-                      f" miou {float(rows[-1]['miou_mean']):.4f}")
+    return run.finish(*summary(run, args))
+
 
 def log_pool(run, rnd, data, pool, pos, info):
     """pool_scores.csv (per pool sample: I(x), entropy, and the score of the strategy's own rule, with the group

@@ -51,6 +51,8 @@ DEFAULTS = {
 }
 STRATEGIES = ["least-confidence", "entropy", "mc-dropout", "random", "full"]
 UNLABELLED = 255  # training-target value of a pixel nobody has labelled (masks are 0/1)
+LOSSES = {"bce+dice": common.bce_dice_loss, "dice": common.soft_dice_loss,  # --loss (paper silent)
+          "bce": lambda o, t: F.binary_cross_entropy_with_logits(o.float().squeeze(1), t.float())}
 
 # Paper numbers (Dice as a fraction) for the tables and summary.json.
 PAPER_TABLE1 = {"random": (0.87, 0.85), "full": (0.84, 0.83), "least-confidence": (0.88, 0.87),  # (val, test)
@@ -231,11 +233,46 @@ def build_model(args, device):
     return common.prepare_model(model, device, args.compile)
 
 
+def annotate(model, x, gt, new, partial, args, device):
+    """The oracle's step for the images queried this round (gt: their masks). Full annotation: the oracle labels
+    every pixel. With partial (Sec. III-B, Steps 2a-2c): the oracle labels the uncertain pixels, the model's
+    prediction binarised at tau_b the rest. Returns their training targets and the row's annotation numbers:
+    % of pixels annotated positive and % to verify (Table II, Fig. 5), and the Dice of the targets."""
+    if partial:  # Sec. III-B: oracle on the uncertain pixels, the model on the rest
+        p = common.predict(model, x, new, args.batch_size, device, args.amp)
+        t, uncertain = partial_annotation(p, gt, args.tau_u, args.tau_b)
+        pct_positive, pct_verify = annotation_percentages(uncertain, gt)
+        target_dice = float(common.dice_iou(t, gt)[0].mean())  # how good the mixed labels are
+        return t, {"pct_positive": pct_positive, "pct_verify": pct_verify, "target_dice": target_dice}
+    # the oracle annotates every pixel
+    return gt, {"pct_positive": 100.0 * float((gt > 0).float().mean()), "pct_verify": 100.0, "target_dice": 1.0}
+
+
+def restore_targets(target, y, labeled, partial_ids, partial_masks, device):
+    """--resume: the training targets of the labelled images, the oracle's masks and, for the partially
+    annotated images (Sec. III-B), the saved oracle + model masks."""
+    oracle_ids = torch.as_tensor(np.setdiff1d(labeled, partial_ids), device=device)
+    target[oracle_ids] = y[oracle_ids]
+    target[torch.as_tensor(partial_ids, device=device)] = partial_masks.to(device)
+
+
+def summary(run, args):
+    """summary.json's entries beyond the shared ones, and the end of the last line: the last validation Dice, the
+    step count, Table II's mean percentages over the AL iterations, and the paper's test Dice for this setting
+    (Table I, or Table II with --partial)."""
+    rows = run.read_csv("rounds.csv")
+    paper = PAPER_TABLE2.get((args.tau_u, args.tau_b)) if args.partial else PAPER_TABLE1.get(args.strategy)
+    return ({"final_val_dice": float(rows[-1]["val_dice"]), "steps": int(rows[-1]["steps"]),
+             "mean_pct_positive": float(np.mean([float(r["pct_positive"]) for r in (rows[1:] or rows)])),  # Table II
+             "mean_pct_verify": float(np.mean([float(r["pct_verify"]) for r in (rows[1:] or rows)])),
+             "paper_test_dice": None if args.data != "isic2018" or paper is None else paper[0 if args.partial else 1]},
+            f" (val {float(rows[-1]['val_dice']):.4f})")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.tables:
-        print_tables(args.tables)
-        return None
+        return print_tables(args.tables)
     run, device = common.Run.start(__file__, args)
 
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
@@ -244,45 +281,34 @@ def main(argv=None):
     # other data: the ISIC 2018 shares, 128 cold-start images and 32 per iteration of the 2594 pool (Sec. IV-D)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 128, 32, 2594)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # Sec. V-A: the full baseline gets the AL run's steps
     x, y = common.to_device(data, device)
     # The training target, written when a sample is labelled: the oracle's mask, or with --partial oracle + model
     # (Sec. III-B). Unlabelled samples hold UNLABELLED, never a copy of the ground truth, so a target that was not
     # written is caught before training (below) instead of silently being the ground truth.
     target = torch.full_like(y, UNLABELLED)
 
-    # ---- model, optimiser, sets ----
     model = build_model(args, device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    loss_fn = {"bce+dice": common.bce_dice_loss, "dice": common.soft_dice_loss,
-               "bce": lambda o, t: F.binary_cross_entropy_with_logits(o.float().squeeze(1), t.float())}[args.loss]
-    augment = None if args.no_augment else make_augment()
-    rng = np.random.default_rng([args.seed, 1])  # query draws
-    gen = torch.Generator().manual_seed(args.seed)  # batch order
-    rounds, epochs0, steps_full = common.ceiling(args, len(train_ids))  # --strategy full (Sec. V-A)
-    full = steps_full is not None
-    n_initial = len(train_ids) if full else args.initial
-    labeled = rng.choice(train_ids, n_initial, replace=False)  # Sec. IV-D: random cold start
+    loss_fn, augment = LOSSES[args.loss], None if args.no_augment else make_augment()
+    rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)  # queries; batch order
+    n0 = len(train_ids) if steps else args.initial
+    labeled = rng.choice(train_ids, n0, replace=False)  # Sec. IV-D: random cold start
     pool = np.setdiff1d(train_ids, labeled)
-    partial_ids = np.zeros(0, np.int64)  # images whose target is part oracle, part model
-    steps = 0  # optimiser steps so far
+    partial_ids, steps_done = np.zeros(0, np.int64), 0  # images whose target is part oracle, part model; steps so far
     start, state = run.resume(model, opt, rng, gen)
     if state:
-        labeled, pool, partial_ids, steps = state["labeled"], state["pool"], state["partial_ids"], state["steps"]
-        oracle_ids = torch.as_tensor(np.setdiff1d(labeled, partial_ids), device=device)
-        target[oracle_ids] = y[oracle_ids]
-        target[torch.as_tensor(partial_ids, device=device)] = state["partial_masks"].to(device)
+        labeled, pool, partial_ids, steps_done = state["labeled"], state["pool"], state["partial_ids"], state["steps"]
+        restore_targets(target, y, labeled, partial_ids, state["partial_masks"], device)
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(n_initial, args.query, rounds, epochs0, args.epochs,
-                                                         len(train_ids) - n_initial, args.strategy not in ("random", "full")))
+                               plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - n0, args.strategy not in ("random", "full")))
 
     for rnd in range(start, rounds + 1):
         # ---- selection (Sec. III-A) and annotation (Sec. III-B) ----
-        t0 = time.time()
-        scores, score_of = {}, None  # random (and the cold start) use no score
-        if rnd == 0:  # the random cold start (or, for the full baseline, the whole training set)
-            new, how = labeled, "oracle-full" if full else "oracle-initial"
-        else:
+        t0, scores, score_of = time.time(), {}, None  # random (and the cold start) use no score
+        if rnd > 0:  # the query rule: the only part that differs from a random baseline
             if len(pool) == 0:
                 print(f"round {rnd}: the unlabelled pool is used up; stopping")
                 break
@@ -295,26 +321,18 @@ def main(argv=None):
             how = "oracle-partial" if args.partial else "oracle"
             # every pool image of this round, its score and whether it was picked: the rule checked from the folder
             run.log_pool_scores(rnd, [data.ids[i] for i in pool], scores, {how: [data.ids[i] for i in new]})
-            labeled = np.concatenate([labeled, new])
-            pool = np.setdiff1d(pool, new)
+            labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
+        else:  # the random cold start (or, for the full baseline, the whole training set)
+            new, how = labeled, "oracle-full" if steps else "oracle-initial"
         new_t = torch.as_tensor(new, device=device)
-        if rnd > 0 and args.partial:  # Sec. III-B: oracle on the uncertain pixels, the model on the rest
-            p = common.predict(model, x, new, args.batch_size, device, args.amp)
-            t, uncertain = partial_annotation(p, y[new_t], args.tau_u, args.tau_b)
-            target[new_t] = t
-            pct_positive, pct_verify = annotation_percentages(uncertain, y[new_t])
-            target_dice = float(common.dice_iou(t, y[new_t])[0].mean())  # how good the mixed labels are
-            partial_ids = np.concatenate([partial_ids, new])
-        else:  # the oracle annotates every pixel
-            target[new_t] = y[new_t]
-            pct_positive, pct_verify, target_dice = 100.0 * float((y[new_t] > 0).float().mean()), 100.0, 1.0
+        target[new_t], annotation = annotate(model, x, y[new_t], new, rnd > 0 and args.partial, args, device)
+        partial_ids = np.concatenate([partial_ids, new]) if rnd > 0 and args.partial else partial_ids
         if bool((target[torch.as_tensor(labeled, device=device)] == UNLABELLED).any()):
             raise RuntimeError(f"round {rnd}: a labelled image has no training target (a bug, not your input)")
         queried = {how: [data.ids[i] for i in new]}
         select_s = time.time() - t0
         # picks/round_<rnd>.png: what the rule asked for (with --partial: the images the oracle partly annotates)
         common.save_picks(run, rnd, model, data, x, {how: new}, score_of, args.batch_size, device, args.amp)
-
         # ---- training: fine-tune on all labelled images, 10 epochs per iteration (Sec. IV-D, V-A) ----
         t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
@@ -323,10 +341,9 @@ def main(argv=None):
             run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
             progress.epoch(rnd, e, epochs, loss)
 
-        # Sec. V-A: the full baseline gets the AL run's step count exactly (steps_full)
         common.train(model, opt, x, target, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=loss_fn, augment=augment, generator=gen, steps=steps_full, on_epoch=on_epoch)
-        steps += steps_full or epochs * math.ceil(len(labeled) / args.batch_size)
+                     loss_fn=loss_fn, augment=augment, generator=gen, steps=steps, on_epoch=on_epoch)
+        steps_done += steps or epochs * math.ceil(len(labeled) / args.batch_size)
         train_s = time.time() - t0
 
         # ---- validation (100 images, every iteration) and test Dice; the round is written first ----
@@ -334,21 +351,15 @@ def main(argv=None):
         val_dice, _ = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)
         row = {"round": rnd, "labeled": len(labeled), "pseudo": len(partial_ids), "dice_mean": float(dice.mean()),
                "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "val_dice": float(val_dice.mean()), "val_dice_std": float(val_dice.std()),
-               "pct_positive": pct_positive, "pct_verify": pct_verify, "target_dice": target_dice, "steps": steps}
+               "val_dice": float(val_dice.mean()), "val_dice_std": float(val_dice.std()), **annotation,
+               "steps": steps_done}
         figures(run, run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,
-                                   partial_ids=partial_ids, steps=steps,
+                                   partial_ids=partial_ids, steps=steps_done,
                                    partial_masks=target[torch.as_tensor(partial_ids, device=device)].cpu()))
 
-    rows = run.read_csv("rounds.csv")
     panel(run, model, data, x, y, pool if len(pool) else test_ids, args, device)
-    paper = PAPER_TABLE2.get((args.tau_u, args.tau_b)) if args.partial else PAPER_TABLE1.get(args.strategy)
-    return run.finish({
-        "final_val_dice": float(rows[-1]["val_dice"]), "steps": int(rows[-1]["steps"]),
-        "mean_pct_positive": float(np.mean([float(r["pct_positive"]) for r in (rows[1:] or rows)])),  # Table II
-        "mean_pct_verify": float(np.mean([float(r["pct_verify"]) for r in (rows[1:] or rows)])),
-        "paper_test_dice": None if args.data != "isic2018" or paper is None else paper[0 if args.partial else 1]},
-        f" (val {float(rows[-1]['val_dice']):.4f})")
+    return run.finish(*summary(run, args))
+
 
 def figures(run, rows):
     """Fig. 4 (Dice against annotated images, validation and test) and Fig. 5 (Dice and the percentages of

@@ -611,47 +611,41 @@ def minmax_uint8(x):
     return np.round((x - lo) * 255 / np.maximum(hi - lo, 1)).astype(np.uint8)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.tables:
-        return tables(args)
-    run, device = common.Run.start(__file__, args)
-
-    # ---- data: grayscale (Sec. IV-A; --channels 3 for RGB), min-max normalised; ISIC 2017: pool and test from the
-    # 2000 training images ----
-    data = common.load_data(args.data, args.data_dir, args.image_size, args.channels, args.seed,
-                            n=sum(args.split) if args.split else None, workers=args.workers)
+# ----------------------------------------------------------------------------------------------------------
+# The steps of main() particular to this script, in the order main() runs them
+# ----------------------------------------------------------------------------------------------------------
+def prepare_data(data, args):
+    """Sec. IV-A: ISIC 2017's pool and test set are drawn from its 2000 training images (the official
+    validation and test sets are left out); every image min-max normalised (minmax_uint8)."""
     if args.data == "isic2017" and "train" in data.official:
         data = data.subset(data.official["train"])  # Sec. IV-A: 1600 pool + 400 test drawn from the 2000
         data.official = {}
     data.x = minmax_uint8(data.x)
-    # other data: the ISIC shares, C = 300 and +35 of the 1600 pool (Sec. IV-A)
-    train_ids, val_ids, test_ids = common.split_data(run, data, args, 300, 35, 1600)
-    common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # --strategy full: the ceiling
+    return data
+
+
+def pretrain_or_load(run, data, x, train_ids, args, device):
+    """Sec. III-A: the self-supervised U-Net, pre-trained here on the unlabelled pool (Eq. 1; pretrain()) or
+    loaded from --ssl-weights (or from this run's ssl_weights.pt on --resume). Returns (its state dict, the
+    pre-training losses, the seconds it took)."""
+    t0 = time.time()
     pool_ids = [data.ids[i] for i in train_ids]
-    x, y = common.to_device(data, device)
-    # the training target: SENTINEL until the oracle reveals the ground truth or the model gives a pseudo-label
-    target = torch.full_like(y, SENTINEL)
+    saved = args.ssl_weights or run.path("ssl_weights.pt")
+    if args.ssl_weights and not os.path.isfile(args.ssl_weights):
+        raise common.UserError(f"--ssl-weights {args.ssl_weights}: file not found (expected the ssl_weights.pt "
+                               f"of an earlier run)")
+    if os.path.isfile(saved):
+        ssl_state, ssl_losses = load_ssl_weights(saved, args, pool_ids)
+        print(f"ssl: weights from {saved}")
+    else:
+        ssl_state, ssl_losses = pretrain(run, x, train_ids, pool_ids, args, device)
+    return ssl_state, ssl_losses, time.time() - t0
 
-    # ---- Sec. III-A: self-supervised pre-training on the unlabelled pool (or its weights, reused) ----
-    uses_clusters = "cluster" in (args.strategy, args.cold_start)
-    ssl_state, ssl_losses, ssl_s = None, [], 0.0
-    if args.ssl_init or uses_clusters:
-        t0 = time.time()
-        saved = args.ssl_weights or run.path("ssl_weights.pt")
-        if args.ssl_weights and not os.path.isfile(args.ssl_weights):
-            raise common.UserError(f"--ssl-weights {args.ssl_weights}: file not found (expected the ssl_weights.pt "
-                                   f"of an earlier run)")
-        if os.path.isfile(saved):
-            ssl_state, ssl_losses = load_ssl_weights(saved, args, pool_ids)
-            print(f"ssl: weights from {saved}")
-        else:
-            ssl_state, ssl_losses = pretrain(run, x, train_ids, pool_ids, args, device)
-        ssl_s = time.time() - t0
-    common.seed_everything(args.seed + 1, args.deterministic)  # what follows is the same whether SSL ran or loaded
 
-    # ---- models (Sec. III-C), optimisers, sets ----
+def build_models(ssl_state, args, device):
+    """Sec. III-C: the segmentation U-Net, started from the self-supervised weights with --ssl-init
+    (init_from_ssl), and for ens-s / ens-js / suggestive (Fig. 2 comparators) the --ensemble-size members.
+    Returns (model, members)."""
     net = lambda: common.prepare_model(UNet(args.channels, 1, args.width, up=args.up, dropout=args.dropout,
                                             dropout_at="bottleneck",
                                             deep_supervision=DSAL_STAGES if args.strategy == "dsal" else ()),
@@ -662,21 +656,138 @@ def main(argv=None):
     # ensemble members: each from its own random initialisation (the diversity an ensemble needs; SSL weights
     # would start them all from one point), trained on bootstrap resamples; they only score the pool
     members = [net() for _ in range(args.ensemble_size if args.strategy in ("ens-s", "ens-js", "suggestive") else 0)]
+    return model, members
+
+
+def resume_sets(state, members, opts, target, y, device):
+    """--resume: the ensemble members and their optimisers, and the training targets (the ground truth of the
+    labelled set, the saved masks of the pseudo-labelled one; target is changed in place) of the last finished
+    round. Returns (labeled, pseudo, pool, clusters)."""
+    for m, o, s in zip(members, opts, state["members"]):
+        m.load_state_dict(s["model"])
+        o.load_state_dict(s["opt"])
+    labeled, pseudo, pool, clusters = state["labeled"], state["pseudo"], state["pool"], state["clusters"]
+    target[torch.as_tensor(labeled, device=device)] = y[torch.as_tensor(labeled, device=device)]
+    target[torch.as_tensor(pseudo, device=device)] = state["pseudo_masks"].to(device)
+    return labeled, pseudo, pool, clusters
+
+
+def cluster_pool(run, data, ssl_state, x, train_ids, args, device):
+    """Sec. III-B, once before the cold start: the self-supervised features of the whole pool (ssl_features)
+    clustered by K-means (Eq. 2, cluster_ranking); writes clusters.csv and clusters.png. Returns (labels, rank,
+    distance) over train_ids."""
+    feats = ssl_features(ssl_state, x, train_ids, args, device)
+    clusters = cluster_ranking(feats, args.clusters, args.seed)
+    write_clusters(run, data, train_ids, clusters)
+    return clusters
+
+
+def select(way, rnd, model, members, x, pool, train_ids, clusters, args, device, rng):
+    """One round's picks by `way`: the cluster ranking (Sec. III-B: the cold start, N_Ci = ceil(C x N_i / N)
+    nearest the centroid first, then its continuation), random, the whole pool (full) or a Fig. 2 comparator
+    (query). Returns ({how: dataset indices}, {pool_scores.csv column: value per pool sample}, {dataset index:
+    score} for picks/round_K.png or None, {"score_selected", "score_pool"} for rounds.csv, the pseudo-labels'
+    masks or None)."""
+    queried, scores, score_sel, pseudo_masks = {}, None, float("nan"), None
+    n_new = args.initial if rnd == 0 else args.query
+    uses_clusters = clusters is not None  # main() clusters the pool at round 0 exactly when it uses clusters
+    cols = {c: [""] * len(pool) for c in SCORE_COLUMNS["cluster"] * uses_clusters + SCORE_COLUMNS[args.strategy]}
+    if uses_clusters:  # the cluster ranking of every pool sample, whatever the rule of this round
+        at = np.searchsorted(train_ids, pool)
+        cols.update(cluster=clusters[0][at], rank=clusters[1][at], distance=clusters[2][at])
+    if way == "cluster":
+        new = cluster_query(clusters[0], clusters[1], train_ids, pool, n_new)
+        score_sel = float(clusters[2][np.searchsorted(train_ids, new)].mean())  # distance to the centroid
+        queried["oracle-cluster"] = new
+        shown = dict(zip(pool.tolist(), cols["distance"]))
+    elif way == "full":  # the ceiling: the oracle labels the whole pool
+        queried["oracle-full"] = pool.copy()
+        shown = None
+    elif way == "random":
+        queried["oracle-random"] = common.query_random(pool, n_new, rng)
+        shown = None
+    else:
+        picks, score_cols, scores, masks = query(way, rnd, model, members, x, pool, args, device, rng)
+        queried = {how: pool[g] for how, g in picks.items()}
+        cols.update(score_cols)
+        score_sel = float(np.mean(scores[np.concatenate([g for how, g in picks.items() if how != "pseudo"])]))
+        shown = dict(zip(pool.tolist(), scores))
+        if "pseudo" in picks:  # their targets: the model's masks
+            pseudo_masks = masks[torch.as_tensor(picks["pseudo"], device=device)]
+    scored = {"score_selected": score_sel,
+              "score_pool": float(np.mean(scores)) if scores is not None else float("nan")}
+    return queried, cols, shown, scored, pseudo_masks
+
+
+def add_labels(queried, pseudo_masks, labeled, pseudo, pool, target, y, args, device):
+    """The round's picks join the training set: the oracle's (every `how` but "pseudo") with their ground truth,
+    the pseudo-labelled ones (CEAL Sec. 4.2; DSAL [5]) with the model's masks. target is changed in place.
+    Returns (labeled, pseudo, pool)."""
+    # the oracle reveals the ground truth; pseudo-labels are the model's masks. CEAL's pseudo-labelled samples
+    # leave the pool and stay pseudo-labelled; DSAL's are re-drawn every iteration and stay in the pool.
+    dev = lambda ids: torch.as_tensor(ids, device=device)
+    if args.strategy == "dsal" and "pseudo" in queried:
+        target[dev(pseudo)] = SENTINEL
+        pseudo = np.zeros(0, np.int64)
+    for how, ids in queried.items():
+        if how != "pseudo":
+            labeled = np.concatenate([labeled, ids])
+            target[dev(ids)] = y[dev(ids)]
+    if "pseudo" in queried:
+        pseudo = np.concatenate([pseudo, queried["pseudo"]])
+        target[dev(queried["pseudo"])] = pseudo_masks
+    leave = [ids for how, ids in queried.items() if how != "pseudo" or args.strategy != "dsal"]
+    pool = np.setdiff1d(pool, np.concatenate(leave))
+    if bool((target[dev(np.concatenate([labeled, pseudo]))] == SENTINEL).any()):
+        raise RuntimeError("a training target is still unlabelled (SENTINEL): a selection bug")
+    return labeled, pseudo, pool
+
+
+def train_members(members, opts, x, target, labeled, epochs, loss_fn, args, device, rng, gen):
+    """ens-s / ens-js / suggestive (Fig. 2 comparators): M models on bootstrap resamples of the labelled set,
+    each round as many epochs as the segmentation model (no members: nothing to do)."""
+    for m, o in zip(members, opts):
+        common.train(m, o, x, target, rng.choice(labeled, len(labeled), replace=True), epochs, args.batch_size,
+                     device=device, amp=args.amp, loss_fn=loss_fn, generator=gen)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.tables:
+        return tables(args)
+    run, device = common.Run.start(__file__, args)
+
+    # ---- data: grayscale (Sec. IV-A; --channels 3 for RGB), min-max normalised; ISIC 2017: pool and test from the
+    # 2000 training images ----
+    data = common.load_data(args.data, args.data_dir, args.image_size, args.channels, args.seed,
+                            n=sum(args.split) if args.split else None, workers=args.workers)
+    data = prepare_data(data, args)
+    # other data: the ISIC shares, C = 300 and +35 of the 1600 pool (Sec. IV-A)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 300, 35, 1600)
+    common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # --strategy full: the ceiling
+    x, y = common.to_device(data, device)
+    # the training target: SENTINEL until the oracle reveals the ground truth or the model gives a pseudo-label
+    target = torch.full_like(y, SENTINEL)
+
+    # ---- Sec. III-A: self-supervised pre-training on the unlabelled pool (or its weights, reused) ----
+    uses_clusters = "cluster" in (args.strategy, args.cold_start)
+    ssl_state, ssl_losses, ssl_s = pretrain_or_load(run, data, x, train_ids, args, device) \
+        if args.ssl_init or uses_clusters else (None, [], 0.0)
+    common.seed_everything(args.seed + 1, args.deterministic)  # what follows is the same whether SSL ran or loaded
+
+    # ---- models (Sec. III-C), optimisers, sets ----
+    model, members = build_models(ssl_state, args, device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     opts = [torch.optim.Adam(m.parameters(), lr=args.lr) for m in members]
     loss_fn = dsal_loss if args.strategy == "dsal" else common.bce_dice_loss  # Eq. 3: CE + Dice
-    rng = np.random.default_rng([args.seed, 1])     # query draws, bootstrap resamples
-    gen = torch.Generator().manual_seed(args.seed)  # batch order
+    # rng: query draws, bootstrap resamples; gen: batch order
+    rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
     labeled, pseudo, pool = np.zeros(0, np.int64), np.zeros(0, np.int64), train_ids.copy()
     clusters = None                                 # (labels, rank, dist) over train_ids
     start, state = run.resume(model, opt, rng, gen)
     if state:
-        for m, o, s in zip(members, opts, state["members"]):
-            m.load_state_dict(s["model"])
-            o.load_state_dict(s["opt"])
-        labeled, pseudo, pool, clusters = state["labeled"], state["pseudo"], state["pool"], state["clusters"]
-        target[torch.as_tensor(labeled, device=device)] = y[torch.as_tensor(labeled, device=device)]
-        target[torch.as_tensor(pseudo, device=device)] = state["pseudo_masks"].to(device)
+        labeled, pseudo, pool, clusters = resume_sets(state, members, opts, target, y, device)
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
                                plan=common.Progress.plan(len(train_ids) if steps else args.initial, args.query, rounds,
@@ -691,70 +802,27 @@ def main(argv=None):
         if rnd > 0 and len(pool) == 0:
             print(f"round {rnd}: the unlabelled pool is used up; stopping")
             break
-        queried, scores, score_sel, masks = {}, None, float("nan"), None
         if rnd == 0 and uses_clusters:
-            feats = ssl_features(ssl_state, x, train_ids, args, device)
-            clusters = cluster_ranking(feats, args.clusters, args.seed)
-            write_clusters(run, data, train_ids, clusters)
+            clusters = cluster_pool(run, data, ssl_state, x, train_ids, args, device)
         way = "full" if steps else args.cold_start if rnd == 0 else args.strategy
-        n_new = args.initial if rnd == 0 else args.query
-        cols = {c: [""] * len(pool) for c in SCORE_COLUMNS["cluster"] * uses_clusters + SCORE_COLUMNS[args.strategy]}
-        if uses_clusters:  # the cluster ranking of every pool sample, whatever the rule of this round
-            at = np.searchsorted(train_ids, pool)
-            cols.update(cluster=clusters[0][at], rank=clusters[1][at], distance=clusters[2][at])
-        if way == "cluster":
-            new = cluster_query(clusters[0], clusters[1], train_ids, pool, n_new)
-            score_sel = float(clusters[2][np.searchsorted(train_ids, new)].mean())  # distance to the centroid
-            queried["oracle-cluster"] = new
-            shown = dict(zip(pool.tolist(), cols["distance"]))
-        elif way == "full":  # the ceiling: the oracle labels the whole pool
-            queried["oracle-full"] = pool.copy()
-            shown = None
-        elif way == "random":
-            queried["oracle-random"] = common.query_random(pool, n_new, rng)
-            shown = None
-        else:
-            picks, score_cols, scores, masks = query(way, rnd, model, members, x, pool, args, device, rng)
-            queried = {how: pool[g] for how, g in picks.items()}
-            cols.update(score_cols)
-            score_sel = float(np.mean(scores[np.concatenate([g for how, g in picks.items() if how != "pseudo"])]))
-            shown = dict(zip(pool.tolist(), scores))
+        queried, cols, shown, scored, pseudo_masks = select(way, rnd, model, members, x, pool, train_ids, clusters,
+                                                            args, device, rng)
         run.log_pool_scores(rnd, [data.ids[i] for i in pool], cols,
                             {how: [data.ids[i] for i in ids] for how, ids in queried.items()})
         common.save_picks(run, rnd, model, data, x, queried, shown, args.batch_size, device, args.amp)
-        # the oracle reveals the ground truth; pseudo-labels are the model's masks. CEAL's pseudo-labelled samples
-        # leave the pool and stay pseudo-labelled; DSAL's are re-drawn every iteration and stay in the pool.
-        dev = lambda ids: torch.as_tensor(ids, device=device)
-        if args.strategy == "dsal" and "pseudo" in queried:
-            target[dev(pseudo)] = SENTINEL
-            pseudo = np.zeros(0, np.int64)
-        for how, ids in queried.items():
-            if how != "pseudo":
-                labeled = np.concatenate([labeled, ids])
-                target[dev(ids)] = y[dev(ids)]
-        if "pseudo" in queried:
-            pseudo = np.concatenate([pseudo, queried["pseudo"]])
-            target[dev(queried["pseudo"])] = masks[dev(picks["pseudo"])]
-        leave = [ids for how, ids in queried.items() if how != "pseudo" or args.strategy != "dsal"]
-        pool = np.setdiff1d(pool, np.concatenate(leave))
-        select_s = time.time() - t0
+        labeled, pseudo, pool = add_labels(queried, pseudo_masks, labeled, pseudo, pool, target, y, args, device)
+        select_s, t0 = time.time() - t0, time.time()
 
         # ---- training: fine-tuned on the enlarged labelled set, 10 epochs first, then 2 per iteration ----
-        t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
 
         def on_epoch(e, loss, _s):
             run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
             progress.epoch(rnd, e, epochs, loss)
 
-        train_ids_now = np.concatenate([labeled, pseudo])
-        if bool((target[dev(train_ids_now)] == SENTINEL).any()):
-            raise RuntimeError("a training target is still unlabelled (SENTINEL): a selection bug")
-        common.train(model, opt, x, target, train_ids_now, epochs, args.batch_size, device=device,
+        common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device,
                      amp=args.amp, loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
-        for m, o in zip(members, opts):  # ens-s / ens-js / suggestive: M models on bootstrap resamples of the labelled set
-            common.train(m, o, x, target, rng.choice(labeled, len(labeled), replace=True), epochs, args.batch_size,
-                         device=device, amp=args.amp, loss_fn=loss_fn, generator=gen)
+        train_members(members, opts, x, target, labeled, epochs, loss_fn, args, device, rng, gen)
         train_s = time.time() - t0
 
         # ---- evaluation on the test set; the round is written before anything else happens ----
@@ -762,9 +830,7 @@ def main(argv=None):
         covered = "" if clusters is None else int(len(np.unique(clusters[0][np.isin(train_ids, labeled)])))
         row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
                "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "pool_left": len(pool), "score_selected": score_sel,
-               "score_pool": float(np.mean(scores)) if scores is not None else float("nan"),
-               "clusters_covered": covered}
+               "pool_left": len(pool), **scored, "clusters_covered": covered}
         run.end_round(row, {how: [data.ids[i] for i in ids] for how, ids in queried.items()}, progress, model, opt,
                       rng, gen, members=[{"model": m.state_dict(), "opt": o.state_dict()} for m, o in zip(members, opts)],
                       labeled=labeled, pseudo=pseudo, pool=pool, clusters=clusters,
@@ -774,6 +840,7 @@ def main(argv=None):
     return run.finish({"ssl_loss_final": ssl_losses[-1] if ssl_losses else None, "ssl_s": ssl_s,
                        "ssl_weights": None if ssl_state is None else args.ssl_weights or run.path("ssl_weights.pt"),
                        "paper_dice": paper_final(args)})
+
 
 def method(a):
     """A run's column name in the tables, from its flags (a dict): the feature dimension is 16 x width x grid^2."""
