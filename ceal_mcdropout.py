@@ -258,9 +258,13 @@ def main(argv=None):
             common.save_picks(run, rnd, model, data, x, groups,
                               dict(zip(pool.tolist(), scores)) if args.strategy == "ceal" else None,
                               args.batch_size, device, args.amp)
+            common.ask_oracle(run, rnd, np.concatenate([g for how, g in groups.items() if how != "pseudo"]), data, y,
+                              model, x, args.batch_size, device, args.amp)
             labeled, pseudo, pool = take_labels(target, y, groups, masks, labeled, pseudo, pool, args.pseudo_mode)
         else:
             queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start (all of it for "full")
+            common.ask_oracle(run, rnd, labeled, data, y, model, x, args.batch_size, device, args.amp)
+            target[at(labeled, device)] = y[at(labeled, device)]
         select_s, t0 = time.time() - t0, time.time()
         # training: 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper silent;
         # Sec. 4.3: "the model is again trained on D^L"; the reference code continues from its weights)

@@ -73,6 +73,9 @@ def shared_parser(doc, strategies, defaults):
     p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last finished round")
     p.add_argument("--strategy", default=strategies[0], choices=strategies, help=f"query rule (default: {strategies[0]})")
+    p.add_argument("--oracle", default="simulated", choices=["simulated", "folder"],
+                   help="who labels the queries: simulated (the dataset's masks) or folder (a person: each round "
+                        "writes RUN_DIR/to_label/round_K/ and stops; label, then --resume RUN_DIR) (default: simulated)")
     p.add_argument("--initial", type=int, help="labelled samples before the first query; " + per_data("initial"))
     p.add_argument("--query", type=int, help="samples sent to the oracle per round; " + per_data("query"))
     p.add_argument("--rounds", type=int, help="active-learning rounds; " + per_data("rounds"))
@@ -171,6 +174,7 @@ class Data:
     groups: np.ndarray = None     # patient of each sample (lgg): splits never cut a group
     name: str = ""
     positive: np.ndarray = None   # (N,) bool: the mask has foreground at full resolution (files' own size)
+    files: list = None            # each sample's image file as found (None: made in memory, e.g. synthetic)
 
     def __len__(self):
         return len(self.ids)
@@ -182,7 +186,8 @@ class Data:
         official = {k: pos[v][pos[v] >= 0] for k, v in self.official.items()}
         return Data(self.x[keep], self.y[keep], [self.ids[i] for i in keep], official,
                     None if self.groups is None else self.groups[keep], self.name,
-                    None if self.positive is None else self.positive[keep])
+                    None if self.positive is None else self.positive[keep],
+                    None if self.files is None else [self.files[i] for i in keep])
 
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".webp")
@@ -407,11 +412,15 @@ def _decode(entry, size, channels):
     if (m.shape[1], m.shape[0]) != im_size:
         raise UserError(f"{img_path} is {im_size[0]}x{im_size[1]} but its mask {mask_path} is {m.shape[1]}x"
                         f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?)")
-    positive = bool(m.any())
-    m = Image.fromarray(m * 255).resize((size, size), Image.BILINEAR)
     x = np.asarray(im, dtype=np.uint8)
     x = x[None] if channels == 1 else x.transpose(2, 0, 1)
-    return x, (np.asarray(m) >= 128).astype(np.uint8), positive
+    return x, resize_mask(m, size), bool(m.any())
+
+
+def resize_mask(m, size):
+    """A {0, 1} mask of any size -> size x size in {0, 1}: bilinear on 0/255, then >= 128 (the loader's rule,
+    also applied to an annotator's label files)."""
+    return (np.asarray(Image.fromarray(m * 255).resize((size, size), Image.BILINEAR)) >= 128).astype(np.uint8)
 
 
 CACHE_VERSION = 3  # bump when decoding changes (2: JPEG draft decoding; 3: full-resolution `positive`)
@@ -457,7 +466,8 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
         if e[3]:
             official.setdefault(e[3], []).append(i)
     groups = np.array([e[4] for e in entries]) if entries[0][4] is not None else None
-    return Data(x, y, ids, {k: np.array(v) for k, v in official.items()}, groups, name, positive)
+    return Data(x, y, ids, {k: np.array(v) for k, v in official.items()}, groups, name, positive,
+                [e[1] for e in entries])
 
 
 def make_splits(data, sizes, seed):
@@ -556,7 +566,8 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
         print(f"split by patient: requested train {args.split[0]} / val {args.split[1]} / test {args.split[2]}, "
               f"achieved {achieved[0]} / {achieved[1]} / {achieved[2]} "
               f"({' / '.join(str(len(set(data.groups[i]))) for i in ids)} patients)")
-    check_foreground(data, ids[0], getattr(args, "data_dir", None))
+    if getattr(args, "oracle", "simulated") == "simulated":  # a person's labels come later (ask_oracle)
+        check_foreground(data, ids[0], getattr(args, "data_dir", None))
     if args.initial is None:
         args.initial = pool_share(len(ids[0]), initial, paper_pool)
     if args.query is None:
@@ -1010,6 +1021,143 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The oracle: the dataset's masks (simulated), or a person answering through files (--oracle folder)
+# ----------------------------------------------------------------------------------------------------------
+LABEL_README = """Round {rnd} of {script}: label {n} image(s).
+
+For every row of manifest.csv, draw the mask of image <sample_id>.png (here, at the original file's size):
+white (255) on the {what}, black (0) elsewhere, one channel or grey, any size with the image's aspect ratio
+(it is resized and thresholded as the loader does). Save it as
+
+    {labels}/<sample_id>.png
+
+one file per row, nothing else in that folder. <sample_id>_model.png shows what the model predicts (red,
+left) and how unsure it is (bright = unsure, right), to help you; it is not a label.{decide}
+
+Then go on with:
+
+    python {script}.py --resume {run_dir}
+
+Every file is checked first (missing, extra, unreadable, not binary, another aspect ratio); a problem stops
+the run with one message listing all of them, and nothing is changed.
+"""
+
+
+def ask_oracle(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, amp=False, decide=None):
+    """The oracle labels the samples idx (indices into data) of round rnd. --oracle simulated: the dataset's
+    masks, already in y: nothing to do. --oracle folder: a person answers. The first time a round asks,
+    the run writes RUN_DIR/to_label/round_<rnd>/ (each image at its original size, the model's prediction
+    and uncertainty beside it, manifest.csv, README.txt) and stops with exit 0; its last finished round is
+    checkpointed, so `--resume RUN_DIR` repeats this round's selection (seeded: the same picks, checked
+    against the manifest) and comes back here. Then labels/round_<rnd>/<id>.png are read (read_labels),
+    resized and binarised as the loader does, and written into y[idx]: the round trains on them exactly as
+    on simulated labels, and pseudo-labels or model-labelled pixels stay the model's. decide: (n, S, S)
+    bool, the pixels the person must decide (region_uncertainty --partial); the rest comes from the model."""
+    if getattr(run.args, "oracle", "simulated") != "folder" or len(idx) == 0:
+        return
+    idx = np.asarray(idx)
+    ids = [data.ids[i] for i in idx]
+    ask_dir, lab_dir = run.path(f"to_label/round_{rnd}"), run.path(f"labels/round_{rnd}")
+    manifest = os.path.join(ask_dir, "manifest.csv")
+    if os.path.isfile(manifest):
+        asked = [r["sample_id"] for r in csv.DictReader(open(manifest))]
+        if asked != ids:
+            raise UserError(f"{manifest} asks for other samples than this run picks now: the selection did not "
+                            f"repeat (another device or thread count than the run's?); resume where it started")
+        if not os.path.isdir(lab_dir):
+            raise UserError(f"{lab_dir}: folder not found; expected the {len(ids)} label files that "
+                            f"{os.path.join(ask_dir, 'README.txt')} asks for")
+        masks = read_labels(lab_dir, ids, data, y.shape[-1])
+        y[torch.as_tensor(idx, device=y.device)] = torch.as_tensor(masks, device=y.device)
+        print(f"oracle: round {rnd}: {len(ids)} labels read from {lab_dir}")
+        return
+    write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide)
+    print(f"stopped: round {rnd} asks for {len(ids)} labels; follow {os.path.join(ask_dir, 'README.txt')}, then "
+          f"go on with: python {run.script}.py --resume {run.dir}")
+    sys.exit(0)
+
+
+def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide):
+    """RUN_DIR/to_label/round_<rnd>/: <id>.png (the image as found, or the in-memory one), <id>_model.png
+    (prediction and uncertainty), <id>_decide.png (with decide), manifest.csv and README.txt."""
+    ask_dir = run.path(f"to_label/round_{rnd}")
+    os.makedirs(ask_dir, exist_ok=True)
+    probs = predict(model, x, idx, batch_size, device or x.device, amp).float().cpu().numpy() if model is not None else None
+    rows = []
+    for k, i in enumerate(idx):
+        sid = data.ids[i]
+        if data.files is not None:
+            image = read_image(data.files[i], "RGB")
+        else:
+            image = Image.fromarray(data.x[i][0] if data.x.shape[1] == 1 else data.x[i].transpose(1, 2, 0)).convert("RGB")
+        image.save(os.path.join(ask_dir, f"{sid}.png"))
+        row = {"sample_id": sid, "original_file": data.files[i] if data.files is not None else "(in memory)",
+               "image": f"{sid}.png", "model": "", "decide": "",
+               "asked": "the whole mask", "label_file": f"labels/round_{rnd}/{sid}.png"}
+        if probs is not None:
+            s = data.x.shape[-1]
+            small = np.asarray(image.resize((s, s), Image.BILINEAR), dtype=np.float32)
+            pred = small * 0.6 + np.array([255, 0, 0], np.float32) * 0.4 * (probs[k] > 0.5)[..., None] + \
+                small * 0.4 * (probs[k] <= 0.5)[..., None]
+            unc = np.repeat((255 * binary_entropy(torch.from_numpy(probs[k])).numpy())[..., None], 3, 2)
+            pair = Image.fromarray(np.concatenate([pred, unc], 1).clip(0, 255).astype(np.uint8))
+            scale = max(1, 256 // s)
+            pair.resize((2 * s * scale, s * scale), Image.NEAREST).save(os.path.join(ask_dir, f"{sid}_model.png"))
+            row["model"] = f"{sid}_model.png"
+        if decide is not None:
+            Image.fromarray(np.asarray(decide[k], np.uint8) * 255).resize(image.size, Image.NEAREST).save(
+                os.path.join(ask_dir, f"{sid}_decide.png"))
+            row.update(decide=f"{sid}_decide.png",
+                       asked="the pixels white in the decide map; the model's prediction is kept elsewhere")
+        rows.append(row)
+    with open(os.path.join(ask_dir, "manifest.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    decide_text = ("\n\nThis round labels only part of each image: <sample_id>_decide.png marks (white) the pixels you "
+                   "decide; draw the whole mask all the same, and the run keeps the model's prediction outside "
+                   "the white pixels.") if decide is not None else ""
+    open(os.path.join(ask_dir, "README.txt"), "w").write(LABEL_README.format(
+        rnd=rnd, script=run.script, n=len(rows), what="object to segment (lesion, polyp, bone, tumour)",
+        labels=os.path.join(run.dir, f"labels/round_{rnd}"), decide=decide_text, run_dir=run.dir))
+
+
+def read_labels(lab_dir, ids, data, size):
+    """The person's label files for ids, checked all at once: missing, extra, unreadable, not binary (values
+    other than 0/1 or 0/255), another aspect ratio than the image (2 % tolerance). Any problem: one UserError
+    listing all of them (nothing is changed). Returns (n, size, size) uint8 in {0, 1}."""
+    want = {f"{sid}.png": sid for sid in ids}
+    present = sorted(os.listdir(lab_dir))
+    problems = [f"missing: {name}" for name in want if name not in present]
+    problems += [f"extra (not asked this round): {name}" for name in present if name not in want]
+    masks, where = {}, {sid: k for k, sid in enumerate(data.ids)}
+    for name in present:
+        if name not in want:
+            continue
+        path = os.path.join(lab_dir, name)
+        try:
+            m = np.asarray(read_image(path, "L"))
+        except UserError as e:
+            problems.append(f"unreadable: {name} ({e})")
+            continue
+        values = set(np.unique(m).tolist())
+        if not (values <= {0, 1} or values <= {0, 255}):
+            problems.append(f"not binary: {name} has values {sorted(values)[:6]}{'...' if len(values) > 6 else ''}; "
+                            f"expected 0 and 255 (or 0 and 1)")
+            continue
+        i = where[want[name]]
+        w, h = Image.open(data.files[i]).size if data.files is not None else (data.x.shape[-1],) * 2
+        if abs(m.shape[1] / m.shape[0] - w / h) > 0.02 * w / h:
+            problems.append(f"another aspect ratio: {name} is {m.shape[1]}x{m.shape[0]}, its image {w}x{h}")
+            continue
+        masks[want[name]] = resize_mask((m > 0).astype(np.uint8), size)
+    if problems:
+        raise UserError(f"{lab_dir}: {len(problems)} problem(s) with the label files; nothing was changed:\n  "
+                        + "\n  ".join(problems))
+    return np.stack([masks[sid] for sid in ids])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Run folder, progress, checkpoint, resume
 # ----------------------------------------------------------------------------------------------------------
 ROUND_COLUMNS = ["round", "labeled", "pseudo", "dice_mean", "dice_std", "iou_mean", "train_s", "select_s"]
@@ -1201,6 +1349,9 @@ class Run:
         if not (self.args.resume and os.path.isfile(path)):
             if self.args.resume:
                 print(f"resume: no checkpoint in {self.dir} yet; starting the run from the beginning")
+                for name in sorted(os.listdir(self.dir)):  # rows of the unfinished round 0 (e.g. an oracle stop)
+                    if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:
+                        self.truncate_csv(name, lambda r: False)
             return None
         state = torch.load(path, map_location="cpu", weights_only=False)
         random.setstate(state["rng_python"])

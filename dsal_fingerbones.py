@@ -421,6 +421,7 @@ def main(argv=None):
             select_s, how = 0.0, "full" if steps is not None else "initial-random"
             queried[how] = [data.ids[i] for i in labeled]
             common.save_picks(run, rnd, model, data, x, {how: labeled}, None, args.batch_size, device, args.amp)
+        common.ask_oracle(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
 
         # ---- training: fine-tune the same model on all labelled images (Sec. III) ----
         t0 = time.time()

@@ -418,6 +418,7 @@ def main(argv=None):
         else:
             # the seeded random start (paper silent: random), or the whole pool for the ceiling
             queried["full" if steps else "initial"] = [data.ids[i] for i in labeled]
+        common.ask_oracle(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
 
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
         t0 = time.time()

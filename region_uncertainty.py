@@ -233,13 +233,17 @@ def build_model(args, device):
     return common.prepare_model(model, device, args.compile)
 
 
-def annotate(model, x, gt, new, partial, args, device):
-    """The oracle's step for the images queried this round (gt: their masks). Full annotation: the oracle labels
-    every pixel. With partial (Sec. III-B, Steps 2a-2c): the oracle labels the uncertain pixels, the model's
-    prediction binarised at tau_b the rest. Returns their training targets and the row's annotation numbers:
-    % of pixels annotated positive and % to verify (Table II, Fig. 5), and the Dice of the targets."""
+def annotate(run, rnd, model, data, x, y, new, partial, args, device):
+    """The oracle's step for the images queried this round (common.ask_oracle: the dataset's masks, or a
+    person's through files). Full annotation: the oracle labels every pixel. With partial (Sec. III-B, Steps
+    2a-2c): the oracle labels the uncertain pixels, the model's prediction binarised at tau_b the rest.
+    Returns their training targets and the row's annotation numbers: % of pixels annotated positive and % to
+    verify (Table II, Fig. 5), and the Dice of the targets."""
+    p = common.predict(model, x, new, args.batch_size, device, args.amp) if partial else None
+    decide = ((0.5 - p.float()).abs() < args.tau_u).cpu().numpy() if partial else None  # 2a, for the person
+    common.ask_oracle(run, rnd, new, data, y, model, x, args.batch_size, device, args.amp, decide)
+    gt = y[torch.as_tensor(new, device=device)]
     if partial:  # Sec. III-B: oracle on the uncertain pixels, the model on the rest
-        p = common.predict(model, x, new, args.batch_size, device, args.amp)
         t, uncertain = partial_annotation(p, gt, args.tau_u, args.tau_b)
         pct_positive, pct_verify = annotation_percentages(uncertain, gt)
         target_dice = float(common.dice_iou(t, gt)[0].mean())  # how good the mixed labels are
@@ -325,7 +329,7 @@ def main(argv=None):
         else:  # the random cold start (or, for the full baseline, the whole training set)
             new, how = labeled, "oracle-full" if steps else "oracle-initial"
         new_t = torch.as_tensor(new, device=device)
-        target[new_t], annotation = annotate(model, x, y[new_t], new, rnd > 0 and args.partial, args, device)
+        target[new_t], annotation = annotate(run, rnd, model, data, x, y, new, rnd > 0 and args.partial, args, device)
         partial_ids = np.concatenate([partial_ids, new]) if rnd > 0 and args.partial else partial_ids
         if bool((target[torch.as_tensor(labeled, device=device)] == UNLABELLED).any()):
             raise RuntimeError(f"round {rnd}: a labelled image has no training target (a bug, not your input)")

@@ -810,6 +810,7 @@ def main(argv=None):
         run.log_pool_scores(rnd, [data.ids[i] for i in pool], cols,
                             {how: [data.ids[i] for i in ids] for how, ids in queried.items()})
         common.save_picks(run, rnd, model, data, x, queried, shown, args.batch_size, device, args.amp)
+        common.ask_oracle(run, rnd, np.concatenate([i for h, i in queried.items() if h != "pseudo"]), data, y, model, x)
         labeled, pseudo, pool = add_labels(queried, pseudo_masks, labeled, pseudo, pool, target, y, args, device)
         select_s, t0 = time.time() - t0, time.time()
 

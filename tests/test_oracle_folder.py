@@ -1,0 +1,91 @@
+"""--oracle folder: a person answers the queries through files (common.ask_oracle). The test plays the annotator:
+each time a run stops, it copies the ground-truth masks into labels/round_K/ and resumes; the finished run's
+queried ids and Dice equal the simulated run's (tests/behaviour_record.json, same flags and seed). Bad label
+folders stop with one message listing every problem, exit 2, and change nothing."""
+import csv
+import importlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import common
+from conftest import run_script
+from test_behaviour import METHOD, RECORD, TINY, record_of
+
+SCRIPTS = ["ceal_mcdropout", "ssl_coldstart", "region_uncertainty", "polyp_weighted_cluster", "dsal_fingerbones",
+           "example_tta", "example_claspe"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return common.write_folder(common.make_synthetic(60, 32, 3, seed=0), str(tmp_path_factory.mktemp("data")))
+
+
+def annotate(run, folder):
+    """Play the annotator for the round the run stopped at: the dataset's own mask of each asked image."""
+    asks = sorted(os.listdir(os.path.join(run, "to_label")), key=lambda d: int(d.split("_")[1]))
+    rnd = asks[-1]
+    rows = list(csv.DictReader(open(os.path.join(run, "to_label", rnd, "manifest.csv"))))
+    os.makedirs(os.path.join(run, "labels", rnd), exist_ok=True)
+    for r in rows:
+        assert os.path.isfile(os.path.join(run, "to_label", rnd, r["image"])) and r["model"]
+        shutil.copy(os.path.join(folder, "masks", f"{r['sample_id']}_mask.png"),
+                    os.path.join(run, "labels", rnd, f"{r['sample_id']}.png"))
+    return len(rows)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_annotator_in_the_loop_gives_the_simulated_run(script, folder, tmp_path):
+    main = importlib.import_module(script).main
+    flags = [*map(str, TINY + METHOD.get(script, [])), "--data", "folder", "--data-dir", folder, "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:  # round 0 asks for the initial set
+        main([*flags, "--oracle", "folder"])
+    assert stop.value.code == 0
+    run = str(next(tmp_path.iterdir()))
+    assert "README.txt" in os.listdir(os.path.join(run, "to_label", "round_0"))
+    stops, asked = 1, annotate(run, folder)
+    while True:
+        try:
+            done = main(["--resume", run])
+            break
+        except SystemExit as e:
+            assert e.code == 0
+            stops, asked = stops + 1, asked + annotate(run, folder)
+    assert done == run and stops == 3  # round 0, 1 and 2 each asked once
+    assert record_of(run) == json.load(open(RECORD))[script], f"{script}: the annotated run differs from the simulated one"
+
+
+def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
+    flags = [*TINY, "--data", "folder", "--data-dir", folder, "--out", tmp_path, "--oracle", "folder"]
+    out = run_script("example_tta.py", *flags, check=False)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].startswith("stopped: round 0 asks for 6 labels")
+    run = str(next(tmp_path.iterdir()))
+    ids = [r["sample_id"] for r in csv.DictReader(open(os.path.join(run, "to_label", "round_0", "manifest.csv")))]
+    lab = os.path.join(run, "labels", "round_0")
+    os.makedirs(lab)
+    good = np.zeros((32, 32), np.uint8)
+    good[8:20, 8:20] = 255
+    Image.fromarray(good).save(os.path.join(lab, f"{ids[0]}.png"))                       # fine
+    Image.fromarray((good // 2)).save(os.path.join(lab, f"{ids[1]}.png"))                # 0 / 127: not binary
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(os.path.join(lab, f"{ids[2]}.png"))  # 2:1, image 1:1
+    open(os.path.join(lab, f"{ids[3]}.png"), "w").write("not a png")                      # unreadable
+    Image.fromarray(good).save(os.path.join(lab, "someone_else.png"))                     # extra
+    # ids[4] and ids[5]: missing
+    before = sorted(os.listdir(run))
+    out = run_script("example_tta.py", "--resume", run, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    msg = out.stderr
+    assert "6 problem(s)" in msg and lab in msg
+    for line in (f"missing: {ids[4]}.png", f"missing: {ids[5]}.png", "extra (not asked this round): someone_else.png",
+                 f"not binary: {ids[1]}.png", f"another aspect ratio: {ids[2]}.png", f"unreadable: {ids[3]}.png"):
+        assert line in msg, line
+    assert f"{ids[0]}.png" not in msg.replace(f"{ids[0]}.png'", "")
+    assert sorted(os.listdir(run)) == before and not os.path.isfile(os.path.join(run, "rounds.csv"))
+    # a resume before any label was drawn: says where the labels go
+    shutil.rmtree(lab)
+    out = run_script("example_tta.py", "--resume", run, check=False)
+    assert out.returncode == 2 and "labels/round_0: folder not found" in out.stderr
