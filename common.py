@@ -295,12 +295,26 @@ def _mask_stem(path):
 def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem may add _mask, _segmentation, "
                            "_lesion or _manual1)"):
     img_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
-    if not (os.path.isdir(img_dir) and os.path.isdir(mask_dir)):
+    if not os.path.isdir(img_dir):
         raise UserError(f"{root}: expected {what}")
     pats = ["*" + e for e in IMAGE_EXT] + ["*" + e.upper() for e in IMAGE_EXT]
-    pairs = _pair(_files(img_dir, pats, "image files"), _files(mask_dir, pats, "mask files"), _stem, _mask_stem,
-                  img_dir, mask_dir, "masks/<stem>[_mask].<ext>")
+    images = _files(img_dir, pats, "image files")
+    masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
+    by_key = {_mask_stem(m): m for m in masks}
+    if not masks or len(by_key.keys() & {_stem(i) for i in images}) < len(images):
+        # images without masks: a set to label yourself (--oracle folder; split_data refuses it otherwise).
+        # They are the pool ("unlabelled"); the images that have a mask are the test set.
+        extra = sorted(set(by_key) - {_stem(i) for i in images})
+        if extra:
+            raise UserError(f"{by_key[extra[0]]}: mask without an image in {img_dir}; {len(extra)} mask(s) lack an image")
+        return [(_stem(i), i, by_key.get(_stem(i)), "test" if _stem(i) in by_key else "unlabelled", None)
+                for i in sorted(images, key=_stem)]
+    pairs = _pair(images, masks, _stem, _mask_stem, img_dir, mask_dir, "masks/<stem>[_mask].<ext>")
     return [(k, i, m, None, None) for k, i, m in pairs]
+
+
+def glob_files(folder, patterns):
+    return sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
 
 
 def write_folder(data, root):
@@ -408,7 +422,10 @@ def _decode(entry, size, channels):
     key, img_path, mask_path = entry[:3]
     im, im_size = read_image(img_path, "RGB" if channels == 3 else "L", size, with_size=True)
     im = im.resize((size, size), Image.BILINEAR)
-    m = binarise_mask(np.asarray(read_image(mask_path, "L")), mask_path)
+    if mask_path is None:  # an image to be labelled by a person (--oracle folder): no mask yet
+        m = np.zeros((im_size[1], im_size[0]), np.uint8)
+    else:
+        m = binarise_mask(np.asarray(read_image(mask_path, "L")), mask_path)
     if (m.shape[1], m.shape[0]) != im_size:
         raise UserError(f"{img_path} is {im_size[0]}x{im_size[1]} but its mask {mask_path} is {m.shape[1]}x"
                         f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?)")
@@ -440,7 +457,8 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
     if not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: folder not found")
     entries = LISTERS[name](os.path.abspath(data_dir))
-    stats = [(os.path.relpath(p, data_dir), os.stat(p).st_size, os.stat(p).st_mtime_ns) for e in entries for p in e[1:3]]
+    stats = [(os.path.relpath(p, data_dir), os.stat(p).st_size, os.stat(p).st_mtime_ns) for e in entries for p in e[1:3]
+             if p is not None]
     key = hashlib.sha1(json.dumps([CACHE_VERSION, name, os.path.abspath(data_dir), size, channels, stats]).encode()).hexdigest()
     path = os.path.join(cache_dir(), f"{name}-{size}px-{channels}ch-{key[:16]}.npz")
     if os.path.isfile(path):
@@ -558,6 +576,16 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
     the resolved flags (config.json, with the sizes achieved as "split_achieved": a split by patient, lgg,
     is approximate and also prints requested vs achieved), checks the training pool's masks
     (check_foreground); returns the train, validation and test indices."""
+    unlabelled = data.official.get("unlabelled")
+    if unlabelled is not None:  # images without masks (list_folder): the person labels them, the masked ones test
+        if getattr(args, "oracle", "simulated") != "folder":
+            raise UserError(f"{getattr(args, 'data_dir', data.name)}: {len(unlabelled)} image(s) have no mask in "
+                            f"masks/ (e.g. {data.ids[unlabelled[0]]}); expected masks/<stem>[_mask].<ext> for each, or "
+                            f"--oracle folder to label them yourself")
+        args.split = [len(unlabelled), 0, len(data) - len(unlabelled)]
+        print(f"data: {len(unlabelled)} images to label (the pool), {args.split[2]} with masks (the test set)"
+              + ("" if args.split[2] else "; no test set: the Dice columns of rounds.csv stay nan (not measured)"))
+        data.official["train"] = unlabelled
     if args.split is None:
         args.split = split or default_split(data)
     ids = make_splits(data, args.split, args.seed)
@@ -1583,7 +1611,10 @@ def plot_hist(path, values, bins=80, xlabel="", title="", marks=None):
 
 def save_panel(path, images, columns, titles):
     """Rows of tiles; images: list of rows, each a list of (H, W) or (C, H, W) arrays (floats in [0, 1] or
-    uint8). Used for the image / ground truth / prediction / uncertainty panel."""
+    uint8). Used for the image / ground truth / prediction / uncertainty panel. No rows (nothing to show,
+    e.g. no test set): no file."""
+    if not len(images):
+        return
     tiles = []
     for row in images:
         out = []

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import common
+import example_tta
 from conftest import run_script
 from test_behaviour import METHOD, RECORD, TINY, record_of
 
@@ -89,3 +90,37 @@ def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
     shutil.rmtree(lab)
     out = run_script("example_tta.py", "--resume", run, check=False)
     assert out.returncode == 2 and "labels/round_0: folder not found" in out.stderr
+
+
+def test_images_without_masks_are_the_pool_and_masked_ones_the_test_set(folder, tmp_path):
+    """--data folder with images/ only (and masks/ for a test set): accepted with --oracle folder, refused
+    without; the pool is the unmasked images, round 0 asks for the initial set, and without any mask the
+    Dice is nan (not measured), never a number made from empty masks."""
+    mine = tmp_path / "mine"
+    shutil.copytree(os.path.join(folder, "images"), mine / "images")
+    (mine / "masks").mkdir()
+    test_ids = sorted(os.listdir(mine / "images"))[:12]
+    for name in test_ids:  # a test set of 12 masked images
+        shutil.copy(os.path.join(folder, "masks", name.replace(".png", "_mask.png")), mine / "masks")
+    flags = [*TINY, "--data", "folder", "--data-dir", mine, "--split", 48, 0, 12]
+    out = run_script("example_tta.py", *flags, "--out", tmp_path / "sim", check=False)
+    assert out.returncode == 2 and "48 image(s) have no mask" in out.stderr and "--oracle folder" in out.stderr
+    for masks, expect_nan in ((True, False), (False, True)):
+        if not masks:
+            shutil.rmtree(mine / "masks")
+        runs = tmp_path / f"runs_{masks}"
+        with pytest.raises(SystemExit):
+            example_tta.main([*map(str, flags), "--out", str(runs), "--oracle", "folder"])
+        run = str(next(runs.iterdir()))
+        splits = json.load(open(os.path.join(run, "splits.json")))
+        assert len(splits["train"]) == (48 if masks else 60) and len(splits["test"]) == (12 if masks else 0)
+        assert not set(splits["train"]) & {n[:-4] for n in test_ids} or not masks
+        for rnd in range(3):
+            annotate(run, folder)
+            try:
+                example_tta.main(["--resume", run])
+            except SystemExit as e:
+                assert e.code == 0 and rnd < 2
+        rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
+        assert [int(r["labeled"]) for r in rows] == [6, 10, 14]
+        assert all((r["dice_mean"] == "nan") == expect_nan for r in rows), rows
