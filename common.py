@@ -579,9 +579,10 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
     unlabelled = data.official.get("unlabelled")
     if unlabelled is not None:  # images without masks (list_folder): the person labels them, the masked ones test
         if getattr(args, "oracle", "simulated") != "folder":
-            raise UserError(f"{getattr(args, 'data_dir', data.name)}: {len(unlabelled)} image(s) have no mask in "
-                            f"masks/ (e.g. {data.ids[unlabelled[0]]}); expected masks/<stem>[_mask].<ext> for each, or "
-                            f"--oracle folder to label them yourself")
+            first = data.files[unlabelled[0]] if data.files else data.ids[unlabelled[0]]
+            raise UserError(f"{first}: no mask for this image in {os.path.join(args.data_dir or '', 'masks')} "
+                            f"(expected masks/<stem>[_mask].<ext>); {len(unlabelled)} image(s) have no mask. To "
+                            f"label them yourself: --oracle folder")
         args.split = [len(unlabelled), 0, len(data) - len(unlabelled)]
         print(f"data: {len(unlabelled)} images to label (the pool), {args.split[2]} with masks (the test set)"
               + ("" if args.split[2] else "; no test set: the Dice columns of rounds.csv stay nan (not measured)"))

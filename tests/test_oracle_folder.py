@@ -105,6 +105,7 @@ def test_images_without_masks_are_the_pool_and_masked_ones_the_test_set(folder, 
     flags = [*TINY, "--data", "folder", "--data-dir", mine, "--split", 48, 0, 12]
     out = run_script("example_tta.py", *flags, "--out", tmp_path / "sim", check=False)
     assert out.returncode == 2 and "48 image(s) have no mask" in out.stderr and "--oracle folder" in out.stderr
+    assert f"{mine}/images/" in out.stderr and "no mask for this image" in out.stderr
     for masks, expect_nan in ((True, False), (False, True)):
         if not masks:
             shutil.rmtree(mine / "masks")
