@@ -836,11 +836,11 @@ def predict_batches(model, x, idx, batch_size, device, amp=False, view=None):
         yield b, torch.sigmoid(out.float()[:, 0])
 
 
+@torch.inference_mode()
 def forward_batches(model, x, idx, batch_size, device, amp=False, view=None):
     """The batched forward of every prediction loop: eval mode (BatchNorm's running statistics, no dropout),
     the device's memory format and autocast (--amp); yields (indices, the model's output) per batch of x[idx].
-    view(xb) changes the input batch first (e.g. a flip, for test-time augmentation). Call it inside
-    torch.inference_mode()."""
+    view(xb) changes the input batch first (e.g. a flip, for test-time augmentation)."""
     model.eval()
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):

@@ -289,13 +289,9 @@ def score_pool(model, x, y, pool, args, device):
     """Sec. III-B: binarise the lower, middle and final heads (p > 0.5), L-DSC = Dice(lower, final) and M-DSC
     = Dice(middle, final) (Eq. 3), score = their mean (common.head_agreement). Also R-DSC, the final mask's
     Dice against the hidden ground truth, for Fig. 3 only: it never selects."""
-    model.eval()
     out = {k: [] for k in ("score", "l_dsc", "m_dsc", "r_dsc")}
-    for b in common.batches(torch.as_tensor(np.asarray(pool), device=device, dtype=torch.long), args.batch_size):
-        xb = common.to_input(x[b])
-        xb = xb.contiguous(memory_format=common.memory_format(device))
-        with common.autocast(device, args.amp):
-            lower, middle, final = (z[:, 0].float() > 0 for z in heads(model(xb), args.ds_stages))
+    for b, o in common.forward_batches(model, x, pool, args.batch_size, device, args.amp):
+        lower, middle, final = (z[:, 0].float() > 0 for z in heads(o, args.ds_stages))
         score, l_dsc, m_dsc = common.head_agreement(lower, middle, final)
         for k, v in zip(out, (score, l_dsc, m_dsc, common.dice_iou(final, y[b] > 0)[0])):
             out[k].append(v.cpu())

@@ -485,11 +485,8 @@ def dsal_scores(model, x, pool, args, device):
     """Per pool image: the mean of Dice(final, stage-1 head) ("M-DSC") and Dice(final, stage-2 head) ("L-DSC")
     of the binarised heads, those two terms, the confidence mean |p - 0.5| of the final head (the JBHI code's
     pseudo-label filter), and the final head's mask (the pseudo-label)."""
-    model.eval()
     agree, l_dsc, m_dsc, conf, masks = [], [], [], [], []
-    for b in common.batches(torch.as_tensor(pool, device=device), args.batch_size):
-        with common.autocast(device, args.amp):
-            logits, (s1, s2) = model(common.to_input(x[b]))
+    for _, (logits, (s1, s2)) in common.forward_batches(model, x, pool, args.batch_size, device, args.amp):
         p = torch.sigmoid(logits.float()[:, 0])
         m = lambda t: torch.sigmoid(t.float()[:, 0]) > 0.5
         a, lo, mid = common.head_agreement(m(s2), m(s1), p > 0.5)
