@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import common
+import oracle
 from unet import UNet
 
 # Defaults per dataset. The paper's numbers for its datasets (Tables 1-2, Sec. 4-5); the public CEAL code
@@ -134,7 +135,7 @@ def ceal_query(run, rnd, model, x, y, pool, args, rng, device):
         scores, n_low, n_high, n_band, k4, rng, band=args.band, pseudo=args.pseudo_pick)
     figures(run, rnd, scores, pool_dice, (g1, g2, g3, g4))
     groups = {"oracle-lowest": pool[g1], "oracle-highest": pool[g2], "oracle-band": pool[g3], "pseudo": pool[g4]}
-    return scores, pool_dice, groups, masks[at(g4, device)]
+    return scores, pool_dice, groups, masks[torch.as_tensor(g4, device=device)]
 
 
 def figures(run, rnd, scores, pool_dice, groups):
@@ -148,43 +149,6 @@ def figures(run, rnd, scores, pool_dice, groups):
     series.update({name: (scores[g], pool_dice[g]) for name, g in zip(("lowest", "highest", "band", "pseudo"), groups)})
     common.plot(run.path(f"figures/uncertainty_vs_dice_round_{rnd}.png"), series, "uncertainty",
                 "Dice of the prediction", f"round {rnd}", kind="scatter")
-
-
-# The training target: the ground truth once the oracle reveals it, the model's mask for a pseudo-label,
-# and UNLABELLED for the rest, so that a sample that is trained on without a label is caught (main).
-UNLABELLED = 255
-
-
-def at(ids, device):
-    """Sample indices as a tensor on the device, to index x, y and the training target."""
-    return torch.as_tensor(np.asarray(ids, np.int64), device=device)
-
-
-def training_target(y, labeled, pseudo, pseudo_masks=None):
-    """The training target of a new run, or of a resumed one (pseudo_masks: its pseudo-labels, checkpointed)."""
-    target = torch.full_like(y, UNLABELLED)
-    target[at(labeled, y.device)] = y[at(labeled, y.device)]  # the oracle's labels (the initial set, or so far)
-    if pseudo_masks is not None:
-        target[at(pseudo, y.device)] = pseudo_masks.to(y.device)
-    return target
-
-
-def take_labels(target, y, groups, masks, labeled, pseudo, pool, pseudo_mode):
-    """Sec. 4.3: the groups of a selection step labelled in the training target, the oracle's with the ground
-    truth (they join D^L), the pseudo group's with the model's masks. Returns the sets (labeled, pseudo, pool)."""
-    oracle = np.concatenate([g for how, g in groups.items() if how != "pseudo"])
-    new = groups.get("pseudo", np.zeros(0, np.int64))
-    if pseudo_mode == "redraw":  # the reference code: last round's pseudo-labels go back unlabelled
-        target[at(pseudo, y.device)] = UNLABELLED
-        pseudo = new
-        pool = np.setdiff1d(pool, oracle)
-    else:
-        pseudo = np.concatenate([pseudo, new])
-        pool = np.setdiff1d(pool, np.concatenate([oracle, new]))
-    target[at(oracle, y.device)] = y[at(oracle, y.device)]  # the oracle reveals the ground truth
-    if masks is not None:
-        target[at(new, y.device)] = masks  # the model's mask (score_pool), never the truth
-    return np.concatenate([labeled, oracle]), pseudo, pool
 
 
 def keep_positive(data):
@@ -233,7 +197,7 @@ def main(argv=None):
     start, state = run.resume(model, opt, rng, gen)
     if state:
         labeled, pseudo, pool = state["labeled"], state["pseudo"], state["pool"]
-    target = training_target(y, labeled, pseudo, state["pseudo_masks"] if state else None)
+    target = common.training_target(y, labeled, pseudo, state["pseudo_masks"] if state else None)
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
                                plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
@@ -258,13 +222,14 @@ def main(argv=None):
             common.save_picks(run, rnd, model, data, x, groups,
                               dict(zip(pool.tolist(), scores)) if args.strategy == "ceal" else None,
                               args.batch_size, device, args.amp)
-            common.ask_oracle(run, rnd, np.concatenate([g for how, g in groups.items() if how != "pseudo"]), data, y,
-                              model, x, args.batch_size, device, args.amp)
-            labeled, pseudo, pool = take_labels(target, y, groups, masks, labeled, pseudo, pool, args.pseudo_mode)
+            oracle.ask(run, rnd, np.concatenate([g for how, g in groups.items() if how != "pseudo"]), data, y,
+                       model, x, args.batch_size, device, args.amp)
+            labeled, pseudo, pool = common.add_labels(target, y, groups, masks, labeled, pseudo, pool,
+                                                      redraw=args.pseudo_mode == "redraw")  # Sec. 4.3
         else:
             queried["initial"] = [data.ids[i] for i in labeled]  # the seeded random start (all of it for "full")
-            common.ask_oracle(run, rnd, labeled, data, y, model, x, args.batch_size, device, args.amp)
-            target[at(labeled, device)] = y[at(labeled, device)]
+            oracle.ask(run, rnd, labeled, data, y, model, x, args.batch_size, device, args.amp)
+            target = common.training_target(y, labeled)  # the oracle's answers (a person's: --oracle folder)
         select_s, t0 = time.time() - t0, time.time()
         # training: 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper silent;
         # Sec. 4.3: "the model is again trained on D^L"; the reference code continues from its weights)
@@ -276,10 +241,7 @@ def main(argv=None):
             progress.epoch(rnd, e, epochs, loss, vd)
             model.train()
 
-        train_idx = np.concatenate([labeled, pseudo])
-        if bool((target[at(train_idx, device)] == UNLABELLED).any()):
-            raise RuntimeError(f"round {rnd}: a training sample has no label (target {UNLABELLED}): a bug in the sets")
-        common.train(model, opt, x, target, train_idx, epochs, args.batch_size, device=device, amp=args.amp,
+        common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device, amp=args.amp,
                      loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
         train_s = time.time() - t0
 

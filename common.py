@@ -1,27 +1,24 @@
-"""Plumbing shared by the five active-learning scripts, and only plumbing.
+"""Plumbing shared by the active-learning scripts, and only plumbing.
 
-Data (official archive layouts, a uint8 cache, seeded splits, a synthetic generator), Dice/IoU, losses,
-seeding and device, the train loop, batched prediction, Monte Carlo dropout sampling, the query rules that
-several scripts share, the run folder (config, rounds.csv, queried ids, summary, checkpoint, figures) and
---resume. It never imports a script.
+Flags and per-dataset defaults, seeding and device, splits and labelling budgets, Dice/IoU, losses, the
+train loop, batched prediction, Monte Carlo dropout sampling, the query rules that several scripts share,
+the run folder (config, rounds.csv, queried ids, summary, checkpoint, figures) and --resume, the tables
+of finished runs. Beside it: loaders.py (the dataset layouts, the uint8 cache, the synthetic generator),
+plots.py (the charts and panels), oracle.py (who labels the queries) and unet.py (the models). It never
+imports a script.
 """
 import argparse
-import concurrent.futures
 import csv
 import datetime
 import glob
-import hashlib
 import json
 import math
 import os
 import platform
 import random
-import re
-import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-
-class UserError(Exception):
-    """Bad input a user can fix: printed as one line, exit status 2, no traceback (see run_main)."""
+# Data (loaders.py) and figures (plots.py) live in their own files; the scripts reach them through common
+from loaders import Data, UserError, default_split, load_data, make_splits, make_synthetic, write_folder  # noqa: F401
+from plots import COLOURS, plot, plot_hist, save_panel  # noqa: F401
 
 
 def run_main(main):
@@ -162,407 +159,6 @@ def prepare_model(model, device, compile=False):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: the official layouts, read unmodified
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class Data:
-    x: np.ndarray                 # (N, C, S, S) uint8 images
-    y: np.ndarray                 # (N, S, S) uint8 masks in {0, 1}
-    ids: list                     # sample ids (file stems), used in every file the run writes
-    official: dict = field(default_factory=dict)   # split name -> indices, where the dataset defines splits
-    groups: np.ndarray = None     # patient of each sample (lgg): splits never cut a group
-    name: str = ""
-    positive: np.ndarray = None   # (N,) bool: the mask has foreground at full resolution (files' own size)
-    files: list = None            # each sample's image file as found (None: made in memory, e.g. synthetic)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def subset(self, keep):
-        keep = np.asarray(keep)
-        pos = -np.ones(len(self.ids), dtype=np.int64)
-        pos[keep] = np.arange(len(keep))
-        official = {k: pos[v][pos[v] >= 0] for k, v in self.official.items()}
-        return Data(self.x[keep], self.y[keep], [self.ids[i] for i in keep], official,
-                    None if self.groups is None else self.groups[keep], self.name,
-                    None if self.positive is None else self.positive[keep],
-                    None if self.files is None else [self.files[i] for i in keep])
-
-
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".webp")
-
-
-def _files(folder, patterns, what):
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder}: folder not found; expected {what}")
-    found = sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
-    if not found:
-        raise UserError(f"no files found under {folder}: expected {what}")
-    return found
-
-
-def _pair(images, masks, image_key, mask_key, image_dir, mask_dir, mask_what):
-    """Pair image and mask paths by key; an image without a mask (or the reverse) is an error."""
-    by_key = {mask_key(m): m for m in masks}
-    img_keys = {image_key(i): i for i in images}
-    missing = sorted(set(img_keys) - set(by_key))
-    if missing:
-        raise UserError(f"{img_keys[missing[0]]}: no mask for this image in {mask_dir} (expected {mask_what}); "
-                        f"{len(missing)} image(s) lack a mask")
-    extra = sorted(set(by_key) - set(img_keys))
-    if extra:
-        raise UserError(f"{by_key[extra[0]]}: mask without an image in {image_dir}; {len(extra)} mask(s) lack an image")
-    return [(k, img_keys[k], by_key[k]) for k in sorted(img_keys)]
-
-
-def _stem(path):
-    return os.path.splitext(os.path.basename(path))[0]
-
-
-def _isic_pairs(root, image_dir, mask_dir):
-    imgs = [f for f in _files(os.path.join(root, image_dir), ["ISIC_*.jpg", "ISIC_*.png"], "ISIC_*.jpg images")
-            if not f.endswith("_superpixels.png")]
-    masks = _files(os.path.join(root, mask_dir), ["ISIC_*_segmentation.png"], "ISIC_*_segmentation.png masks")
-    return _pair(imgs, masks, _stem, lambda m: _stem(m)[: -len("_segmentation")], os.path.join(root, image_dir),
-                 os.path.join(root, mask_dir), "ISIC_<id>_segmentation.png")
-
-
-def list_isic2017(root):
-    splits = {"train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
-              "val": ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
-              "test": ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth")}
-    return _official(root, splits, _isic_pairs, "ISIC-2017_Training_Data/ and ISIC-2017_Training_Part1_GroundTruth/")
-
-
-def list_isic2018(root):
-    splits = {k: (f"ISIC2018_Task1-2_{s}_Input", f"ISIC2018_Task1_{s}_GroundTruth")
-              for k, s in (("train", "Training"), ("val", "Validation"), ("test", "Test"))}
-    return _official(root, splits, _isic_pairs, "ISIC2018_Task1-2_Training_Input/ and ISIC2018_Task1_Training_GroundTruth/")
-
-
-def _official(root, splits, lister, what):
-    if not os.path.isdir(os.path.join(root, splits["train"][0])):
-        raise UserError(f"{root}: expected the official layout with {what} (found: {sorted(os.listdir(root))[:8]})")
-    entries = []
-    for split, (img_dir, mask_dir) in splits.items():
-        if split != "train" and not os.path.isdir(os.path.join(root, img_dir)):
-            print(f"note: {os.path.join(root, img_dir)} not found; no official {split} split")
-            continue
-        entries += [(k, i, m, split, None) for k, i, m in lister(root, img_dir, mask_dir)]
-    return entries
-
-
-def list_ph2(root):
-    base = os.path.join(root, "PH2 Dataset images") if os.path.isdir(os.path.join(root, "PH2 Dataset images")) else root
-    cases = sorted(d for d in glob.glob(os.path.join(base, "IMD*")) if os.path.isdir(d))
-    if not cases:
-        raise UserError(f"{base}: no IMDxxx case folders; expected 'PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/"
-                        f"IMDxxx.bmp' and 'IMDxxx_lesion/IMDxxx_lesion.bmp'")
-    entries = []
-    for case in cases:
-        c = os.path.basename(case)
-        img = os.path.join(case, f"{c}_Dermoscopic_Image", f"{c}.bmp")
-        mask = os.path.join(case, f"{c}_lesion", f"{c}_lesion.bmp")
-        if not os.path.isfile(img):
-            raise UserError(f"{img}: image not found (expected IMDxxx_Dermoscopic_Image/IMDxxx.bmp in {case})")
-        if not os.path.isfile(mask):
-            raise UserError(f"{mask}: no mask for {img} (expected IMDxxx_lesion/IMDxxx_lesion.bmp)")
-        entries.append((c, img, mask, None, None))
-    return entries
-
-
-def list_cvc(root):
-    exts = ["*.tif", "*.tiff", "*.png", "*.bmp", "*.jpg"]
-    img_dir, mask_dir = os.path.join(root, "Original"), os.path.join(root, "Ground Truth")
-    pairs = _pair(_files(img_dir, exts, "Original/N.tif frames"), _files(mask_dir, exts, "Ground Truth/N.tif masks"),
-                  _stem, _stem, img_dir, mask_dir, "Ground Truth/<N>.tif")
-    pairs.sort(key=lambda p: (len(p[0]), p[0]))  # numeric order: 1, 2, ..., 612
-    return [(k, i, m, None, None) for k, i, m in pairs]
-
-
-MASK_SUFFIXES = ("_mask", "_segmentation", "_lesion", "_manual1")
-
-
-def _mask_stem(path):
-    s = _stem(path)
-    for suf in MASK_SUFFIXES:
-        if s.endswith(suf):
-            return s[: -len(suf)]
-    return s
-
-
-def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem may add _mask, _segmentation, "
-                           "_lesion or _manual1)"):
-    img_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
-    if not os.path.isdir(img_dir):
-        raise UserError(f"{root}: expected {what}")
-    pats = ["*" + e for e in IMAGE_EXT] + ["*" + e.upper() for e in IMAGE_EXT]
-    images = _files(img_dir, pats, "image files")
-    masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
-    by_key = {_mask_stem(m): m for m in masks}
-    if not masks or len(by_key.keys() & {_stem(i) for i in images}) < len(images):
-        # images without masks: a set to label yourself (--oracle folder; split_data refuses it otherwise).
-        # They are the pool ("unlabelled"); the images that have a mask are the test set.
-        extra = sorted(set(by_key) - {_stem(i) for i in images})
-        if extra:
-            raise UserError(f"{by_key[extra[0]]}: mask without an image in {img_dir}; {len(extra)} mask(s) lack an image")
-        return [(_stem(i), i, by_key.get(_stem(i)), "test" if _stem(i) in by_key else "unlabelled", None)
-                for i in sorted(images, key=_stem)]
-    pairs = _pair(images, masks, _stem, _mask_stem, img_dir, mask_dir, "masks/<stem>[_mask].<ext>")
-    return [(k, i, m, None, None) for k, i, m in pairs]
-
-
-def glob_files(folder, patterns):
-    return sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
-
-
-def write_folder(data, root):
-    """Write a Data set in the folder layout (images/<id>.png, masks/<id>_mask.png, masks 0/255): how the
-    synthetic set becomes a dataset every script reads with --data folder (README: Compare methods)."""
-    for sub in ("images", "masks"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    for x, y, i in zip(data.x, data.y, data.ids):
-        Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(os.path.join(root, "images", f"{i}.png"))
-        Image.fromarray((y > 0).astype(np.uint8) * 255).save(os.path.join(root, "masks", f"{i}_mask.png"))
-    return root
-
-
-def list_lgg(root):
-    if os.path.isdir(os.path.join(root, "kaggle_3m")):
-        root = os.path.join(root, "kaggle_3m")
-    patients = sorted(d for d in glob.glob(os.path.join(root, "TCGA_*")) if os.path.isdir(d))
-    if not patients:
-        raise UserError(f"{root}: no TCGA_<patient> folders; expected kaggle_3m/TCGA_*/TCGA_..._<slice>.tif "
-                        f"with ..._<slice>_mask.tif")
-    entries = []
-    for d in patients:
-        files = glob.glob(os.path.join(d, "*.tif"))
-        imgs = [f for f in files if not f.endswith("_mask.tif")]
-        masks = [f for f in files if f.endswith("_mask.tif")]
-        patient = "_".join(os.path.basename(d).split("_")[:3])  # TCGA_CS_4941 (the folder adds a date)
-        for k, i, m in _pair(imgs, masks, _stem, _mask_stem, d, d, "<slice>_mask.tif"):
-            entries.append((k, i, m, None, patient))
-    entries.sort(key=lambda e: (e[4], int(re.findall(r"\d+", e[0])[-1])))
-    return entries
-
-
-LISTERS = {"isic2017": list_isic2017, "isic2018": list_isic2018, "ph2": list_ph2, "cvc-clinicdb": list_cvc,
-           "kvasir-seg": lambda r: list_folder(r, "Kvasir-SEG layout: images/*.jpg and masks/*.jpg"),
-           "lgg": list_lgg, "folder": list_folder}
-
-
-def read_raw_tiff(path):
-    """Uncompressed, chunky, 8-bit strip TIFF (CVC-ClinicDB frames are 3-sample TIFFs marked BlackIsZero,
-    which Pillow refuses). Returns (H, W, samples) uint8."""
-    with open(path, "rb") as f:
-        b = f.read()
-    if b[:4] not in (b"II*\x00", b"MM\x00*"):
-        raise ValueError("not a TIFF file")
-    bo = "<" if b[:2] == b"II" else ">"
-    (ifd,) = struct.unpack(bo + "I", b[4:8])
-    (n,) = struct.unpack(bo + "H", b[ifd:ifd + 2])
-    tags = {}
-    for i in range(n):
-        tag, typ, cnt = struct.unpack(bo + "HHI", b[ifd + 2 + 12 * i: ifd + 10 + 12 * i])
-        size = {3: 2, 4: 4}.get(typ)
-        if size is None:
-            continue
-        fmt = bo + ("H" if typ == 3 else "I") * cnt
-        raw = b[ifd + 10 + 12 * i: ifd + 14 + 12 * i]
-        if size * cnt > 4:
-            (off,) = struct.unpack(bo + "I", raw)
-            raw = b[off: off + size * cnt]
-        tags[tag] = struct.unpack(fmt, raw[: size * cnt])
-    w, h = tags[256][0], tags[257][0]
-    spp, bits = tags.get(277, (1,))[0], tags.get(258, (8,))
-    if tags.get(259, (1,))[0] != 1 or set(bits) != {8} or tags.get(284, (1,))[0] != 1:
-        raise ValueError("only uncompressed 8-bit chunky TIFF is supported")
-    data = b"".join(b[o: o + c] for o, c in zip(tags[273], tags[279]))
-    return np.frombuffer(data, np.uint8)[: w * h * spp].reshape(h, w, spp)
-
-
-def read_image(path, mode, size=None, with_size=False):
-    """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'. With `size`, a JPEG is
-    decoded at the smallest DCT scale that is still at least size x size (much faster for ISIC's photos).
-    with_size: return (image, (width, height) as stored in the file, before any draft scaling)."""
-    try:
-        with Image.open(path) as im:
-            stored = im.size
-            if size and im.format == "JPEG":
-                im.draft(mode, (size, size))
-            im.load()
-            out = im.convert(mode) if im.mode != mode else im.copy()
-    except Exception as e:
-        try:
-            a = read_raw_tiff(path)
-        except Exception:
-            raise UserError(f"{path}: unreadable image file ({type(e).__name__}: {e})")
-        stored = (a.shape[1], a.shape[0])
-        out = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a[..., :3]).convert(mode)
-    return (out, stored) if with_size else out
-
-
-def binarise_mask(m, path):
-    """Masks are 0/255 (JPEG noise, CVC-ClinicDB's stray values 1..12) or 0/1; threshold at >127."""
-    top = int(m.max())
-    if top <= 1:
-        return m.astype(np.uint8)
-    if top < 128:
-        raise UserError(f"{path}: mask values 0..{top} are not binary; expected 0/255 (or 0/1). A label map?")
-    mid = float(((m > 50) & (m < 205)).mean())
-    if mid > 0.05:
-        raise UserError(f"{path}: mask is not binary ({mid:.0%} of pixels between 50 and 205); expected 0/255")
-    return (m > 127).astype(np.uint8)
-
-
-def _decode(entry, size, channels):
-    """One pair resized to size x size: (image (C, S, S), mask (S, S) in {0, 1}, whether the mask has any
-    foreground at the files' own resolution). An image and mask of different sizes is a pairing error."""
-    key, img_path, mask_path = entry[:3]
-    im, im_size = read_image(img_path, "RGB" if channels == 3 else "L", size, with_size=True)
-    im = im.resize((size, size), Image.BILINEAR)
-    if mask_path is None:  # an image to be labelled by a person (--oracle folder): no mask yet
-        m = np.zeros((im_size[1], im_size[0]), np.uint8)
-    else:
-        m = binarise_mask(np.asarray(read_image(mask_path, "L")), mask_path)
-    if (m.shape[1], m.shape[0]) != im_size:
-        raise UserError(f"{img_path} is {im_size[0]}x{im_size[1]} but its mask {mask_path} is {m.shape[1]}x"
-                        f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?)")
-    x = np.asarray(im, dtype=np.uint8)
-    x = x[None] if channels == 1 else x.transpose(2, 0, 1)
-    return x, resize_mask(m, size), bool(m.any())
-
-
-def resize_mask(m, size):
-    """A {0, 1} mask of any size -> size x size in {0, 1}: bilinear on 0/255, then >= 128 (the loader's rule,
-    also applied to an annotator's label files)."""
-    return (np.asarray(Image.fromarray(m * 255).resize((size, size), Image.BILINEAR)) >= 128).astype(np.uint8)
-
-
-CACHE_VERSION = 3  # bump when decoding changes (2: JPEG draft decoding; 3: full-resolution `positive`)
-
-
-def cache_dir():
-    return os.environ.get("ALSEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alseg"))
-
-
-def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=0, quiet=False):
-    """Load a dataset as uint8 arrays resized to size x size, through a cache keyed by everything that
-    changes its content (dataset, folder, each file's size and mtime, image size, channels, version)."""
-    if name == "synthetic":
-        return make_synthetic(n or 400, size, channels, seed)
-    if not data_dir:
-        raise UserError(f"--data {name} needs --data-dir (the folder of the archive as downloaded)")
-    if not os.path.isdir(data_dir):
-        raise UserError(f"--data-dir {data_dir}: folder not found")
-    entries = LISTERS[name](os.path.abspath(data_dir))
-    stats = [(os.path.relpath(p, data_dir), os.stat(p).st_size, os.stat(p).st_mtime_ns) for e in entries for p in e[1:3]
-             if p is not None]
-    key = hashlib.sha1(json.dumps([CACHE_VERSION, name, os.path.abspath(data_dir), size, channels, stats]).encode()).hexdigest()
-    path = os.path.join(cache_dir(), f"{name}-{size}px-{channels}ch-{key[:16]}.npz")
-    if os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as z:
-            x, y, positive = z["x"], z["y"], z["positive"]
-        if not quiet:
-            print(f"data: {name} {len(entries)} samples from cache {path}")
-    else:
-        t0 = time.time()
-        with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-            out = list(pool.map(lambda e: _decode(e, size, channels), entries))
-        x, y = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
-        positive = np.array([o[2] for o in out], dtype=bool)
-        os.makedirs(cache_dir(), exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, x=x, y=y, positive=positive)
-        os.replace(tmp, path)
-        if not quiet:
-            print(f"data: {name} {len(entries)} samples decoded in {time.time() - t0:.1f}s, cached at {path}")
-    ids = [e[0] for e in entries]
-    official = {}
-    for i, e in enumerate(entries):
-        if e[3]:
-            official.setdefault(e[3], []).append(i)
-    groups = np.array([e[4] for e in entries]) if entries[0][4] is not None else None
-    return Data(x, y, ids, {k: np.array(v) for k, v in official.items()}, groups, name, positive,
-                [e[1] for e in entries])
-
-
-def make_splits(data, sizes, seed):
-    """Seeded (train, val, test) index arrays. Official splits are used where the dataset has them: the
-    official test set, the official validation set when it covers the requested size (else validation is
-    drawn from the official training set).
-
-    Grouped data (lgg) is split by patient, never by slice, so the sizes are approximate. The patients are
-    shuffled (seeded); test, then validation, is filled in that order: a patient of g samples joins a set
-    holding c of its target t only if it brings the set closer to t (c + g/2 < t; a tie stays out), and a
-    patient that does not is skipped, not the end: it stays free for the next set. A set with a target > 0
-    that no patient brings closer gets the smallest free patient. Training gets every patient left when
-    the sizes ask for all the data (sum >= N: the CEAL paper's 878 / 220 / 275 of 1373, default_split),
-    else a seeded n_train of their samples (all of them if fewer). The achieved sizes are what the arrays
-    hold (split_data records and prints them); only a set with a target > 0 and no patient left is an error."""
-    n_train, n_val, n_test = sizes
-    rng = np.random.default_rng(seed)
-    n = len(data)
-    if data.groups is not None:
-        groups = np.unique(data.groups)
-        rng.shuffle(groups)
-        count = dict(zip(*np.unique(data.groups, return_counts=True)))
-        free, parts = list(groups), []
-        for what, target in (("test", n_test), ("validation", n_val), ("training", n_train)):
-            if target > 0 and not free:
-                raise UserError(f"{data.name}: no patient left for the {what} set ({len(groups)} patients, {n} "
-                                f"samples, split train {n_train} / val {n_val} / test {n_test}); lower --split")
-            if what == "training":
-                break
-            part, got = [], 0
-            for g in list(free):
-                if 2 * (target - got) > count[g]:
-                    part.append(g)
-                    got += count[g]
-                    free.remove(g)
-            if target > 0 and not part:
-                part = [min(free, key=lambda g: count[g])]
-                free.remove(part[0])
-            parts.append(part)
-        members = lambda gs: np.flatnonzero(np.isin(data.groups, gs)).astype(np.int64)
-        test, val, rest = members(parts[0]), members(parts[1]), members(free)
-        train = rest if n_train + n_val + n_test >= n else rng.permutation(rest)[:n_train]
-        return np.sort(train), np.sort(val), np.sort(test)
-    else:
-        pool = np.asarray(data.official.get("train", np.arange(n)))
-        if "test" in data.official:
-            test = rng.permutation(data.official["test"])[:n_test]
-        else:
-            pool = rng.permutation(pool)
-            test, pool = pool[:n_test], pool[n_test:]
-        if "val" in data.official and len(data.official["val"]) >= n_val:
-            val = rng.permutation(data.official["val"])[:n_val]
-        else:
-            pool = rng.permutation(pool)
-            val, pool = pool[:n_val], pool[n_val:]
-        train = rng.permutation(pool)[:n_train]
-    if len(train) < n_train or len(val) < n_val or len(test) < n_test:
-        raise UserError(f"{data.name}: {n} samples cannot fill the split train {n_train} / val {n_val} / test "
-                        f"{n_test} (got {len(train)} / {len(val)} / {len(test)}); lower --split")
-    return np.sort(train), np.sort(val), np.sort(test)
-
-
-def default_split(data):
-    """Split sizes for a dataset its script's paper did not use: the official test set (and validation set)
-    where the dataset has them, else 20 % test and 16 % validation (the CEAL paper's LGG proportions,
-    Table 2); the rest is the training pool."""
-    n = len(data)
-    n_test = len(data.official["test"]) if "test" in data.official else round(0.2 * n)
-    n_val = len(data.official["val"]) if "val" in data.official else round(0.16 * n)
-    n_train = len(data.official["train"]) if "train" in data.official else n
-    if "val" not in data.official:
-        n_train -= n_val
-    if "test" not in data.official:
-        n_train -= n_test
-    return [n_train, n_val, n_test]
-
-
 def pool_share(n_pool, count, paper_pool):
     """A count of a paper's protocol (initial set, query size) carried to another dataset as the same share
     of the training pool, at least 1: the scripts' "other" rows use it so that the budget fits any pool."""
@@ -595,7 +191,7 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
         print(f"split by patient: requested train {args.split[0]} / val {args.split[1]} / test {args.split[2]}, "
               f"achieved {achieved[0]} / {achieved[1]} / {achieved[2]} "
               f"({' / '.join(str(len(set(data.groups[i]))) for i in ids)} patients)")
-    if getattr(args, "oracle", "simulated") == "simulated":  # a person's labels come later (ask_oracle)
+    if getattr(args, "oracle", "simulated") == "simulated":  # a person's labels come later (oracle.ask)
         check_foreground(data, ids[0], getattr(args, "data_dir", None))
     if args.initial is None:
         args.initial = pool_share(len(ids[0]), initial, paper_pool)
@@ -630,75 +226,6 @@ def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --r
     if initial < 1 or need > n_pool:
         raise UserError(f"labelling budget {need} ({what} = {initial} + {query} x {rounds}) exceeds the training "
                         f"pool of {n_pool} samples; lower the budget or raise the first --split size")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Synthetic data: lesion-like objects where selection matters
-# ----------------------------------------------------------------------------------------------------------
-def _smooth_noise(rng, size, cells):
-    """Low-frequency noise in [-1, 1]: a coarse random grid upsampled bilinearly."""
-    g = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
-    return np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.BILINEAR))
-
-
-def make_synthetic(n, size=64, channels=3, seed=0):
-    """Dermoscopy-like images: a skin background with uneven light, one textured lesion of irregular outline
-    (varied size, contrast and colour), and the cases that make selection matter: ~6 % empty masks, ~12 %
-    tiny lesions, ~20 % low contrast, hair-like lines and smooth look-alike blobs as clutter, and ~10 %
-    near-duplicates (a shifted, re-noised copy of an earlier image). Deterministic from the seed."""
-    rng = np.random.default_rng(seed + 7919)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    xs = np.zeros((n, 3, size, size), np.uint8)
-    ys = np.zeros((n, size, size), np.uint8)
-    kinds = []
-    for i in range(n):
-        if i > 10 and rng.random() < 0.10:  # near-duplicate of an earlier sample
-            j = int(rng.integers(0, i))
-            dy, dx = rng.integers(-3, 4, 2)
-            img = np.roll(xs[j].astype(np.float32) / 255, (dy, dx), (1, 2))
-            img += rng.normal(0, 0.02, img.shape).astype(np.float32)
-            xs[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
-            ys[i] = np.roll(ys[j], (dy, dx), (0, 1))
-            kinds.append("duplicate")
-            continue
-        skin = np.array([0.85, 0.65, 0.55]) * rng.uniform(0.75, 1.05) + rng.normal(0, 0.04, 3)
-        light = 1 + 0.25 * _smooth_noise(rng, size, 2) + 0.15 * (xx - 0.5) * rng.normal()
-        img = skin[:, None, None] * light[None] * (1 + 0.05 * _smooth_noise(rng, size, 8))[None]
-        u = rng.random()
-        kind = "empty" if u < 0.06 else "tiny" if u < 0.18 else "low-contrast" if u < 0.38 else "normal"
-        mask = np.zeros((size, size), bool)
-        if kind != "empty":
-            r0 = rng.uniform(0.025, 0.05) if kind == "tiny" else float(np.clip(rng.lognormal(-1.9, 0.45), 0.06, 0.38))
-            cy, cx = rng.uniform(0.2, 0.8, 2)
-            theta = np.arctan2(yy - cy, xx - cx)
-            radius = r0 * (1 + sum(rng.uniform(0, 0.25 / k) * np.cos(k * theta + rng.uniform(0, 6.3)) for k in range(2, 6)))
-            mask = np.hypot(yy - cy, xx - cx) < radius
-            contrast = rng.uniform(0.06, 0.14) if kind == "low-contrast" else rng.uniform(0.2, 0.55)
-            colour = np.array([0.45, 0.28, 0.18]) + rng.normal(0, 0.05, 3)
-            texture = 1 + 0.35 * _smooth_noise(rng, size, 12) + 0.15 * _smooth_noise(rng, size, 24)
-            alpha = contrast * mask * texture
-            img = img * (1 - alpha[None]) + colour[:, None, None] * alpha[None] * img.mean()
-        for _ in range(rng.poisson(1.0) if rng.random() < 0.35 else 0):  # smooth look-alike blobs (no texture)
-            by, bx, br = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.02, 0.08)
-            blob = np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * br ** 2))
-            img = img * (1 - rng.uniform(0.15, 0.4) * blob[None] * np.array([0.6, 1.0, 1.0])[:, None, None])
-        if rng.random() < 0.3:  # hair-like dark lines
-            pil = Image.new("L", (size, size))
-            draw = ImageDraw.Draw(pil)
-            for _ in range(rng.integers(1, 6)):
-                pts = rng.uniform(0, size, 4)
-                draw.line([pts[0], pts[1], pts[2], pts[3]], fill=255, width=max(1, size // 96))
-            hair = np.asarray(pil, np.float32) / 255
-            img = img * (1 - 0.7 * hair[None])
-        img = img + rng.normal(0, rng.uniform(0.015, 0.05), img.shape)
-        xs[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
-        ys[i] = mask
-        kinds.append(kind)
-    if channels == 1:
-        xs = np.round(xs.astype(np.float32).mean(1, keepdims=True)).astype(np.uint8)
-    data = Data(xs, ys, [f"syn{i:05d}" for i in range(n)], {}, None, "synthetic")
-    data.kinds = kinds
-    return data
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -837,17 +364,18 @@ def predict_batches(model, x, idx, batch_size, device, amp=False, view=None):
 
 
 @torch.inference_mode()
-def forward_batches(model, x, idx, batch_size, device, amp=False, view=None):
+def forward_batches(model, x, idx, batch_size, device, amp=False, view=None, fn=None):
     """The batched forward of every prediction loop: eval mode (BatchNorm's running statistics, no dropout),
     the device's memory format and autocast (--amp); yields (indices, the model's output) per batch of x[idx].
-    view(xb) changes the input batch first (e.g. a flip, for test-time augmentation)."""
+    view(xb) changes the input batch first (e.g. a flip, for test-time augmentation); fn(model, xb) replaces
+    model(xb) where a script needs more than the output (e.g. the encoder's features)."""
     model.eval()
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     for b in batches(idx, batch_size):
         xb = to_input(x[b]) if view is None else view(to_input(x[b]))
         xb = xb.contiguous(memory_format=memory_format(device))
         with autocast(device, amp):
-            out = model(xb)
+            out = model(xb) if fn is None else fn(model, xb)
         yield b, out  # outside autocast: the caller's own arithmetic runs as it would without the helper
 
 
@@ -1050,140 +578,42 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The oracle: the dataset's masks (simulated), or a person answering through files (--oracle folder)
+# Training targets with pseudo-labels (CEAL; the CEAL and DSAL comparators of ssl_coldstart)
 # ----------------------------------------------------------------------------------------------------------
-LABEL_README = """Round {rnd} of {script}: label {n} image(s).
-
-For every row of manifest.csv, draw the mask of image <sample_id>.png (here, at the original file's size):
-white (255) on the {what}, black (0) elsewhere, one channel or grey, any size with the image's aspect ratio
-(it is resized and thresholded as the loader does). Save it as
-
-    {labels}/<sample_id>.png
-
-one file per row, nothing else in that folder. <sample_id>_model.png shows what the model predicts (red,
-left) and how unsure it is (bright = unsure, right), to help you; it is not a label.{decide}
-
-Then go on with:
-
-    python {script}.py --resume {run_dir}
-
-Every file is checked first (missing, extra, unreadable, not binary, another aspect ratio); a problem stops
-the run with one message listing all of them, and nothing is changed.
-"""
+UNLABELLED = 255  # the target of a sample nobody has labelled: caught if it is ever trained on (add_labels)
 
 
-def ask_oracle(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, amp=False, decide=None):
-    """The oracle labels the samples idx (indices into data) of round rnd. --oracle simulated: the dataset's
-    masks, already in y: nothing to do. --oracle folder: a person answers. The first time a round asks,
-    the run writes RUN_DIR/to_label/round_<rnd>/ (each image at its original size, the model's prediction
-    and uncertainty beside it, manifest.csv, README.txt) and stops with exit 0; its last finished round is
-    checkpointed, so `--resume RUN_DIR` repeats this round's selection (seeded: the same picks, checked
-    against the manifest) and comes back here. Then labels/round_<rnd>/<id>.png are read (read_labels),
-    resized and binarised as the loader does, and written into y[idx]: the round trains on them exactly as
-    on simulated labels, and pseudo-labels or model-labelled pixels stay the model's. decide: (n, S, S)
-    bool, the pixels the person must decide (region_uncertainty --partial); the rest comes from the model."""
-    if getattr(run.args, "oracle", "simulated") != "folder" or len(idx) == 0:
-        return
-    idx = np.asarray(idx)
-    ids = [data.ids[i] for i in idx]
-    ask_dir, lab_dir = run.path(f"to_label/round_{rnd}"), run.path(f"labels/round_{rnd}")
-    manifest = os.path.join(ask_dir, "manifest.csv")
-    if os.path.isfile(manifest):
-        asked = [r["sample_id"] for r in csv.DictReader(open(manifest))]
-        if asked != ids:
-            raise UserError(f"{manifest} asks for other samples than this run picks now: the selection did not "
-                            f"repeat (another device or thread count than the run's?); resume where it started")
-        if not os.path.isdir(lab_dir):
-            raise UserError(f"{lab_dir}: folder not found; expected the {len(ids)} label files that "
-                            f"{os.path.join(ask_dir, 'README.txt')} asks for")
-        masks = read_labels(lab_dir, ids, data, y.shape[-1])
-        y[torch.as_tensor(idx, device=y.device)] = torch.as_tensor(masks, device=y.device)
-        print(f"oracle: round {rnd}: {len(ids)} labels read from {lab_dir}")
-        return
-    write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide)
-    print(f"stopped: round {rnd} asks for {len(ids)} labels; follow {os.path.join(ask_dir, 'README.txt')}, then "
-          f"go on with: python {run.script}.py --resume {run.dir}")
-    sys.exit(0)
+def training_target(y, labeled, pseudo=(), pseudo_masks=None):
+    """The training target of a new run, or of a resumed one: the ground truth of the labelled set, the
+    model's masks of the pseudo-labelled one (pseudo_masks, checkpointed), UNLABELLED elsewhere."""
+    at = lambda ids: torch.as_tensor(np.asarray(ids, np.int64), device=y.device)
+    target = torch.full_like(y, UNLABELLED)
+    target[at(labeled)] = y[at(labeled)]
+    if pseudo_masks is not None:
+        target[at(pseudo)] = pseudo_masks.to(y.device)
+    return target
 
 
-def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide):
-    """RUN_DIR/to_label/round_<rnd>/: <id>.png (the image as found, or the in-memory one), <id>_model.png
-    (prediction and uncertainty), <id>_decide.png (with decide), manifest.csv and README.txt."""
-    ask_dir = run.path(f"to_label/round_{rnd}")
-    os.makedirs(ask_dir, exist_ok=True)
-    probs = predict(model, x, idx, batch_size, device or x.device, amp).float().cpu().numpy() if model is not None else None
-    rows = []
-    for k, i in enumerate(idx):
-        sid = data.ids[i]
-        if data.files is not None:
-            image = read_image(data.files[i], "RGB")
-        else:
-            image = Image.fromarray(data.x[i][0] if data.x.shape[1] == 1 else data.x[i].transpose(1, 2, 0)).convert("RGB")
-        image.save(os.path.join(ask_dir, f"{sid}.png"))
-        row = {"sample_id": sid, "original_file": data.files[i] if data.files is not None else "(in memory)",
-               "image": f"{sid}.png", "model": "", "decide": "",
-               "asked": "the whole mask", "label_file": f"labels/round_{rnd}/{sid}.png"}
-        if probs is not None:
-            s = data.x.shape[-1]
-            small = np.asarray(image.resize((s, s), Image.BILINEAR), dtype=np.float32)
-            pred = small * 0.6 + np.array([255, 0, 0], np.float32) * 0.4 * (probs[k] > 0.5)[..., None] + \
-                small * 0.4 * (probs[k] <= 0.5)[..., None]
-            unc = np.repeat((255 * binary_entropy(torch.from_numpy(probs[k])).numpy())[..., None], 3, 2)
-            pair = Image.fromarray(np.concatenate([pred, unc], 1).clip(0, 255).astype(np.uint8))
-            scale = max(1, 256 // s)
-            pair.resize((2 * s * scale, s * scale), Image.NEAREST).save(os.path.join(ask_dir, f"{sid}_model.png"))
-            row["model"] = f"{sid}_model.png"
-        if decide is not None:
-            Image.fromarray(np.asarray(decide[k], np.uint8) * 255).resize(image.size, Image.NEAREST).save(
-                os.path.join(ask_dir, f"{sid}_decide.png"))
-            row.update(decide=f"{sid}_decide.png",
-                       asked="the pixels white in the decide map; the model's prediction is kept elsewhere")
-        rows.append(row)
-    with open(os.path.join(ask_dir, "manifest.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    decide_text = ("\n\nThis round labels only part of each image: <sample_id>_decide.png marks (white) the pixels you "
-                   "decide; draw the whole mask all the same, and the run keeps the model's prediction outside "
-                   "the white pixels.") if decide is not None else ""
-    open(os.path.join(ask_dir, "README.txt"), "w").write(LABEL_README.format(
-        rnd=rnd, script=run.script, n=len(rows), what="object to segment (lesion, polyp, bone, tumour)",
-        labels=os.path.join(run.dir, f"labels/round_{rnd}"), decide=decide_text, run_dir=run.dir))
-
-
-def read_labels(lab_dir, ids, data, size):
-    """The person's label files for ids, checked all at once: missing, extra, unreadable, not binary (values
-    other than 0/1 or 0/255), another aspect ratio than the image (2 % tolerance). Any problem: one UserError
-    listing all of them (nothing is changed). Returns (n, size, size) uint8 in {0, 1}."""
-    want = {f"{sid}.png": sid for sid in ids}
-    present = sorted(os.listdir(lab_dir))
-    problems = [f"missing: {name}" for name in want if name not in present]
-    problems += [f"extra (not asked this round): {name}" for name in present if name not in want]
-    masks, where = {}, {sid: k for k, sid in enumerate(data.ids)}
-    for name in present:
-        if name not in want:
-            continue
-        path = os.path.join(lab_dir, name)
-        try:
-            m = np.asarray(read_image(path, "L"))
-        except UserError as e:
-            problems.append(f"unreadable: {name} ({e})")
-            continue
-        values = set(np.unique(m).tolist())
-        if not (values <= {0, 1} or values <= {0, 255}):
-            problems.append(f"not binary: {name} has values {sorted(values)[:6]}{'...' if len(values) > 6 else ''}; "
-                            f"expected 0 and 255 (or 0 and 1)")
-            continue
-        i = where[want[name]]
-        w, h = Image.open(data.files[i]).size if data.files is not None else (data.x.shape[-1],) * 2
-        if abs(m.shape[1] / m.shape[0] - w / h) > 0.02 * w / h:
-            problems.append(f"another aspect ratio: {name} is {m.shape[1]}x{m.shape[0]}, its image {w}x{h}")
-            continue
-        masks[want[name]] = resize_mask((m > 0).astype(np.uint8), size)
-    if problems:
-        raise UserError(f"{lab_dir}: {len(problems)} problem(s) with the label files; nothing was changed:\n  "
-                        + "\n  ".join(problems))
-    return np.stack([masks[sid] for sid in ids])
+def add_labels(target, y, groups, masks, labeled, pseudo, pool, redraw=False):
+    """A round's picks join the training set (CEAL Sec. 4.3): the oracle's groups (every `how` but "pseudo")
+    with the ground truth, the "pseudo" group with the model's masks (masks), never the truth. The pseudo-
+    labelled leave the pool for good and keep their label; redraw (the CEAL reference code; DSAL [5]): last
+    round's pseudo-labels go back unlabelled and the new ones stay in the pool. target is changed in place.
+    Returns (labeled, pseudo, pool)."""
+    at = lambda ids: torch.as_tensor(np.asarray(ids, np.int64), device=y.device)
+    oracle = np.concatenate([g for how, g in groups.items() if how != "pseudo"])
+    new = groups.get("pseudo", np.zeros(0, np.int64))
+    if redraw and "pseudo" in groups:
+        target[at(pseudo)] = UNLABELLED
+        pseudo = np.zeros(0, np.int64)
+    labeled, pseudo = np.concatenate([labeled, oracle]), np.concatenate([pseudo, new])
+    pool = np.setdiff1d(pool, oracle if redraw else np.concatenate([oracle, new]))
+    target[at(oracle)] = y[at(oracle)]  # the oracle reveals the ground truth
+    if "pseudo" in groups:
+        target[at(new)] = masks  # the model's masks
+    if bool((target[at(np.concatenate([labeled, pseudo]))] == UNLABELLED).any()):
+        raise RuntimeError(f"a training sample has no label (target {UNLABELLED}): a bug in the sets")
+    return labeled, pseudo, pool
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1503,142 +933,6 @@ class Progress:
 def fmt_s(s):
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Figures (Pillow only: a few plain charts and an image panel)
-# ----------------------------------------------------------------------------------------------------------
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
-
-
-def _ticks(lo, hi, n=5):
-    if hi <= lo:
-        hi = lo + 1
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / (step * m) <= n)
-    return [t for t in np.arange(math.ceil(lo / step) * step, hi + step / 2, step) if lo - 1e-9 <= t <= hi + 1e-9]
-
-
-def _fmt(v):
-    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
-
-
-def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 440)):
-    """series: {label: (xs, ys) or (xs, ys, stds)}; kind "line" (with ±std bands), "scatter" or "bar"."""
-    font = ImageFont.load_default()
-    labels = [str(label)[:48] for label in series]  # the legend, right of the plot
-    legend_w = int(max((font.getlength(t) for t in labels), default=0)) + 30 if labels else 0
-    W, H = size[0] + legend_w, size[1]
-    L, R, T, B = 64, 16 + legend_w, 30, 48
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img, "RGBA")
-    xs_all = np.concatenate([np.asarray(s[0], float) for s in series.values()] or [np.zeros(1)])
-    ys_all = np.concatenate([np.asarray(s[1], float) - (np.asarray(s[2]) if len(s) > 2 else 0) for s in series.values()] +
-                            [np.asarray(s[1], float) + (np.asarray(s[2]) if len(s) > 2 else 0) for s in series.values()] or [np.zeros(1)])
-    finite = np.isfinite(ys_all)
-    x0, x1 = (xs_all.min(), xs_all.max()) if len(xs_all) else (0, 1)
-    y0, y1 = (ys_all[finite].min(), ys_all[finite].max()) if finite.any() else (0, 1)
-    if x1 <= x0:
-        x0, x1 = x0 - 1, x1 + 1
-    if y1 <= y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
-    px = lambda v: L + (v - x0) / (x1 - x0) * (W - L - R)
-    py = lambda v: H - B - (v - y0) / (y1 - y0) * (H - T - B)
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for t in _ticks(x0, x1):
-        d.line([px(t), H - B, px(t), H - B + 4], fill="black")
-        d.text((px(t) - 8, H - B + 6), _fmt(t), fill="black", font=font)
-    for t in _ticks(y0, y1):
-        d.line([L - 4, py(t), L, py(t)], fill="black")
-        d.line([L, py(t), W - R, py(t)], fill=(0, 0, 0, 25))
-        d.text((4, py(t) - 5), _fmt(t), fill="black", font=font)
-    d.text((L + (W - L - R) // 2 - 3 * len(xlabel), H - 20), xlabel, fill="black", font=font)
-    d.text((4, 8), (ylabel + "  " if ylabel else "") + title, fill="black", font=font)
-    for k, (label, s) in enumerate(series.items()):
-        c = COLOURS[k % len(COLOURS)]
-        xs, ys = np.asarray(s[0], float), np.asarray(s[1], float)
-        if kind == "bar":
-            bw = max(1.0, (px(xs[1]) - px(xs[0])) * 0.9) if len(xs) > 1 else 6
-            for x, y in zip(xs, ys):
-                d.rectangle([px(x) - bw / 2, py(y), px(x) + bw / 2, py(max(y0, 0))], fill=c + (150,))
-        elif kind == "scatter":
-            for x, y in zip(xs, ys):
-                d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c + (160,))
-        else:
-            if len(s) > 2 and len(xs) > 1:
-                sd = np.asarray(s[2], float)
-                poly = [(px(x), py(y + e)) for x, y, e in zip(xs, ys, sd)] + \
-                       [(px(x), py(y - e)) for x, y, e in zip(xs[::-1], ys[::-1], sd[::-1])]
-                d.polygon(poly, fill=c + (50,))
-            pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
-            if len(pts) > 1:
-                d.line(pts, fill=c, width=2)
-            for p in pts:
-                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
-    lx = W - R + 10
-    for k, label in enumerate(labels):
-        d.rectangle([lx, T + 6 + 14 * k, lx + 10, T + 14 + 14 * k], fill=COLOURS[k % len(COLOURS)])
-        d.text((lx + 14, T + 4 + 14 * k), label, fill="black", font=font)
-    img.save(path)
-
-
-def plot_hist(path, values, bins=80, xlabel="", title="", marks=None):
-    """Histogram; marks {label: values} draws those samples as ticks under the bars (e.g. the selected)."""
-    values = np.asarray(values, float)
-    counts, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    plot(path, {"pool": (centres, counts)}, xlabel, "count", title, kind="bar")
-    if not marks or len(values) == 0:
-        return
-    img = Image.open(path).convert("RGB")
-    d = ImageDraw.Draw(img)
-    # plot()'s geometry: its right margin R holds the legend ("pool"), and its x range is the bar centres'
-    legend_w = int(ImageFont.load_default().getlength("pool")) + 30
-    (W, H), L, R, B = img.size, 64, 16 + legend_w, 48
-    lo, hi = centres.min(), centres.max()
-    lo, hi = (lo, hi) if hi > lo else (lo - 1, hi + 1)
-    for k, (label, v) in enumerate(marks.items()):
-        col = COLOURS[(k + 1) % len(COLOURS)]
-        for u in np.asarray(v, float):  # a score half a bin beyond the outer centres stays on the frame
-            x = min(max(L + (u - lo) / (hi - lo) * (W - L - R), L), W - R)
-            d.line([x, H - B - 6, x, H - B - 1], fill=col, width=2)
-        d.rectangle([W - R - 150, 30 + 20 + 14 * k, W - R - 140, 30 + 28 + 14 * k], fill=col)
-        d.text((W - R - 136, 30 + 18 + 14 * k), f"{label} (ticks)", fill="black")
-    img.save(path)
-
-
-def save_panel(path, images, columns, titles):
-    """Rows of tiles; images: list of rows, each a list of (H, W) or (C, H, W) arrays (floats in [0, 1] or
-    uint8). Used for the image / ground truth / prediction / uncertainty panel. No rows (nothing to show,
-    e.g. no test set): no file."""
-    if not len(images):
-        return
-    tiles = []
-    for row in images:
-        out = []
-        for a in row:
-            a = np.asarray(a, dtype=np.float32)
-            if a.ndim == 3:
-                a = a.transpose(1, 2, 0) if a.shape[0] in (1, 3) else a
-                a = a[..., 0] if a.shape[-1] == 1 else a
-            if a.max() > 1.0:
-                a = a / 255.0
-            elif a.ndim == 2 and a.max() > 0 and a.max() < 0.5:  # uncertainty maps: stretch for visibility
-                a = a / a.max()
-            out.append(Image.fromarray(np.clip(a * 255, 0, 255).astype(np.uint8)).convert("RGB"))
-        tiles.append(out)
-    s = max(64, max(t.size[0] for r in tiles for t in r))
-    img = Image.new("RGB", (columns * (s + 4) + 4, len(tiles) * (s + 4) + 20), "white")
-    d = ImageDraw.Draw(img)
-    for c, t in enumerate(titles):
-        d.text((4 + c * (s + 4), 4), t, fill="black")
-    for r, row in enumerate(tiles):
-        for c, t in enumerate(row):
-            img.paste(t.resize((s, s), Image.NEAREST), (4 + c * (s + 4), 18 + r * (s + 4)))
-    img.save(path)
 
 
 def _plain(v):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import oracle
 from unet import UNet
 
 # Defaults per dataset. The paper's numbers for its hand radiographs (Sec. III-IV), read through `--data
@@ -417,7 +418,7 @@ def main(argv=None):
             select_s, how = 0.0, "full" if steps is not None else "initial-random"
             queried[how] = [data.ids[i] for i in labeled]
             common.save_picks(run, rnd, model, data, x, {how: labeled}, None, args.batch_size, device, args.amp)
-        common.ask_oracle(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
+        oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
 
         # ---- training: fine-tune the same model on all labelled images (Sec. III) ----
         t0 = time.time()
@@ -481,11 +482,11 @@ def figures(run, rows):
 @torch.inference_mode()
 def panel(run, model, data, x, ids, args, device, n=4):
     """Image / ground truth / final mask / lower and middle heads / their disagreement with the final mask."""
-    model.eval()
     ids = np.asarray(ids)[:n]
-    xb = common.to_input(x[torch.as_tensor(ids, device=device, dtype=torch.long)])
-    with common.autocast(device, args.amp):
-        lower, middle, final = ((z[:, 0].float() > 0).float().cpu().numpy() for z in heads(model(xb), args.ds_stages))
+    if not len(ids):  # no test set (--oracle folder, every image unlabelled): no panel
+        return
+    outs = [heads(out, args.ds_stages) for _, out in common.forward_batches(model, x, ids, args.batch_size, device, args.amp)]
+    lower, middle, final = ((torch.cat(z)[:, 0].float() > 0).float().cpu().numpy() for z in zip(*outs))
     disagreement = (np.abs(lower - final) + np.abs(middle - final)) / 2
     rows = [[data.x[i], data.y[i], final[j], lower[j], middle[j], disagreement[j]] for j, i in enumerate(ids)]
     common.save_panel(run.path("panel.png"), rows, 6, ["image", "ground truth", "final", "lower head", "middle head",

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import common
+import oracle
 from unet import UNet
 
 # Not a paper's protocol: a CPU-sized one for synthetic data, and a generic one for any other dataset.
@@ -81,7 +82,7 @@ def main(argv=None):
         else:
             queried["full" if steps else "initial"] = [data.ids[i] for i in labeled]  # the seeded random start
         select_s, t0 = time.time() - t0, time.time()
-        common.ask_oracle(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
+        oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
         epochs = epochs0 if rnd == 0 else args.epochs
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp, generator=gen,
                      steps=steps, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))

@@ -20,6 +20,7 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 import common
+import oracle
 from unet import UNet
 
 # Defaults per dataset. The paper's numbers for CVC-ClinicDB (Sec. 3.1); its second dataset is in-house
@@ -126,13 +127,13 @@ def discrepancy_loss(model, xu, delta, through_mask=False):
 def score(model, x, idx, batch_size, device, amp=False):
     """One eval-mode pass over x[idx]: image features F(x) = Avg(f_E(x)) (Eq. 3), I(x) (Eq. 2) and the mean
     pixel binary entropy (the Entropy baseline). Returns CPU tensors (N, C), (N,), (N,)."""
-    model.eval()
+    def encode_decode(model, xb):  # f_E, the output of the encoder (the U-Net's last encoder stage), and logits
+        feats = model.encode(xb)
+        return feats[-1], model.decode(feats)
+
     out = {"feat": [], "unc": [], "ent": []}
-    for b in common.batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
-        with common.autocast(device, amp):
-            feats = model.encode(common.to_input(x[b]))
-            probs = torch.sigmoid(model.decode(feats).float()[:, 0])
-        f_e = feats[-1].float()  # f_E: the output of the encoder (the U-Net's last encoder stage)
+    for _, (f_e, logits) in common.forward_batches(model, x, idx, batch_size, device, amp, fn=encode_decode):
+        f_e, probs = f_e.float(), torch.sigmoid(logits.float()[:, 0])
         out["feat"].append(f_e.mean((2, 3)).cpu())                        # Eq. 3
         out["unc"].append(uncertainty(*class_features(probs, f_e)).cpu())  # Eq. 1-2
         out["ent"].append(common.entropy_scores(probs, reduce="mean").cpu())
@@ -418,7 +419,7 @@ def main(argv=None):
         else:
             # the seeded random start (paper silent: random), or the whole pool for the ceiling
             queried["full" if steps else "initial"] = [data.ids[i] for i in labeled]
-        common.ask_oracle(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
+        oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
 
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
         t0 = time.time()

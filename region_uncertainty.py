@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import oracle
 from unet import ResNetUNet
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Sec. IV-D, footnote 5
@@ -234,14 +235,14 @@ def build_model(args, device):
 
 
 def annotate(run, rnd, model, data, x, y, new, partial, args, device):
-    """The oracle's step for the images queried this round (common.ask_oracle: the dataset's masks, or a
+    """The oracle's step for the images queried this round (oracle.ask: the dataset's masks, or a
     person's through files). Full annotation: the oracle labels every pixel. With partial (Sec. III-B, Steps
     2a-2c): the oracle labels the uncertain pixels, the model's prediction binarised at tau_b the rest.
     Returns their training targets and the row's annotation numbers: % of pixels annotated positive and % to
     verify (Table II, Fig. 5), and the Dice of the targets."""
     p = common.predict(model, x, new, args.batch_size, device, args.amp) if partial else None
     decide = ((0.5 - p.float()).abs() < args.tau_u).cpu().numpy() if partial else None  # 2a, for the person
-    common.ask_oracle(run, rnd, new, data, y, model, x, args.batch_size, device, args.amp, decide)
+    oracle.ask(run, rnd, new, data, y, model, x, args.batch_size, device, args.amp, decide)
     gt = y[torch.as_tensor(new, device=device)]
     if partial:  # Sec. III-B: oracle on the uncertain pixels, the model on the rest
         t, uncertain = partial_annotation(p, gt, args.tau_u, args.tau_b)

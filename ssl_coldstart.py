@@ -22,6 +22,7 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 import common
+import oracle
 from unet import UNet
 
 # Defaults per dataset. The paper's numbers for ISIC 2017 (Sec. IV-A); where it is silent, say so.
@@ -59,7 +60,6 @@ DEFAULTS = {
                   shuffle_blocks=10000, mc_passes=20, pseudo_step=20, ensemble_size=4),
 }
 STRATEGIES = ["cluster", "random", "mc-dropout", "ceal", "ens-s", "ens-js", "suggestive", "dsal", "full"]
-SENTINEL = 255  # target of a sample nobody has labelled yet: the oracle writes the ground truth, pseudo-labels the model's mask
 
 # Models Genesis transform probabilities (the public 2D port of the reference code; PROTOCOLS.md).
 FLIP_P, FLIP_TIMES = 0.4, 3           # flip, repeated while rand < 0.4, at most 3 times
@@ -434,14 +434,8 @@ def take_from_clusters(labels, rank, available, inc):
 def pooled_features(model, x, idx, batch_size, device, amp=False, grid=1):
     """Last encoder stage features of x[idx], adaptive-average-pooled to grid x grid and flattened, in one
     batched pass (eval mode): (N, C * grid^2) float32 on the CPU (one copy at the end: no host sync per batch)."""
-    model.eval()
-    out = []
-    for b in common.batches(torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long), batch_size):
-        xb = common.to_input(x[b])
-        xb = xb.contiguous(memory_format=common.memory_format(device))
-        with common.autocast(device, amp):
-            f = model.features(xb)
-        out.append(F.adaptive_avg_pool2d(f.float(), grid).flatten(1))
+    out = [F.adaptive_avg_pool2d(f.float(), grid).flatten(1) for _, f in
+           common.forward_batches(model, x, idx, batch_size, device, amp, fn=lambda m, xb: m.features(xb))]
     return torch.cat(out).cpu() if out else torch.zeros(0, model.feature_channels * grid * grid)
 
 
@@ -656,17 +650,13 @@ def build_models(ssl_state, args, device):
     return model, members
 
 
-def resume_sets(state, members, opts, target, y, device):
-    """--resume: the ensemble members and their optimisers, and the training targets (the ground truth of the
-    labelled set, the saved masks of the pseudo-labelled one; target is changed in place) of the last finished
-    round. Returns (labeled, pseudo, pool, clusters)."""
+def resume_sets(state, members, opts):
+    """--resume: the ensemble members and their optimisers of the last finished round. Returns (labeled,
+    pseudo, pool, clusters)."""
     for m, o, s in zip(members, opts, state["members"]):
         m.load_state_dict(s["model"])
         o.load_state_dict(s["opt"])
-    labeled, pseudo, pool, clusters = state["labeled"], state["pseudo"], state["pool"], state["clusters"]
-    target[torch.as_tensor(labeled, device=device)] = y[torch.as_tensor(labeled, device=device)]
-    target[torch.as_tensor(pseudo, device=device)] = state["pseudo_masks"].to(device)
-    return labeled, pseudo, pool, clusters
+    return state["labeled"], state["pseudo"], state["pool"], state["clusters"]
 
 
 def cluster_pool(run, data, ssl_state, x, train_ids, args, device):
@@ -716,30 +706,6 @@ def select(way, rnd, model, members, x, pool, train_ids, clusters, args, device,
     return queried, cols, shown, scored, pseudo_masks
 
 
-def add_labels(queried, pseudo_masks, labeled, pseudo, pool, target, y, args, device):
-    """The round's picks join the training set: the oracle's (every `how` but "pseudo") with their ground truth,
-    the pseudo-labelled ones (CEAL Sec. 4.2; DSAL [5]) with the model's masks. target is changed in place.
-    Returns (labeled, pseudo, pool)."""
-    # the oracle reveals the ground truth; pseudo-labels are the model's masks. CEAL's pseudo-labelled samples
-    # leave the pool and stay pseudo-labelled; DSAL's are re-drawn every iteration and stay in the pool.
-    dev = lambda ids: torch.as_tensor(ids, device=device)
-    if args.strategy == "dsal" and "pseudo" in queried:
-        target[dev(pseudo)] = SENTINEL
-        pseudo = np.zeros(0, np.int64)
-    for how, ids in queried.items():
-        if how != "pseudo":
-            labeled = np.concatenate([labeled, ids])
-            target[dev(ids)] = y[dev(ids)]
-    if "pseudo" in queried:
-        pseudo = np.concatenate([pseudo, queried["pseudo"]])
-        target[dev(queried["pseudo"])] = pseudo_masks
-    leave = [ids for how, ids in queried.items() if how != "pseudo" or args.strategy != "dsal"]
-    pool = np.setdiff1d(pool, np.concatenate(leave))
-    if bool((target[dev(np.concatenate([labeled, pseudo]))] == SENTINEL).any()):
-        raise RuntimeError("a training target is still unlabelled (SENTINEL): a selection bug")
-    return labeled, pseudo, pool
-
-
 def train_members(members, opts, x, target, labeled, epochs, loss_fn, args, device, rng, gen):
     """ens-s / ens-js / suggestive (Fig. 2 comparators): M models on bootstrap resamples of the labelled set,
     each round as many epochs as the segmentation model (no members: nothing to do)."""
@@ -764,8 +730,6 @@ def main(argv=None):
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # --strategy full: the ceiling
     x, y = common.to_device(data, device)
-    # the training target: SENTINEL until the oracle reveals the ground truth or the model gives a pseudo-label
-    target = torch.full_like(y, SENTINEL)
 
     # ---- Sec. III-A: self-supervised pre-training on the unlabelled pool (or its weights, reused) ----
     uses_clusters = "cluster" in (args.strategy, args.cold_start)
@@ -784,7 +748,8 @@ def main(argv=None):
     clusters = None                                 # (labels, rank, dist) over train_ids
     start, state = run.resume(model, opt, rng, gen)
     if state:
-        labeled, pseudo, pool, clusters = resume_sets(state, members, opts, target, y, device)
+        labeled, pseudo, pool, clusters = resume_sets(state, members, opts)
+    target = common.training_target(y, labeled, pseudo, state["pseudo_masks"] if state else None)
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
                                plan=common.Progress.plan(len(train_ids) if steps else args.initial, args.query, rounds,
@@ -807,8 +772,9 @@ def main(argv=None):
         run.log_pool_scores(rnd, [data.ids[i] for i in pool], cols,
                             {how: [data.ids[i] for i in ids] for how, ids in queried.items()})
         common.save_picks(run, rnd, model, data, x, queried, shown, args.batch_size, device, args.amp)
-        common.ask_oracle(run, rnd, np.concatenate([i for h, i in queried.items() if h != "pseudo"]), data, y, model, x)
-        labeled, pseudo, pool = add_labels(queried, pseudo_masks, labeled, pseudo, pool, target, y, args, device)
+        oracle.ask(run, rnd, np.concatenate([i for h, i in queried.items() if h != "pseudo"]), data, y, model, x)
+        labeled, pseudo, pool = common.add_labels(target, y, queried, pseudo_masks, labeled, pseudo, pool,
+                                                  redraw=args.strategy == "dsal")  # DSAL's stay in the pool
         select_s, t0 = time.time() - t0, time.time()
 
         # ---- training: fine-tuned on the enlarged labelled set, 10 epochs first, then 2 per iteration ----
@@ -861,11 +827,16 @@ def paper_final(args):
 @torch.inference_mode()
 def ssl_panel(run, model, x, pool, gen, args, device, n=4):
     """Clean image / corrupted input D(x) / reconstruction, for a few pool samples."""
-    idx = torch.as_tensor(pool[:n], device=device)
-    inp, clean = models_genesis(common.to_input(x[idx]), gen, args.shuffle_blocks)
-    model.eval()
-    rec = torch.sigmoid(model(inp).float())
-    rows = [[clean[j, 0].cpu().numpy(), inp[j, 0].cpu().numpy(), rec[j, 0].cpu().numpy()] for j in range(len(idx))]
+    shown = []
+
+    def corrupt(xb):  # D(x), kept with the clean image for the panel
+        shown.append(models_genesis(xb, gen, args.shuffle_blocks))
+        return shown[-1][0]
+
+    rec = [torch.sigmoid(out.float()) for _, out in
+           common.forward_batches(model, x, pool[:n], args.batch_size, device, args.amp, view=corrupt)]
+    rows = [[clean[0].cpu().numpy(), inp[0].cpu().numpy(), r[0].cpu().numpy()]
+            for (inp, clean), rb in zip(shown, rec) for inp, clean, r in zip(inp, clean, rb)]
     common.save_panel(run.path("ssl_panel.png"), rows, 3, ["clean (target)", "D(x) (input)", "reconstruction"])
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 import ceal_mcdropout
 import common
+import loaders
 from conftest import REAL
 from unet import UNet, count_parameters
 
@@ -217,7 +218,7 @@ def test_real_cvc_clinicdb_raw_tiffs_and_stray_mask_values():
     d = common.load_data("cvc-clinicdb", real("CVC-ClinicDB"), 64)
     assert len(d) == 10 and d.ids[:3] == ["1", "2", "3"] and d.x.shape == (10, 3, 64, 64)
     assert set(np.unique(d.y)) == {0, 1} and d.x.std() > 10
-    frame = common.read_raw_tiff(os.path.join(REAL, "CVC-ClinicDB", "Original", "1.tif"))
+    frame = loaders.read_raw_tiff(os.path.join(REAL, "CVC-ClinicDB", "Original", "1.tif"))
     assert frame.shape == (288, 384, 3)
     # mask 1.tif holds stray values 5..12 besides 0 and 255: thresholded at >127, about 15 % foreground
     assert 0.1 < d.y[0].mean() < 0.2

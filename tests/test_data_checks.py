@@ -12,6 +12,7 @@ from PIL import Image
 
 import ceal_mcdropout
 import common
+import loaders
 from conftest import REAL, run_dir_from, run_script
 
 PAPER_LGG = (878, 220, 275)  # CEAL Table 2: 1373 slices with tumour
@@ -220,7 +221,7 @@ def test_jpeg_draft_decoding_is_not_a_size_mismatch(tmp_path):
         os.makedirs(tmp_path / sub)
     Image.new("RGB", (256, 200), (120, 80, 60)).save(tmp_path / "images" / "a.jpg")
     Image.new("L", (256, 200), 255).save(tmp_path / "masks" / "a.jpg")
-    im, size = common.read_image(str(tmp_path / "images" / "a.jpg"), "RGB", 32, with_size=True)
+    im, size = loaders.read_image(str(tmp_path / "images" / "a.jpg"), "RGB", 32, with_size=True)
     assert im.size != (256, 200) and size == (256, 200)  # drafted, yet the header size is reported
     d = common.load_data("folder", str(tmp_path), 32, quiet=True)
     assert d.positive.tolist() == [True]

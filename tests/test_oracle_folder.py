@@ -1,4 +1,4 @@
-"""--oracle folder: a person answers the queries through files (common.ask_oracle). The test plays the annotator:
+"""--oracle folder: a person answers the queries through files (oracle.ask). The test plays the annotator:
 each time a run stops, it copies the ground-truth masks into labels/round_K/ and resumes; the finished run's
 queried ids and Dice equal the simulated run's (tests/behaviour_record.json, same flags and seed). Bad label
 folders stop with one message listing every problem, exit 2, and change nothing."""

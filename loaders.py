@@ -1,0 +1,491 @@
+"""Data for the active-learning scripts: the official archive layouts, read unmodified, decoded once into a
+uint8 cache, split with a seed; and a synthetic generator. Bad input raises UserError, which every script
+turns into one line and exit status 2 (common.run_main). common.py re-exports what the scripts call
+(common.load_data, common.make_splits, ...).
+"""
+import concurrent.futures
+import glob
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+class UserError(Exception):
+    """Bad input a user can fix: printed as one line, exit status 2, no traceback (see common.run_main)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the official layouts, read unmodified
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    x: np.ndarray                 # (N, C, S, S) uint8 images
+    y: np.ndarray                 # (N, S, S) uint8 masks in {0, 1}
+    ids: list                     # sample ids (file stems), used in every file the run writes
+    official: dict = field(default_factory=dict)   # split name -> indices, where the dataset defines splits
+    groups: np.ndarray = None     # patient of each sample (lgg): splits never cut a group
+    name: str = ""
+    positive: np.ndarray = None   # (N,) bool: the mask has foreground at full resolution (files' own size)
+    files: list = None            # each sample's image file as found (None: made in memory, e.g. synthetic)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def subset(self, keep):
+        keep = np.asarray(keep)
+        pos = -np.ones(len(self.ids), dtype=np.int64)
+        pos[keep] = np.arange(len(keep))
+        official = {k: pos[v][pos[v] >= 0] for k, v in self.official.items()}
+        return Data(self.x[keep], self.y[keep], [self.ids[i] for i in keep], official,
+                    None if self.groups is None else self.groups[keep], self.name,
+                    None if self.positive is None else self.positive[keep],
+                    None if self.files is None else [self.files[i] for i in keep])
+
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".webp")
+
+
+def _files(folder, patterns, what):
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: folder not found; expected {what}")
+    found = sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
+    if not found:
+        raise UserError(f"no files found under {folder}: expected {what}")
+    return found
+
+
+def _pair(images, masks, image_key, mask_key, image_dir, mask_dir, mask_what):
+    """Pair image and mask paths by key; an image without a mask (or the reverse) is an error."""
+    by_key = {mask_key(m): m for m in masks}
+    img_keys = {image_key(i): i for i in images}
+    missing = sorted(set(img_keys) - set(by_key))
+    if missing:
+        raise UserError(f"{img_keys[missing[0]]}: no mask for this image in {mask_dir} (expected {mask_what}); "
+                        f"{len(missing)} image(s) lack a mask")
+    extra = sorted(set(by_key) - set(img_keys))
+    if extra:
+        raise UserError(f"{by_key[extra[0]]}: mask without an image in {image_dir}; {len(extra)} mask(s) lack an image")
+    return [(k, img_keys[k], by_key[k]) for k in sorted(img_keys)]
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _isic_pairs(root, image_dir, mask_dir):
+    imgs = [f for f in _files(os.path.join(root, image_dir), ["ISIC_*.jpg", "ISIC_*.png"], "ISIC_*.jpg images")
+            if not f.endswith("_superpixels.png")]
+    masks = _files(os.path.join(root, mask_dir), ["ISIC_*_segmentation.png"], "ISIC_*_segmentation.png masks")
+    return _pair(imgs, masks, _stem, lambda m: _stem(m)[: -len("_segmentation")], os.path.join(root, image_dir),
+                 os.path.join(root, mask_dir), "ISIC_<id>_segmentation.png")
+
+
+def list_isic2017(root):
+    splits = {"train": ("ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+              "val": ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+              "test": ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth")}
+    return _official(root, splits, _isic_pairs, "ISIC-2017_Training_Data/ and ISIC-2017_Training_Part1_GroundTruth/")
+
+
+def list_isic2018(root):
+    splits = {k: (f"ISIC2018_Task1-2_{s}_Input", f"ISIC2018_Task1_{s}_GroundTruth")
+              for k, s in (("train", "Training"), ("val", "Validation"), ("test", "Test"))}
+    return _official(root, splits, _isic_pairs, "ISIC2018_Task1-2_Training_Input/ and ISIC2018_Task1_Training_GroundTruth/")
+
+
+def _official(root, splits, lister, what):
+    if not os.path.isdir(os.path.join(root, splits["train"][0])):
+        raise UserError(f"{root}: expected the official layout with {what} (found: {sorted(os.listdir(root))[:8]})")
+    entries = []
+    for split, (img_dir, mask_dir) in splits.items():
+        if split != "train" and not os.path.isdir(os.path.join(root, img_dir)):
+            print(f"note: {os.path.join(root, img_dir)} not found; no official {split} split")
+            continue
+        entries += [(k, i, m, split, None) for k, i, m in lister(root, img_dir, mask_dir)]
+    return entries
+
+
+def list_ph2(root):
+    base = os.path.join(root, "PH2 Dataset images") if os.path.isdir(os.path.join(root, "PH2 Dataset images")) else root
+    cases = sorted(d for d in glob.glob(os.path.join(base, "IMD*")) if os.path.isdir(d))
+    if not cases:
+        raise UserError(f"{base}: no IMDxxx case folders; expected 'PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/"
+                        f"IMDxxx.bmp' and 'IMDxxx_lesion/IMDxxx_lesion.bmp'")
+    entries = []
+    for case in cases:
+        c = os.path.basename(case)
+        img = os.path.join(case, f"{c}_Dermoscopic_Image", f"{c}.bmp")
+        mask = os.path.join(case, f"{c}_lesion", f"{c}_lesion.bmp")
+        if not os.path.isfile(img):
+            raise UserError(f"{img}: image not found (expected IMDxxx_Dermoscopic_Image/IMDxxx.bmp in {case})")
+        if not os.path.isfile(mask):
+            raise UserError(f"{mask}: no mask for {img} (expected IMDxxx_lesion/IMDxxx_lesion.bmp)")
+        entries.append((c, img, mask, None, None))
+    return entries
+
+
+def list_cvc(root):
+    exts = ["*.tif", "*.tiff", "*.png", "*.bmp", "*.jpg"]
+    img_dir, mask_dir = os.path.join(root, "Original"), os.path.join(root, "Ground Truth")
+    pairs = _pair(_files(img_dir, exts, "Original/N.tif frames"), _files(mask_dir, exts, "Ground Truth/N.tif masks"),
+                  _stem, _stem, img_dir, mask_dir, "Ground Truth/<N>.tif")
+    pairs.sort(key=lambda p: (len(p[0]), p[0]))  # numeric order: 1, 2, ..., 612
+    return [(k, i, m, None, None) for k, i, m in pairs]
+
+
+MASK_SUFFIXES = ("_mask", "_segmentation", "_lesion", "_manual1")
+
+
+def _mask_stem(path):
+    s = _stem(path)
+    for suf in MASK_SUFFIXES:
+        if s.endswith(suf):
+            return s[: -len(suf)]
+    return s
+
+
+def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem may add _mask, _segmentation, "
+                           "_lesion or _manual1)"):
+    img_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+    if not os.path.isdir(img_dir):
+        raise UserError(f"{root}: expected {what}")
+    pats = ["*" + e for e in IMAGE_EXT] + ["*" + e.upper() for e in IMAGE_EXT]
+    images = _files(img_dir, pats, "image files")
+    masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
+    by_key = {_mask_stem(m): m for m in masks}
+    if not masks or len(by_key.keys() & {_stem(i) for i in images}) < len(images):
+        # images without masks: a set to label yourself (--oracle folder; split_data refuses it otherwise).
+        # They are the pool ("unlabelled"); the images that have a mask are the test set.
+        extra = sorted(set(by_key) - {_stem(i) for i in images})
+        if extra:
+            raise UserError(f"{by_key[extra[0]]}: mask without an image in {img_dir}; {len(extra)} mask(s) lack an image")
+        return [(_stem(i), i, by_key.get(_stem(i)), "test" if _stem(i) in by_key else "unlabelled", None)
+                for i in sorted(images, key=_stem)]
+    pairs = _pair(images, masks, _stem, _mask_stem, img_dir, mask_dir, "masks/<stem>[_mask].<ext>")
+    return [(k, i, m, None, None) for k, i, m in pairs]
+
+
+def glob_files(folder, patterns):
+    return sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
+
+
+def write_folder(data, root):
+    """Write a Data set in the folder layout (images/<id>.png, masks/<id>_mask.png, masks 0/255): how the
+    synthetic set becomes a dataset every script reads with --data folder (README: Compare methods)."""
+    for sub in ("images", "masks"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for x, y, i in zip(data.x, data.y, data.ids):
+        Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(os.path.join(root, "images", f"{i}.png"))
+        Image.fromarray((y > 0).astype(np.uint8) * 255).save(os.path.join(root, "masks", f"{i}_mask.png"))
+    return root
+
+
+def list_lgg(root):
+    if os.path.isdir(os.path.join(root, "kaggle_3m")):
+        root = os.path.join(root, "kaggle_3m")
+    patients = sorted(d for d in glob.glob(os.path.join(root, "TCGA_*")) if os.path.isdir(d))
+    if not patients:
+        raise UserError(f"{root}: no TCGA_<patient> folders; expected kaggle_3m/TCGA_*/TCGA_..._<slice>.tif "
+                        f"with ..._<slice>_mask.tif")
+    entries = []
+    for d in patients:
+        files = glob.glob(os.path.join(d, "*.tif"))
+        imgs = [f for f in files if not f.endswith("_mask.tif")]
+        masks = [f for f in files if f.endswith("_mask.tif")]
+        patient = "_".join(os.path.basename(d).split("_")[:3])  # TCGA_CS_4941 (the folder adds a date)
+        for k, i, m in _pair(imgs, masks, _stem, _mask_stem, d, d, "<slice>_mask.tif"):
+            entries.append((k, i, m, None, patient))
+    entries.sort(key=lambda e: (e[4], int(re.findall(r"\d+", e[0])[-1])))
+    return entries
+
+
+LISTERS = {"isic2017": list_isic2017, "isic2018": list_isic2018, "ph2": list_ph2, "cvc-clinicdb": list_cvc,
+           "kvasir-seg": lambda r: list_folder(r, "Kvasir-SEG layout: images/*.jpg and masks/*.jpg"),
+           "lgg": list_lgg, "folder": list_folder}
+
+
+def read_raw_tiff(path):
+    """Uncompressed, chunky, 8-bit strip TIFF (CVC-ClinicDB frames are 3-sample TIFFs marked BlackIsZero,
+    which Pillow refuses). Returns (H, W, samples) uint8."""
+    with open(path, "rb") as f:
+        b = f.read()
+    if b[:4] not in (b"II*\x00", b"MM\x00*"):
+        raise ValueError("not a TIFF file")
+    bo = "<" if b[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(bo + "I", b[4:8])
+    (n,) = struct.unpack(bo + "H", b[ifd:ifd + 2])
+    tags = {}
+    for i in range(n):
+        tag, typ, cnt = struct.unpack(bo + "HHI", b[ifd + 2 + 12 * i: ifd + 10 + 12 * i])
+        size = {3: 2, 4: 4}.get(typ)
+        if size is None:
+            continue
+        fmt = bo + ("H" if typ == 3 else "I") * cnt
+        raw = b[ifd + 10 + 12 * i: ifd + 14 + 12 * i]
+        if size * cnt > 4:
+            (off,) = struct.unpack(bo + "I", raw)
+            raw = b[off: off + size * cnt]
+        tags[tag] = struct.unpack(fmt, raw[: size * cnt])
+    w, h = tags[256][0], tags[257][0]
+    spp, bits = tags.get(277, (1,))[0], tags.get(258, (8,))
+    if tags.get(259, (1,))[0] != 1 or set(bits) != {8} or tags.get(284, (1,))[0] != 1:
+        raise ValueError("only uncompressed 8-bit chunky TIFF is supported")
+    data = b"".join(b[o: o + c] for o, c in zip(tags[273], tags[279]))
+    return np.frombuffer(data, np.uint8)[: w * h * spp].reshape(h, w, spp)
+
+
+def read_image(path, mode, size=None, with_size=False):
+    """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'. With `size`, a JPEG is
+    decoded at the smallest DCT scale that is still at least size x size (much faster for ISIC's photos).
+    with_size: return (image, (width, height) as stored in the file, before any draft scaling)."""
+    try:
+        with Image.open(path) as im:
+            stored = im.size
+            if size and im.format == "JPEG":
+                im.draft(mode, (size, size))
+            im.load()
+            out = im.convert(mode) if im.mode != mode else im.copy()
+    except Exception as e:
+        try:
+            a = read_raw_tiff(path)
+        except Exception:
+            raise UserError(f"{path}: unreadable image file ({type(e).__name__}: {e})")
+        stored = (a.shape[1], a.shape[0])
+        out = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a[..., :3]).convert(mode)
+    return (out, stored) if with_size else out
+
+
+def binarise_mask(m, path):
+    """Masks are 0/255 (JPEG noise, CVC-ClinicDB's stray values 1..12) or 0/1; threshold at >127."""
+    top = int(m.max())
+    if top <= 1:
+        return m.astype(np.uint8)
+    if top < 128:
+        raise UserError(f"{path}: mask values 0..{top} are not binary; expected 0/255 (or 0/1). A label map?")
+    mid = float(((m > 50) & (m < 205)).mean())
+    if mid > 0.05:
+        raise UserError(f"{path}: mask is not binary ({mid:.0%} of pixels between 50 and 205); expected 0/255")
+    return (m > 127).astype(np.uint8)
+
+
+def _decode(entry, size, channels):
+    """One pair resized to size x size: (image (C, S, S), mask (S, S) in {0, 1}, whether the mask has any
+    foreground at the files' own resolution). An image and mask of different sizes is a pairing error."""
+    key, img_path, mask_path = entry[:3]
+    im, im_size = read_image(img_path, "RGB" if channels == 3 else "L", size, with_size=True)
+    im = im.resize((size, size), Image.BILINEAR)
+    if mask_path is None:  # an image to be labelled by a person (--oracle folder): no mask yet
+        m = np.zeros((im_size[1], im_size[0]), np.uint8)
+    else:
+        m = binarise_mask(np.asarray(read_image(mask_path, "L")), mask_path)
+    if (m.shape[1], m.shape[0]) != im_size:
+        raise UserError(f"{img_path} is {im_size[0]}x{im_size[1]} but its mask {mask_path} is {m.shape[1]}x"
+                        f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?)")
+    x = np.asarray(im, dtype=np.uint8)
+    x = x[None] if channels == 1 else x.transpose(2, 0, 1)
+    return x, resize_mask(m, size), bool(m.any())
+
+
+def resize_mask(m, size):
+    """A {0, 1} mask of any size -> size x size in {0, 1}: bilinear on 0/255, then >= 128 (the loader's rule,
+    also applied to an annotator's label files)."""
+    return (np.asarray(Image.fromarray(m * 255).resize((size, size), Image.BILINEAR)) >= 128).astype(np.uint8)
+
+
+CACHE_VERSION = 3  # bump when decoding changes (2: JPEG draft decoding; 3: full-resolution `positive`)
+
+
+def cache_dir():
+    return os.environ.get("ALSEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alseg"))
+
+
+def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=0, quiet=False):
+    """Load a dataset as uint8 arrays resized to size x size, through a cache keyed by everything that
+    changes its content (dataset, folder, each file's size and mtime, image size, channels, version)."""
+    if name == "synthetic":
+        return make_synthetic(n or 400, size, channels, seed)
+    if not data_dir:
+        raise UserError(f"--data {name} needs --data-dir (the folder of the archive as downloaded)")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir}: folder not found")
+    entries = LISTERS[name](os.path.abspath(data_dir))
+    stats = [(os.path.relpath(p, data_dir), os.stat(p).st_size, os.stat(p).st_mtime_ns) for e in entries for p in e[1:3]
+             if p is not None]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, name, os.path.abspath(data_dir), size, channels, stats]).encode()).hexdigest()
+    path = os.path.join(cache_dir(), f"{name}-{size}px-{channels}ch-{key[:16]}.npz")
+    if os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as z:
+            x, y, positive = z["x"], z["y"], z["positive"]
+        if not quiet:
+            print(f"data: {name} {len(entries)} samples from cache {path}")
+    else:
+        t0 = time.time()
+        with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+            out = list(pool.map(lambda e: _decode(e, size, channels), entries))
+        x, y = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+        positive = np.array([o[2] for o in out], dtype=bool)
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}.npz"
+        np.savez(tmp, x=x, y=y, positive=positive)
+        os.replace(tmp, path)
+        if not quiet:
+            print(f"data: {name} {len(entries)} samples decoded in {time.time() - t0:.1f}s, cached at {path}")
+    ids = [e[0] for e in entries]
+    official = {}
+    for i, e in enumerate(entries):
+        if e[3]:
+            official.setdefault(e[3], []).append(i)
+    groups = np.array([e[4] for e in entries]) if entries[0][4] is not None else None
+    return Data(x, y, ids, {k: np.array(v) for k, v in official.items()}, groups, name, positive,
+                [e[1] for e in entries])
+
+
+def make_splits(data, sizes, seed):
+    """Seeded (train, val, test) index arrays. Official splits are used where the dataset has them: the
+    official test set, the official validation set when it covers the requested size (else validation is
+    drawn from the official training set).
+
+    Grouped data (lgg) is split by patient, never by slice, so the sizes are approximate. The patients are
+    shuffled (seeded); test, then validation, is filled in that order: a patient of g samples joins a set
+    holding c of its target t only if it brings the set closer to t (c + g/2 < t; a tie stays out), and a
+    patient that does not is skipped, not the end: it stays free for the next set. A set with a target > 0
+    that no patient brings closer gets the smallest free patient. Training gets every patient left when
+    the sizes ask for all the data (sum >= N: the CEAL paper's 878 / 220 / 275 of 1373, default_split),
+    else a seeded n_train of their samples (all of them if fewer). The achieved sizes are what the arrays
+    hold (split_data records and prints them); only a set with a target > 0 and no patient left is an error."""
+    n_train, n_val, n_test = sizes
+    rng = np.random.default_rng(seed)
+    n = len(data)
+    if data.groups is not None:
+        groups = np.unique(data.groups)
+        rng.shuffle(groups)
+        count = dict(zip(*np.unique(data.groups, return_counts=True)))
+        free, parts = list(groups), []
+        for what, target in (("test", n_test), ("validation", n_val), ("training", n_train)):
+            if target > 0 and not free:
+                raise UserError(f"{data.name}: no patient left for the {what} set ({len(groups)} patients, {n} "
+                                f"samples, split train {n_train} / val {n_val} / test {n_test}); lower --split")
+            if what == "training":
+                break
+            part, got = [], 0
+            for g in list(free):
+                if 2 * (target - got) > count[g]:
+                    part.append(g)
+                    got += count[g]
+                    free.remove(g)
+            if target > 0 and not part:
+                part = [min(free, key=lambda g: count[g])]
+                free.remove(part[0])
+            parts.append(part)
+        members = lambda gs: np.flatnonzero(np.isin(data.groups, gs)).astype(np.int64)
+        test, val, rest = members(parts[0]), members(parts[1]), members(free)
+        train = rest if n_train + n_val + n_test >= n else rng.permutation(rest)[:n_train]
+        return np.sort(train), np.sort(val), np.sort(test)
+    else:
+        pool = np.asarray(data.official.get("train", np.arange(n)))
+        if "test" in data.official:
+            test = rng.permutation(data.official["test"])[:n_test]
+        else:
+            pool = rng.permutation(pool)
+            test, pool = pool[:n_test], pool[n_test:]
+        if "val" in data.official and len(data.official["val"]) >= n_val:
+            val = rng.permutation(data.official["val"])[:n_val]
+        else:
+            pool = rng.permutation(pool)
+            val, pool = pool[:n_val], pool[n_val:]
+        train = rng.permutation(pool)[:n_train]
+    if len(train) < n_train or len(val) < n_val or len(test) < n_test:
+        raise UserError(f"{data.name}: {n} samples cannot fill the split train {n_train} / val {n_val} / test "
+                        f"{n_test} (got {len(train)} / {len(val)} / {len(test)}); lower --split")
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def default_split(data):
+    """Split sizes for a dataset its script's paper did not use: the official test set (and validation set)
+    where the dataset has them, else 20 % test and 16 % validation (the CEAL paper's LGG proportions,
+    Table 2); the rest is the training pool."""
+    n = len(data)
+    n_test = len(data.official["test"]) if "test" in data.official else round(0.2 * n)
+    n_val = len(data.official["val"]) if "val" in data.official else round(0.16 * n)
+    n_train = len(data.official["train"]) if "train" in data.official else n
+    if "val" not in data.official:
+        n_train -= n_val
+    if "test" not in data.official:
+        n_train -= n_test
+    return [n_train, n_val, n_test]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic data: lesion-like objects where selection matters
+# ----------------------------------------------------------------------------------------------------------
+def _smooth_noise(rng, size, cells):
+    """Low-frequency noise in [-1, 1]: a coarse random grid upsampled bilinearly."""
+    g = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
+    return np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.BILINEAR))
+
+
+def make_synthetic(n, size=64, channels=3, seed=0):
+    """Dermoscopy-like images: a skin background with uneven light, one textured lesion of irregular outline
+    (varied size, contrast and colour), and the cases that make selection matter: ~6 % empty masks, ~12 %
+    tiny lesions, ~20 % low contrast, hair-like lines and smooth look-alike blobs as clutter, and ~10 %
+    near-duplicates (a shifted, re-noised copy of an earlier image). Deterministic from the seed."""
+    rng = np.random.default_rng(seed + 7919)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    xs = np.zeros((n, 3, size, size), np.uint8)
+    ys = np.zeros((n, size, size), np.uint8)
+    kinds = []
+    for i in range(n):
+        if i > 10 and rng.random() < 0.10:  # near-duplicate of an earlier sample
+            j = int(rng.integers(0, i))
+            dy, dx = rng.integers(-3, 4, 2)
+            img = np.roll(xs[j].astype(np.float32) / 255, (dy, dx), (1, 2))
+            img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+            xs[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+            ys[i] = np.roll(ys[j], (dy, dx), (0, 1))
+            kinds.append("duplicate")
+            continue
+        skin = np.array([0.85, 0.65, 0.55]) * rng.uniform(0.75, 1.05) + rng.normal(0, 0.04, 3)
+        light = 1 + 0.25 * _smooth_noise(rng, size, 2) + 0.15 * (xx - 0.5) * rng.normal()
+        img = skin[:, None, None] * light[None] * (1 + 0.05 * _smooth_noise(rng, size, 8))[None]
+        u = rng.random()
+        kind = "empty" if u < 0.06 else "tiny" if u < 0.18 else "low-contrast" if u < 0.38 else "normal"
+        mask = np.zeros((size, size), bool)
+        if kind != "empty":
+            r0 = rng.uniform(0.025, 0.05) if kind == "tiny" else float(np.clip(rng.lognormal(-1.9, 0.45), 0.06, 0.38))
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            theta = np.arctan2(yy - cy, xx - cx)
+            radius = r0 * (1 + sum(rng.uniform(0, 0.25 / k) * np.cos(k * theta + rng.uniform(0, 6.3)) for k in range(2, 6)))
+            mask = np.hypot(yy - cy, xx - cx) < radius
+            contrast = rng.uniform(0.06, 0.14) if kind == "low-contrast" else rng.uniform(0.2, 0.55)
+            colour = np.array([0.45, 0.28, 0.18]) + rng.normal(0, 0.05, 3)
+            texture = 1 + 0.35 * _smooth_noise(rng, size, 12) + 0.15 * _smooth_noise(rng, size, 24)
+            alpha = contrast * mask * texture
+            img = img * (1 - alpha[None]) + colour[:, None, None] * alpha[None] * img.mean()
+        for _ in range(rng.poisson(1.0) if rng.random() < 0.35 else 0):  # smooth look-alike blobs (no texture)
+            by, bx, br = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.02, 0.08)
+            blob = np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * br ** 2))
+            img = img * (1 - rng.uniform(0.15, 0.4) * blob[None] * np.array([0.6, 1.0, 1.0])[:, None, None])
+        if rng.random() < 0.3:  # hair-like dark lines
+            pil = Image.new("L", (size, size))
+            draw = ImageDraw.Draw(pil)
+            for _ in range(rng.integers(1, 6)):
+                pts = rng.uniform(0, size, 4)
+                draw.line([pts[0], pts[1], pts[2], pts[3]], fill=255, width=max(1, size // 96))
+            hair = np.asarray(pil, np.float32) / 255
+            img = img * (1 - 0.7 * hair[None])
+        img = img + rng.normal(0, rng.uniform(0.015, 0.05), img.shape)
+        xs[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+        ys[i] = mask
+        kinds.append(kind)
+    if channels == 1:
+        xs = np.round(xs.astype(np.float32).mean(1, keepdims=True)).astype(np.uint8)
+    data = Data(xs, ys, [f"syn{i:05d}" for i in range(n)], {}, None, "synthetic")
+    data.kinds = kinds
+    return data

@@ -1,0 +1,147 @@
+"""The oracle: the dataset's masks (--oracle simulated, the default), or a person who answers through files
+(--oracle folder). Every script calls ask() once per round, with the samples its rule sends to the oracle.
+"""
+import csv
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import binary_entropy, predict
+from loaders import UserError, read_image, resize_mask
+
+
+LABEL_README = """Round {rnd} of {script}: label {n} image(s).
+
+For every row of manifest.csv, draw the mask of image <sample_id>.png (here, at the original file's size):
+white (255) on the {what}, black (0) elsewhere, one channel or grey, any size with the image's aspect ratio
+(it is resized and thresholded as the loader does). Save it as
+
+    {labels}/<sample_id>.png
+
+one file per row, nothing else in that folder. <sample_id>_model.png shows what the model predicts (red,
+left) and how unsure it is (bright = unsure, right), to help you; it is not a label.{decide}
+
+Then go on with:
+
+    python {script}.py --resume {run_dir}
+
+Every file is checked first (missing, extra, unreadable, not binary, another aspect ratio); a problem stops
+the run with one message listing all of them, and nothing is changed.
+"""
+
+
+def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, amp=False, decide=None):
+    """The oracle labels the samples idx (indices into data) of round rnd. --oracle simulated: the dataset's
+    masks, already in y: nothing to do. --oracle folder: a person answers. The first time a round asks,
+    the run writes RUN_DIR/to_label/round_<rnd>/ (each image at its original size, the model's prediction
+    and uncertainty beside it, manifest.csv, README.txt) and stops with exit 0; its last finished round is
+    checkpointed, so `--resume RUN_DIR` repeats this round's selection (seeded: the same picks, checked
+    against the manifest) and comes back here. Then labels/round_<rnd>/<id>.png are read (read_labels),
+    resized and binarised as the loader does, and written into y[idx]: the round trains on them exactly as
+    on simulated labels, and pseudo-labels or model-labelled pixels stay the model's. decide: (n, S, S)
+    bool, the pixels the person must decide (region_uncertainty --partial); the rest comes from the model."""
+    if getattr(run.args, "oracle", "simulated") != "folder" or len(idx) == 0:
+        return
+    idx = np.asarray(idx)
+    ids = [data.ids[i] for i in idx]
+    ask_dir, lab_dir = run.path(f"to_label/round_{rnd}"), run.path(f"labels/round_{rnd}")
+    manifest = os.path.join(ask_dir, "manifest.csv")
+    if os.path.isfile(manifest):
+        asked = [r["sample_id"] for r in csv.DictReader(open(manifest))]
+        if asked != ids:
+            raise UserError(f"{manifest} asks for other samples than this run picks now: the selection did not "
+                            f"repeat (another device or thread count than the run's?); resume where it started")
+        if not os.path.isdir(lab_dir):
+            raise UserError(f"{lab_dir}: folder not found; expected the {len(ids)} label files that "
+                            f"{os.path.join(ask_dir, 'README.txt')} asks for")
+        masks = read_labels(lab_dir, ids, data, y.shape[-1])
+        y[torch.as_tensor(idx, device=y.device)] = torch.as_tensor(masks, device=y.device)
+        print(f"oracle: round {rnd}: {len(ids)} labels read from {lab_dir}")
+        return
+    write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide)
+    print(f"stopped: round {rnd} asks for {len(ids)} labels; follow {os.path.join(ask_dir, 'README.txt')}, then "
+          f"go on with: python {run.script}.py --resume {run.dir}")
+    sys.exit(0)
+
+
+def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide):
+    """RUN_DIR/to_label/round_<rnd>/: <id>.png (the image as found, or the in-memory one), <id>_model.png
+    (prediction and uncertainty), <id>_decide.png (with decide), manifest.csv and README.txt."""
+    ask_dir = run.path(f"to_label/round_{rnd}")
+    os.makedirs(ask_dir, exist_ok=True)
+    probs = predict(model, x, idx, batch_size, device or x.device, amp).float().cpu().numpy() if model is not None else None
+    rows = []
+    for k, i in enumerate(idx):
+        sid = data.ids[i]
+        if data.files is not None:
+            image = read_image(data.files[i], "RGB")
+        else:
+            image = Image.fromarray(data.x[i][0] if data.x.shape[1] == 1 else data.x[i].transpose(1, 2, 0)).convert("RGB")
+        image.save(os.path.join(ask_dir, f"{sid}.png"))
+        row = {"sample_id": sid, "original_file": data.files[i] if data.files is not None else "(in memory)",
+               "image": f"{sid}.png", "model": "", "decide": "",
+               "asked": "the whole mask", "label_file": f"labels/round_{rnd}/{sid}.png"}
+        if probs is not None:
+            s = data.x.shape[-1]
+            small = np.asarray(image.resize((s, s), Image.BILINEAR), dtype=np.float32)
+            pred = small * 0.6 + np.array([255, 0, 0], np.float32) * 0.4 * (probs[k] > 0.5)[..., None] + \
+                small * 0.4 * (probs[k] <= 0.5)[..., None]
+            unc = np.repeat((255 * binary_entropy(torch.from_numpy(probs[k])).numpy())[..., None], 3, 2)
+            pair = Image.fromarray(np.concatenate([pred, unc], 1).clip(0, 255).astype(np.uint8))
+            scale = max(1, 256 // s)
+            pair.resize((2 * s * scale, s * scale), Image.NEAREST).save(os.path.join(ask_dir, f"{sid}_model.png"))
+            row["model"] = f"{sid}_model.png"
+        if decide is not None:
+            Image.fromarray(np.asarray(decide[k], np.uint8) * 255).resize(image.size, Image.NEAREST).save(
+                os.path.join(ask_dir, f"{sid}_decide.png"))
+            row.update(decide=f"{sid}_decide.png",
+                       asked="the pixels white in the decide map; the model's prediction is kept elsewhere")
+        rows.append(row)
+    with open(os.path.join(ask_dir, "manifest.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    decide_text = ("\n\nThis round labels only part of each image: <sample_id>_decide.png marks (white) the pixels you "
+                   "decide; draw the whole mask all the same, and the run keeps the model's prediction outside "
+                   "the white pixels.") if decide is not None else ""
+    open(os.path.join(ask_dir, "README.txt"), "w").write(LABEL_README.format(
+        rnd=rnd, script=run.script, n=len(rows), what="object to segment (lesion, polyp, bone, tumour)",
+        labels=os.path.join(run.dir, f"labels/round_{rnd}"), decide=decide_text, run_dir=run.dir))
+
+
+def read_labels(lab_dir, ids, data, size):
+    """The person's label files for ids, checked all at once: missing, extra, unreadable, not binary (values
+    other than 0/1 or 0/255), another aspect ratio than the image (2 % tolerance). Any problem: one UserError
+    listing all of them (nothing is changed). Returns (n, size, size) uint8 in {0, 1}."""
+    want = {f"{sid}.png": sid for sid in ids}
+    present = sorted(os.listdir(lab_dir))
+    problems = [f"missing: {name}" for name in want if name not in present]
+    problems += [f"extra (not asked this round): {name}" for name in present if name not in want]
+    masks, where = {}, {sid: k for k, sid in enumerate(data.ids)}
+    for name in present:
+        if name not in want:
+            continue
+        path = os.path.join(lab_dir, name)
+        try:
+            m = np.asarray(read_image(path, "L"))
+        except UserError as e:
+            problems.append(f"unreadable: {name} ({e})")
+            continue
+        values = set(np.unique(m).tolist())
+        if not (values <= {0, 1} or values <= {0, 255}):
+            problems.append(f"not binary: {name} has values {sorted(values)[:6]}{'...' if len(values) > 6 else ''}; "
+                            f"expected 0 and 255 (or 0 and 1)")
+            continue
+        i = where[want[name]]
+        w, h = Image.open(data.files[i]).size if data.files is not None else (data.x.shape[-1],) * 2
+        if abs(m.shape[1] / m.shape[0] - w / h) > 0.02 * w / h:
+            problems.append(f"another aspect ratio: {name} is {m.shape[1]}x{m.shape[0]}, its image {w}x{h}")
+            continue
+        masks[want[name]] = resize_mask((m > 0).astype(np.uint8), size)
+    if problems:
+        raise UserError(f"{lab_dir}: {len(problems)} problem(s) with the label files; nothing was changed:\n  "
+                        + "\n  ".join(problems))
+    return np.stack([masks[sid] for sid in ids])
