@@ -237,8 +237,7 @@ def main(argv=None):
 
         def on_epoch(e, loss, _s):  # Figs. 7-10: validation Dice per epoch
             vd = float(common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0].mean()) if len(val_ids) else None
-            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "val_dice": vd})
-            progress.epoch(rnd, e, epochs, loss, vd)
+            progress.epoch(rnd, e, epochs, loss, val_dice=vd)
             model.train()
 
         common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device, amp=args.amp,

@@ -910,7 +910,11 @@ class Progress:
     def _eta(self):
         return fmt_s(self.eta_s())
 
-    def epoch(self, rnd, epoch, epochs, loss, val_dice=None):
+    def epoch(self, rnd, epoch, epochs, loss, **cols):
+        """A finished epoch: its row of epochs.csv (round, epoch, loss, and the script's own columns cols, e.g.
+        CEAL's val_dice) and the progress line."""
+        self.run.append_csv("epochs.csv", {"round": rnd, "epoch": epoch + 1, "loss": loss, **cols})
+        val_dice = cols.get("val_dice")
         self.done += 1
         now = time.time()
         if self.cur is None or self.cur[0] != rnd:

@@ -424,12 +424,9 @@ def main(argv=None):
         t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
 
-        def on_epoch(e, loss, _s):
-            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
-            progress.epoch(rnd, e, epochs, loss)
-
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
+                     loss_fn=loss_fn, generator=gen, steps=steps,
+                     on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
         steps_done += steps or epochs * math.ceil(len(labeled) / args.batch_size)
         train_s = time.time() - t0
 

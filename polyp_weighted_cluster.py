@@ -349,8 +349,7 @@ def fdl_training(run, progress, rnd, epochs, args, x, pool, gen_u, device):
     def on_epoch(e, loss, _s):
         fdl = torch.stack(fdl_log).mean().item() if fdl_log else 0.0
         fdl_log.clear()
-        run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss, "fdl": fdl})
-        progress.epoch(rnd, e, epochs, loss)
+        progress.epoch(rnd, e, epochs, loss, fdl=fdl)
 
     return extra_loss if use_fdl else None, on_epoch
 

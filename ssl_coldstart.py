@@ -780,12 +780,9 @@ def main(argv=None):
         # ---- training: fine-tuned on the enlarged labelled set, 10 epochs first, then 2 per iteration ----
         epochs = epochs0 if rnd == 0 else args.epochs
 
-        def on_epoch(e, loss, _s):
-            run.append_csv("epochs.csv", {"round": rnd, "epoch": e + 1, "loss": loss})
-            progress.epoch(rnd, e, epochs, loss)
-
         common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device,
-                     amp=args.amp, loss_fn=loss_fn, generator=gen, steps=steps, on_epoch=on_epoch)
+                     amp=args.amp, loss_fn=loss_fn, generator=gen, steps=steps,
+                     on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
         train_members(members, opts, x, target, labeled, epochs, loss_fn, args, device, rng, gen)
         train_s = time.time() - t0
 

@@ -308,3 +308,29 @@ def test_mc_dropout_batched_and_looped_agree():
         assert (m0 - m1).abs().mean() < 1.5 * torch.sqrt(2 * v0.mean() / 200)
         assert abs(v0.mean() - v1.mean()) < 0.1 * v0.mean()
         assert not m.training  # left in eval mode
+
+
+@pytest.mark.parametrize("redraw", [False, True])
+def test_add_labels_oracle_gets_the_truth_pseudo_the_models_mask(redraw):
+    """common.add_labels (CEAL Sec. 4.3; SSL's comparators): the oracle's picks get the ground truth, the pseudo
+    group the model's masks (never the truth); without redraw the pseudo-labelled leave the pool and keep their
+    mask, with redraw (the CEAL reference code, DSAL) last round's go back unlabelled and the new stay in the pool."""
+    y = torch.arange(6, dtype=torch.uint8)[:, None, None].repeat(1, 2, 2) % 2  # truth: 0 1 0 1 0 1
+    labeled, pseudo, pool = np.array([0]), np.zeros(0, np.int64), np.arange(1, 6)
+    target = common.training_target(y, labeled)
+    assert bool((target[1:] == common.UNLABELLED).all()) and bool((target[0] == y[0]).all())
+    mask = lambda v: torch.full((1, 2, 2), v, dtype=torch.uint8)
+    labeled, pseudo, pool = common.add_labels(target, y, {"oracle-a": np.array([1]), "pseudo": np.array([2])},
+                                              mask(1), labeled, pseudo, pool, redraw=redraw)
+    assert labeled.tolist() == [0, 1] and pseudo.tolist() == [2]
+    assert pool.tolist() == ([2, 3, 4, 5] if redraw else [3, 4, 5])
+    assert bool((target[1] == 1).all()) and bool((target[2] == 1).all())  # sample 2's truth is 0: the model's mask
+    labeled, pseudo, pool = common.add_labels(target, y, {"oracle-a": np.array([3]), "pseudo": np.array([4])},
+                                              mask(1), labeled, pseudo, pool, redraw=redraw)
+    assert labeled.tolist() == [0, 1, 3]
+    assert pseudo.tolist() == ([4] if redraw else [2, 4])
+    assert pool.tolist() == ([2, 4, 5] if redraw else [5])
+    assert bool((target[2] == (common.UNLABELLED if redraw else 1)).all())
+    target[0] = common.UNLABELLED  # a labelled sample without a label: a bug in the sets, caught
+    with pytest.raises(RuntimeError, match="no label"):
+        common.add_labels(target, y, {"oracle-a": np.array([5])}, None, labeled, pseudo, pool, redraw=redraw)
