@@ -111,12 +111,12 @@ def score_pool(model, x, y, pool, args, device):
     """MC dropout (Sec. 4.1): per-pixel variance over T passes, summed per image; also the mean prediction
     thresholded at 0.5 (the pseudo-labels: paper silent, Sec. 4.3 says "predicted by the model"; the reference
     code labels with one plain forward, dropout off) and, for Fig. 5 only, the Dice of that prediction against
-    the hidden ground truth."""
+    the hidden ground truth (nan where y is None: the pool has no masks, common.pool_truth)."""
     scores, pseudo_masks, dice = [], [], []
     for b, mean, var in common.mc_dropout(model, x, pool, args.mc_passes, args.batch_size, device, args.amp):
         scores.append(var.sum((1, 2)))
         pseudo_masks.append((mean > 0.5).to(torch.uint8))
-        dice.append(common.dice_iou(mean > 0.5, y[b] > 0)[0])
+        dice.append(common.dice_iou(mean > 0.5, y[b] > 0)[0] if y is not None else mean.new_full((len(b),), np.nan))
     cat = lambda t: torch.cat(t) if t else torch.zeros(0, device=device)
     return cat(scores).cpu().numpy(), cat(pseudo_masks), cat(dice).cpu().numpy()
 
@@ -145,6 +145,8 @@ def figures(run, rnd, scores, pool_dice, groups):
     marks = {name: scores[g] for name, g in zip(("lowest", "highest", "band", "pseudo"), groups)}
     common.plot_hist(run.path(f"figures/uncertainty_hist_round_{rnd}.png"), scores, 80,
                      "uncertainty (sum of pixel variances)", f"pool uncertainty, round {rnd}", marks=marks)
+    if np.isnan(pool_dice).all():  # the pool has no masks (common.pool_truth): no Fig. 5
+        return
     series = {"pool": (scores, pool_dice)}
     series.update({name: (scores[g], pool_dice[g]) for name, g in zip(("lowest", "highest", "band", "pseudo"), groups)})
     common.plot(run.path(f"figures/uncertainty_vs_dice_round_{rnd}.png"), series, "uncertainty",
@@ -211,7 +213,8 @@ def main(argv=None):
             break
         if rnd > 0:  # the query rule: the only part that differs from a random baseline
             if args.strategy == "ceal":  # Sec. 4.1-4.3
-                scores, pool_dice, groups, masks = ceal_query(run, rnd, model, x, y, pool, args, rng, device)
+                scores, pool_dice, groups, masks = ceal_query(run, rnd, model, x, common.pool_truth(data, y), pool,
+                                                              args, rng, device)
             else:  # random: pool_scores.csv keeps the same columns, the score left empty
                 scores, new = [""] * len(pool), common.query_random(pool, args.query, rng)
                 groups, masks, pool_dice = {"oracle-random": new}, None, scores  # same oracle budget, no pseudo-labels

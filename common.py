@@ -203,6 +203,14 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
     return ids
 
 
+def pool_truth(data, y):
+    """The pool's masks for the diagnostics that compare the model with them and never select (CEAL's Fig. 5
+    Dice, DSAL's R-DSC, the polyp script's pool_fg_true): y, or None where the pool has no masks (--data folder
+    images without masks, the person's to label), so that those diagnostics are nan rather than numbers
+    made from empty masks."""
+    return None if "unlabelled" in data.official else y
+
+
 EMPTY_WARN = 0.5  # warn when more than this share of the training pool's masks is empty (lgg --all-slices: ~65 %)
 
 

@@ -278,7 +278,10 @@ def rank_average(a):
 
 
 def spearman(x, y):
-    """Spearman's rank correlation: Pearson's correlation of the average ranks; nan when either is constant."""
+    """Spearman's rank correlation: Pearson's correlation of the average ranks; nan when either is constant or
+    holds a nan (R-DSC of a pool without masks)."""
+    if np.isnan(np.asarray(x, float)).any() or np.isnan(np.asarray(y, float)).any():
+        return float("nan")
     rx, ry = rank_average(x), rank_average(y)
     dx, dy = rx - rx.mean(), ry - ry.mean()
     den = math.sqrt(float((dx * dx).sum() * (dy * dy).sum()))
@@ -289,12 +292,14 @@ def spearman(x, y):
 def score_pool(model, x, y, pool, args, device):
     """Sec. III-B: binarise the lower, middle and final heads (p > 0.5), L-DSC = Dice(lower, final) and M-DSC
     = Dice(middle, final) (Eq. 3), score = their mean (common.head_agreement). Also R-DSC, the final mask's
-    Dice against the hidden ground truth, for Fig. 3 only: it never selects."""
+    Dice against the hidden ground truth, for Fig. 3 only: it never selects (nan where y is None: the pool has
+    no masks, common.pool_truth)."""
     out = {k: [] for k in ("score", "l_dsc", "m_dsc", "r_dsc")}
     for b, o in common.forward_batches(model, x, pool, args.batch_size, device, args.amp):
         lower, middle, final = (z[:, 0].float() > 0 for z in heads(o, args.ds_stages))
         score, l_dsc, m_dsc = common.head_agreement(lower, middle, final)
-        for k, v in zip(out, (score, l_dsc, m_dsc, common.dice_iou(final, y[b] > 0)[0])):
+        r_dsc = common.dice_iou(final, y[b] > 0)[0] if y is not None else torch.full_like(score, np.nan)
+        for k, v in zip(out, (score, l_dsc, m_dsc, r_dsc)):
             out[k].append(v.cpu())
     return {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in out.items()}
 
@@ -411,7 +416,8 @@ def main(argv=None):
             if len(pool) == 0:
                 print(f"round {rnd}: the training set is used up; stopping")
                 break
-            new, how, fig3, select_s = query(run, rnd, model, data, x, y, pool, args, device, rng)
+            new, how, fig3, select_s = query(run, rnd, model, data, x, common.pool_truth(data, y), pool, args,
+                                             device, rng)
             queried[how] = [data.ids[i] for i in new]
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # the initial labelled set (random, Sec. IV-A), or the whole training set for --strategy full
@@ -460,6 +466,8 @@ def figures(run, rows):
     rnd = np.array([int(r["round"]) for r in scores])
     col = lambda k: np.array([float(r[k]) for r in scores])
     real = col("r_dsc")
+    if np.isnan(real).all():  # the pool has no masks (common.pool_truth): no Fig. 3
+        return
     last = rows[-1]
     rho = ", ".join(f"{label} {float(last['rho_' + k]):.2f}" for k, label in PROXIES)
     common.plot(run.path("fig3_scatter.png"), {label: (real, col(k)) for k, label in PROXIES},

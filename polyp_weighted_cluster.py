@@ -193,19 +193,21 @@ def evaluate(model, x, y, idx, batch_size, device, amp=False):
         d.append(dice)
         i.append(iou)
         m.append(class_mean_iou(p > 0.5, y[b] > 0))
-    return tuple(torch.cat(t).cpu().numpy() for t in (d, i, m))
+    return tuple(torch.cat(t).cpu().numpy() if t else np.zeros(0) for t in (d, i, m))  # no test set: empty
 
 
 @torch.inference_mode()
 def fg_share(model, x, y, idx, args, device):
     """The predicted polyp share of the pixels of x[idx] (threshold 0.5) and the true one: a prediction that
     grows far beyond the truth is how L_fdl through the mask shows (docs). Ground truth of the pool is read for
-    this log line only, never by a query rule. ("", "") for an empty set."""
+    this log line only, never by a query rule (nan where y is None: the pool has no masks, common.pool_truth).
+    ("", "") for an empty set."""
     if len(idx) == 0:
         return "", ""
     pred = sum(float((p > 0.5).sum()) for _, p in common.predict_batches(model, x, idx, args.batch_size, device, args.amp))
     n = len(idx) * x.shape[-1] * x.shape[-2]
-    return pred / n, float(y[torch.as_tensor(np.asarray(idx), device=y.device)].float().mean())
+    true = float(y[torch.as_tensor(np.asarray(idx), device=y.device)].float().mean()) if y is not None else np.nan
+    return pred / n, true
 
 
 def use_test_list(data, args):
@@ -431,7 +433,7 @@ def main(argv=None):
 
         # ---- evaluation on the test set (mIoU and Dice, Table 1); the round is written first ----
         dice, iou, miou = evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
-        fg_pred, fg_true = fg_share(model, x, y, pool, args, device)
+        fg_pred, fg_true = fg_share(model, x, common.pool_truth(data, y), pool, args, device)
         row = {"round": rnd, "labeled": len(labeled), "pseudo": 0, "dice_mean": float(dice.mean()),
                "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
                "miou_mean": float(miou.mean()), "miou_std": float(miou.std()), "pool_left": len(pool),

@@ -125,3 +125,31 @@ def test_images_without_masks_are_the_pool_and_masked_ones_the_test_set(folder, 
         rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
         assert [int(r["labeled"]) for r in rows] == [6, 10, 14]
         assert all((r["dice_mean"] == "nan") == expect_nan for r in rows), rows
+
+
+@pytest.mark.parametrize("script,table,column,figure", [
+    ("ceal_mcdropout", "pool_scores.csv", "dice", "figures/uncertainty_vs_dice_round_1.png"),   # Fig. 5
+    ("dsal_fingerbones", "pool_scores.csv", "r_dsc", "fig3_scatter.png"),                       # Fig. 3
+    ("polyp_weighted_cluster", "rounds.csv", "pool_fg_true", None)])
+def test_diagnostics_against_the_pools_masks_are_nan_when_it_has_none(script, table, column, figure, folder, tmp_path):
+    """Images without masks, the person's to label: the diagnostics that compare the model with the pool's hidden
+    masks (common.pool_truth; they never select) are nan and their figures are not drawn, rather than numbers made
+    from empty masks. (With the masks on disk the same columns are numbers: the annotator test above.)"""
+    mine = tmp_path / "mine"
+    shutil.copytree(os.path.join(folder, "images"), mine / "images")
+    main = importlib.import_module(script).main
+    flags = [*map(str, TINY + METHOD.get(script, [])), "--rounds", "1", "--data", "folder", "--data-dir", str(mine),
+             "--out", str(tmp_path / "runs"), "--oracle", "folder"]
+    with pytest.raises(SystemExit):
+        main(flags)
+    run = str(next((tmp_path / "runs").iterdir()))
+    for _ in range(3):
+        annotate(run, folder)
+        try:
+            assert main(["--resume", run]) == run
+            break
+        except SystemExit as e:
+            assert e.code == 0
+    values = [r[column] for r in csv.DictReader(open(os.path.join(run, table)))]
+    assert values and all(v == "nan" for v in values), (column, values[:5])
+    assert figure is None or not os.path.exists(os.path.join(run, figure))
