@@ -207,10 +207,9 @@ def main(argv=None):
                                                          pseudo_of if args.strategy == "ceal" else None))
 
     for rnd in range(start, rounds + 1):
-        t0, queried = time.time(), {}
-        if rnd > 0 and len(pool) == 0:
-            print(f"round {rnd}: the unlabelled pool is used up; stopping")
+        if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
             break
+        t0, queried = time.time(), {}
         if rnd > 0:  # the query rule: the only part that differs from a random baseline
             if args.strategy == "ceal":  # Sec. 4.1-4.3
                 scores, pool_dice, groups, masks = ceal_query(run, rnd, model, x, common.pool_truth(data, y), pool,

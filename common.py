@@ -229,6 +229,15 @@ def check_foreground(data, pool, data_dir=None):
               f"--all-slices, else check the masks in {data_dir or data.name} (lesion 255 or 1, background 0)")
 
 
+def pool_used_up(rnd, pool):
+    """True, with a line saying so, when a query round finds the unlabelled pool empty (pseudo-labels and
+    a pool-sized budget can empty it before the last round): every script's round loop stops there."""
+    if rnd > 0 and len(pool) == 0:
+        print(f"round {rnd}: the unlabelled pool is used up; stopping")
+        return True
+    return False
+
+
 def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --rounds"):
     need = initial + query * rounds
     if initial < 1 or need > n_pool:

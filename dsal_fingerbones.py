@@ -410,12 +410,11 @@ def main(argv=None):
                                                          len(train_ids) - n0, args.strategy == "dsal"))
 
     for rnd in range(start, rounds + 1):
+        if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
+            break
         # ---- selection (Sec. III-B): score the pool with the model of the previous step ----
         queried, fig3 = {}, {}
         if rnd > 0:
-            if len(pool) == 0:
-                print(f"round {rnd}: the training set is used up; stopping")
-                break
             new, how, fig3, select_s = query(run, rnd, model, data, x, common.pool_truth(data, y), pool, args,
                                              device, rng)
             queried[how] = [data.ids[i] for i in new]

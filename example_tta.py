@@ -65,6 +65,8 @@ def main(argv=None):
                                                          len(train_ids) - n0, args.strategy == "tta"))
 
     for rnd in range(start, rounds + 1):
+        if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
+            break
         t0, queried = time.time(), {}
         if rnd > 0:  # the query rule: the only part that differs from a random baseline
             if args.strategy == "tta":

@@ -403,12 +403,11 @@ def main(argv=None):
                                                          len(train_ids) - n0, args.strategy not in ("random", "full")))
 
     for rnd in range(start, rounds + 1):
+        if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
+            break
         # ---- selection (Sec. 2.1) ----
         t0, queried, info, select_s = time.time(), {}, None, 0.0
         if rnd > 0:
-            if len(pool) == 0:
-                print(f"round {rnd}: the unlabelled pool is used up; stopping")
-                break
             pos, info = select(args, model, x, y, labeled, pool, device, rng)
             new, select_s = pool[pos], time.time() - t0
             assert len(set(pos.tolist())) == len(pos), "a sample was queried twice"

@@ -311,12 +311,11 @@ def main(argv=None):
                                                          len(train_ids) - n0, args.strategy not in ("random", "full")))
 
     for rnd in range(start, rounds + 1):
+        if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
+            break
         # ---- selection (Sec. III-A) and annotation (Sec. III-B) ----
         t0, scores, score_of = time.time(), {}, None  # random (and the cold start) use no score
         if rnd > 0:  # the query rule: the only part that differs from a random baseline
-            if len(pool) == 0:
-                print(f"round {rnd}: the unlabelled pool is used up; stopping")
-                break
             if args.strategy == "random":
                 new = common.query_random(pool, args.query, rng)
             else:

@@ -759,11 +759,10 @@ def main(argv=None):
                                                          if args.strategy == "ceal" else None))
 
     for rnd in range(start, rounds + 1):
+        if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
+            break
         # ---- selection: round 0 is the cold start (Sec. III-B), then the strategy's query rule ----
         t0 = time.time()
-        if rnd > 0 and len(pool) == 0:
-            print(f"round {rnd}: the unlabelled pool is used up; stopping")
-            break
         if rnd == 0 and uses_clusters:
             clusters = cluster_pool(run, data, ssl_state, x, train_ids, args, device)
         way = "full" if steps else args.cold_start if rnd == 0 else args.strategy
