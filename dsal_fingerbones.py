@@ -397,7 +397,7 @@ def main(argv=None):
     loss_fn = lambda out, t: ds_loss(out, t, args.ds_stages, args.ds_weights, args.loss == "ce+dice")
     rng = np.random.default_rng([args.seed, 1])  # initial set and random queries
     gen = torch.Generator().manual_seed(args.seed)  # batch order
-    n0 = len(train_ids) if steps is not None else args.initial
+    n0 = len(train_ids) if args.strategy == "full" else args.initial
     labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
     steps_done = 0  # optimiser steps so far
@@ -420,7 +420,7 @@ def main(argv=None):
             queried[how] = [data.ids[i] for i in new]
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # the initial labelled set (random, Sec. IV-A), or the whole training set for --strategy full
-            select_s, how = 0.0, "full" if steps is not None else "initial-random"
+            select_s, how = 0.0, "full" if args.strategy == "full" else "initial-random"
             queried[how] = [data.ids[i] for i in labeled]
             common.save_picks(run, rnd, model, data, x, {how: labeled}, None, args.batch_size, device, args.amp)
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)

@@ -109,7 +109,7 @@ def main(argv=None):
     model = common.prepare_model(UNet(3, 1, args.width), device, args.compile)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)
-    n0 = len(train_ids) if steps else args.initial
+    n0 = len(train_ids) if args.strategy == "full" else args.initial
     labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
     start, state = run.resume(model, opt, rng, gen)
@@ -144,8 +144,8 @@ def main(argv=None):
             common.save_picks(run, rnd, model, data, x, groups, dict(zip(pool, H)), args.batch_size, device, args.amp)
             queried["oracle"] = [data.ids[i] for i in new]
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
-        else:
-            queried["full" if steps else "initial"] = [data.ids[i] for i in labeled]  # the seeded random start
+        else:  # round 0: the seeded random start (the whole pool for "full")
+            queried["full" if args.strategy == "full" else "initial"] = [data.ids[i] for i in labeled]
         select_s, t0 = time.time() - t0, time.time()
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
         epochs = epochs0 if rnd == 0 else args.epochs

@@ -390,7 +390,7 @@ def main(argv=None):
     rng = np.random.default_rng([args.seed, 1])  # initial draw and queries
     gen = torch.Generator().manual_seed(args.seed)  # batch order of the labelled set
     gen_u = torch.Generator().manual_seed(args.seed + 1)  # unlabelled batches of L_fdl
-    n0 = len(train_ids) if steps else args.initial
+    n0 = len(train_ids) if args.strategy == "full" else args.initial
     labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
     start, state = run.resume(model, opt, rng, gen)
@@ -418,7 +418,7 @@ def main(argv=None):
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:
             # the seeded random start (paper silent: random), or the whole pool for the ceiling
-            queried["full" if steps else "initial"] = [data.ids[i] for i in labeled]
+            queried["full" if args.strategy == "full" else "initial"] = [data.ids[i] for i in labeled]
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
 
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----

@@ -297,7 +297,7 @@ def main(argv=None):
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     loss_fn, augment = LOSSES[args.loss], None if args.no_augment else make_augment()
     rng, gen = np.random.default_rng([args.seed, 1]), torch.Generator().manual_seed(args.seed)  # queries; batch order
-    n0 = len(train_ids) if steps else args.initial
+    n0 = len(train_ids) if args.strategy == "full" else args.initial
     labeled = rng.choice(train_ids, n0, replace=False)  # Sec. IV-D: random cold start
     pool = np.setdiff1d(train_ids, labeled)
     partial_ids, steps_done = np.zeros(0, np.int64), 0  # images whose target is part oracle, part model; steps so far
@@ -327,7 +327,7 @@ def main(argv=None):
             run.log_pool_scores(rnd, [data.ids[i] for i in pool], scores, {how: [data.ids[i] for i in new]})
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # the random cold start (or, for the full baseline, the whole training set)
-            new, how = labeled, "oracle-full" if steps else "oracle-initial"
+            new, how = labeled, "oracle-full" if args.strategy == "full" else "oracle-initial"
         new_t = torch.as_tensor(new, device=device)
         target[new_t], annotation = annotate(run, rnd, model, data, x, y, new, rnd > 0 and args.partial, args, device)
         partial_ids = np.concatenate([partial_ids, new]) if rnd > 0 and args.partial else partial_ids

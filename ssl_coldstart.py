@@ -752,8 +752,9 @@ def main(argv=None):
     target = common.training_target(y, labeled, pseudo, state["pseudo_masks"] if state else None)
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
-                               plan=common.Progress.plan(len(train_ids) if steps else args.initial, args.query, rounds,
-                                                         epochs0, args.epochs, len(train_ids) - args.initial,
+                               plan=common.Progress.plan(len(train_ids) if args.strategy == "full" else args.initial,
+                                                         args.query, rounds, epochs0, args.epochs,
+                                                         len(train_ids) - args.initial,
                                                          args.strategy not in ("cluster", "random", "full"),
                                                          (lambda r: args.pseudo_step * r * (r + 1) // 2)
                                                          if args.strategy == "ceal" else None))
@@ -765,7 +766,7 @@ def main(argv=None):
         t0 = time.time()
         if rnd == 0 and uses_clusters:
             clusters = cluster_pool(run, data, ssl_state, x, train_ids, args, device)
-        way = "full" if steps else args.cold_start if rnd == 0 else args.strategy
+        way = "full" if args.strategy == "full" else args.cold_start if rnd == 0 else args.strategy
         queried, cols, shown, scored, pseudo_masks = select(way, rnd, model, members, x, pool, train_ids, clusters,
                                                             args, device, rng)
         run.log_pool_scores(rnd, [data.ids[i] for i in pool], cols,
