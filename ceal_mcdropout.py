@@ -112,13 +112,10 @@ def score_pool(model, x, y, pool, args, device):
     thresholded at 0.5 (the pseudo-labels: paper silent, Sec. 4.3 says "predicted by the model"; the reference
     code labels with one plain forward, dropout off) and, for Fig. 5 only, the Dice of that prediction against
     the hidden ground truth (nan where y is None: the pool has no masks, common.pool_truth)."""
-    scores, pseudo_masks, dice = [], [], []
-    for b, mean, var in common.mc_dropout(model, x, pool, args.mc_passes, args.batch_size, device, args.amp):
-        scores.append(var.sum((1, 2)))
-        pseudo_masks.append((mean > 0.5).to(torch.uint8))
-        dice.append(common.dice_iou(mean > 0.5, y[b] > 0)[0] if y is not None else mean.new_full((len(b),), np.nan))
-    cat = lambda t: torch.cat(t) if t else torch.zeros(0, device=device)
-    return cat(scores).cpu().numpy(), cat(pseudo_masks), cat(dice).cpu().numpy()
+    scores, masks = common.mc_variance(model, x, pool, args.mc_passes, args.batch_size, device, args.amp)
+    dice = common.dice_iou(masks > 0, y[torch.as_tensor(pool, device=device)] > 0)[0].cpu().numpy() \
+        if y is not None else np.full(len(pool), np.nan)
+    return scores, masks, dice
 
 
 def ceal_query(run, rnd, model, x, y, pool, args, rng, device):

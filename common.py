@@ -466,6 +466,19 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
     model.eval()
 
 
+def mc_variance(model, x, idx, T, batch_size, device, amp=False):
+    """CEAL's image score (Sec. 4.1): the per-pixel variance of T MC-dropout passes, summed over the image; and the
+    mean prediction thresholded at 0.5, the pseudo-label masks. Returns (scores (N,) numpy, masks (N, H, W) uint8
+    on the device)."""
+    scores, masks = [], []
+    for _, mean, var in mc_dropout(model, x, idx, T, batch_size, device, amp):
+        scores.append(var.sum((1, 2)))
+        masks.append((mean > 0.5).to(torch.uint8))
+    if not scores:
+        return np.zeros(0, np.float32), torch.zeros((0,) + tuple(x.shape[-2:]), dtype=torch.uint8, device=device)
+    return torch.cat(scores).cpu().numpy(), torch.cat(masks)
+
+
 def mc_passes(model, device, encoder_once=None):
     """How mc_dropout runs its passes: returns passes_of(xb) -> forward, forward(r) the logits of r stochastic
     passes over the batch xb, stacked along the batch axis (r x B, ...), as model(xb repeated r times) gives.

@@ -558,11 +558,7 @@ def query(strategy, rnd, model, members, x, pool, args, device, rng):
     pool sample}, the rule's score per pool sample, pseudo-label masks per pool sample or None)."""
     n, at = min(args.query, len(pool)), np.arange(len(pool))
     if strategy in ("mc-dropout", "ceal"):      # MC dropout: sum of the pixel variances over T passes
-        scores, means = [], []
-        for _, mean, var in common.mc_dropout(model, x, pool, args.mc_passes, args.batch_size, device, args.amp):
-            scores.append(var.sum((1, 2)))
-            means.append((mean > 0.5).to(torch.uint8))
-        scores, masks = torch.cat(scores).cpu().numpy(), torch.cat(means)
+        scores, masks = common.mc_variance(model, x, pool, args.mc_passes, args.batch_size, device, args.amp)
         cols = {"mc_variance": scores}
         if strategy == "ceal":                  # CEAL: lowest, highest, low band; most confident pseudo-labelled
             n_low = n_high = round(n * 2 / 7)
