@@ -113,9 +113,12 @@ def score_pool(model, x, y, pool, args, device):
     code labels with one plain forward, dropout off) and, for Fig. 5 only, the Dice of that prediction against
     the hidden ground truth (nan where y is None: the pool has no masks, common.pool_truth)."""
     scores, masks = common.mc_variance(model, x, pool, args.mc_passes, args.batch_size, device, args.amp)
-    dice = common.dice_iou(masks > 0, y[torch.as_tensor(pool, device=device)] > 0)[0].cpu().numpy() \
-        if y is not None else np.full(len(pool), np.nan)
-    return scores, masks, dice
+    if y is None or len(pool) == 0:
+        return scores, masks, np.full(len(pool), np.nan)
+    at = torch.as_tensor(pool, device=device)  # Fig. 5's Dice a batch at a time: no pool-sized float copies
+    dice = [common.dice_iou(masks[b] > 0, y[at[b]] > 0)[0]
+            for b in common.batches(torch.arange(len(pool), device=device), args.batch_size)]
+    return scores, masks, torch.cat(dice).cpu().numpy()
 
 
 def ceal_query(run, rnd, model, x, y, pool, args, rng, device):

@@ -489,7 +489,8 @@ def panel(run, model, data, x, ids, args, device, n=4):
     ids = np.asarray(ids)[:n]
     if not len(ids):  # no test set (--oracle folder, every image unlabelled): no panel
         return
-    outs = [heads(out, args.ds_stages) for _, out in common.forward_batches(model, x, ids, args.batch_size, device, args.amp)]
+    outs = [heads(out, args.ds_stages)
+            for _, out in common.forward_batches(model, x, ids, args.batch_size, device, args.amp)]
     lower, middle, final = ((torch.cat(z)[:, 0].float() > 0).float().cpu().numpy() for z in zip(*outs))
     disagreement = (np.abs(lower - final) + np.abs(middle - final)) / 2
     rows = [[data.x[i], data.y[i], final[j], lower[j], middle[j], disagreement[j]] for j, i in enumerate(ids)]

@@ -127,9 +127,9 @@ def discrepancy_loss(model, xu, delta, through_mask=False):
 def score(model, x, idx, batch_size, device, amp=False):
     """One eval-mode pass over x[idx]: image features F(x) = Avg(f_E(x)) (Eq. 3), I(x) (Eq. 2) and the mean
     pixel binary entropy (the Entropy baseline). Returns CPU tensors (N, C), (N,), (N,)."""
-    def encode_decode(model, xb):  # f_E, the output of the encoder (the U-Net's last encoder stage), and logits
-        feats = model.encode(xb)
-        return feats[-1], model.decode(feats)
+    def encode_decode(net, xb):  # f_E, the output of the encoder (the U-Net's last encoder stage), and logits
+        feats = net.encode(xb)
+        return feats[-1], net.decode(feats)
 
     out = {"feat": [], "unc": [], "ent": []}
     for _, (f_e, logits) in common.forward_batches(model, x, idx, batch_size, device, amp, fn=encode_decode):

@@ -828,8 +828,8 @@ def ssl_panel(run, model, x, pool, gen, args, device, n=4):
 
     rec = [torch.sigmoid(out.float()) for _, out in
            common.forward_batches(model, x, pool[:n], args.batch_size, device, args.amp, view=corrupt)]
-    rows = [[clean[0].cpu().numpy(), inp[0].cpu().numpy(), r[0].cpu().numpy()]
-            for (inp, clean), rb in zip(shown, rec) for inp, clean, r in zip(inp, clean, rb)]
+    rows = [[c[0].cpu().numpy(), i[0].cpu().numpy(), r[0].cpu().numpy()]  # per image: clean, D(x), reconstruction
+            for (inp, clean), rec_b in zip(shown, rec) for i, c, r in zip(inp, clean, rec_b)]
     common.save_panel(run.path("ssl_panel.png"), rows, 3, ["clean (target)", "D(x) (input)", "reconstruction"])
 
 
