@@ -83,19 +83,24 @@ def claspe(pool, H, F, k, beta, rng, fg_share=0.66):
     return pool[fg], pool[ent], nf, nh
 
 
-def main(argv=None):
-    parser = common.shared_parser(__doc__, ["claspe", "random", "entropy", "full"], DEFAULTS)
-    # method flags (ClaSP PE)
-    parser.add_argument("--beta-start", type=float, default=1.0, help="power beta at the first query: strong "
-                        "noise (default: 1, the authors' PowerPE beta, nnactive/strategies/entropy_pred.py)")
-    parser.add_argument("--beta-end", type=float, default=40.0, help="power beta at the last query (default: 40, "
-                        "not verified: our choice, the largest finite beta of the authors' PowerBALD ablation)")
-    parser.add_argument("--fg-share", type=float, default=0.66, help="share of each query for the foreground "
-                        "stratum (default: 0.66, the authors' ratio_fg of ClaSP PE)")
-    args = common.resolve(parser.parse_args(argv), DEFAULTS)
+def parse_args(argv=None):
+    p = common.shared_parser(__doc__, ["claspe", "random", "entropy", "full"], DEFAULTS)
+    # ClaSP PE flags
+    p.add_argument("--beta-start", type=float, default=1.0, help="power beta at the first query: strong "
+                   "noise (default: 1, the authors' PowerPE beta, nnactive/strategies/entropy_pred.py)")
+    p.add_argument("--beta-end", type=float, default=40.0, help="power beta at the last query (default: 40, "
+                   "not verified: our choice, the largest finite beta of the authors' PowerBALD ablation)")
+    p.add_argument("--fg-share", type=float, default=0.66, help="share of each query for the foreground "
+                   "stratum (default: 0.66, the authors' ratio_fg of ClaSP PE)")
+    args = common.resolve(p.parse_args(argv), DEFAULTS)
     if not (args.beta_start > 0 and args.beta_end > 0 and 0 <= args.fg_share <= 1):
         raise common.UserError(f"need --beta-start > 0, --beta-end > 0 and 0 <= --fg-share <= 1; got "
                                f"{args.beta_start}, {args.beta_end}, {args.fg_share}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     run, device = common.Run.start(__file__, args)
 
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,

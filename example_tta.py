@@ -27,6 +27,12 @@ DEFAULTS = {
 }
 
 
+def parse_args(argv=None):
+    p = common.shared_parser(__doc__, ["tta", "random", "full"], DEFAULTS)
+    # TTA flags: your method's own flags go here, each with its default and its source
+    return common.resolve(p.parse_args(argv), DEFAULTS)
+
+
 @torch.inference_mode()
 def tta_variance(model, x, pool, batch_size, device, amp=False):
     """Sum over pixels of the variance of the four flip-TTA probabilities (flips undone before comparing)."""
@@ -39,14 +45,14 @@ def tta_variance(model, x, pool, batch_size, device, amp=False):
 
 
 def main(argv=None):
-    args = common.resolve(common.shared_parser(__doc__, ["tta", "random", "full"], DEFAULTS).parse_args(argv), DEFAULTS)
+    args = parse_args(argv)
     run, device = common.Run.start(__file__, args)
 
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)
     # other data: 10 % of the pool to start and 5 % per round (our choice: no paper)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 10, 5, 100)
-    common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
+    common.check_budget(len(train_ids), args.initial, args.query if args.strategy != "full" else 0, args.rounds)
     rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # --strategy full: the ceiling
     x, y = common.to_device(data, device)
 
@@ -74,17 +80,18 @@ def main(argv=None):
                 new = common.top_k(pool, scores, args.query)
             else:  # random: pool_scores.csv keeps the same columns, the score left empty
                 scores, new = [""] * len(pool), common.query_random(pool, args.query, rng)
-            queried["oracle"] = [data.ids[i] for i in new]
+            queried = {"oracle": [data.ids[i] for i in new]}
             # the audit trail: every pool sample's score and whether it was picked; the picks as the model saw them
             run.log_pool_scores(rnd, [data.ids[i] for i in pool], {"tta_variance": scores}, queried)
             common.save_picks(run, rnd, model, data, x, {"oracle": new},
                               dict(zip(pool.tolist(), scores)) if args.strategy == "tta" else None,
                               args.batch_size, device, args.amp)
+            oracle.ask(run, rnd, new, data, y, model, x, args.batch_size, device, args.amp)
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # round 0: the seeded random start (the whole pool for "full")
             queried["full" if args.strategy == "full" else "initial"] = [data.ids[i] for i in labeled]
+            oracle.ask(run, rnd, labeled, data, y, model, x, args.batch_size, device, args.amp)
         select_s, t0 = time.time() - t0, time.time()
-        oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
         epochs = epochs0 if rnd == 0 else args.epochs
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp, generator=gen,
                      steps=steps, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))

@@ -19,12 +19,53 @@ def main_lines(path):
     return fn.end_lineno - fn.lineno + 1
 
 
+def part_of(path):
+    """{line number: the top-level part of the file it stands in}: the docstring, DEFAULTS (the table and what
+    builds it), parse_args (the flags), main(), or the method (every other function)."""
+    text = open(path).read()
+    tree, lines, parts = ast.parse(text), text.splitlines(), {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            name = node.name if node.name in ("main", "parse_args") else "method functions"
+        elif isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
+            name = "docstring"
+        elif isinstance(node, ast.Assign):
+            name = "DEFAULTS"
+        else:
+            continue
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        while first > 1 and lines[first - 2].startswith("#"):  # the comment block above a part is that part's
+            first -= 1
+        parts.update({i: name for i in range(first, node.end_lineno + 1)})
+    return parts
+
+
+def diff_by_part(a, b, out):
+    """The lines of `diff a b` counted by the part of the script they stand in ("other": imports, blank lines
+    between parts, and diff's own hunk lines: "3,11c3,10" and "---")."""
+    pa, pb, count, la, lb = part_of(os.path.join(ROOT, a)), part_of(os.path.join(ROOT, b)), {}, 0, 0
+    for line in out.splitlines():
+        m = re.match(r"(\d+)(?:,\d+)?[acd](\d+)", line)
+        if m:
+            la, lb = int(m.group(1)), int(m.group(2))  # where the hunk's "<" and ">" lines start
+            name = "other"
+        elif line.startswith("< "):
+            name, la = pa.get(la, "other"), la + 1
+        elif line.startswith("> "):
+            name, lb = pb.get(lb, "other"), lb + 1
+        else:
+            name = "other"
+        count[name] = count.get(name, 0) + 1
+    return count
+
+
 def main():
     src = {s: open(os.path.join(ROOT, s)).read() for s in SCRIPTS}
     for s in SCRIPTS:
         print(f"main() of {s}: {main_lines(os.path.join(ROOT, s))} lines (target <= 90)")
     diff = subprocess.run(["diff", "ceal_mcdropout.py", "example_tta.py"], cwd=ROOT, capture_output=True, text=True)
-    print(f"diff ceal_mcdropout.py example_tta.py | wc -l: {len(diff.stdout.splitlines())} (target <= 130)")
+    print(f"diff ceal_mcdropout.py example_tta.py | wc -l: {len(diff.stdout.splitlines())} (target <= 130); by part: "
+          + ", ".join(f"{k} {v}" for k, v in diff_by_part("ceal_mcdropout.py", "example_tta.py", diff.stdout).items()))
     common = open(os.path.join(ROOT, "common.py")).read()
     print(f"common.py: {len(common.splitlines())} lines (target <= 1100); beside it: "
           + ", ".join(f"{m} {len(open(os.path.join(ROOT, m)).read().splitlines())}"
