@@ -164,7 +164,7 @@ def main(argv=None):
         data = keep_positive(data)  # Sec. 2: the 1373 slices with tumour (full-resolution masks, any size)
     # other data: the ISIC shares, D^L 600 of the 1600 (37.5 %, Sec. 4) and +35 per iteration (Sec. 4.2)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 600, 35, 1600)
-    common.check_budget(len(train_ids), args.initial, args.query if args.strategy != "full" else 0, args.rounds)
+    common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     pseudo_of = ceal_budget(run, args, len(train_ids))
     rounds, epochs0, steps = common.ceiling(args, len(train_ids), pseudo_of)  # --strategy full: the ceiling
     x, y = common.to_device(data, device)

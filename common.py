@@ -239,6 +239,9 @@ def pool_used_up(rnd, pool):
 
 
 def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --rounds"):
+    """The oracle's budget must fit the training pool: for --strategy full too, whose optimiser steps are those
+    of the active-learning run these flags describe (ceiling), so a full run and its active-learning runs take
+    the same flags."""
     need = initial + query * rounds
     if initial < 1 or need > n_pool:
         raise UserError(f"labelling budget {need} ({what} = {initial} + {query} x {rounds}) exceeds the training "

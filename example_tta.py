@@ -52,7 +52,7 @@ def main(argv=None):
                             n=sum(args.split) if args.split else None, workers=args.workers)
     # other data: 10 % of the pool to start and 5 % per round (our choice: no paper)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 10, 5, 100)
-    common.check_budget(len(train_ids), args.initial, args.query if args.strategy != "full" else 0, args.rounds)
+    common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # --strategy full: the ceiling
     x, y = common.to_device(data, device)
 

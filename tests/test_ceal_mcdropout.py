@@ -172,6 +172,8 @@ def test_bad_input_messages(tmp_path):
         with pytest.raises(common.UserError, match=re.escape(message)):
             main(*args, "--out", tmp_path)
     fails_here("labelling budget 1100", *TINY, "--initial", 1000, "--query", 50)  # the oracle's budget: an error
+    # --strategy full takes the same flags: its optimiser steps are those of the run they describe
+    fails_here("labelling budget 1100", *TINY, "--initial", 1000, "--query", 50, "--strategy", "full")
     (tmp_path / "wrong" / "images").mkdir(parents=True)
     fails_here("wrong: expected the official layout", "--data", "isic2017", "--data-dir", tmp_path / "wrong")
     fails_here("nowhere: folder not found", "--data", "lgg", "--data-dir", tmp_path / "nowhere")
