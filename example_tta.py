@@ -80,18 +80,17 @@ def main(argv=None):
                 new = common.top_k(pool, scores, args.query)
             else:  # random: pool_scores.csv keeps the same columns, the score left empty
                 scores, new = [""] * len(pool), common.query_random(pool, args.query, rng)
-            queried = {"oracle": [data.ids[i] for i in new]}
+            queried["oracle"] = [data.ids[i] for i in new]
             # the audit trail: every pool sample's score and whether it was picked; the picks as the model saw them
             run.log_pool_scores(rnd, [data.ids[i] for i in pool], {"tta_variance": scores}, queried)
             common.save_picks(run, rnd, model, data, x, {"oracle": new},
                               dict(zip(pool.tolist(), scores)) if args.strategy == "tta" else None,
                               args.batch_size, device, args.amp)
-            oracle.ask(run, rnd, new, data, y, model, x, args.batch_size, device, args.amp)
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # round 0: the seeded random start (the whole pool for "full")
             queried["full" if args.strategy == "full" else "initial"] = [data.ids[i] for i in labeled]
-            oracle.ask(run, rnd, labeled, data, y, model, x, args.batch_size, device, args.amp)
         select_s, t0 = time.time() - t0, time.time()
+        oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
         epochs = epochs0 if rnd == 0 else args.epochs
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp, generator=gen,
                      steps=steps, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
