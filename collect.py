@@ -146,7 +146,8 @@ def main(argv=None):
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        open(os.path.join(args.out, "results.md"), "w").write(table + "\n")
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(table + "\n")
         with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(summary[0]))
             w.writeheader()
@@ -156,9 +157,10 @@ def main(argv=None):
         if args.vs_random and {"script", "strategy", "data", "labeled"} <= set(args.by):
             cmp = vs_random(summary)
             cols = ["script", "data", "strategy", "labeled", "n", "rule", "random", "diff", "verdict", "ceiling"]
-            open(os.path.join(args.out, "vs_random.md"), "w").write(common.markdown_table(
-                cmp, cols, ["script", "data", "rule", "labelled", "runs (rule / random)", "rule's Dice",
-                            "random's Dice", "difference", "verdict (1 sample std)", "ceiling (labelled)"]) + "\n")
+            with open(os.path.join(args.out, "vs_random.md"), "w") as f:
+                f.write(common.markdown_table(cmp, cols, [
+                    "script", "data", "rule", "labelled", "runs (rule / random)", "rule's Dice", "random's Dice",
+                    "difference", "verdict (1 sample std)", "ceiling (labelled)"]) + "\n")
             curves_by_script(os.path.join(args.out, "curves_by_script.png"), summary)
         print(f"written: {args.out}/results.md, results.csv" + (", curves.png" if "labeled" in args.by else "")
               + (", vs_random.md, curves_by_script.png" if args.vs_random else ""), file=sys.stderr)

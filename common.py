@@ -198,7 +198,7 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
     if args.query is None:
         args.query = pool_share(len(ids[0]), query, paper_pool)
     run.update_config(args)
-    run.write_json("config.json", dict(json.load(open(run.path("config.json"))), split_achieved=achieved))
+    run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved))
     run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in zip(("train", "val", "test"), ids)})
     return ids
 
@@ -655,6 +655,16 @@ def add_labels(target, y, groups, masks, labeled, pseudo, pool, redraw=False):
 ROUND_COLUMNS = ["round", "labeled", "pseudo", "dice_mean", "dice_std", "iou_mean", "train_s", "select_s"]
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_rows(path):  # a CSV file's rows as dicts
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def git_commit():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -680,7 +690,7 @@ class Run:
             cfg_path = os.path.join(self.dir, "config.json")
             if not os.path.isfile(cfg_path):
                 raise UserError(f"--resume {self.dir}: no config.json there; expected a run folder this script wrote")
-            cfg = json.load(open(cfg_path))
+            cfg = read_json(cfg_path)
             if cfg.get("script") != self.script:
                 raise UserError(f"--resume {self.dir}: the run was made by {cfg.get('script')}, not {self.script}")
             # the run's own flags win, --amp included (the rest of a run computes as its start did); only
@@ -754,7 +764,7 @@ class Run:
 
     def update_config(self, args):
         """Record flags derived after the run folder was made (split, initial, query from the data)."""
-        cfg = json.load(open(self.path("config.json")))
+        cfg = read_json(self.path("config.json"))
         self.write_json("config.json", dict(cfg, args=vars(args)))
 
     def path(self, name):
@@ -780,9 +790,7 @@ class Run:
             w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
 
     def read_csv(self, name):
-        if not os.path.isfile(self.path(name)):
-            return []
-        return list(csv.DictReader(open(self.path(name))))
+        return read_rows(self.path(name)) if os.path.isfile(self.path(name)) else []
 
     def truncate_csv(self, name, keep):
         """Keep only rows with keep(row) true (on resume: drop rows of a round that did not finish)."""
@@ -1035,12 +1043,12 @@ def collect_runs(paths):
             sorted(glob.glob(os.path.join(p, "**", "config.json"), recursive=True))
         for cfg_path in cfgs:
             run_dir = os.path.dirname(cfg_path)
-            cfg = json.load(open(cfg_path))
+            cfg = read_json(cfg_path)
             rounds = os.path.join(run_dir, "rounds.csv")
             if not os.path.isfile(rounds):
                 continue
             finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
-            for r in csv.DictReader(open(rounds)):
+            for r in read_rows(rounds):
                 row = dict(cfg["args"], script=cfg["script"], run=run_dir, finished=finished)
                 for k, v in r.items():
                     try:

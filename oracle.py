@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import binary_entropy, predict
+from common import binary_entropy, predict, read_rows
 from loaders import UserError, read_image, resize_mask
 
 
@@ -50,7 +50,7 @@ def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, 
     ask_dir, lab_dir = run.path(f"to_label/round_{rnd}"), run.path(f"labels/round_{rnd}")
     manifest = os.path.join(ask_dir, "manifest.csv")
     if os.path.isfile(manifest):
-        asked = [r["sample_id"] for r in csv.DictReader(open(manifest))]
+        asked = [r["sample_id"] for r in read_rows(manifest)]
         if asked != ids:
             raise UserError(f"{manifest} asks for other samples than this run picks now: the selection did not "
                             f"repeat (another device or thread count than the run's?); resume where it started")
@@ -107,9 +107,10 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
     decide_text = ("\n\nThis round labels only part of each image: <sample_id>_decide.png marks (white) the pixels you "
                    "decide; draw the whole mask all the same, and the run keeps the model's prediction outside "
                    "the white pixels.") if decide is not None else ""
-    open(os.path.join(ask_dir, "README.txt"), "w").write(LABEL_README.format(
-        rnd=rnd, script=run.script, n=len(rows), what="object to segment (lesion, polyp, bone, tumour)",
-        labels=os.path.join(run.dir, f"labels/round_{rnd}"), decide=decide_text, run_dir=run.dir))
+    with open(os.path.join(ask_dir, "README.txt"), "w") as f:
+        f.write(LABEL_README.format(rnd=rnd, script=run.script, n=len(rows), run_dir=run.dir, decide=decide_text,
+                                    what="object to segment (lesion, polyp, bone, tumour)",
+                                    labels=os.path.join(run.dir, f"labels/round_{rnd}")))
 
 
 def read_labels(lab_dir, ids, data, size):
@@ -136,7 +137,11 @@ def read_labels(lab_dir, ids, data, size):
                             f"expected 0 and 255 (or 0 and 1)")
             continue
         i = where[want[name]]
-        w, h = Image.open(data.files[i]).size if data.files is not None else (data.x.shape[-1],) * 2
+        if data.files is None:
+            w = h = data.x.shape[-1]
+        else:
+            with Image.open(data.files[i]) as im:  # the header only: the image's own size
+                w, h = im.size
         if abs(m.shape[1] / m.shape[0] - w / h) > 0.02 * w / h:
             problems.append(f"another aspect ratio: {name} is {m.shape[1]}x{m.shape[0]}, its image {w}x{h}")
             continue
