@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p = common.shared_parser(__doc__, ["ceal", "random", "full"], DEFAULTS)
     # CEAL flags: the readings of Sec. 4.2 (--pseudo-mode, --band, --pseudo-pick) in full in the README
     p.add_argument("--mc-passes", type=int, help="T, the MC-dropout passes of Sec. 4.1; default per --data: isic2017 "
-                   "20, synthetic 10 (paper silent: reference code 20)")
+                   "20, lgg 20, synthetic 10, other 20 (paper silent: reference code 20)")
     p.add_argument("--pseudo-step", type=int, help="the 20 of Sec. 4.2's \"20 x number of iterations\" "
                    "pseudo-labels; default per --data: isic2017 20, lgg 20, synthetic 5, other the ISIC share of "
                    "the pool (20 of 1600)")
