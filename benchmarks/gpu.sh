@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU checks whose numbers the README records (one GPU, bf16 autocast): the polyp protocol at 352 px on
+# Kvasir-SEG, the speed benchmark, and the CEAL protocol at the paper's size (ISIC 2017's Table 1 counts,
+# width 64, 256 px) on synthetic data, since the ISIC archive is not available to this work. Each step runs
+# even if one before it fails. Logs, and each run folder as NAME-run.tar.gz (checkpoints left out) once its
+# step ends, go to OUT_DIR; a step cut short still leaves its log.
+#   bash benchmarks/gpu.sh KVASIR_SEG_DIR OUT_DIR
+set -u
+kvasir=$1
+out=$2
+runs=$(mktemp -d)
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+step() {  # step NAME COMMAND...: run it, log to OUT_DIR/NAME.log, print its wall time and exit status
+    local name=$1 t0=$SECONDS rc
+    shift
+    echo "== $name: $*" | tee "$out/$name.log"
+    "$@" >>"$out/$name.log" 2>&1
+    rc=$?
+    echo "== $name: exit $rc, wall $((SECONDS - t0)) s" | tee -a "$out/$name.log"
+    tail -n 4 "$out/$name.log" | head -n 3
+    if [ -d "$runs/$name" ]; then tar -czf "$out/$name-run.tar.gz" -C "$runs" --exclude='*.pt' "$name"; fi
+}
+{ git rev-parse --short HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/machine.txt"
+step polyp "$py" polyp_weighted_cluster.py --data kvasir-seg --data-dir "$kvasir" --device cuda --amp \
+    --out "$runs/polyp"
+step speed "$py" benchmarks/speed.py --device cuda --amp
+step ceal "$py" ceal_mcdropout.py --data synthetic --split 1600 400 600 --initial 600 --query 35 --rounds 10 \
+    --epochs-initial 20 --epochs 5 --batch-size 32 --lr 1e-4 --width 64 --image-size 256 --pseudo-step 20 \
+    --mc-passes 20 --device cuda --amp --out "$runs/ceal"
