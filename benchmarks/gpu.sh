@@ -22,7 +22,7 @@ step() {  # step NAME COMMAND...: run it, log to OUT_DIR/NAME.log, print its wal
     tail -n 4 "$out/$name.log" | head -n 3
     if [ -d "$runs/$name" ]; then tar -czf "$out/$name-run.tar.gz" -C "$runs" --exclude='*.pt' "$name"; fi
 }
-{ git rev-parse --short HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/machine.txt"
 step polyp "$py" polyp_weighted_cluster.py --data kvasir-seg --data-dir "$kvasir" --device cuda --amp \
     --out "$runs/polyp"

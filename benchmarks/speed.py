@@ -352,17 +352,15 @@ def bench_features(cfg, data, args, device):
 
 
 def ceal_isic_counts(T=20):
-    """Work of ceal_mcdropout.py --data isic2017 (its DEFAULTS row: Table 1 split 1600/400/600, 600 labelled,
-    35 queried + 20 x round pseudo-labelled per round, 20 epochs initially and 5 per round, 10 rounds, T = 20),
-    following its loop: the round stops early when the pool of 1000 is used up (after round 8)."""
+    """Work of ceal_mcdropout.py --data isic2017 with its defaults (its DEFAULTS row: Table 1 split 1600/400/600,
+    600 labelled, 10 rounds, T = 20; each round 35 queried and 20 more pseudo-labelled (--pseudo-mode total), all
+    leaving the pool of 1000; 20 epochs initially and 5 per round, each epoch validated on the 400), following
+    its loop: it trains on the labelled and the pseudo-labelled, and scores the whole pool each round."""
     labeled, pseudo, pool, val, test = 600, 0, 1000, 400, 600
     train_steps, mc_images, eval_images = 20 * labeled, 0, 20 * val + val + test
     for rnd in range(1, 11):
-        if pool == 0:
-            break
         mc_images += pool
-        labeled, pseudo = labeled + 35, pseudo + min(20 * rnd, pool - 35)
-        pool -= min(pool, 35 + 20 * rnd)
+        labeled, pseudo, pool = labeled + 35, pseudo + 20, pool - 35 - 20
         train_steps += 5 * (labeled + pseudo)
         eval_images += 5 * val + val + test
     return train_steps, mc_images, mc_images * T, eval_images
