@@ -228,10 +228,9 @@ def main(argv=None):
         train_s = time.time() - t0
 
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
-        val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0] if len(val_ids) else [np.nan]
-        row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
-               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "val_dice": float(np.mean(val)), "oracle_queries": len(labeled) - n0, "pool_left": len(pool)}
+        val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0]
+        row = common.round_row(rnd, len(labeled), len(pseudo), dice, iou, train_s, select_s,
+                               val_dice=common.mean_std(val)[0], oracle_queries=len(labeled) - n0, pool_left=len(pool))
         run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool, pseudo=pseudo,
                       pseudo_masks=target[torch.as_tensor(pseudo, device=device)].cpu())
 

@@ -43,9 +43,7 @@ def run_main(main):
         sys.exit(130)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Flags shared by every script, in the agreed order, and per-dataset defaults
-# ----------------------------------------------------------------------------------------------------------
+# ---- Flags shared by every script, in the agreed order, and per-dataset defaults ---------------------------
 DATASETS = ["synthetic", "isic2017", "isic2018", "ph2", "cvc-clinicdb", "kvasir-seg", "lgg", "folder"]
 PROTOCOL_FLAGS = ["initial", "query", "rounds", "epochs_initial", "epochs", "batch_size", "lr", "width"]
 
@@ -99,9 +97,7 @@ def resolve(args, defaults):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Seeding and device
-# ----------------------------------------------------------------------------------------------------------
+# ---- Seeding and device ------------------------------------------------------------------------------------
 def seed_everything(seed, deterministic=False):
     random.seed(seed)
     np.random.seed(seed)
@@ -248,9 +244,7 @@ def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --r
                         f"pool of {n_pool} samples; lower the budget or raise the first --split size")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Metrics and losses
-# ----------------------------------------------------------------------------------------------------------
+# ---- Metrics and losses ------------------------------------------------------------------------------------
 def dice_iou(pred, gt):
     """Per-image Dice and IoU of binary masks (B, H, W); an image where both are empty scores 1."""
     pred, gt = pred.reshape(len(pred), -1).float(), gt.reshape(len(gt), -1).float()
@@ -281,9 +275,7 @@ def to_input(xb):
     return xb.float().div_(255)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Train loop, prediction, MC dropout
-# ----------------------------------------------------------------------------------------------------------
+# ---- Train loop, prediction, MC dropout --------------------------------------------------------------------
 def to_device(data, device):
     """The whole set on the device as uint8: images (N, C, S, S), masks (N, S, S)."""
     x = torch.from_numpy(np.ascontiguousarray(data.x)).to(device)
@@ -513,9 +505,7 @@ def mc_passes(model, device, encoder_once=None):
     return passes_of
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Query rules shared by several scripts
-# ----------------------------------------------------------------------------------------------------------
+# ---- Query rules shared by several scripts -----------------------------------------------------------------
 def query_random(pool, k, rng):
     """Uniform without replacement from the pool, seeded."""
     return rng.choice(np.asarray(pool), size=min(k, len(pool)), replace=False)
@@ -610,9 +600,7 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
     return low.astype(np.int64), high, band_.astype(np.int64), pick.astype(np.int64)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training targets with pseudo-labels (CEAL; the CEAL and DSAL comparators of ssl_coldstart)
-# ----------------------------------------------------------------------------------------------------------
+# ---- Training targets with pseudo-labels (CEAL; the CEAL and DSAL comparators of ssl_coldstart) ------------
 UNLABELLED = 255  # the target of a sample nobody has labelled: caught if it is ever trained on (add_labels)
 
 
@@ -649,10 +637,22 @@ def add_labels(target, y, groups, masks, labeled, pseudo, pool, redraw=False):
     return labeled, pseudo, pool
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Run folder, progress, checkpoint, resume
-# ----------------------------------------------------------------------------------------------------------
+# ---- Run folder, progress, checkpoint, resume --------------------------------------------------------------
 ROUND_COLUMNS = ["round", "labeled", "pseudo", "dice_mean", "dice_std", "iou_mean", "train_s", "select_s"]
+
+
+def mean_std(values):
+    """Mean and std (ddof 0) of per-image values, as floats; nan and nan for no values (a run with no test set,
+    --oracle folder on images only), without numpy's empty-mean warnings."""
+    return (float(np.mean(values)), float(np.std(values))) if len(values) else (math.nan, math.nan)
+
+
+def round_row(rnd, labeled, pseudo, dice, iou, train_s, select_s, **extra):
+    """A row of rounds.csv: ROUND_COLUMNS (the test set's Dice mean and std over images, and its mean IoU; the
+    counts of labelled and pseudo-labelled samples), then the script's own columns, in the order given."""
+    (dice_mean, dice_std), iou_mean = mean_std(dice), mean_std(iou)[0]
+    return {"round": rnd, "labeled": labeled, "pseudo": pseudo, "dice_mean": dice_mean, "dice_std": dice_std,
+            "iou_mean": iou_mean, "train_s": train_s, "select_s": select_s, **extra}
 
 
 def read_json(path):
@@ -1029,9 +1029,7 @@ def learning_curve(run, rows):
          xlabel="labelled samples", ylabel="test Dice", title=f"{run.script} on {run.args.data}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Results: collect run folders into tables (every script's table command is a view of these)
-# ----------------------------------------------------------------------------------------------------------
+# ---- Results: collect run folders into tables (every script's table command is a view of these) ------------
 def collect_runs(paths):
     """One dict per finished round of every run folder under `paths` (run folders or their parents):
     the run's flags (config.json "args"), its script, folder, whether the run finished (`finished`: it

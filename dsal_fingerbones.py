@@ -437,10 +437,9 @@ def main(argv=None):
 
         # ---- evaluation on the test set (final head); the round is written before anything else ----
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
-        val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0] if len(val_ids) else [np.nan]
-        row = {"round": rnd, "labeled": len(labeled), "pseudo": 0, "dice_mean": float(dice.mean()),
-               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "val_dice": float(np.mean(val)), "pool_left": len(pool), "steps": steps_done}
+        val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0]
+        row = common.round_row(rnd, len(labeled), 0, dice, iou, train_s, select_s, val_dice=common.mean_std(val)[0],
+                               pool_left=len(pool), steps=steps_done)
         row.update({k: fig3.get(k) for k in ("pool_scored", "rho_l_dsc", "rho_m_dsc", "rho_mean", "pool_dice",
                                               "queried_dice", "queried_score")})
         rows = run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,

@@ -97,8 +97,7 @@ def main(argv=None):
         train_s = time.time() - t0
 
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
-        row = {"round": rnd, "labeled": len(labeled), "pseudo": 0, "dice_mean": float(dice.mean()),
-               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s}
+        row = common.round_row(rnd, len(labeled), 0, dice, iou, train_s, select_s)
         run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool)
 
     common.prediction_panel(run, model, data, x, test_ids[:4], args.batch_size, device, args.amp)

@@ -433,12 +433,12 @@ def main(argv=None):
         # ---- evaluation on the test set (mIoU and Dice, Table 1); the round is written first ----
         dice, iou, miou = evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
         fg_pred, fg_true = fg_share(model, x, common.pool_truth(data, y), pool, args, device)
-        row = {"round": rnd, "labeled": len(labeled), "pseudo": 0, "dice_mean": float(dice.mean()),
-               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "miou_mean": float(miou.mean()), "miou_std": float(miou.std()), "pool_left": len(pool),
-               "pool_unc": float(info["unc"].mean()) if info else "",  # mean I(x) of the pool before the query
-               "queried_unc": float(info["unc"][pos].mean()) if info else "",
-               "pool_fg_pred": fg_pred, "pool_fg_true": fg_true}  # L_fdl's side effect: see fg_share
+        miou_mean, miou_std = common.mean_std(miou)
+        row = common.round_row(rnd, len(labeled), 0, dice, iou, train_s, select_s, miou_mean=miou_mean,
+                               miou_std=miou_std, pool_left=len(pool),
+                               pool_unc=float(info["unc"].mean()) if info else "",  # mean I(x) of the pool, before
+                               queried_unc=float(info["unc"][pos].mean()) if info else "",
+                               pool_fg_pred=fg_pred, pool_fg_true=fg_true)  # L_fdl's side effect: see fg_share
         print(f"  mIoU (background and polyp) {row['miou_mean']:.4f}")
         run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,
                       rng_unlabeled=gen_u.get_state())

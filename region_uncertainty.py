@@ -350,10 +350,9 @@ def main(argv=None):
         # ---- validation (100 images, every iteration) and test Dice; the round is written first ----
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
         val_dice, _ = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)
-        row = {"round": rnd, "labeled": len(labeled), "pseudo": len(partial_ids), "dice_mean": float(dice.mean()),
-               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "val_dice": float(val_dice.mean()), "val_dice_std": float(val_dice.std()), **annotation,
-               "steps": steps_done}
+        val_mean, val_std = common.mean_std(val_dice)
+        row = common.round_row(rnd, len(labeled), len(partial_ids), dice, iou, train_s, select_s, val_dice=val_mean,
+                               val_dice_std=val_std, **annotation, steps=steps_done)
         figures(run, run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,
                                    partial_ids=partial_ids, steps=steps_done,
                                    partial_masks=target[torch.as_tensor(partial_ids, device=device)].cpu()))

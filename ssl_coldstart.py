@@ -785,9 +785,8 @@ def main(argv=None):
         # ---- evaluation on the test set; the round is written before anything else happens ----
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
         covered = "" if clusters is None else int(len(np.unique(clusters[0][np.isin(train_ids, labeled)])))
-        row = {"round": rnd, "labeled": len(labeled), "pseudo": len(pseudo), "dice_mean": float(dice.mean()),
-               "dice_std": float(dice.std()), "iou_mean": float(iou.mean()), "train_s": train_s, "select_s": select_s,
-               "pool_left": len(pool), **scored, "clusters_covered": covered}
+        row = common.round_row(rnd, len(labeled), len(pseudo), dice, iou, train_s, select_s, pool_left=len(pool),
+                               **scored, clusters_covered=covered)
         run.end_round(row, {how: [data.ids[i] for i in ids] for how, ids in queried.items()}, progress, model, opt,
                       rng, gen, members=[{"model": m.state_dict(), "opt": o.state_dict()} for m, o in zip(members, opts)],
                       labeled=labeled, pseudo=pseudo, pool=pool, clusters=clusters,
