@@ -714,7 +714,7 @@ class Run:
                    "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
                    "numpy": np.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds")}
             self.write_json("config.json", cfg)
-        self.args, self.t0, self.offset_s = args, time.time(), 0.0
+        self.args, self.device, self.t0, self.offset_s = args, device, time.time(), 0.0
 
     # ---- the round loop's plumbing, called by every script in the same place and the same words ----
     @classmethod
@@ -751,14 +751,16 @@ class Run:
         return rows
 
     def finish(self, summary=None, line=""):
-        """The end of a run: summary.json (the last round's Dice, IoU and sets, the wall time, and the
-        script's own summary entries) and the last line, 'done: ... ; RUN_DIR'. Returns the run folder."""
+        """The end of a run: summary.json (the last round's Dice, IoU and sets, the script's own summary entries,
+        the wall time and, on a GPU, the most memory this process allocated there) and the last line, 'done: ...;
+        RUN_DIR'. Returns the run folder."""
         rows = self.read_csv("rounds.csv")
         last = rows[-1]
+        gpu = {"peak_device_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
         self.write_json("summary.json", {
             "final_dice": float(last["dice_mean"]), "final_dice_std": float(last["dice_std"]),
             "final_iou": float(last["iou_mean"]), "labeled": int(last["labeled"]), "pseudo": int(last["pseudo"]),
-            "rounds": len(rows) - 1, **(summary or {}), "wall_s": self.elapsed()})
+            "rounds": len(rows) - 1, **(summary or {}), "wall_s": self.elapsed(), **gpu})
         print(f"done: test dice {float(last['dice_mean']):.4f}{line} with {last['labeled']} labelled; {self.dir}")
         return self.dir
 

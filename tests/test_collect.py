@@ -102,6 +102,23 @@ def test_run_csv_line_ends_and_resume_keeps_the_runs_amp(tmp_path, capsys):
     assert (again.amp, again.seed, again.device, again.workers) == (False, 0, "cuda:1", 3)  # device, workers may change
 
 
+def test_round_row_and_summary(tmp_path, monkeypatch):
+    """common.round_row: the shared columns first, nan (no numpy warning) without a test set; summary.json gets
+    the GPU's peak memory on CUDA only (CUDA's counter replaced: this machine has no GPU)."""
+    row = common.round_row(1, 20, 5, torch.tensor([0.5, 1.0]).numpy(), torch.tensor([0.25, 1.0]).numpy(), 2.0, 3.0,
+                           val_dice=0.7)
+    assert list(row) == COLS + ["val_dice"] and (row["dice_mean"], row["dice_std"], row["iou_mean"]) == (0.75, 0.25, 0.625)
+    empty = common.round_row(0, 6, 0, torch.zeros(0).numpy(), torch.zeros(0).numpy(), 1.0, 0.0)
+    assert all(math.isnan(empty[k]) for k in ("dice_mean", "dice_std", "iou_mean"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2 ** 30)
+    for device, peak in (("cpu", None), ("cuda", 3.0)):
+        run = common.Run("x.py", _args(out=str(tmp_path / device)), torch.device("cpu"))
+        run.device = torch.device(device)  # as if the run had trained there
+        run.log_round(row)
+        run.finish()
+        assert json.load(open(run.path("summary.json"))).get("peak_device_gib") == peak
+
+
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(common.UserError, match="no finished rounds"):
         collect.main([str(tmp_path)])
