@@ -215,10 +215,11 @@ def main(argv=None):
         select_s, t0 = time.time() - t0, time.time()
         # 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper silent; Sec. 4.3:
         # "the model is again trained on D^L"; the reference code continues from its weights)
-        epochs = epochs0 if rnd == 0 else args.epochs
+        epochs, vals = epochs0 if rnd == 0 else args.epochs, [np.nan]  # vals[-1]: the round's val_dice
 
         def on_epoch(e, loss, _s):  # Figs. 7-10: validation Dice per epoch
             vd = float(common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0].mean()) if len(val_ids) else None
+            vals.append(np.nan if vd is None else vd)
             progress.epoch(rnd, e, epochs, loss, val_dice=vd)
             model.train()
 
@@ -228,9 +229,8 @@ def main(argv=None):
         train_s = time.time() - t0
 
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)
-        val = common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0]
-        row = common.round_row(rnd, len(labeled), len(pseudo), dice, iou, train_s, select_s,
-                               val_dice=common.mean_std(val)[0], oracle_queries=len(labeled) - n0, pool_left=len(pool))
+        row = common.round_row(rnd, len(labeled), len(pseudo), dice, iou, train_s, select_s, val_dice=vals[-1],
+                               oracle_queries=len(labeled) - n0, pool_left=len(pool))  # val_dice: the last epoch's
         run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool, pseudo=pseudo,
                       pseudo_masks=target[torch.as_tensor(pseudo, device=device)].cpu())
 

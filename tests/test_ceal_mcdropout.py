@@ -113,6 +113,9 @@ def test_end_to_end_resume_and_seed(full_run, tmp_path):
               "checkpoint.pt", "config.json", "epochs.csv", "pool_scores.csv"):
         assert os.path.isfile(os.path.join(full, f)), f
     assert json.load(open(os.path.join(full, "summary.json")))["final_dice"] == pytest.approx(float(rows[-1]["dice_mean"]), abs=1e-5)
+    epochs = read(full, "epochs.csv")  # Figs. 7-10 per epoch; a round's val_dice is its last epoch's, not re-run
+    assert [r["val_dice"] for r in rows] == [[e["val_dice"] for e in epochs if e["round"] == r["round"]][-1] for r in rows]
+    assert len({r["val_dice"] for r in rows}) > 1
 
     # interrupted after round 1 (as if killed), then --resume: the same queries and the same results
     out = run_script("ceal_mcdropout.py", *TINY, "--out", tmp_path / "b", check=False,
