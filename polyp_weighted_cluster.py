@@ -98,8 +98,24 @@ def class_features(probs, feats):
     prediction probabilities, downsampled to the feature size (area average; paper: "downsampled");
     feats (B, C, h, w) the encoder output. Avg is the mean over the h x w positions (the cosine of Eq. 2
     does not change if one divides by the mask's sum instead)."""
-    y1 = F.adaptive_avg_pool2d(probs[:, None].float(), feats.shape[-2:])
+    y1 = area_mean(probs[:, None].float(), feats.shape[-2:])
     return (y1 * feats).mean((2, 3)), ((1 - y1) * feats).mean((2, 3))
+
+
+def area_mean(p, size):
+    """p (B, 1, H, W) area-averaged to size (h, w): F.adaptive_avg_pool2d, or block_mean on CUDA under
+    --deterministic, where adaptive_avg_pool2d's backward raises (--fdl-grad-through-mask differentiates it)."""
+    divides = p.shape[-2] % size[0] == 0 and p.shape[-1] % size[1] == 0
+    if p.is_cuda and torch.are_deterministic_algorithms_enabled() and divides:
+        return block_mean(p, size)
+    return F.adaptive_avg_pool2d(p, size)
+
+
+def block_mean(p, size):
+    """The mean of each H/h x W/w block of p (B, C, H, W): adaptive_avg_pool2d's numbers where h, w divide H, W
+    (tested), with a backward that is an expand (deterministic)."""
+    (h, w), (H, W) = size, p.shape[-2:]
+    return p.reshape(*p.shape[:-2], h, H // h, w, W // w).mean((-3, -1))
 
 
 def uncertainty(f1, f0):

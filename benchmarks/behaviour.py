@@ -3,11 +3,14 @@
 
   python benchmarks/behaviour.py --record benchmarks/behaviour.json     # before the change
   python benchmarks/behaviour.py --check benchmarks/behaviour.json      # after: exit 1 on any difference
+  python benchmarks/behaviour.py --repeat --device cuda --deterministic  # the folder runs twice: the same?
 
 Two runs per script: its no-flag run (`python SCRIPT.py`, the README's first command for each script) and one
 `--data folder` run on the synthetic set written in the folder layout (a small schedule). Every run gets
 OMP_NUM_THREADS=2 and --device cpu, as recorded (another thread count or CPU can round differently).
 tests/test_behaviour.py holds a smaller record of the same kind that the suite checks on every change.
+--repeat records nothing: it runs each folder run twice on --device (with REPEAT's flags: the paths that only
+some flags take) and exits 1 unless the two give the same ids and Dice, the check of --deterministic on a GPU.
 """
 import argparse
 import csv
@@ -27,6 +30,7 @@ FOLDER = ["--split", 60, 10, 20, "--image-size", 32, "--width", 4, "--initial", 
           "--epochs-initial", 2, "--epochs", 1, "--batch-size", 8]
 METHOD = {"ceal_mcdropout.py": ["--mc-passes", 3, "--pseudo-step", 2], "ssl_coldstart.py": ["--ssl-epochs", 1],
           "region_uncertainty.py": ["--image-size", 64]}
+REPEAT = {"polyp_weighted_cluster.py": ["--fdl-grad-through-mask"], "region_uncertainty.py": ["--partial"]}
 
 
 def runs():
@@ -44,27 +48,47 @@ def record_of(run_dir):
     return {"queried": queried, "dice": [r["dice_mean"] for r in rows]}
 
 
+def run_once(name, script, flags, tmp, env):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", os.path.join(tmp, "runs")],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"{name}: exit {out.returncode}\n{out.stderr[-2000:]}")
+    return record_of(out.stdout.strip().splitlines()[-1].rsplit(";", 1)[-1].strip())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--record", metavar="JSON")
     g.add_argument("--check", metavar="JSON")
+    g.add_argument("--repeat", action="store_true", help="run each folder run twice and compare the two")
     p.add_argument("--only", nargs="+", help="only these run names")
+    p.add_argument("--device", default="cpu", help="with --repeat (default: cpu, as recorded)")
+    p.add_argument("--deterministic", action="store_true", help="with --repeat: pass --deterministic")
     args = p.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="behaviour_")
     folder = common.write_folder(common.make_synthetic(90, 32, 3, seed=0), os.path.join(tmp, "data"))
     result, env = {}, dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
     for name, (script, flags) in runs().items():
-        if args.only and name not in args.only:
+        if args.only and name not in args.only or args.repeat and "--data" not in flags:
             continue
         flags = [str(f).replace("{folder}", folder) for f in flags]
-        out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--device", "cpu",
-                              "--out", os.path.join(tmp, "runs")], capture_output=True, text=True, env=env, cwd=ROOT)
-        if out.returncode != 0:
-            sys.exit(f"{name}: exit {out.returncode}\n{out.stderr[-2000:]}")
-        result[name] = record_of(out.stdout.strip().splitlines()[-1].rsplit(";", 1)[-1].strip())
-        print(f"{name}: {len(result[name]['queried'])} queried rows, final Dice {result[name]['dice'][-1]}", flush=True)
+        if args.repeat:
+            flags += [*REPEAT.get(script, []), "--device", args.device] + ["--deterministic"] * args.deterministic
+        records = [run_once(name, script, flags if args.repeat else [*flags, "--device", "cpu"], tmp, env)
+                   for _ in range(2 if args.repeat else 1)]
+        result[name] = records[0]
+        print(f"{name}: {len(records[0]['queried'])} queried rows, final Dice {records[0]['dice'][-1]}"
+              + (f"; second run {'identical' if records[1] == records[0] else 'DIFFERS'}" if args.repeat else ""),
+              flush=True)
+        if args.repeat and records[1] != records[0]:
+            result[name] = None
+    if args.repeat:
+        same = sum(r is not None for r in result.values())
+        print(f"{same} of {len(result)} runs gave the same ids and Dice twice on {args.device}"
+              f"{' with --deterministic' if args.deterministic else ''}")
+        sys.exit(0 if same == len(result) else 1)
     if args.record:
         json.dump(result, open(args.record, "w"), indent=0)
         print(f"recorded {len(result)} runs in {args.record}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks whose numbers the README records (one GPU, bf16 autocast): the polyp protocol at 352 px on
-# Kvasir-SEG, the speed benchmark, and the CEAL protocol at the paper's size (ISIC 2017's Table 1 counts,
-# width 64, 256 px) on synthetic data, since the ISIC archive is not available to this work. Each step runs
+# Kvasir-SEG, the speed benchmark, the CEAL protocol at the paper's size (ISIC 2017's Table 1 counts,
+# width 64, 256 px) on synthetic data, since the ISIC archive is not available to this work, and --deterministic
+# on CUDA (every script's small folder run twice, and the CUDA-only tests). Each step runs
 # even if one before it fails. Logs, and each run folder as NAME-run.tar.gz (checkpoints left out) once its
 # step ends, go to OUT_DIR; a step cut short still leaves its log.
 #   bash benchmarks/gpu.sh KVASIR_SEG_DIR OUT_DIR
@@ -30,3 +31,5 @@ step speed "$py" benchmarks/speed.py --device cuda --amp
 step ceal "$py" ceal_mcdropout.py --data synthetic --split 1600 400 600 --initial 600 --query 35 --rounds 10 \
     --epochs-initial 20 --epochs 5 --batch-size 32 --lr 1e-4 --width 64 --image-size 256 --pseudo-step 20 \
     --mc-passes 20 --device cuda --amp --out "$runs/ceal"
+step deterministic "$py" benchmarks/behaviour.py --repeat --device cuda --deterministic
+step cuda-tests "$py" -m pytest -q tests -k "cuda or deterministic or bilinear or block_mean"

@@ -382,3 +382,32 @@ def test_real_samples(data, folder):
     assert [int(r["labeled"]) for r in rows(run)] == [2, 4]
     names = set(os.listdir(os.path.join(REAL, folder, "Original" if data == "cvc-clinicdb" else "images")))
     assert all(any(n.startswith(q["sample_id"] + ".") for n in names) for q in rows(run, "queried.csv"))
+
+
+def test_block_mean_is_adaptive_avg_pool2d():
+    """class_features' deterministic CUDA path (block_mean) computes F.adaptive_avg_pool2d's area average where
+    the sizes divide, forward and backward."""
+    p = torch.rand(2, 1, 64, 48, dtype=torch.float64, requires_grad=True)
+    a, b = pwc.block_mean(p, (4, 3)), torch.nn.functional.adaptive_avg_pool2d(p, (4, 3))
+    g = torch.randn_like(a)
+    assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(torch.autograd.grad(a, p, g)[0], torch.autograd.grad(b, p, g)[0], atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: adaptive_avg_pool2d's backward raises there")
+def test_fdl_grad_through_mask_under_deterministic_on_cuda():
+    """--fdl-grad-through-mask with --deterministic: L_fdl's backward through the mask runs on CUDA (no op
+    without a deterministic implementation) and gives the gradient of the default path."""
+    torch.manual_seed(0)
+    model = pwc.UNet(3, 1, 4).cuda()
+    xu = torch.rand(2, 3, 32, 32, device="cuda") * 2 - 1
+    grads = []
+    for deterministic in (False, True):
+        common.seed_everything(0, deterministic)
+        try:
+            model.zero_grad(set_to_none=True)
+            pwc.discrepancy_loss(model, xu, -1.0, through_mask=True).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        finally:
+            common.seed_everything(0, False)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
