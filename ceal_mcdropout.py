@@ -205,14 +205,16 @@ def main(argv=None):
                               dict(zip(pool.tolist(), scores)) if args.strategy == "ceal" else None,
                               args.batch_size, device, args.amp)
             new = np.concatenate([g for how, g in groups.items() if how != "pseudo"])
-            oracle.ask(run, rnd, new, data, y, model, x, args.batch_size, device, args.amp)
-            labeled, pseudo, pool = common.add_labels(target, y, groups, masks, labeled, pseudo, pool,
-                                                      redraw=args.pseudo_mode == "redraw")  # Sec. 4.3
         else:  # round 0: the seeded random start (the whole pool for "full")
             queried["initial"] = [data.ids[i] for i in labeled]
-            oracle.ask(run, rnd, labeled, data, y, model, x, args.batch_size, device, args.amp)
-            target = common.training_target(y, labeled)  # the oracle's answers (a person's: --oracle folder)
-        select_s, t0 = time.time() - t0, time.time()
+        select_s = time.time() - t0
+        oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
+        t0 = time.time()
+        if rnd > 0:  # Sec. 4.3: the oracle's answers (a person's: --oracle folder) and the pseudo-labels join D^L
+            labeled, pseudo, pool = common.add_labels(target, y, groups, masks, labeled, pseudo, pool,
+                                                      redraw=args.pseudo_mode == "redraw")
+        else:
+            target = common.training_target(y, labeled)
         # 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper silent; Sec. 4.3:
         # "the model is again trained on D^L"; the reference code continues from its weights)
         epochs, vals = epochs0 if rnd == 0 else args.epochs, [np.nan]  # vals[-1]: the round's val_dice

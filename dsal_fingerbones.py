@@ -335,15 +335,12 @@ def query(run, rnd, model, data, x, y, pool, args, device, rng):
     """One selection step (Sec. III-B): score the pool with the model of the previous step, query args.query
     images (dsal: by the mean head agreement, select(); random: at random), and log the pool's scores, the
     picks and Fig. 3's numbers of the step (R-DSC against each proxy). Returns (the picks, the name they are
-    logged under, the Fig. 3 numbers, the selection time)."""
-    t0 = time.time()
+    logged under, the Fig. 3 numbers)."""
     s = score_pool(model, x, y, pool, args, device)  # every strategy: Fig. 3 is about the model
     if args.strategy == "dsal":
         new = select(pool, s["score"], args.query, args.select, rng)
     else:
-        t0 = time.time()  # random does not need the scores: its selection time excludes them
         new = common.query_random(pool, args.query, rng)
-    select_s = time.time() - t0
     how = f"oracle-{args.strategy}" + (f"-{args.select}" if args.strategy == "dsal" else "")
     chosen = np.isin(pool, new)
     fig3 = {"pool_scored": len(pool), "rho_l_dsc": spearman(s["r_dsc"], s["l_dsc"]),
@@ -357,7 +354,7 @@ def query(run, rnd, model, data, x, y, pool, args, device, rng):
     # picks/round_<rnd>.png, with the model that scored the pool (before this step's training)
     common.save_picks(run, rnd, model, data, x, {how: new}, dict(zip(pool.tolist(), s["score"])),
                       args.batch_size, device, args.amp)
-    return new, how, fig3, select_s
+    return new, how, fig3
 
 
 def summary(run, n_train):
@@ -413,20 +410,20 @@ def main(argv=None):
         if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
             break
         # ---- selection (Sec. III-B): score the pool with the model of the previous step ----
-        queried, fig3 = {}, {}
+        t0, queried, fig3 = time.time(), {}, {}
         if rnd > 0:
-            new, how, fig3, select_s = query(run, rnd, model, data, x, common.pool_truth(data, y), pool, args,
-                                             device, rng)
+            new, how, fig3 = query(run, rnd, model, data, x, common.pool_truth(data, y), pool, args, device, rng)
             queried[how] = [data.ids[i] for i in new]
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # the initial labelled set (random, Sec. IV-A), or the whole training set for --strategy full
-            select_s, how = 0.0, "full" if args.strategy == "full" else "initial-random"
+            how = "full" if args.strategy == "full" else "initial-random"
             queried[how] = [data.ids[i] for i in labeled]
             common.save_picks(run, rnd, model, data, x, {how: labeled}, None, args.batch_size, device, args.amp)
+        select_s = time.time() - t0
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
+        t0 = time.time()
 
         # ---- training: fine-tune the same model on all labelled images (Sec. III) ----
-        t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
 
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,

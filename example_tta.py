@@ -89,8 +89,9 @@ def main(argv=None):
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # round 0: the seeded random start (the whole pool for "full")
             queried["full" if args.strategy == "full" else "initial"] = [data.ids[i] for i in labeled]
-        select_s, t0 = time.time() - t0, time.time()
+        select_s = time.time() - t0
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
+        t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
         common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp, generator=gen,
                      steps=steps, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))

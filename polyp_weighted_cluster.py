@@ -422,10 +422,10 @@ def main(argv=None):
         if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
             break
         # ---- selection (Sec. 2.1) ----
-        t0, queried, info, select_s = time.time(), {}, None, 0.0
+        t0, queried, info = time.time(), {}, None
         if rnd > 0:
             pos, info = select(args, model, x, y, labeled, pool, device, rng)
-            new, select_s = pool[pos], time.time() - t0
+            new = pool[pos]
             assert len(set(pos.tolist())) == len(pos), "a sample was queried twice"
             queried[f"oracle-{args.strategy}"] = [data.ids[i] for i in new]
             log_pool(run, rnd, data, pool, pos, info)
@@ -435,10 +435,11 @@ def main(argv=None):
         else:
             # the seeded random start (paper silent: random), or the whole pool for the ceiling
             queried["full" if args.strategy == "full" else "initial"] = [data.ids[i] for i in labeled]
+        select_s = time.time() - t0
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
+        t0 = time.time()
 
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
-        t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
         extra_loss, on_epoch = fdl_training(run, progress, rnd, epochs, args, x, pool, gen_u, device)
         # the ceiling (steps): no pool left, so no L_fdl: the U-Net on the whole pool with L_seg alone

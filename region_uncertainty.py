@@ -328,17 +328,18 @@ def main(argv=None):
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # the random cold start (or, for the full baseline, the whole training set)
             new, how = labeled, "oracle-full" if args.strategy == "full" else "oracle-initial"
-        new_t = torch.as_tensor(new, device=device)
-        target[new_t], annotation = annotate(run, rnd, model, data, x, y, new, rnd > 0 and args.partial, args, device)
+        queried = {how: [data.ids[i] for i in new]}
+        # picks/round_<rnd>.png: what the rule asked for (with --partial: the images the oracle partly annotates)
+        common.save_picks(run, rnd, model, data, x, {how: new}, score_of, args.batch_size, device, args.amp)
+        select_s = time.time() - t0
+        target[torch.as_tensor(new, device=device)], annotation = annotate(run, rnd, model, data, x, y, new,
+                                                                           rnd > 0 and args.partial, args, device)
+        t0 = time.time()
         partial_ids = np.concatenate([partial_ids, new]) if rnd > 0 and args.partial else partial_ids
         if bool((target[torch.as_tensor(labeled, device=device)] == UNLABELLED).any()):
             raise RuntimeError(f"round {rnd}: a labelled image has no training target (a bug, not your input)")
-        queried = {how: [data.ids[i] for i in new]}
-        select_s = time.time() - t0
-        # picks/round_<rnd>.png: what the rule asked for (with --partial: the images the oracle partly annotates)
-        common.save_picks(run, rnd, model, data, x, {how: new}, score_of, args.batch_size, device, args.amp)
+
         # ---- training: fine-tune on all labelled images, 10 epochs per iteration (Sec. IV-D, V-A) ----
-        t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
 
         common.train(model, opt, x, target, labeled, epochs, args.batch_size, device=device, amp=args.amp,

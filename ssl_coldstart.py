@@ -768,10 +768,12 @@ def main(argv=None):
         run.log_pool_scores(rnd, [data.ids[i] for i in pool], cols,
                             {how: [data.ids[i] for i in ids] for how, ids in queried.items()})
         common.save_picks(run, rnd, model, data, x, queried, shown, args.batch_size, device, args.amp)
-        oracle.ask(run, rnd, np.concatenate([i for h, i in queried.items() if h != "pseudo"]), data, y, model, x)
+        new = np.concatenate([i for how, i in queried.items() if how != "pseudo"])
+        select_s = time.time() - t0
+        oracle.ask(run, rnd, new, data, y, model, x, args.batch_size, device, args.amp)
+        t0 = time.time()
         labeled, pseudo, pool = common.add_labels(target, y, queried, pseudo_masks, labeled, pseudo, pool,
                                                   redraw=args.strategy == "dsal")  # DSAL's stay in the pool
-        select_s, t0 = time.time() - t0, time.time()
 
         # ---- training: fine-tuned on the enlarged labelled set, 10 epochs first, then 2 per iteration ----
         epochs = epochs0 if rnd == 0 else args.epochs

@@ -8,10 +8,12 @@ import csv
 import importlib
 import json
 import os
+import time
 
 import pytest
 
 import common
+import oracle
 from conftest import ROOT
 
 RECORD = os.path.join(ROOT, "tests", "behaviour_record.json")
@@ -34,10 +36,31 @@ def folder(tmp_path_factory):
     return common.write_folder(common.make_synthetic(60, 32, 3, seed=0), str(tmp_path_factory.mktemp("data")))
 
 
+class Clock:
+    """The script's time.time(), 1000 s later after each oracle.ask: the oracle's answers, a person's time,
+    count in neither select_s nor train_s (the README's rounds.csv)."""
+    offset, asks = 0.0, 0
+
+    @classmethod
+    def time(cls):
+        return time.time() + cls.offset
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_queried_ids_and_dice_as_recorded(script, folder, tmp_path):
-    run = importlib.import_module(script).main(
+def test_queried_ids_and_dice_as_recorded(script, folder, tmp_path, monkeypatch):
+    mod, ask = importlib.import_module(script), oracle.ask
+
+    def slow_ask(*a, **k):
+        ask(*a, **k)
+        Clock.offset, Clock.asks = Clock.offset + 1000, Clock.asks + 1
+    monkeypatch.setattr(mod, "time", Clock)
+    monkeypatch.setattr(oracle, "ask", slow_ask)
+    Clock.asks = 0
+    run = mod.main(
         [*map(str, TINY + METHOD.get(script, [])), "--data", "folder", "--data-dir", folder, "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
+    assert Clock.asks == len(rows) == 3, f"{script}: oracle.ask once a round"
+    assert max(float(r[c]) for r in rows for c in ("select_s", "train_s")) < 1000, f"{script}: the oracle's time counted"
     got = record_of(run)
     if os.environ.get("ALSEG_RECORD"):
         record = json.load(open(RECORD)) if os.path.isfile(RECORD) else {}
