@@ -206,7 +206,7 @@ def main(argv=None):
                               args.batch_size, device, args.amp)
             new = np.concatenate([g for how, g in groups.items() if how != "pseudo"])
         else:  # round 0: the seeded random start (the whole pool for "full")
-            queried["initial"] = [data.ids[i] for i in labeled]
+            queried["full" if args.strategy == "full" else "initial"] = [data.ids[i] for i in labeled]
         select_s = time.time() - t0
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
         t0 = time.time()

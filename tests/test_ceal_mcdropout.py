@@ -147,6 +147,8 @@ def test_baselines(tmp_path, strategy, labeled):
     run = main(*TINY, "--rounds", 1, "--strategy", strategy, "--out", tmp_path)
     rows = read(run, "rounds.csv")
     assert [int(r["labeled"]) for r in rows] == labeled and all(r["pseudo"] == "0" for r in rows)
+    hows = {(r["round"], r["how"]) for r in read(run, "queried.csv")}
+    assert hows == ({("0", "full")} if strategy == "full" else {("0", "initial"), ("1", "oracle-random")})
     interface.assert_interface("ceal_mcdropout.py", run, help=False)
 
 
