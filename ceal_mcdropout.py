@@ -223,7 +223,6 @@ def main(argv=None):
             vd = float(common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0].mean()) if len(val_ids) else None
             vals.append(np.nan if vd is None else vd)
             progress.epoch(rnd, e, epochs, loss, val_dice=vd)
-            model.train()
 
         common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device,
                      amp=args.amp, loss_fn=common.bce_dice_loss if args.loss == "bce+dice" else common.soft_dice_loss,

@@ -302,10 +302,10 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
                             on_epoch=None if on_epoch is None else lambda e, *a: on_epoch(epochs, *a))
         return losses
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
-    model.train()
     losses = []
     for epoch in range(epochs):
         t0 = time.time()
+        model.train()  # every epoch: an on_epoch that predicts (CEAL's validation) leaves the model in eval mode
         order = idx[torch.randperm(len(idx), generator=generator).to(device)]
         total = torch.zeros((), device=device)
         for s in range(0, len(order), batch_size):
