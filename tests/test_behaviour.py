@@ -1,6 +1,6 @@
 """Behaviour held: each script's queried ids and test Dice of every round on a small folder-layout run, as
 recorded in tests/behaviour_record.json. The first record, from before the shared round loop (issue 15) replaced
-the plumbing, held at 0da0233 (the loop's last change); it was re-recorded there with a schedule long enough that
+the plumbing, still held at 0da0233 (the oracle's place in the loop); it was re-recorded there with a schedule long enough that
 the test Dice is not the same constant for every script and round (width 4 and 4 + 2 epochs predicted almost
 nothing: 0.0833 everywhere, so a changed threshold went unseen). A change that alters which samples a script
 picks, or what it trains, fails here. The full-size record (the no-flag runs)
