@@ -397,10 +397,13 @@ def test_block_mean_is_adaptive_avg_pool2d():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: adaptive_avg_pool2d's backward raises there")
 def test_fdl_grad_through_mask_under_deterministic_on_cuda():
     """--fdl-grad-through-mask with --deterministic: L_fdl's backward through the mask runs on CUDA (no op
-    without a deterministic implementation) and gives the gradient of the default path."""
+    without a deterministic implementation) and gives the gradient of the default path. In float64: in float32
+    the two modes' convolution algorithms differ, in TF32 on Ampere and later (cudnn.allow_tf32, on by default),
+    by up to 2 % on single gradient entries (H200, ce400f9); float64 leaves only the loss's float32 rounding,
+    about 1e-7 against entries up to 5e-4, where a block mean off by one pixel is off by 5e-4 (checked on the CPU)."""
     torch.manual_seed(0)
-    model = pwc.UNet(3, 1, 4).cuda()
-    xu = torch.rand(2, 3, 32, 32, device="cuda") * 2 - 1
+    model = pwc.UNet(3, 1, 4).cuda().double()
+    xu = torch.rand(2, 3, 32, 32, device="cuda", dtype=torch.float64) * 2 - 1
     grads = []
     for deterministic in (False, True):
         common.seed_everything(0, deterministic)
@@ -410,4 +413,4 @@ def test_fdl_grad_through_mask_under_deterministic_on_cuda():
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         finally:
             common.seed_everything(0, False)
-    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
