@@ -49,7 +49,8 @@ def _cache(tmp_path_factory, monkeypatch):
 # Threads of the scripts the tests run. One: on these tiny models (width 4, 32 px) a second thread saves
 # nothing, and on a busy machine two OpenMP threads spin (a TINY ceal run on the shared 2-core machine: 16 s of
 # CPU in 58 s with two threads, 4 s in 16 s with one). tests/test_harness.py runs every script with two
-# threads, as a user's machine would.
+# threads, as a user's machine would. The README's command runs two test processes (pytest-xdist, -n 2), so the
+# second core works on another test instead.
 THREADS = "1"
 torch.set_num_threads(int(THREADS))  # and the same in this process (main() in-process), so results agree
 
