@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu.sh KVASIR_SEG_DIR OUT_DIR [STEP ...]
 # STEPs (default: all, in this order): polyp speed ceal deterministic cuda-tests. The first three took 470 s on
 # an H100; on an H200, deterministic 156 s, cuda-tests 21 s, polyp 70 s, speed 153 s, and ceal cut off by the
-# command's 600 s limit after about 200 s, in round 8 of 10 (4 min 03 s on the H100). Name fewer to fit one command into a time limit.
+# command's 600 s limit after about 200 s, in round 8 of 10 (4 min 03 s on the H100). Name fewer to fit one
+# command into a time limit.
 set -u
 kvasir=$1
 out=$2
