@@ -34,6 +34,9 @@ def pytest_terminal_summary(terminalreporter, config):
     if n is None:
         return
     rows = sorted(config.__dict__.get("_alseg_cpu", []), reverse=True)
+    if not rows and getattr(config.option, "numprocesses", None):  # pytest-xdist: the tests ran in the workers
+        terminalreporter.write_line("--cpu-durations counts in one process: run it without -n")
+        return
     terminalreporter.write_sep("=", f"CPU time (user + sys, scripts included): {sum(c for c, _ in rows):.1f} s in "
                                     f"{len(rows)} tests; the slowest {n or len(rows)}")
     for cpu, nodeid in rows[:n or len(rows)]:
