@@ -416,7 +416,7 @@ def main(argv=None):
             queried[how] = [data.ids[i] for i in new]
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # the initial labelled set (random, Sec. IV-A), or the whole training set for --strategy full
-            how = "full" if args.strategy == "full" else "initial-random"
+            how = "full" if args.strategy == "full" else "initial"
             queried[how] = [data.ids[i] for i in labeled]
             common.save_picks(run, rnd, model, data, x, {how: labeled}, None, args.batch_size, device, args.amp)
         select_s = time.time() - t0

@@ -145,9 +145,9 @@ def main(argv=None):
             run.log_pool_scores(rnd, [data.ids[i] for i in pool],
                                 {"entropy": H, "fg_entropy": F, "beta": [beta] * len(pool), "noised_fg": nf,
                                  "noised_entropy": nh, "stratum": [stratum.get(i, "") for i in pool]},
-                                ["oracle" if i in stratum else "" for i in pool])
+                                [f"oracle-{args.strategy}" if i in stratum else "" for i in pool])
             common.save_picks(run, rnd, model, data, x, groups, dict(zip(pool, H)), args.batch_size, device, args.amp)
-            queried["oracle"] = [data.ids[i] for i in new]
+            queried[f"oracle-{args.strategy}"] = [data.ids[i] for i in new]
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # round 0: the seeded random start (the whole pool for "full")
             queried["full" if args.strategy == "full" else "initial"] = [data.ids[i] for i in labeled]

@@ -80,10 +80,10 @@ def main(argv=None):
                 new = common.top_k(pool, scores, args.query)
             else:  # random: pool_scores.csv keeps the same columns, the score left empty
                 scores, new = [""] * len(pool), common.query_random(pool, args.query, rng)
-            queried["oracle"] = [data.ids[i] for i in new]
+            queried[f"oracle-{args.strategy}"] = [data.ids[i] for i in new]
             # the audit trail: every pool sample's score and whether it was picked; the picks as the model saw them
             run.log_pool_scores(rnd, [data.ids[i] for i in pool], {"tta_variance": scores}, queried)
-            common.save_picks(run, rnd, model, data, x, {"oracle": new},
+            common.save_picks(run, rnd, model, data, x, {f"oracle-{args.strategy}": new},
                               dict(zip(pool.tolist(), scores)) if args.strategy == "tta" else None,
                               args.batch_size, device, args.amp)
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)

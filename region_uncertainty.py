@@ -322,12 +322,12 @@ def main(argv=None):
                 scores = {"score": score_pool(model, x, pool, args, device)}
                 new = query(pool, scores["score"], args.query, args.strategy, rng)
                 score_of = dict(zip(pool.tolist(), scores["score"]))
-            how = "oracle-partial" if args.partial else "oracle"
+            how = f"oracle-{args.strategy}" + ("-partial" if args.partial else "")
             # every pool image of this round, its score and whether it was picked: the rule checked from the folder
             run.log_pool_scores(rnd, [data.ids[i] for i in pool], scores, {how: [data.ids[i] for i in new]})
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # the random cold start (or, for the full baseline, the whole training set)
-            new, how = labeled, "oracle-full" if args.strategy == "full" else "oracle-initial"
+            new, how = labeled, "full" if args.strategy == "full" else "initial"
         queried = {how: [data.ids[i] for i in new]}
         # picks/round_<rnd>.png: what the rule asked for (with --partial: the images the oracle partly annotates)
         common.save_picks(run, rnd, model, data, x, {how: new}, score_of, args.batch_size, device, args.amp)

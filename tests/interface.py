@@ -39,6 +39,12 @@ RUN_FILES = ["config.json", "splits.json", "rounds.csv", "queried.csv", "summary
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def _how_ok(rnd, how):
+    """queried.csv's how: round 0's seeded random set "initial" (the whole pool "full"), a query "oracle-<rule>"
+    (ssl_coldstart's cold start too, at round 0), "pseudo" for the model's own labels (CEAL)."""
+    return how in (("initial", "full") if rnd == "0" else ()) or how == "pseudo" or how.startswith("oracle-")
+
+
 # ------------------------------------------------------------------------------------------------ --help
 def help_text(script, in_process=True):
     """The script's --help. In this process (the script's parser; no second import of torch) unless
@@ -176,6 +182,9 @@ def check_run(run, pool_scores=True, picks=True):
                 p.append("queried.csv: a sample was queried twice")
             if train is not None and not set(ids) <= train:
                 p.append(f"queried.csv: ids outside the training split: {sorted(set(ids) - train)[:5]}")
+            hows = sorted({r["how"] for r in rows if not _how_ok(r["round"], r["how"])})
+            if hows:
+                p.append(f"queried.csv: how {hows}, expected round 0's initial or full, oracle-<rule> or pseudo")
             for r in rows:
                 queried.setdefault(r["round"], set()).add(r["sample_id"])
             if rounds and not {int(k) for k in queried} <= set(rounds):

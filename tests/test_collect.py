@@ -180,8 +180,8 @@ def test_example_method_queries_the_top_k_of_a_known_score(tmp_path, monkeypatch
         assert {r["sample_id"] for r in rows} == pool and len(pool) == 24 - 4 * (int(rnd) - 1)
         assert all(float(r["tta_variance"]) == perm[index[r["sample_id"]]] for r in rows)
         top = set(sorted(pool, key=lambda sid: -perm[index[sid]])[:4])
-        picked = {r["sample_id"] for r in q if r["round"] == rnd and r["how"] == "oracle"}
-        assert picked == top == {r["sample_id"] for r in rows if r["picked"] == "oracle"}
+        picked = {r["sample_id"] for r in q if r["round"] == rnd and r["how"] == "oracle-tta"}
+        assert picked == top == {r["sample_id"] for r in rows if r["picked"] == "oracle-tta"}
         assert os.path.isfile(os.path.join(run, "picks", f"round_{rnd}.png"))
         pool -= picked
 

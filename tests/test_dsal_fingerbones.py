@@ -212,8 +212,8 @@ def test_end_to_end_resume_rules_baselines_and_tables(tmp_path):
     assert rows[0]["rho_mean"] == "" and rows[1]["pool_scored"] == "30" and rows[2]["pool_scored"] == "20"
     assert_rule_followed(full, "highest")
     q = read(full, "queried.csv")
-    assert {r["how"] for r in q} == {"initial-random", "oracle-dsal-highest"} and len({r["sample_id"] for r in q}) == 30
-    assert [r["round"] for r in q if r["how"] == "initial-random"] == ["0"] * 10
+    assert {r["how"] for r in q} == {"initial", "oracle-dsal-highest"} and len({r["sample_id"] for r in q}) == 30
+    assert [r["round"] for r in q if r["how"] == "initial"] == ["0"] * 10
     assert {r["sample_id"] for r in q} <= set(json.load(open(os.path.join(full, "splits.json")))["train"])
     for f in ("summary.json", "learning_curve.png", "panel.png", "fig3_scatter.png", "fig3_ranks.png", "fig3_rho.png",
               "checkpoint.pt", "epochs.csv", "picks/round_0.png", "picks/round_1.png", "picks/round_2.png"):
@@ -241,7 +241,7 @@ def test_end_to_end_resume_rules_baselines_and_tables(tmp_path):
     low = here("--select", "lowest")
     assert_rule_followed(low, "lowest")
     rnd = here("--strategy", "random")
-    assert {r["how"] for r in read(rnd, "queried.csv")} == {"initial-random", "oracle-random"}
+    assert {r["how"] for r in read(rnd, "queried.csv")} == {"initial", "oracle-random"}
     assert read(rnd, "queried.csv") != q and read(rnd, "rounds.csv")[1]["rho_mean"] != ""  # Fig. 3 for random too
     whole = here("--strategy", "full")
     assert [int(r["labeled"]) for r in read(whole, "rounds.csv")] == [40]

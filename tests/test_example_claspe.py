@@ -87,7 +87,7 @@ def test_script_end_to_end_and_resume(tmp_path):
     scores = list(csv.DictReader(open(os.path.join(full, "pool_scores.csv"))))
     for rnd, beta in (("1", 1.0), ("2", 40.0)):  # the logged numbers explain the picks
         rows = [r for r in scores if r["round"] == rnd]
-        picked = {r["sample_id"] for r in rows if r["picked"] == "oracle"}
+        picked = {r["sample_id"] for r in rows if r["picked"] == "oracle-claspe"}
         assert picked == {q["sample_id"] for q in queried if q["round"] == rnd} and len(rows) == 38 - 4 * int(rnd)
         assert all(float(r["beta"]) == beta for r in rows)
         fg = [r for r in rows if r["stratum"] == "oracle/fg"]

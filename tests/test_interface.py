@@ -39,13 +39,13 @@ def good_run(root):
                                    for r, d in enumerate((0.5, 0.6, 0.7))], cols)
     write_csv(run / "queried.csv", [{"round": 0, "sample_id": "s0", "how": "initial"},
                                     {"round": 0, "sample_id": "s1", "how": "initial"},
-                                    {"round": 1, "sample_id": "s2", "how": "oracle"},
-                                    {"round": 1, "sample_id": "s3", "how": "oracle"},
-                                    {"round": 2, "sample_id": "s4", "how": "oracle"},
+                                    {"round": 1, "sample_id": "s2", "how": "oracle-x"},
+                                    {"round": 1, "sample_id": "s3", "how": "oracle-x"},
+                                    {"round": 2, "sample_id": "s4", "how": "oracle-x"},
                                     {"round": 2, "sample_id": "s5", "how": "pseudo"}])
-    scores = [{"round": 1, "sample_id": f"s{k}", "score": k / 10, "picked": "oracle" if k in (2, 3) else ""}
+    scores = [{"round": 1, "sample_id": f"s{k}", "score": k / 10, "picked": "oracle-x" if k in (2, 3) else ""}
               for k in range(2, 8)]
-    scores += [{"round": 2, "sample_id": f"s{k}", "score": k / 10, "picked": {4: "oracle", 5: "pseudo"}.get(k, "")}
+    scores += [{"round": 2, "sample_id": f"s{k}", "score": k / 10, "picked": {4: "oracle-x", 5: "pseudo"}.get(k, "")}
                for k in range(4, 8)]
     write_csv(run / "pool_scores.csv", scores)
     (run / "summary.json").write_text(json.dumps({"final_dice": 0.7}))
@@ -116,13 +116,21 @@ def test_summary_and_queried_are_checked(run):
         f.write("2,s5,pseudo\n")  # a pseudo-label drawn again (CEAL's redraw, DSAL): not an oracle query
     assert interface.check_run(str(run), pool_scores=False) == []
     with open(run / "queried.csv", "a") as f:
-        f.write("2,s2,oracle\n")
+        f.write("2,s2,oracle-x\n")
     assert any("queried twice" in p for p in interface.check_run(str(run)))
     rows = list(csv.DictReader(open(run / "queried.csv")))[:-1]
-    write_csv(run / "queried.csv", rows + [{"round": 2, "sample_id": "t0", "how": "oracle"}])
+    write_csv(run / "queried.csv", rows + [{"round": 2, "sample_id": "t0", "how": "oracle-x"}])
     assert any("outside the training split" in p for p in interface.check_run(str(run)))
     write_csv(run / "queried.csv", [{k: v for k, v in r.items() if k != "how"} for r in rows])
     assert any("queried.csv lacks column how" in p for p in interface.check_run(str(run)))
+
+
+@pytest.mark.parametrize("rnd, how", [(0, "initial-random"), (0, "oracle"), (1, "initial"), (1, "full"), (1, "tta")])
+def test_queried_how_is_one_vocabulary(run, rnd, how):
+    rows = list(csv.DictReader(open(run / "queried.csv")))
+    write_csv(run / "queried.csv", [dict(r, how=how) if r["sample_id"] == ("s0" if rnd == 0 else "s2") else r
+                                    for r in rows])
+    assert any(f"how ['{how}']" in p for p in interface.check_run(str(run), pool_scores=False))
 
 
 def test_pool_scores_must_match_the_queries(run):

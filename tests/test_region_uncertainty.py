@@ -302,11 +302,11 @@ def test_partial_run_end_to_end(runs):
         assert 0 <= float(r["val_dice"]) <= 1
     assert [int(r["steps"]) for r in rows] == [1, 1 + 2, 1 + 2 + 2]  # 8, 12, 16 images in batches of 8
     q = read_csv(os.path.join(d, "queried.csv"))
-    assert {r["how"] for r in q} == {"oracle-initial", "oracle-partial"} and len(q) == 16
+    assert {r["how"] for r in q} == {"initial", "oracle-least-confidence-partial"} and len(q) == 16
     scores = read_csv(os.path.join(d, "pool_scores.csv"))
     assert {s["round"] for s in scores} == {"1", "2"} and len(scores) == 32 + 28  # every pool image, every round
     r1 = [s for s in scores if s["round"] == "1"]                # least confidence took the lowest sums
-    chosen = [float(s["score"]) for s in r1 if s["picked"] == "oracle-partial"]
+    chosen = [float(s["score"]) for s in r1 if s["picked"] == "oracle-least-confidence-partial"]
     assert len(chosen) == 4 and max(chosen) <= min(float(s["score"]) for s in r1 if s["picked"] == "")
     for f in ("panel.png", "annotation.png", "dice_curve.png", "learning_curve.png", "picks/round_0.png",
               "picks/round_1.png", "picks/round_2.png"):
@@ -491,7 +491,7 @@ def test_main_queries_the_most_uncertain_of_known_scores(strategy, tmp_path, mon
     for r in rows:
         i = int(r["sample_id"][3:])
         assert float(r["score"]) == pytest.approx(hand(i), rel=1e-4)
-        assert (r["picked"] == "oracle") == (i in picks[int(r["round"])])
+        assert (r["picked"] == f"oracle-{strategy}") == (i in picks[int(r["round"])])
 
 
 def test_main_partial_targets_keep_the_model_labels(tmp_path, monkeypatch):
