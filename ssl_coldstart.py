@@ -684,7 +684,7 @@ def select(way, rnd, model, members, x, pool, train_ids, clusters, args, device,
         queried["oracle-cluster"] = new
         shown = dict(zip(pool.tolist(), cols["distance"]))
     elif way == "full":  # the ceiling: the oracle labels the whole pool
-        queried["oracle-full"] = pool.copy()
+        queried["full"] = pool.copy()
         shown = None
     elif way == "random":
         queried["oracle-random"] = common.query_random(pool, n_new, rng)

@@ -48,4 +48,6 @@ def test_full_trains_the_al_runs_steps_on_the_whole_pool(tmp_path, monkeypatch, 
     run = importlib.import_module(script).main([*map(str, TINY + extra), "--strategy", "full", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
     assert [int(r["labeled"]) for r in rows] == [40]  # the whole pool, one round
+    queried = list(csv.DictReader(open(os.path.join(run, "queried.csv"))))
+    assert len(queried) == 40 and {(r["round"], r["how"]) for r in queried} == {("0", "full")}
     assert [s for s in asked if s is not None] == [steps]

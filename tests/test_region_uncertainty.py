@@ -328,6 +328,7 @@ def test_full_baseline_trains_the_al_step_count(runs):
     assert len(rows) == 1 and int(rows[0]["labeled"]) == 40
     assert int(rows[0]["steps"]) == 1 + 2 * 2 + 2 * 2  # = its AL run's with --epochs 2: 1 epoch of 5 + 4 steps
     assert float(rows[0]["pct_verify"]) == 100
+    assert {r["how"] for r in read_csv(os.path.join(runs["full"], "queried.csv"))} == {"full"}
 
 
 def test_mc_dropout_run_and_tables(runs, capsys):
