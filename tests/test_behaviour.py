@@ -1,10 +1,11 @@
 """Behaviour held: each script's queried ids and test Dice of every round on a small folder-layout run, as
 recorded in tests/behaviour_record.json. The first record, from before the shared round loop (issue 15) replaced
-the plumbing, still held at 0da0233 (the oracle's place in the loop); it was re-recorded there with a schedule long enough that
-the test Dice is not the same constant for every script and round (width 4 and 4 + 2 epochs predicted almost
-nothing: 0.0833 everywhere, so a changed threshold went unseen). A change that alters which samples a script
-picks, or what it trains, fails here. The full-size record (the no-flag runs)
-is benchmarks/behaviour.json, checked by `python benchmarks/behaviour.py --check benchmarks/behaviour.json`.
+the plumbing, still held at 0da0233 (the oracle's place in the loop); it was re-recorded there with a schedule
+long enough that the test Dice is not the same constant for every script and round (width 4 and 4 + 2 epochs
+predicted almost nothing: 0.0833 everywhere, so a changed threshold went unseen); at 7e6620b its `how` labels
+were renamed to queried.csv's one vocabulary, ids and Dice untouched. A change that alters which samples a
+script picks, or what it trains, fails here. The full-size record (the no-flag runs) is
+benchmarks/behaviour.json, checked by `python benchmarks/behaviour.py --check benchmarks/behaviour.json`.
 
 Recorded in-process on one thread (conftest) on x86-64 with torch 2.13.0 (CPU); ALSEG_RECORD=1 rewrites it."""
 import csv

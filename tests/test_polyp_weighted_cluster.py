@@ -399,8 +399,8 @@ def test_fdl_grad_through_mask_under_deterministic_on_cuda():
     """--fdl-grad-through-mask with --deterministic: L_fdl's backward through the mask runs on CUDA (no op
     without a deterministic implementation) and gives the gradient of the default path. In float64: in float32
     the two modes' gradients differed by up to 2 % on single entries (H200, ce400f9), most likely the two modes'
-    cuDNN algorithms rounding in TF32 (cudnn.allow_tf32, on by default on Ampere and later); float64 leaves only the loss's float32 rounding,
-    about 1e-7 against entries up to 5e-4, where a block mean off by one pixel is off by 5e-4 (checked on the CPU)."""
+    cuDNN algorithms rounding in TF32 (cudnn.allow_tf32, on by default on Ampere and later); float64 leaves
+    only the loss's float32 rounding, about 1e-7 against entries up to 5e-4, where a block mean off by one pixel is off by 5e-4 (checked on the CPU)."""
     torch.manual_seed(0)
     model = pwc.UNet(3, 1, 4).cuda().double()
     xu = torch.rand(2, 3, 32, 32, device="cuda", dtype=torch.float64) * 2 - 1
