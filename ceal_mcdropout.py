@@ -178,6 +178,7 @@ def main(argv=None):
     labeled = rng.choice(train_ids, n0, replace=False)
     pool, pseudo = np.setdiff1d(train_ids, labeled), np.zeros(0, np.int64)
     start, state = run.resume(model, opt, rng, gen)
+    oracle.restore(run, start, data, y)  # --oracle folder: the person's labels of the finished rounds
     if state:
         labeled, pool, pseudo = state["labeled"], state["pool"], state["pseudo"]
     target = common.training_target(y, labeled, pseudo, state["pseudo_masks"] if state else None)

@@ -399,6 +399,7 @@ def main(argv=None):
     pool = np.setdiff1d(train_ids, labeled)
     steps_done = 0  # optimiser steps so far
     start, state = run.resume(model, opt, rng, gen)
+    oracle.restore(run, start, data, y)  # --oracle folder: the person's labels of the finished rounds
     if state:
         labeled, pool, steps_done = state["labeled"], state["pool"], state["steps"]
     progress = common.Progress(run, epochs0 + rounds * args.epochs,

@@ -67,6 +67,23 @@ def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, 
     sys.exit(0)
 
 
+def restore(run, start, data, y):
+    """--resume with --oracle folder: the labels the person drew in the finished rounds (labels/round_<k>,
+    k < start) back into y, as ask() wrote them then. y was just read from the dataset again, whose masks are
+    not the person's (empty where an image has none): without this, every resume would train the earlier
+    rounds' samples on those. Checked as in ask(): a label file changed since into a bad one stops the run."""
+    if getattr(run.args, "oracle", "simulated") != "folder":
+        return
+    where = {sid: i for i, sid in enumerate(data.ids)}
+    for rnd in range(start):
+        manifest = run.path(f"to_label/round_{rnd}/manifest.csv")
+        if not os.path.isfile(manifest):  # a round that asked for nothing (ask() with no samples)
+            continue
+        ids = [r["sample_id"] for r in read_rows(manifest)]
+        masks = read_labels(run.path(f"labels/round_{rnd}"), ids, data, y.shape[-1])
+        y[torch.as_tensor([where[s] for s in ids], device=y.device)] = torch.as_tensor(masks, device=y.device)
+
+
 def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide):
     """RUN_DIR/to_label/round_<rnd>/: <id>.png (the image as found, or the in-memory one), <id>_model.png
     (prediction and uncertainty), <id>_decide.png (with decide), manifest.csv and README.txt."""

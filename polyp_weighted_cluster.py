@@ -410,6 +410,7 @@ def main(argv=None):
     labeled = rng.choice(train_ids, n0, replace=False)
     pool = np.setdiff1d(train_ids, labeled)
     start, state = run.resume(model, opt, rng, gen)
+    oracle.restore(run, start, data, y)  # --oracle folder: the person's labels of the finished rounds
     if state:
         labeled, pool = state["labeled"], state["pool"]
         gen_u.set_state(state["rng_unlabeled"])

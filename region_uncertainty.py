@@ -302,6 +302,7 @@ def main(argv=None):
     pool = np.setdiff1d(train_ids, labeled)
     partial_ids, steps_done = np.zeros(0, np.int64), 0  # images whose target is part oracle, part model; steps so far
     start, state = run.resume(model, opt, rng, gen)
+    oracle.restore(run, start, data, y)  # --oracle folder: the person's labels of the finished rounds
     if state:
         labeled, pool, partial_ids, steps_done = state["labeled"], state["pool"], state["partial_ids"], state["steps"]
         restore_targets(target, y, labeled, partial_ids, state["partial_masks"], device)

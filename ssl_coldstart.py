@@ -743,6 +743,7 @@ def main(argv=None):
     labeled, pseudo, pool = np.zeros(0, np.int64), np.zeros(0, np.int64), train_ids.copy()
     clusters = None                                 # (labels, rank, dist) over train_ids
     start, state = run.resume(model, opt, rng, gen)
+    oracle.restore(run, start, data, y)  # --oracle folder: the person's labels of the finished rounds
     if state:
         labeled, pseudo, pool, clusters = resume_sets(state, members, opts)
     target = common.training_target(y, labeled, pseudo, state["pseudo_masks"] if state else None)

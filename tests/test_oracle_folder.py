@@ -1,7 +1,8 @@
 """--oracle folder: a person answers the queries through files (oracle.ask). The test plays the annotator:
 each time a run stops, it copies the ground-truth masks into labels/round_K/ and resumes; the finished run's
-queried ids and Dice equal the simulated run's (tests/behaviour_record.json, same flags and seed). Bad label
-folders stop with one message listing every problem, exit 2, and change nothing."""
+queried ids and Dice equal the simulated run's (tests/behaviour_record.json, same flags and seed). An
+annotator who draws other masks than the files' is what every later round trains on. Bad label folders stop
+with one message listing every problem, exit 2, and change nothing."""
 import csv
 import importlib
 import json
@@ -15,6 +16,9 @@ from PIL import Image
 
 import common
 import example_tta
+import oracle
+import torch
+from loaders import resize_mask
 from conftest import run_script
 from test_behaviour import METHOD, RECORD, TINY, record_of
 
@@ -59,6 +63,61 @@ def test_annotator_in_the_loop_gives_the_simulated_run(script, folder, tmp_path)
             stops, asked = stops + 1, asked + annotate(run, folder)
     assert done == run and stops == 3  # round 0, 1 and 2 each asked once
     assert record_of(run) == json.load(open(RECORD))[script], f"{script}: the annotated run differs from the simulated one"
+
+
+def draw(run, rnd, pattern):
+    """Play an annotator who disagrees with the dataset: every image asked in round rnd gets `pattern` (a
+    {0, 1} mask at the files' size), not its mask on disk. Returns the asked ids."""
+    ids = [r["sample_id"] for r in csv.DictReader(open(os.path.join(run, "to_label", f"round_{rnd}", "manifest.csv")))]
+    os.makedirs(os.path.join(run, "labels", f"round_{rnd}"))
+    for sid in ids:
+        Image.fromarray(pattern * 255).save(os.path.join(run, "labels", f"round_{rnd}", f"{sid}.png"))
+    return ids
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_trains_on_the_persons_labels_of_every_finished_round(script, folder, tmp_path, monkeypatch):
+    """Each round of --oracle folder is a new process (--resume), which reads the dataset's masks again: the
+    labels the person drew in the earlier rounds must come back (oracle.restore), not the dataset's. The
+    person here draws the left half of every image, which no mask on disk is; the third process's training
+    targets are checked: every image asked in rounds 0 and 1 carries the person's label."""
+    main = importlib.import_module(script).main
+    flags = [*map(str, TINY + METHOD.get(script, [])), "--rounds", "1", "--data", "folder", "--data-dir", folder,
+             "--out", str(tmp_path), "--oracle", "folder"]
+    pattern = np.zeros((32, 32), np.uint8)
+    pattern[:, :16] = 1
+    with pytest.raises(SystemExit):
+        main(flags)  # round 0 asks
+    run = str(next(tmp_path.iterdir()))
+    asked = draw(run, 0, pattern)
+    with pytest.raises(SystemExit):
+        main(["--resume", run])  # round 0 trains on them; round 1 asks
+    asked += draw(run, 1, pattern)
+    seen, real_ask = {}, oracle.ask
+
+    def ask(run_, rnd, idx, data, y, *a, **k):
+        seen["ids"] = data.ids
+        return real_ask(run_, rnd, idx, data, y, *a, **k)
+
+    class Trained(Exception):
+        pass
+
+    def train(model, opt, x, target, idx, *a, **k):
+        if target.ndim == 3:  # the masks (SSL's pre-training trains on the images)
+            seen["target"], seen["idx"] = target.clone(), np.asarray(idx)
+            raise Trained
+        return real_train(model, opt, x, target, idx, *a, **k)
+
+    real_train = common.train
+    monkeypatch.setattr(oracle, "ask", ask)
+    monkeypatch.setattr(common, "train", train)
+    with pytest.raises(Trained):
+        main(["--resume", run])  # round 1 trains: on the labels of round 0 and of round 1
+    at = [seen["ids"].index(sid) for sid in asked]
+    want = torch.as_tensor(resize_mask(pattern, seen["target"].shape[-1]))
+    assert len(asked) == 10 and set(at) <= set(seen["idx"].tolist())
+    lost = [sid for sid, i in zip(asked, at) if not torch.equal(seen["target"][i].cpu(), want)]
+    assert not lost, f"{script}: trained on other labels than the person's for {lost}"
 
 
 def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
