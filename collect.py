@@ -23,6 +23,7 @@ import os
 import sys
 
 import common
+import tables
 
 KEYS = ["script", "strategy", "data", "labeled"]
 
@@ -48,7 +49,7 @@ def collect(paths, by=KEYS, data=None, final=False):
     unfinished = {}
     for r in rows:
         if not r["finished"]:
-            unfinished.setdefault(tuple(common._key(r.get(k)) for k in by), set()).add(r["run"])
+            unfinished.setdefault(tuple(tables._key(r.get(k)) for k in by), set()).add(r["run"])
     for s in summary:
         s["unfinished"] = len(unfinished.get(tuple(s[k] for k in by), ()))
     return summary

@@ -2,15 +2,14 @@
 
 Flags and per-dataset defaults, seeding and device, splits and labelling budgets, Dice/IoU, losses, the
 train loop, batched prediction, Monte Carlo dropout sampling, the query rules that several scripts share,
-the run folder (config, rounds.csv, queried ids, summary, checkpoint, figures) and --resume, the tables
-of finished runs. Beside it: loaders.py (the dataset layouts, the uint8 cache, the synthetic generator),
-plots.py (the charts and panels), oracle.py (who labels the queries) and unet.py (the models). It never
-imports a script.
+the run folder (config, rounds.csv, queried ids, summary, checkpoint, figures) and --resume. Beside it:
+loaders.py (the dataset layouts, the uint8 cache, the synthetic generator), plots.py (the charts and panels),
+tables.py (the tables of finished runs), oracle.py (who labels the queries) and unet.py (the models). It
+never imports a script.
 """
 import argparse
 import csv
 import datetime
-import glob
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 # Data (loaders.py) and figures (plots.py) live in their own files; the scripts reach them through common
 from loaders import Data, UserError, default_split, load_data, make_splits, make_synthetic, write_folder  # noqa: F401
 from plots import COLOURS, plot, plot_hist, save_panel  # noqa: F401
+from tables import collect_runs, markdown_table, read_json, read_rows, summarise  # noqa: F401
 
 
 def run_main(main):
@@ -655,16 +655,6 @@ def round_row(rnd, labeled, pseudo, dice, iou, train_s, select_s, **extra):
             "iou_mean": iou_mean, "train_s": train_s, "select_s": select_s, **extra}
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_rows(path):  # a CSV file's rows as dicts
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def git_commit():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -1029,71 +1019,3 @@ def learning_curve(run, rows):
     plot(run.path("learning_curve.png"), {run.args.strategy: (xs, [float(r["dice_mean"]) for r in rows],
                                                               [float(r["dice_std"]) for r in rows])},
          xlabel="labelled samples", ylabel="test Dice", title=f"{run.script} on {run.args.data}")
-
-
-# ---- Results: collect run folders into tables (every script's table command is a view of these) ------------
-def collect_runs(paths):
-    """One dict per finished round of every run folder under `paths` (run folders or their parents):
-    the run's flags (config.json "args"), its script, folder, whether the run finished (`finished`: it
-    wrote summary.json; False while it runs or after a crash), and the round's rounds.csv columns (numbers
-    as floats). A run with a missing or empty rounds.csv contributes nothing."""
-    rows = []
-    for p in paths:
-        cfgs = [os.path.join(p, "config.json")] if os.path.isfile(os.path.join(p, "config.json")) else \
-            sorted(glob.glob(os.path.join(p, "**", "config.json"), recursive=True))
-        for cfg_path in cfgs:
-            run_dir = os.path.dirname(cfg_path)
-            cfg = read_json(cfg_path)
-            rounds = os.path.join(run_dir, "rounds.csv")
-            if not os.path.isfile(rounds):
-                continue
-            finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
-            for r in read_rows(rounds):
-                row = dict(cfg["args"], script=cfg["script"], run=run_dir, finished=finished)
-                for k, v in r.items():
-                    try:
-                        row[k] = float(v)
-                    except (TypeError, ValueError):
-                        row[k] = v
-                rows.append(row)
-    return rows
-
-
-def summarise(rows, by, values=("dice_mean",)):
-    """Group rows by the keys `by` and give n, the mean and the sample standard deviation (ddof = 1) over the
-    runs in each group (normally seeds) of each value: v and v_std. A group of one run has std NaN (not 0:
-    one run says nothing about the spread), which markdown_table prints as the mean alone."""
-    groups = {}
-    for r in rows:
-        groups.setdefault(tuple(_key(r.get(k)) for k in by), []).append(r)
-    out = []
-    for key in sorted(groups, key=lambda t: tuple((x is None, x if not isinstance(x, str) else str(x)) for x in t)):
-        g = groups[key]
-        row = dict(zip(by, key), n=len(g))
-        for v in values:
-            a = np.array([float(r[v]) for r in g if r.get(v) not in (None, "")], float)
-            row[v] = float(a.mean()) if len(a) else float("nan")
-            row[v + "_std"] = float(a.std(ddof=1)) if len(a) > 1 else float("nan")
-        out.append(row)
-    return out
-
-
-def _key(v):
-    return tuple(v) if isinstance(v, list) else (int(v) if isinstance(v, float) and v.is_integer() else v)
-
-
-def markdown_table(rows, columns, headers=None):
-    """rows: dicts; a column "x" whose row also has "x_std" prints as mean ± std (summarise's sample std;
-    the mean alone where the row has n = 1 or the std is NaN). Give the table an "n" column so that a reader
-    sees how many runs each ± is over."""
-    def cell(r, c):
-        v = r.get(c, "")
-        if isinstance(v, float):
-            sd = r.get(c + "_std")
-            ok = isinstance(sd, (int, float)) and math.isfinite(sd) and r.get("n", 1) > 1
-            return f"{v:.4f} ± {sd:.4f}" if ok else f"{v:.4f}"
-        return str(v)
-    head = headers or columns
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)

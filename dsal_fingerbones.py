@@ -504,7 +504,7 @@ def tables(args):
     for p in args.tables:
         if not os.path.exists(p):
             raise common.UserError(f"--tables {p}: no such folder; expected run folders (or their parents)")
-    rows = [r for r in common.collect_runs(args.tables) if r["script"] == "dsal_fingerbones"]
+    rows = [r for r in common.collect_runs(args.tables) if r["script"] == "dsal_fingerbones" and r["finished"]]
     if not rows:
         raise common.UserError(f"--tables {' '.join(args.tables)}: no finished dsal_fingerbones runs found "
                                f"(expected folders with config.json and rounds.csv)")

@@ -500,7 +500,7 @@ def panel(run, model, data, x, ids, args, device, n=4):
 # Tables 1-2 from finished runs (common.collect_runs / summarise / markdown_table)
 # ----------------------------------------------------------------------------------------------------------
 def tables(paths, budgets):
-    rows = [r for r in common.collect_runs(paths) if r["script"] == "polyp_weighted_cluster"]
+    rows = [r for r in common.collect_runs(paths) if r["script"] == "polyp_weighted_cluster" and r["finished"]]
     if not rows:
         raise common.UserError(f"--tables {' '.join(paths)}: no finished polyp_weighted_cluster run folders there")
     for data in sorted({r["data"] for r in rows}):

@@ -119,6 +119,22 @@ def test_round_row_and_summary(tmp_path, monkeypatch):
         assert json.load(open(run.path("summary.json"))).get("peak_device_gib") == peak
 
 
+def test_runs_of_other_settings_are_never_pooled(tmp_path):
+    """Seeds pool into one mean ± std; a run of the same strategy with another flag (here --lr) does not: a
+    clear error names the flag and the runs, unless that flag is a grouping key (--by)."""
+    a = fake_run(tmp_path, "a", "x", "rule", 0, [0.5, 0.6, 0.7])
+    fake_run(tmp_path, "b", "x", "rule", 1, [0.5, 0.6, 0.8])
+    assert [r["n"] for r in collect.collect([str(tmp_path)])] == [2, 2, 2]
+    for d, lr in ((a, 0.01), (tmp_path / "b", 0.001)):
+        cfg = json.load(open(d / "config.json"))
+        cfg["args"]["lr"] = lr
+        json.dump(cfg, open(d / "config.json", "w"))
+    with pytest.raises(common.UserError, match=r"ran with other --lr \(\['0.001', '0.01'\]\)") as e:
+        collect.main([str(tmp_path)])
+    assert str(a) in str(e.value) and str(tmp_path / "b") in str(e.value)
+    assert [r["n"] for r in collect.collect([str(tmp_path)], by=collect.KEYS + ["lr"])] == [1] * 6
+
+
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(common.UserError, match="no finished rounds"):
         collect.main([str(tmp_path)])

@@ -141,11 +141,13 @@ def test_synthetic_finger_bones_are_thin_deterministic_and_varied():
 
 
 # ------------------------------------------------------------------------------- Fig. 4 table, hand-made runs
-def fake_run(root, name, strategy, select, seed, curve, split=(100, 10, 10)):
+def fake_run(root, name, strategy, select, seed, curve, split=(100, 10, 10), finished=True):
     run = root / name
     run.mkdir(parents=True)
     args = {"data": "synthetic", "strategy": strategy, "select": select, "seed": seed, "split": list(split)}
     (run / "config.json").write_text(json.dumps({"script": "dsal_fingerbones", "args": args}))
+    if finished:
+        (run / "summary.json").write_text("{}")
     with open(run / "rounds.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["round", "labeled", "pseudo", "dice_mean", "dice_std", "iou_mean", "train_s",
                                "select_s", "rho_mean"])
@@ -162,6 +164,7 @@ def test_tables_on_hand_made_runs(tmp_path, capsys):
     fake_run(runs, "ds1", "dsal", "highest", 1, [(10, 0.5), (20, 0.84), (30, 0.90)])  # mean at 20: 0.81 >= 0.80
     fake_run(runs, "rnd", "random", "highest", 0, [(10, 0.5), (20, 0.6), (30, 0.795)])  # within 0.01 at 30
     fake_run(runs, "low", "dsal", "lowest", 0, [(10, 0.5), (20, 0.7), (30, 0.8)])
+    fake_run(runs, "crashed", "dsal", "lowest", 1, [(10, 0.1)], finished=False)  # no summary.json: left out
     other = tmp_path / "other" / "x"
     other.mkdir(parents=True)
     (other / "config.json").write_text(json.dumps({"script": "ceal_mcdropout", "args": {}}))

@@ -358,6 +358,9 @@ def test_tables_from_runs(runs, tmp_path):
     for k in (1, 2):  # two copies of each run: n = 2, std 0
         for s, run in runs.items():
             shutil.copytree(run, tmp_path / f"copy{k}" / os.path.basename(run))
+    unfinished = tmp_path / "copy3" / os.path.basename(runs["ours"])  # crashed or still running: left out
+    shutil.copytree(runs["ours"], unfinished)
+    os.remove(unfinished / "summary.json")
     out = run_script("polyp_weighted_cluster.py", "--tables", tmp_path).stdout
     assert "Table 1 on synthetic" in out and "Table 2 on synthetic" in out
     ours = rows(runs["ours"])[-1]
@@ -367,6 +370,14 @@ def test_tables_from_runs(runs, tmp_path):
     assert "| wo-unc | 2 |" in t2 and "| asa |" not in t2 and "paper:" not in t2
     assert "no finished polyp_weighted_cluster run" in run_script("polyp_weighted_cluster.py", "--tables",
                                                                   tmp_path / "none", check=False).stderr
+    other = tmp_path / "copy4" / os.path.basename(runs["ours"])  # another --lam: never pooled with the default's
+    shutil.copytree(runs["ours"], other)
+    cfg = json.load(open(other / "config.json"))
+    cfg["args"]["lam"] = 0.0
+    json.dump(cfg, open(other / "config.json", "w"))
+    err = run_script("polyp_weighted_cluster.py", "--tables", tmp_path, check=False)
+    assert err.returncode == 2 and "Traceback" not in err.stderr and "ran with other --lam" in err.stderr
+    assert str(other) in err.stderr and "expected one setting per cell" in err.stderr
 
 
 # ---- the real CVC-ClinicDB and Kvasir-SEG samples --------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Tables of finished runs: every run folder's rounds with its flags (collect_runs), grouped into mean and
+sample std over seeds (summarise), printed as Markdown (markdown_table). collect.py and every script's
+--tables are views of these; common re-exports them."""
+import csv
+import glob
+import json
+import math
+import os
+
+import numpy as np
+
+from loaders import UserError
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_rows(path):  # a CSV file's rows as dicts
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def collect_runs(paths):
+    """One dict per finished round of every run folder under `paths` (run folders or their parents):
+    the run's flags (config.json "args"), its script, folder, whether the run finished (`finished`: it
+    wrote summary.json; False while it runs or after a crash), and the round's rounds.csv columns (numbers
+    as floats). A run with a missing or empty rounds.csv contributes nothing."""
+    rows = []
+    for p in paths:
+        cfgs = [os.path.join(p, "config.json")] if os.path.isfile(os.path.join(p, "config.json")) else \
+            sorted(glob.glob(os.path.join(p, "**", "config.json"), recursive=True))
+        for cfg_path in cfgs:
+            run_dir = os.path.dirname(cfg_path)
+            cfg = read_json(cfg_path)
+            rounds = os.path.join(run_dir, "rounds.csv")
+            if not os.path.isfile(rounds):
+                continue
+            finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
+            for r in read_rows(rounds):
+                row = dict(cfg["args"], script=cfg["script"], run=run_dir, finished=finished, flags=cfg["args"])
+                for k, v in r.items():
+                    try:
+                        row[k] = float(v)
+                    except (TypeError, ValueError):
+                        row[k] = v
+                rows.append(row)
+    return rows
+
+
+# flags that say where or how a run ran, not its setting (ssl_weights: a cached pre-training of the same protocol)
+SAME_SETTING = {"seed", "out", "resume", "tables", "data_dir", "device", "workers", "compile", "amp", "deterministic",
+                "ssl_weights"}
+
+
+def summarise(rows, by, values=("dice_mean",)):
+    """Group rows by the keys `by` and give n, the mean and the sample standard deviation (ddof = 1) over the
+    runs in each group (normally seeds) of each value: v and v_std. A group of one run has std NaN (not 0:
+    one run says nothing about the spread), which markdown_table prints as the mean alone. Runs (collect_runs)
+    whose flags differ beyond the seed and where or how they ran (SAME_SETTING) are never pooled: UserError."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(_key(r.get(k)) for k in by), []).append(r)
+    for key, g in groups.items():
+        flags = {r["run"]: r["flags"] for r in g if "flags" in r}
+        names = set().union(*flags.values()) - set(by) - SAME_SETTING
+        differ = [k for k in sorted(names) if len({repr(f.get(k)) for f in flags.values()}) > 1]
+        if differ:
+            raise UserError(f"{', '.join(sorted(flags))}: runs of one table cell ({dict(zip(by, key))}) ran with other "
+                            f"--{differ[0].replace('_', '-')} ({sorted({repr(f.get(differ[0])) for f in flags.values()})}); "
+                            "expected one setting per cell: collect each setting's folders apart")
+    out = []
+    for key in sorted(groups, key=lambda t: tuple((x is None, x if not isinstance(x, str) else str(x)) for x in t)):
+        g = groups[key]
+        row = dict(zip(by, key), n=len(g))
+        for v in values:
+            a = np.array([float(r[v]) for r in g if r.get(v) not in (None, "")], float)
+            row[v] = float(a.mean()) if len(a) else float("nan")
+            row[v + "_std"] = float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+        out.append(row)
+    return out
+
+
+def _key(v):
+    return tuple(v) if isinstance(v, list) else (int(v) if isinstance(v, float) and v.is_integer() else v)
+
+
+def markdown_table(rows, columns, headers=None):
+    """rows: dicts; a column "x" whose row also has "x_std" prints as mean ± std (summarise's sample std;
+    the mean alone where the row has n = 1 or the std is NaN). Give the table an "n" column so that a reader
+    sees how many runs each ± is over."""
+    def cell(r, c):
+        v = r.get(c, "")
+        if isinstance(v, float):
+            sd = r.get(c + "_std")
+            ok = isinstance(sd, (int, float)) and math.isfinite(sd) and r.get("n", 1) > 1
+            return f"{v:.4f} ± {sd:.4f}" if ok else f"{v:.4f}"
+        return str(v)
+    head = headers or columns
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
