@@ -238,7 +238,9 @@ def build_model(in_ch, args):
     code), model.layers[20] is the upsampled output of decoder stage 0 and model.layers[23] the output of
     decoder stage 1 (counting from 1: the last convolution of stage 0 and the first of stage 1): lower =
     stage 0 (1/8 resolution), middle = stage 1 (1/4). The later JBHI code moved them to stages 1 (weight
-    0.3) and 2 (weight 0.1, its "L-DSC"): --ds-stages 2 1."""
+    0.3) and 2 (weight 0.1, its "L-DSC"): --ds-stages 2 1. Departures from that Keras U-Net (paper silent:
+    "the basic architecture of U-Net"), unet.UNet's in every script: BatchNorm after every convolution (theirs
+    has none; the pool is scored with its running statistics) and transposed-convolution upsampling."""
     return UNet(in_ch, 1, args.width, DEPTH, deep_supervision=sorted(args.ds_stages))
 
 

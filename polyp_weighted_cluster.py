@@ -132,7 +132,9 @@ def discrepancy_loss(model, xu, delta, through_mask=False):
     """Eq. 5 on an unlabelled batch xu (network input, training mode). The prediction y that masks the features
     (Eq. 1) is detached by default, so the gradient moves the encoder features F_1, F_0 apart (Sec. 2.2: "magnify
     the differentiation between the features"). With through_mask the gradient also reaches y, and the loss
-    can then be lowered by changing the prediction instead (--fdl-grad-through-mask; measured in the docs)."""
+    can then be lowered by changing the prediction instead (--fdl-grad-through-mask; measured in the docs).
+    Either way the decoder runs in training mode on xu, so its BatchNorm running statistics take in the
+    unlabelled batch too (paper silent); --lam 0 skips this pass (wo-dis's training)."""
     feats = model.encode(xu)
     with torch.set_grad_enabled(through_mask and torch.is_grad_enabled()):
         probs = torch.sigmoid(model.decode(feats).float()[:, 0])

@@ -393,7 +393,9 @@ def cluster_ranking(feats, k, seed):
 def cluster_quota(sizes, C):
     """Sec. III-B: N_Ci = ceil(C x N_i / N). The ceilings add up to C + E with 0 <= E < k; to select exactly C
     we take one sample back from the E clusters rounded up the most (largest ceil(q_i) - q_i; ties: the higher
-    cluster index first). That is the largest-remainder apportionment of C, computed in integers."""
+    cluster index first). That is the largest-remainder apportionment of C, computed in integers. A cluster
+    whose share C N_i / N is below one sample is rounded up the most, so it can end with none, its centroid
+    included (the paper's ceilings, C + E samples, would keep it)."""
     sizes = np.asarray(sizes, dtype=np.int64)
     N = int(sizes.sum())
     q = -(-C * sizes // N)                           # ceil(C N_i / N), exact

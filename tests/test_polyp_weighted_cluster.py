@@ -277,6 +277,22 @@ def test_entropy_wo_clu_and_coreset_pick_by_their_rules(known_scorer):
         labelled |= picks
 
 
+def test_asa_picks_among_the_most_variable_candidates(known_scorer, monkeypatch):
+    """ASA-style: the asa_candidates x B pool samples of highest ensemble variance are the candidates, and the
+    representativeness step (asa_representative, checked by hand above) picks B of them. The variance here is a
+    known score unrelated to I(x); candidates taken from the wrong end, or indexed wrongly, fail."""
+    variance = np.random.default_rng(3).permutation(N_FAKE) / N_FAKE
+    monkeypatch.setattr(pwc, "asa_uncertainty", lambda model, x, y, labeled, pool, *a: torch.tensor(variance[pool]))
+    d, rounds, _, (_, feat, _, _) = known_scorer("asa", gaussian=True)
+    labelled = sorted(int(r["sample_id"][3:]) for r in rows(d, "queried.csv") if r["how"] == "initial")
+    for pool, picks in rounds:
+        pool = np.array(pool)
+        cand = pool[np.argsort(-variance[pool])[:2 * K_FAKE]]  # --asa-candidates 2 (the default)
+        want = cand[pwc.asa_representative(feat[cand], feat[pool], feat[labelled], K_FAKE)]
+        assert picks == set(want.tolist())
+        labelled += sorted(picks)
+
+
 def test_test_list_fixes_the_test_set(known_scorer, tmp_path):
     names = tmp_path / "test.txt"
     names.write_text("# PraNet-style list\nsyn00003.png\nsyn00011\n\nimages/syn00040.jpg\n")
