@@ -5,6 +5,7 @@ import inspect
 
 import numpy as np
 import pytest
+import torch.nn as nn
 
 import ceal_mcdropout as ceal
 import common
@@ -27,6 +28,18 @@ def test_ceal_isic2017_and_lgg():
     has(flags(ceal, "--data", "isic2017"), split=[1600, 400, 600], initial=600, query=35, rounds=10,
         epochs_initial=20, epochs=5, mc_passes=20, pseudo_step=20, dropout_at="every", strategy="ceal")
     has(flags(ceal, "--data", "lgg"), split=[878, 220, 275], initial=329, query=35, all_slices=False)
+
+
+def test_ceal_dropout_between_the_convolutions_of_every_block():
+    """Sec. 1.2 (PROTOCOLS): dropout between the two convolutions of each of the 9 blocks (5 down, 4 up), at the
+    script's --dropout; --dropout-at bottleneck (the public code) only after the lowest-resolution block."""
+    model = ceal.UNet(3, 1, 8, dropout=0.2, dropout_at=flags(ceal, "--data", "isic2017")["dropout_at"])
+    blocks = [*model.enc, *model.dec]
+    assert len(blocks) == 9 and all(isinstance(b.drop, nn.Dropout) and b.drop.p == 0.2 for b in blocks)
+    assert isinstance(model.bottleneck_drop, nn.Identity)
+    model = ceal.UNet(3, 1, 8, dropout=0.5, dropout_at="bottleneck")
+    assert not any(isinstance(b.drop, nn.Dropout) for b in [*model.enc, *model.dec])
+    assert isinstance(model.bottleneck_drop, nn.Dropout) and model.bottleneck_drop.p == 0.5
 
 
 @pytest.mark.parametrize("mode,rnd,pseudo", [("total", 3, 20), ("per-iteration", 3, 60)])

@@ -392,6 +392,37 @@ def test_bad_input_messages(tmp_path):
 
 
 # ------------------------------------------------ each rule end to end, with its scores replaced by known values
+def test_pretraining_reconstructs_the_clean_pool_images(monkeypatch, tmp_path):
+    """Eq. 1 as wired in pretrain(): it trains on the pool only (never a test image), on models_genesis's
+    corrupted input, with L2 between sigmoid(output) and the clean (flipped) image as its target."""
+    seen, load = {}, common.load_data
+
+    def keep(*a, **k):
+        seen["data"] = load(*a, **k)
+        return seen["data"]
+
+    def train(model, opt, x, target, idx, epochs, batch_size, *, loss_fn, augment, **k):
+        seen.update(idx=np.asarray(idx), loss_fn=loss_fn, augment=augment, x=x)
+        raise StopIteration
+
+    monkeypatch.setattr(common, "load_data", keep)
+    monkeypatch.setattr(common, "train", train)
+    with pytest.raises(StopIteration):
+        main("--out", tmp_path)
+    run = str(next(tmp_path.iterdir()))
+    splits = json.load(open(os.path.join(run, "splits.json")))
+    ids = seen["data"].ids
+    assert sorted(ids[i] for i in seen["idx"]) == sorted(splits["train"]) and len(splits["test"]) == 10
+    out, clean = torch.tensor([[0.0, 2.0]]), torch.tensor([[0.5, 0.2]])
+    assert seen["loss_fn"](out, clean).item() == pytest.approx(((0.5 - 0.5) ** 2 + (torch.sigmoid(out[0, 1]).item() - 0.2) ** 2) / 2)
+    xb = seen["x"][torch.as_tensor(seen["idx"][:8])].float() / 255
+    torch.manual_seed(0)
+    inp, target = seen["augment"](xb, None)
+    flips = [xb, xb.flip(2), xb.flip(3), xb.flip([2, 3])]  # the target: the clean image, flipped or not
+    assert all(any(torch.equal(t, f[j]) for f in flips) for j, t in enumerate(target))
+    assert not torch.equal(inp, target)  # the input is corrupted
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """main() in this process with no pre-training (random SSL weights) and the loaded data kept: the tests below
