@@ -140,6 +140,26 @@ def test_synthetic_finger_bones_are_thin_deterministic_and_varied():
     assert len(np.unique(d.x.reshape(40, -1).mean(1).round())) > 20  # exposure varies from image to image
 
 
+def test_main_fine_tunes_one_model_with_the_weighted_heads(monkeypatch, tmp_path):
+    """Sec. III: every step fine-tunes the same model with the same optimiser on all labelled images, with Eq. 2's
+    loss at the flags' weights (lower / middle / final = --ds-weights, heads at --ds-stages)."""
+    calls = []
+
+    def train(model, opt, x, y, idx, epochs, batch_size, *, loss_fn, **k):
+        calls.append((model, opt, len(idx), loss_fn))
+        return [0.0] * epochs
+
+    monkeypatch.setattr(common, "train", train)
+    dsal.main(["--device", "cpu", *map(str, TINY), "--ds-weights", "0.2", "0.5", "0.9", "--out", str(tmp_path)])
+    assert [n for *_, n, _ in calls] == [10, 20, 30]
+    assert all(m is calls[0][0] and o is calls[0][1] for m, o, _, _ in calls)  # never rebuilt
+    final, lower, middle = (torch.randn(2, 1, 4, 4) for _ in range(3))
+    t = (torch.rand(2, 4, 4) > 0.5).to(torch.uint8)
+    bce = lambda z: F.binary_cross_entropy_with_logits(z[:, 0], t.float())
+    want = 0.2 * bce(lower) + 0.5 * bce(middle) + 0.9 * bce(final)
+    assert calls[0][3]((final, [lower, middle]), t).item() == pytest.approx(want.item(), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------- Fig. 4 table, hand-made runs
 def fake_run(root, name, strategy, select, seed, curve, split=(100, 10, 10), finished=True):
     run = root / name
