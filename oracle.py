@@ -79,8 +79,11 @@ def restore(run, start, data, y):
         manifest = run.path(f"to_label/round_{rnd}/manifest.csv")
         if not os.path.isfile(manifest):  # a round that asked for nothing (ask() with no samples)
             continue
-        ids = [r["sample_id"] for r in read_rows(manifest)]
-        masks = read_labels(run.path(f"labels/round_{rnd}"), ids, data, y.shape[-1])
+        ids, lab_dir = [r["sample_id"] for r in read_rows(manifest)], run.path(f"labels/round_{rnd}")
+        if not os.path.isdir(lab_dir):
+            raise UserError(f"{lab_dir}: folder not found; expected the {len(ids)} label files of round {rnd}, which "
+                            f"the run trained on and trains on again from here")
+        masks = read_labels(lab_dir, ids, data, y.shape[-1])
         y[torch.as_tensor([where[s] for s in ids], device=y.device)] = torch.as_tensor(masks, device=y.device)
 
 

@@ -118,6 +118,11 @@ def test_resume_trains_on_the_persons_labels_of_every_finished_round(script, fol
     assert len(asked) == 10 and set(at) <= set(seen["idx"].tolist())
     lost = [sid for sid, i in zip(asked, at) if not torch.equal(seen["target"][i].cpu(), want)]
     assert not lost, f"{script}: trained on other labels than the person's for {lost}"
+    if script == "example_tta":  # an earlier round's labels gone: a clear error, not a traceback
+        shutil.rmtree(os.path.join(run, "labels", "round_0"))
+        monkeypatch.undo()
+        with pytest.raises(common.UserError, match=r"labels/round_0: folder not found; expected the 6 label files"):
+            main(["--resume", run])
 
 
 def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
