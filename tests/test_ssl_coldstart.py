@@ -14,6 +14,7 @@ import common
 import interface
 import ssl_coldstart as S
 from conftest import run_dir_from, run_script
+from test_common import isic2017_fixture
 from unet import UNet
 
 TINY = ["--split", 40, 0, 10, "--image-size", 32, "--width", 4, "--initial", 8, "--query", 4, "--rounds", 2,
@@ -392,6 +393,18 @@ def test_bad_input_messages(tmp_path):
 
 
 # ------------------------------------------------ each rule end to end, with its scores replaced by known values
+def test_isic2017_pool_and_test_come_from_the_official_training_images(tmp_path):
+    """Sec. IV-A: the 1600 / 400 are drawn from ISIC 2017's 2000 training images; the official validation and
+    test images never enter (prepare_data), and every image is min-max normalised (grayscale, --channels 1)."""
+    data = common.load_data("isic2017", str(isic2017_fixture(tmp_path, (6, 2, 3))), 32, channels=1)
+    train_ids = [data.ids[i] for i in data.official["train"]]
+    out = S.prepare_data(data, S.parse_args(["--data", "isic2017", "--data-dir", str(tmp_path)]))
+    assert out.ids == train_ids and not out.official and out.x.shape == (6, 1, 32, 32)
+    assert (out.x.reshape(6, -1).min(1) == 0).all() and (out.x.reshape(6, -1).max(1) == 255).all()
+    train, val, test = common.make_splits(out, (4, 0, 2), seed=0)
+    assert not set(train) & set(test) and len(train) + len(test) == 6
+
+
 def test_pretraining_reconstructs_the_clean_pool_images(monkeypatch, tmp_path):
     """Eq. 1 as wired in pretrain(): it trains on the pool only (never a test image), on models_genesis's
     corrupted input, with L2 between sigmoid(output) and the clean (flipped) image as its target."""
