@@ -165,8 +165,8 @@ def main(argv=None):
     # other data: the ISIC shares, D^L 600 of the 1600 (37.5 %, Sec. 4) and +35 per iteration (Sec. 4.2)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 600, 35, 1600)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    pseudo_of = ceal_budget(run, args, len(train_ids))
-    rounds, epochs0, steps = common.ceiling(args, len(train_ids), pseudo_of)  # --strategy full: the ceiling
+    pseudo_of, redraw = ceal_budget(run, args, len(train_ids)), args.pseudo_mode == "redraw"
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids), pseudo_of, redraw)  # --strategy full: the ceiling
     x, y = common.to_device(data, device)
 
     # U-Net of Sec. 1.2; BatchNorm after every convolution is our choice (paper silent; the reference code has none)
@@ -186,7 +186,7 @@ def main(argv=None):
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
                                plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
                                                          len(train_ids) - n0, args.strategy == "ceal",
-                                                         pseudo_of if args.strategy == "ceal" else None))
+                                                         pseudo_of if args.strategy == "ceal" else None, redraw))
 
     for rnd in range(start, rounds + 1):
         if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
@@ -212,8 +212,7 @@ def main(argv=None):
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
         t0 = time.time()
         if rnd > 0:  # Sec. 4.3: the oracle's answers (a person's: --oracle folder) and the pseudo-labels join D^L
-            labeled, pseudo, pool = common.add_labels(target, y, groups, masks, labeled, pseudo, pool,
-                                                      redraw=args.pseudo_mode == "redraw")
+            labeled, pseudo, pool = common.add_labels(target, y, groups, masks, labeled, pseudo, pool, redraw=redraw)
         else:
             target = common.training_target(y, labeled)
         # 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper silent; Sec. 4.3:

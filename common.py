@@ -334,15 +334,16 @@ def al_steps(plan, batch_size):
     return sum(e * math.ceil(n / batch_size) for n, e, _ in plan)
 
 
-def ceiling(args, n_train, pseudo=None):
+def ceiling(args, n_train, pseudo=None, redraw=False):
     """The schedule: (rounds after round 0, epochs of round 0, optimiser steps of round 0 or None). For
     --strategy full, the ceiling, the same model trains on the whole pool of n_train for the optimiser steps
-    of the active-learning run these flags describe (al_steps; pseudo(r): pseudo-labels trained on in round
-    r, CEAL), in round 0 alone: (0, its epochs, the steps). Otherwise the flags': (rounds, epochs_initial, None)."""
+    of the active-learning run these flags describe (al_steps; pseudo(r), redraw: CEAL's pseudo-labels, as in
+    Progress.plan), in round 0 alone: (0, its epochs, the steps). Otherwise the flags': (rounds, epochs_initial,
+    None)."""
     if args.strategy != "full":
         return args.rounds, args.epochs_initial, None
     steps = al_steps(Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial, args.epochs,
-                                   n_train - args.initial, pseudo=pseudo), args.batch_size)
+                                   n_train - args.initial, pseudo=pseudo, redraw=redraw), args.batch_size)
     return 0, math.ceil(steps / math.ceil(n_train / args.batch_size)), steps
 
 
@@ -885,19 +886,21 @@ class Progress:
             self._measured(row)
 
     @staticmethod
-    def plan(initial, query, rounds, epochs_initial, epochs, pool, scored=True, pseudo=None):
+    def plan(initial, query, rounds, epochs_initial, epochs, pool, scored=True, pseudo=None, redraw=False):
         """The usual protocol's work per round: round 0 trains `initial` images for `epochs_initial` epochs;
         round r >= 1 scores the `pool` images still unlabelled (none if not `scored`, e.g. random), moves
-        `query` of them to the labelled set and trains it, plus pseudo(r) pseudo-labelled images (CEAL; those
-        new in round r leave the pool), for `epochs`. Stops where the pool runs out, as the scripts do.
-        pool: the images unlabelled after round 0."""
+        `query` of them to the labelled set and trains it, plus pseudo(r) pseudo-labelled images (CEAL: those
+        new in round r leave the pool; with redraw, round r's are drawn afresh and stay in it), as many as the
+        pool holds beside the query (ceal_groups' default pick), for `epochs`. Stops where the pool runs out, as
+        the scripts do. pool: the images unlabelled after round 0."""
         work, n, left, before = [(initial, epochs_initial, 0)], initial, pool, 0
         for r in range(1, rounds + 1):
             if left <= 0:
                 break
-            now = int(pseudo(r)) if pseudo else 0
-            work.append((n + min(left, query) + now, epochs, left if scored else 0))
-            n, left, before = n + min(left, query), left - min(left, query) - max(0, now - before), now
+            q, want = min(left, query), int(pseudo(r)) if pseudo else 0
+            now = min(want, left - q) if redraw else before + min(want - before, left - q)
+            work.append((n + q + now, epochs, left if scored else 0))
+            n, left, before = n + q, left - q - (0 if redraw else now - before), now
         return work
 
     def _work(self, rnd):

@@ -37,6 +37,29 @@ def test_al_steps_counts_the_plan():
     assert common.al_steps(common.Progress.plan(10, 7, 1, 2, 1, 30, True, lambda r: 2 * r), 4) == 6 + 5
 
 
+@pytest.mark.parametrize("mode", ["total", "per-iteration", "redraw"])
+def test_ceal_ceiling_matches_its_al_run_when_the_pool_runs_short(tmp_path, monkeypatch, mode):
+    """CEAL's pseudo-labels in a pool too small for them (30 after round 0: 7 queried and 4, 8, 12 pseudo-labels
+    asked per round): the ceiling's steps are those the active-learning run takes, counted from its own calls
+    of common.train (each mode takes fewer pseudo-labels than asked in a different round; redraw's stay in the
+    pool)."""
+    calls = []
+    train = common.train
+
+    def spy(model, opt, x, target, idx, epochs, batch_size, **k):
+        calls.append((len(idx), epochs, batch_size, k.get("steps")))
+        return train(model, opt, x, target, idx, epochs, batch_size, **k)
+
+    monkeypatch.setattr(common, "train", spy)
+    ceal = importlib.import_module("ceal_mcdropout")
+    flags = [*map(str, TINY), "--rounds", "3", "--pseudo-step", "4", "--mc-passes", "2", "--pseudo-mode", mode]
+    ceal.main([*flags, "--out", str(tmp_path / "al")])
+    al = sum(e * -(-n // b) for n, e, b, _ in calls)
+    calls.clear()
+    ceal.main([*flags, "--strategy", "full", "--out", str(tmp_path / "full")])
+    assert [s for *_, s in calls if s is not None] == [al]  # (train calls itself for the whole epochs)
+
+
 @pytest.mark.parametrize("script,extra,steps", [
     ("example_tta", [], 17), ("example_claspe", [], 17), ("polyp_weighted_cluster", [], 17),
     ("ssl_coldstart", ["--ssl-epochs", 1, "--channels", 3], 17),
