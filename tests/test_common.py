@@ -192,6 +192,9 @@ def test_isic2017_layout(tmp_path):
 def test_isic2018_layout(tmp_path):
     d = common.load_data("isic2018", str(isic2018_fixture(tmp_path)), 32)
     assert {k: len(v) for k, v in d.official.items()} == {"train": 5, "val": 2, "test": 2}
+    # the paper's 2594 / 100 / 1000 are the official sets: train, validation and test each from its own
+    tr, va, te = common.make_splits(d, (5, 2, 2), seed=0)
+    assert [sorted(s) for s in (tr, va, te)] == [sorted(d.official[k]) for k in ("train", "val", "test")]
 
 
 def test_folder_layout_with_mask_suffixes(tmp_path):
