@@ -12,12 +12,12 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import common
 import example_tta
 import oracle
-import torch
 from loaders import resize_mask
 from conftest import run_script
 from test_behaviour import METHOD, RECORD, TINY, record_of
