@@ -241,9 +241,19 @@ def read_raw_tiff(path):
     return np.frombuffer(data, np.uint8)[: w * h * spp].reshape(h, w, spp)
 
 
-def read_image(path, mode, size=None, with_size=False):
+def to_8bit(im):
+    """A 16-bit, 32-bit or float image (radiographs, MRI and DICOM exports) to 8 bits by its own min and max
+    (a constant image: black); Pillow's convert would clip every value above 255 to white."""
+    a = np.asarray(im, dtype=np.float64)
+    lo, hi = a.min(), a.max()
+    return Image.fromarray(np.round((a - lo) * (255 / (hi - lo) if hi > lo else 0)).astype(np.uint8))
+
+
+def read_image(path, mode, size=None, with_size=False, mask=False):
     """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'. With `size`, a JPEG is
     decoded at the smallest DCT scale that is still at least size x size (much faster for ISIC's photos).
+    An image of more than 8 bits per pixel is scaled to 8 by its own range (to_8bit); a mask (mask=True) is
+    not: 0/1 and 0/65535 stay binary under Pillow's clipping, and binarise_mask checks the rest.
     with_size: return (image, (width, height) as stored in the file, before any draft scaling)."""
     try:
         with Image.open(path) as im:
@@ -251,6 +261,8 @@ def read_image(path, mode, size=None, with_size=False):
             if size and im.format == "JPEG":
                 im.draft(mode, (size, size))
             im.load()
+            if not mask and (im.mode in ("I", "F") or im.mode.startswith("I;16")):
+                im = to_8bit(im)
             out = im.convert(mode) if im.mode != mode else im.copy()
     except Exception as e:
         try:
@@ -284,7 +296,7 @@ def _decode(entry, size, channels):
     if mask_path is None:  # an image to be labelled by a person (--oracle folder): no mask yet
         m = np.zeros((im_size[1], im_size[0]), np.uint8)
     else:
-        m = binarise_mask(np.asarray(read_image(mask_path, "L")), mask_path)
+        m = binarise_mask(np.asarray(read_image(mask_path, "L", mask=True)), mask_path)
     if (m.shape[1], m.shape[0]) != im_size:
         raise UserError(f"{img_path} is {im_size[0]}x{im_size[1]} but its mask {mask_path} is {m.shape[1]}x"
                         f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?)")
@@ -299,7 +311,8 @@ def resize_mask(m, size):
     return (np.asarray(Image.fromarray(m * 255).resize((size, size), Image.BILINEAR)) >= 128).astype(np.uint8)
 
 
-CACHE_VERSION = 3  # bump when decoding changes (2: JPEG draft decoding; 3: full-resolution `positive`)
+CACHE_VERSION = 4  # bump when decoding changes (2: JPEG draft decoding; 3: full-resolution `positive`;
+#                    4: images of more than 8 bits scaled by their range, not clipped)
 
 
 def cache_dir():

@@ -147,7 +147,7 @@ def read_labels(lab_dir, ids, data, size):
             continue
         path = os.path.join(lab_dir, name)
         try:
-            m = np.asarray(read_image(path, "L"))
+            m = np.asarray(read_image(path, "L", mask=True))
         except UserError as e:
             problems.append(f"unreadable: {name} ({e})")
             continue

@@ -234,3 +234,23 @@ def test_real_samples_pass_the_size_check(name, sub):
         pytest.skip("real samples absent")
     d = common.load_data(name, os.path.join(REAL, sub), 16, quiet=True)
     assert len(d) > 0 and d.positive.any()
+
+
+def test_images_of_more_than_8_bits_keep_their_contrast(tmp_path):
+    """A 12-bit radiograph in a 16-bit PNG, a 32-bit integer and a float TIFF: scaled by their own range to
+    0..255 (loaders.to_8bit), not clipped to white by Pillow's convert; their 16-bit masks stay binary."""
+    for sub in ("images", "masks"):
+        os.makedirs(tmp_path / sub)
+    yy, xx = np.mgrid[:32, :32]
+    disc = np.hypot(yy - 16, xx - 16) < 8
+    raw = 300 + 3000 * disc + 20 * xx  # 300..3920: every pixel above 255
+    for name, a, ext in (("u16", raw.astype(np.uint16), "png"), ("i32", raw.astype(np.int32), "tif"),
+                         ("f32", raw.astype(np.float32) / 7, "tif")):
+        Image.fromarray(a).save(tmp_path / "images" / f"{name}.{ext}")
+        Image.fromarray((disc * 65535).astype(np.uint16)).save(tmp_path / "masks" / f"{name}_mask.png")
+    want = np.round((raw - raw.min()) * 255 / (raw.max() - raw.min()))
+    for channels in (1, 3):
+        d = common.load_data("folder", str(tmp_path), 32, channels=channels, quiet=True)
+        assert d.x.shape == (3, channels, 32, 32) and (d.y == disc).all()
+        for k in range(3):
+            assert np.abs(d.x[k].astype(float) - want).max() <= 1, d.ids[k]
