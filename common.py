@@ -88,12 +88,30 @@ def shared_parser(doc, strategies, defaults):
     return p
 
 
-def resolve(args, defaults):
-    """Fill every flag left at None from the script's table row for --data (or its "other" row)."""
+# the smallest value of each shared count flag; a script adds its own to resolve (e.g. mc_passes=2)
+AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0, batch_size=1, width=1, workers=0)
+
+
+def resolve(args, defaults, **at_least):
+    """Fill every flag left at None from the script's table row for --data (or its "other" row), then check
+    the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr above 0, --split not negative,
+    --dropout in [0, 1), --image-size a multiple of 16 (every U-Net here pools 4 times)."""
     row = defaults.get(args.data, defaults.get("other", {}))
     for key, value in row.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    for key, low in {**AT_LEAST, **at_least}.items():
+        value = getattr(args, key, None)
+        if value is not None and value < low:
+            raise UserError(f"--{key.replace('_', '-')} {value}: expected at least {low}")
+    near, dropout = max(16, args.image_size // 16 * 16), getattr(args, "dropout", None) or 0
+    for bad, message in ((args.lr <= 0, f"--lr {args.lr}: expected a learning rate above 0"),
+                         (args.split and min(args.split) < 0, f"--split {args.split}: expected sizes of at least 0"),
+                         (not 0 <= dropout < 1, f"--dropout {dropout}: expected a probability in [0, 1)"),
+                         (args.image_size < 16 or args.image_size % 16, f"--image-size {args.image_size}: expected a "
+                          f"multiple of 16 (every U-Net here pools 4 times); the nearest are {near} and {near + 16}")):
+        if bad:
+            raise UserError(message)
     return args
 
 
@@ -681,7 +699,13 @@ class Run:
             cfg_path = os.path.join(self.dir, "config.json")
             if not os.path.isfile(cfg_path):
                 raise UserError(f"--resume {self.dir}: no config.json there; expected a run folder this script wrote")
-            cfg = read_json(cfg_path)
+            try:
+                cfg = read_json(cfg_path)
+            except ValueError:  # not JSON (a file cut short)
+                cfg = None
+            if not (isinstance(cfg, dict) and isinstance(cfg.get("args"), dict)):
+                raise UserError(f"--resume {cfg_path}: not a run's config (unreadable JSON, or no flags in it); "
+                                f"expected a run folder this script wrote")
             if cfg.get("script") != self.script:
                 raise UserError(f"--resume {self.dir}: the run was made by {cfg.get('script')}, not {self.script}")
             # the run's own flags win, --amp included (the rest of a run computes as its start did); only
@@ -699,7 +723,10 @@ class Run:
             while os.path.exists(self.dir):
                 k += 1
                 self.dir = os.path.join(args.out, f"{name}-{k}")
-            os.makedirs(self.dir)
+            try:
+                os.makedirs(self.dir)
+            except OSError as e:
+                raise UserError(f"--out {args.out}: cannot make the run folder {self.dir} ({e.strerror})")
             cfg = {"script": self.script, "args": vars(args), "command": " ".join(sys.argv), "commit": git_commit(),
                    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                    "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
@@ -846,7 +873,11 @@ class Run:
                     if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:
                         self.truncate_csv(name, lambda r: False)
             return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                            f"a copy cut short? Restore it, or remove it to start {self.dir} again")
         random.setstate(state["rng_python"])
         np.random.set_state(state["rng_numpy"])
         torch.set_rng_state(state["rng_torch"])

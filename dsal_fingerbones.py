@@ -74,9 +74,6 @@ def parse_args(argv=None):
                         "at the first labelled count whose mean test Dice is at least the full-annotation mean minus "
                         "this (paper silent; default 0.01, one Dice point)")
     args = common.resolve(p.parse_args(argv), DEFAULTS)
-    if args.image_size % 2 ** DEPTH:
-        raise common.UserError(f"--image-size {args.image_size}: must be a multiple of {2 ** DEPTH} (the U-Net "
-                               f"pools {DEPTH} times); the paper's 600 -> use 608 or 592")
     lo, mid = args.ds_stages
     if lo == mid or not all(0 <= s < DEPTH for s in (lo, mid)):
         raise common.UserError(f"--ds-stages {lo} {mid}: expected two different decoder stages in 0..{DEPTH - 1}")

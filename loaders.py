@@ -11,10 +11,15 @@ import os
 import re
 import struct
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+# Pillow's warnings about files it still decodes (e.g. "Corrupt EXIF data" in a cut TIFF) would add lines to the
+# one-line errors; a file it cannot decode is still an error naming it (read_image)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 class UserError(Exception):
@@ -55,16 +60,28 @@ IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", "
 def _files(folder, patterns, what):
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: folder not found; expected {what}")
-    found = sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
+    found = glob_files(folder, patterns)
     if not found:
         raise UserError(f"no files found under {folder}: expected {what}")
     return found
 
 
+def _keyed(paths, key):
+    """{key(path): path}; two files of one sample (a.png beside a.jpg, a_mask.png beside a.png) are an error,
+    not one of them dropped in silence."""
+    out = {}
+    for p in paths:
+        k = key(p)
+        if k in out:
+            raise UserError(f"{out[k]} and {p}: two files for sample {k!r}; keep one")
+        out[k] = p
+    return out
+
+
 def _pair(images, masks, image_key, mask_key, image_dir, mask_dir, mask_what):
     """Pair image and mask paths by key; an image without a mask (or the reverse) is an error."""
-    by_key = {mask_key(m): m for m in masks}
-    img_keys = {image_key(i): i for i in images}
+    by_key = _keyed(masks, mask_key)
+    img_keys = _keyed(images, image_key)
     missing = sorted(set(img_keys) - set(by_key))
     if missing:
         raise UserError(f"{img_keys[missing[0]]}: no mask for this image in {mask_dir} (expected {mask_what}); "
@@ -159,8 +176,13 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
     pats = ["*" + e for e in IMAGE_EXT] + ["*" + e.upper() for e in IMAGE_EXT]
     images = _files(img_dir, pats, "image files")
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
-    by_key = {_mask_stem(m): m for m in masks}
-    if not masks or len(by_key.keys() & {_stem(i) for i in images}) < len(images):
+    by_key, stems = _keyed(masks, _mask_stem), _keyed(images, _stem)
+    for sub in (img_dir, mask_dir):
+        nested = [f for f in glob.glob(os.path.join(sub, "*", "**", "*"), recursive=True) if f.lower().endswith(IMAGE_EXT)]
+        if nested:
+            print(f"note: {len(nested)} image files in subfolders of {sub} (e.g. {nested[0]}) are not read; "
+                  f"only the files directly in it are")
+    if not masks or len(by_key.keys() & stems.keys()) < len(stems):
         # images without masks: a set to label yourself (--oracle folder; split_data refuses it otherwise).
         # They are the pool ("unlabelled"); the images that have a mask are the test set.
         extra = sorted(set(by_key) - {_stem(i) for i in images})
@@ -173,6 +195,8 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
 
 
 def glob_files(folder, patterns):
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise UserError(f"{folder}: permission denied (the folder cannot be listed)")
     return sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
 
 
@@ -202,7 +226,10 @@ def list_lgg(root):
         patient = "_".join(os.path.basename(d).split("_")[:3])  # TCGA_CS_4941 (the folder adds a date)
         for k, i, m in _pair(imgs, masks, _stem, _mask_stem, d, d, "<slice>_mask.tif"):
             entries.append((k, i, m, None, patient))
-    entries.sort(key=lambda e: (e[4], int(re.findall(r"\d+", e[0])[-1])))
+    for e in entries:
+        if not re.search(r"_\d+$", e[0]):
+            raise UserError(f"{e[1]}: expected TCGA_<patient>_<date>_<slice>.tif (the slice a number)")
+    entries.sort(key=lambda e: (e[4], int(e[0].rsplit("_", 1)[1])))
     return entries
 
 
@@ -329,6 +356,9 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
     if not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: folder not found")
     entries = LISTERS[name](os.path.abspath(data_dir))
+    for p in (p for e in entries for p in e[1:3] if p is not None):
+        if not os.path.exists(p):
+            raise UserError(f"{p}: broken symbolic link (its target {os.path.realpath(p)} is missing)")
     stats = [(os.path.relpath(p, data_dir), os.stat(p).st_size, os.stat(p).st_mtime_ns) for e in entries for p in e[1:3]
              if p is not None]
     key = hashlib.sha1(json.dumps([CACHE_VERSION, name, os.path.abspath(data_dir), size, channels, stats]).encode()).hexdigest()
@@ -402,7 +432,7 @@ def make_splits(data, sizes, seed):
         train = rest if n_train + n_val + n_test >= n else rng.permutation(rest)[:n_train]
         return np.sort(train), np.sort(val), np.sort(test)
     else:
-        pool = np.asarray(data.official.get("train", np.arange(n)))
+        pool = np.asarray(data.official.get("train", np.setdiff1d(np.arange(n), data.official.get("test", []))))
         if "test" in data.official:
             test = rng.permutation(data.official["test"])[:n_test]
         else:

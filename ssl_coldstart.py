@@ -137,7 +137,8 @@ def parse_args(argv=None):
                         "(default: 5)")
     p.add_argument("--tables", nargs="+", metavar="RUN_DIR", help="print Table I / II (and the Fig. 2 "
                    "comparison) from finished run folders, write them to OUT/ssl_coldstart_tables.md, and exit")
-    args = common.resolve(p.parse_args(argv), DEFAULTS)
+    args = common.resolve(p.parse_args(argv), DEFAULTS, mc_passes=2, pseudo_step=0, ssl_epochs=0, ssl_batch_size=1,
+                          shuffle_blocks=0, clusters=1, ensemble_size=2)
     if args.cold_start == "auto":
         args.cold_start = "cluster" if args.strategy == "cluster" else "random"
     if args.dropout is None:
@@ -149,8 +150,6 @@ def parse_args(argv=None):
     if args.transfer_head and args.channels != 1:
         raise common.UserError("--transfer-head with --channels 3: the reconstruction head outputs 3 channels, "
                                "the segmentation head 1; it cannot be copied")
-    if args.image_size % 16 or args.image_size < 16:
-        raise common.UserError(f"--image-size {args.image_size}: expected a multiple of 16 (the U-Net pools 4 times)")
     return args
 
 

@@ -254,3 +254,135 @@ def test_images_of_more_than_8_bits_keep_their_contrast(tmp_path):
         assert d.x.shape == (3, channels, 32, 32) and (d.y == disc).all()
         for k in range(3):
             assert np.abs(d.x[k].astype(float) - want).max() <= 1, d.ids[k]
+
+
+def one_line_error(capsys, fn):
+    """fn() through common.run_main: exit status 2 and the single stderr line, returned."""
+    with pytest.raises(SystemExit) as e:
+        common.run_main(fn)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_two_files_of_one_sample_stop_instead_of_one_being_dropped(tmp_path, capsys):
+    """a.png beside a.jpg used to be two samples with one id (the folder loader then took every image for the
+    test set and the training pool both), and a second mask silently replaced the first."""
+    root = folder(tmp_path / "img")
+    Image.open(os.path.join(root, "images", "img03.png")).save(os.path.join(root, "images", "img03.jpg"))
+    err = one_line_error(capsys, lambda: common.load_data("folder", root, 16, quiet=True))
+    assert err == (f"error: {os.path.join(root, 'images', 'img03.jpg')} and {os.path.join(root, 'images', 'img03.png')}"
+                   f": two files for sample 'img03'; keep one")
+    root = folder(tmp_path / "mask")
+    Image.new("L", (32, 32)).save(os.path.join(root, "masks", "img05.png"))
+    assert "img05_mask.png: two files for sample 'img05'" in one_line_error(
+        capsys, lambda: common.load_data("folder", root, 16, quiet=True))
+    cvc = tmp_path / "cvc"
+    for sub, names in (("Original", ("1.tif", "1.png", "2.tif")), ("Ground Truth", ("1.tif", "2.tif"))):
+        os.makedirs(cvc / sub)
+        for name in names:
+            Image.new("RGB" if sub == "Original" else "L", (32, 32)).save(cvc / sub / name)
+    assert "1.tif: two files for sample '1'" in one_line_error(
+        capsys, lambda: common.load_data("cvc-clinicdb", str(cvc), 16, quiet=True))
+
+
+def test_an_official_test_set_never_joins_the_pool():
+    """make_splits without an official training set draws the pool from what the test set leaves."""
+    d = common.make_synthetic(20, 16)
+    d.official = {"test": np.arange(12, 20)}
+    train, val, test = common.make_splits(d, [10, 2, 8], 0)
+    assert test.tolist() == list(range(12, 20)) and not set(train) & set(test) and not set(val) & set(test)
+
+
+def test_broken_link_unlisted_folder_bad_slice_name_and_subfolders(tmp_path, capsys, monkeypatch):
+    root = folder(tmp_path / "link")
+    os.symlink(tmp_path / "nowhere.png", os.path.join(root, "images", "zz.png"))
+    os.symlink(tmp_path / "nowhere.png", os.path.join(root, "masks", "zz_mask.png"))
+    assert one_line_error(capsys, lambda: common.load_data("folder", root, 16, quiet=True)) == (
+        f"error: {os.path.join(root, 'images', 'zz.png')}: broken symbolic link (its target "
+        f"{tmp_path / 'nowhere.png'} is missing)")
+    root = folder(tmp_path / "closed")
+    real_access = os.access
+    monkeypatch.setattr(loaders.os, "access", lambda p, m: not p.endswith("masks") and real_access(p, m))
+    assert one_line_error(capsys, lambda: common.load_data("folder", root, 16, quiet=True)) == (
+        f"error: {os.path.join(root, 'masks')}: permission denied (the folder cannot be listed)")
+    monkeypatch.undo()
+    lgg_dir = tmp_path / "lgg" / "kaggle_3m" / "TCGA_CS_4941_19960909"
+    os.makedirs(lgg_dir)
+    for name in ("TCGA_CS_4941_19960909_1", "extra"):
+        Image.new("RGB", (16, 16)).save(lgg_dir / f"{name}.tif")
+        Image.new("L", (16, 16), 255).save(lgg_dir / f"{name}_mask.tif")
+    assert one_line_error(capsys, lambda: common.load_data("lgg", str(tmp_path / "lgg"), 16, quiet=True)) == (
+        f"error: {lgg_dir / 'extra.tif'}: expected TCGA_<patient>_<date>_<slice>.tif (the slice a number)")
+    root = folder(tmp_path / "nested")
+    for sub in ("images", "masks"):
+        os.makedirs(os.path.join(root, sub, "more"))
+    os.rename(os.path.join(root, "images", "img11.png"), os.path.join(root, "images", "more", "img11.png"))
+    os.rename(os.path.join(root, "masks", "img11_mask.png"), os.path.join(root, "masks", "more", "img11_mask.png"))
+    assert len(common.load_data("folder", root, 16)) == 11
+    notes = [s for s in capsys.readouterr().out.splitlines() if s.startswith("note:")]
+    assert notes == [f"note: 1 image files in subfolders of {os.path.join(root, sub)} (e.g. "
+                     f"{os.path.join(root, sub, 'more', f'img11{tail}.png')}) are not read; only the files directly "
+                     f"in it are" for sub, tail in (("images", ""), ("masks", "_mask"))]
+
+
+def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
+    src = os.path.join(REAL, "CVC-ClinicDB")
+    if not os.path.isdir(src):
+        pytest.skip("real samples absent")
+    import shutil
+    shutil.copytree(src, tmp_path / "cvc")
+    frame = tmp_path / "cvc" / "Original" / "1.tif"
+    data = frame.read_bytes()
+    frame.write_bytes(data[: len(data) // 2])  # its directory (at the end) cut: Pillow warns "Corrupt EXIF data"
+    out = run_script("ceal_mcdropout.py", "--data", "cvc-clinicdb", "--data-dir", tmp_path / "cvc", "--image-size", 16,
+                     "--out", tmp_path / "runs", check=False)
+    assert out.returncode == 2 and out.stderr.startswith(f"error: {frame}: unreadable image file"), out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("example_tta", ["--query", "-3"], "--query -3: expected at least 1"),
+    ("example_tta", ["--initial", "0"], "--initial 0: expected at least 1"),
+    ("example_tta", ["--rounds", "-1"], "--rounds -1: expected at least 0"),
+    ("example_tta", ["--epochs", "-1"], "--epochs -1: expected at least 0"),
+    ("example_tta", ["--batch-size", "0"], "--batch-size 0: expected at least 1"),
+    ("example_tta", ["--width", "0"], "--width 0: expected at least 1"),
+    ("example_tta", ["--seed", "-1"], "--seed -1: expected at least 0"),
+    ("example_tta", ["--workers", "-1"], "--workers -1: expected at least 0"),
+    ("example_tta", ["--lr", "-1"], "--lr -1.0: expected a learning rate above 0"),
+    ("example_tta", ["--split", "-1", "8", "8"], r"--split \[-1, 8, 8\]: expected sizes of at least 0"),
+    ("example_tta", ["--image-size", "40"], "--image-size 40: expected a multiple of 16 .*the nearest are 32 and 48"),
+    ("example_tta", ["--image-size", "8"], "--image-size 8: expected a multiple of 16"),
+    ("ceal_mcdropout", ["--mc-passes", "1"], "--mc-passes 1: expected at least 2"),
+    ("ceal_mcdropout", ["--dropout", "1"], r"--dropout 1.0: expected a probability in \[0, 1\)"),
+    ("polyp_weighted_cluster", ["--asa-members", "1"], "--asa-members 1: expected at least 2"),
+    ("region_uncertainty", ["--mc-passes", "0"], "--mc-passes 0: expected at least 2"),
+    ("ssl_coldstart", ["--clusters", "0"], "--clusters 0: expected at least 1"),
+    ("ssl_coldstart", ["--image-size", "40"], "--image-size 40: expected a multiple of 16")])
+def test_numbers_out_of_range_stop_at_the_flags(script, flags, message):
+    with pytest.raises(common.UserError, match=message):
+        __import__(script).parse_args(flags)
+
+
+def test_bad_out_and_damaged_run_folders_are_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    tiny = ["--split", "24", "8", "8", "--image-size", "16", "--width", "4", "--initial", "6", "--query", "4",
+            "--rounds", "1", "--epochs-initial", "1", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    import example_tta
+    assert one_line_error(capsys, lambda: example_tta.main([*tiny, "--out", str(tmp_path / "file")])).startswith(
+        f"error: --out {tmp_path / 'file'}: cannot make the run folder")
+    run = example_tta.main([*tiny, "--out", str(tmp_path / "runs")])
+    capsys.readouterr()
+    ckpt = os.path.join(run, "checkpoint.pt")
+    with open(ckpt, "r+b") as f:
+        f.truncate(1000)
+    assert one_line_error(capsys, lambda: example_tta.main(["--resume", run])).startswith(
+        f"error: {ckpt}: unreadable checkpoint (")
+    cfg = os.path.join(run, "config.json")
+    for text in ("{\"script\": \"example_t", "[1, 2]", "{\"script\": \"example_tta\"}"):
+        with open(cfg, "w") as f:
+            f.write(text)
+        assert one_line_error(capsys, lambda: example_tta.main(["--resume", run])) == (
+            f"error: --resume {cfg}: not a run's config (unreadable JSON, or no flags in it); expected a run folder "
+            f"this script wrote")
