@@ -207,13 +207,20 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
               f"({' / '.join(str(len(set(data.groups[i]))) for i in ids)} patients)")
     if getattr(args, "oracle", "simulated") == "simulated":  # a person's labels come later (oracle.ask)
         check_foreground(data, ids[0], getattr(args, "data_dir", None))
+    split_ids = {k: [data.ids[i] for i in v] for k, v in zip(("train", "val", "test"), ids)}
+    recorded = run.path("splits.json")
+    if args.resume and os.path.isfile(recorded) and read_json(recorded) != split_ids:  # the sets are indices
+        gone = set(sum(read_json(recorded).values(), [])) - set(data.ids)
+        raise UserError(f"{recorded}: the split made from {args.data_dir or data.name} now differs from the run's "
+                        f"({len(gone)} of its samples gone from the data, {len(data)} samples there now): the data "
+                        f"changed since the run started; put it back as it was, or start a new run")
     if args.initial is None:
         args.initial = pool_share(len(ids[0]), initial, paper_pool)
     if args.query is None:
         args.query = pool_share(len(ids[0]), query, paper_pool)
     run.update_config(args)
     run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved))
-    run.write_json("splits.json", {k: [data.ids[i] for i in v] for k, v in zip(("train", "val", "test"), ids)})
+    run.write_json("splits.json", split_ids)
     return ids
 
 

@@ -280,7 +280,8 @@ def read_image(path, mode, size=None, with_size=False, mask=False):
     """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'. With `size`, a JPEG is
     decoded at the smallest DCT scale that is still at least size x size (much faster for ISIC's photos).
     An image of more than 8 bits per pixel is scaled to 8 by its own range (to_8bit); a mask (mask=True) is
-    not: 0/1 and 0/65535 stay binary under Pillow's clipping, and binarise_mask checks the rest.
+    not: 0/1 and 0/65535 stay binary under Pillow's clipping, and binarise_mask checks the rest. A mask's
+    transparent pixels are black (a drawing on a transparent layer).
     with_size: return (image, (width, height) as stored in the file, before any draft scaling)."""
     try:
         with Image.open(path) as im:
@@ -290,6 +291,8 @@ def read_image(path, mode, size=None, with_size=False, mask=False):
             im.load()
             if not mask and (im.mode in ("I", "F") or im.mode.startswith("I;16")):
                 im = to_8bit(im)
+            if mask and (im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info):  # transparent: black
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
             out = im.convert(mode) if im.mode != mode else im.copy()
     except Exception as e:
         try:
@@ -339,7 +342,7 @@ def resize_mask(m, size):
 
 
 CACHE_VERSION = 4  # bump when decoding changes (2: JPEG draft decoding; 3: full-resolution `positive`;
-#                    4: images of more than 8 bits scaled by their range, not clipped)
+#                    4: images of more than 8 bits scaled by their range, not clipped; masks' transparency black)
 
 
 def cache_dir():

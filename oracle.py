@@ -10,19 +10,19 @@ import torch
 from PIL import Image
 
 from common import binary_entropy, predict, read_rows
-from loaders import UserError, read_image, resize_mask
+from loaders import UserError, binarise_mask, read_image, resize_mask
 
 
 LABEL_README = """Round {rnd} of {script}: label {n} image(s).
 
 For every row of manifest.csv, draw the mask of image <sample_id>.png (here, at the original file's size):
-white (255) on the {what}, black (0) elsewhere, one channel or grey, any size with the image's aspect ratio
-(it is resized and thresholded as the loader does). Save it as
+white (255) on the {what}, black (0) elsewhere (a transparent background counts as black), in any size with
+the image's aspect ratio: it is resized and thresholded at 128 as the loader does, so a soft (antialiased)
+edge is fine, greys elsewhere are not. Save it as a PNG:
 
     {labels}/<sample_id>.png
 
-one file per row, nothing else in that folder. <sample_id>_model.png shows what the model predicts (red,
-left) and how unsure it is (bright = unsure, right), to help you; it is not a label.{decide}
+one file per row, nothing else in that folder.{model}{decide}
 
 Then go on with:
 
@@ -77,7 +77,11 @@ def restore(run, start, data, y):
     where = {sid: i for i, sid in enumerate(data.ids)}
     for rnd in range(start):
         manifest = run.path(f"to_label/round_{rnd}/manifest.csv")
-        if not os.path.isfile(manifest):  # a round that asked for nothing (ask() with no samples)
+        if not os.path.isfile(manifest):  # a round that asked for nothing (ask() with no samples), or a deleted one
+            queried = run.path("queried.csv")
+            if any(int(r["round"]) == rnd and r["how"] != "pseudo" for r in (read_rows(queried) if os.path.isfile(queried) else [])):
+                raise UserError(f"{manifest}: not found, but round {rnd} asked for labels (queried.csv); put "
+                                f"{os.path.dirname(manifest)} back: it says which label files the run trained on")
             continue
         ids, lab_dir = [r["sample_id"] for r in read_rows(manifest)], run.path(f"labels/round_{rnd}")
         if not os.path.isdir(lab_dir):
@@ -92,7 +96,8 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
     (prediction and uncertainty), <id>_decide.png (with decide), manifest.csv and README.txt."""
     ask_dir = run.path(f"to_label/round_{rnd}")
     os.makedirs(ask_dir, exist_ok=True)
-    probs = predict(model, x, idx, batch_size, device or x.device, amp).float().cpu().numpy() if model is not None else None
+    trained = model is not None and rnd > 0  # round 0 asks before any training: no prediction worth showing
+    probs = predict(model, x, idx, batch_size, device or x.device, amp).float().cpu().numpy() if trained else None
     rows = []
     for k, i in enumerate(idx):
         sid = data.ids[i]
@@ -104,15 +109,15 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
         row = {"sample_id": sid, "original_file": data.files[i] if data.files is not None else "(in memory)",
                "image": f"{sid}.png", "model": "", "decide": "",
                "asked": "the whole mask", "label_file": f"labels/round_{rnd}/{sid}.png"}
-        if probs is not None:
-            s = data.x.shape[-1]
-            small = np.asarray(image.resize((s, s), Image.BILINEAR), dtype=np.float32)
-            pred = small * 0.6 + np.array([255, 0, 0], np.float32) * 0.4 * (probs[k] > 0.5)[..., None] + \
-                small * 0.4 * (probs[k] <= 0.5)[..., None]
-            unc = np.repeat((255 * binary_entropy(torch.from_numpy(probs[k])).numpy())[..., None], 3, 2)
-            pair = Image.fromarray(np.concatenate([pred, unc], 1).clip(0, 255).astype(np.uint8))
-            scale = max(1, 256 // s)
-            pair.resize((2 * s * scale, s * scale), Image.NEAREST).save(os.path.join(ask_dir, f"{sid}_model.png"))
+        if probs is not None:  # the image's aspect ratio, its long side 512 px (or the image's, if smaller)
+            f = min(1.0, 512 / max(image.size))
+            size = (max(1, round(image.size[0] * f)), max(1, round(image.size[1] * f)))
+            small = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32)
+            p = np.array(Image.fromarray(probs[k]).resize(size, Image.BILINEAR))[..., None]
+            pred = small * 0.6 + np.array([255, 0, 0], np.float32) * 0.4 * (p > 0.5) + small * 0.4 * (p <= 0.5)
+            unc = np.repeat(255 * binary_entropy(torch.from_numpy(p)).numpy(), 3, 2)
+            Image.fromarray(np.concatenate([pred, unc], 1).clip(0, 255).astype(np.uint8)).save(
+                os.path.join(ask_dir, f"{sid}_model.png"))
             row["model"] = f"{sid}_model.png"
         if decide is not None:
             Image.fromarray(np.asarray(decide[k], np.uint8) * 255).resize(image.size, Image.NEAREST).save(
@@ -125,21 +130,27 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
         w.writeheader()
         w.writerows(rows)
     decide_text = ("\n\nThis round labels only part of each image: <sample_id>_decide.png marks (white) the pixels you "
-                   "decide; draw the whole mask all the same, and the run keeps the model's prediction outside "
+                   "decide; draw the whole mask all the same, and the run keeps the model's own labels outside "
                    "the white pixels.") if decide is not None else ""
+    model_text = (" <sample_id>_model.png shows what the model predicts (red, left) and how unsure it\nis (bright "
+                  "= unsure, right), to help you; it is not a label.") if probs is not None else \
+        " (Round 0 asks before any training: no model prediction is shown.)"
     with open(os.path.join(ask_dir, "README.txt"), "w") as f:
-        f.write(LABEL_README.format(rnd=rnd, script=run.script, n=len(rows), run_dir=run.dir, decide=decide_text,
+        f.write(LABEL_README.format(rnd=rnd, script=run.script, n=len(rows), run_dir=os.path.abspath(run.dir),
+                                    decide=decide_text, model=model_text,
                                     what="object to segment (lesion, polyp, bone, tumour)",
-                                    labels=os.path.join(run.dir, f"labels/round_{rnd}")))
+                                    labels=os.path.abspath(run.path(f"labels/round_{rnd}"))))
 
 
 def read_labels(lab_dir, ids, data, size):
-    """The person's label files for ids, checked all at once: missing, extra, unreadable, not binary (values
-    other than 0/1 or 0/255), another aspect ratio than the image (2 % tolerance). Any problem: one UserError
+    """The person's label files for ids, checked all at once: missing, extra (hidden files aside), unreadable,
+    not binary (loaders.binarise_mask), another aspect ratio than the image (2 % tolerance). Any problem: one UserError
     listing all of them (nothing is changed). Returns (n, size, size) uint8 in {0, 1}."""
     want = {f"{sid}.png": sid for sid in ids}
-    present = sorted(os.listdir(lab_dir))
-    problems = [f"missing: {name}" for name in want if name not in present]
+    present = sorted(n for n in os.listdir(lab_dir) if not n.startswith(".") and n not in ("Thumbs.db", "desktop.ini"))
+    stems = {os.path.splitext(n)[0]: n for n in present if n not in want}
+    problems = [f"missing: {name}" + (f" (found {stems[name[:-4]]}: save it as PNG)" if name[:-4] in stems else "")
+                for name in want if name not in present]
     problems += [f"extra (not asked this round): {name}" for name in present if name not in want]
     masks, where = {}, {sid: k for k, sid in enumerate(data.ids)}
     for name in present:
@@ -151,10 +162,10 @@ def read_labels(lab_dir, ids, data, size):
         except UserError as e:
             problems.append(f"unreadable: {name} ({e})")
             continue
-        values = set(np.unique(m).tolist())
-        if not (values <= {0, 1} or values <= {0, 255}):
-            problems.append(f"not binary: {name} has values {sorted(values)[:6]}{'...' if len(values) > 6 else ''}; "
-                            f"expected 0 and 255 (or 0 and 1)")
+        try:
+            m = binarise_mask(m, path)  # the loader's rule: 0/1, or 0/255 thresholded at 128 (soft edges)
+        except UserError as e:
+            problems.append(f"not binary: {name} ({str(e)[len(path) + 2:]})")
             continue
         i = where[want[name]]
         if data.files is None:
@@ -165,7 +176,7 @@ def read_labels(lab_dir, ids, data, size):
         if abs(m.shape[1] / m.shape[0] - w / h) > 0.02 * w / h:
             problems.append(f"another aspect ratio: {name} is {m.shape[1]}x{m.shape[0]}, its image {w}x{h}")
             continue
-        masks[want[name]] = resize_mask((m > 0).astype(np.uint8), size)
+        masks[want[name]] = resize_mask(m, size)
     if problems:
         raise UserError(f"{lab_dir}: {len(problems)} problem(s) with the label files; nothing was changed:\n  "
                         + "\n  ".join(problems))

@@ -37,8 +37,8 @@ def annotate(run, folder):
     rnd = asks[-1]
     rows = list(csv.DictReader(open(os.path.join(run, "to_label", rnd, "manifest.csv"))))
     os.makedirs(os.path.join(run, "labels", rnd), exist_ok=True)
-    for r in rows:
-        assert os.path.isfile(os.path.join(run, "to_label", rnd, r["image"])) and r["model"]
+    for r in rows:  # round 0 asks before any training: no model image
+        assert os.path.isfile(os.path.join(run, "to_label", rnd, r["image"])) and bool(r["model"]) == (rnd != "round_0")
         shutil.copy(os.path.join(folder, "masks", f"{r['sample_id']}_mask.png"),
                     os.path.join(run, "labels", rnd, f"{r['sample_id']}.png"))
     return len(rows)
@@ -224,3 +224,64 @@ def test_diagnostics_against_the_pools_masks_are_nan_when_it_has_none(script, ta
     values = [r[column] for r in csv.DictReader(open(os.path.join(run, table)))]
     assert values and all(v == "nan" for v in values), (column, values[:5])
     assert figure is None or not os.path.exists(os.path.join(run, figure))
+
+
+def test_label_files_as_drawing_tools_save_them(tmp_path):
+    """read_labels takes what the loader takes: a soft (antialiased) edge thresholded at 128, 0/1, 16-bit, a
+    drawing on a transparent layer (transparent = background); hidden files are not 'extra'; a JPEG where a
+    PNG was asked is named as such."""
+    data = common.make_synthetic(6, 32)
+    ids, lab = data.ids, tmp_path / "labels"
+    lab.mkdir()
+    disc = np.hypot(*np.mgrid[-16:16, -16:16]) < 9
+    soft = np.clip((9.5 - np.hypot(*np.mgrid[-16:16, -16:16])) * 255, 0, 255).astype(np.uint8)  # grey rim
+    assert 0 < ((soft > 0) & (soft < 255)).sum() and ((soft > 127) == disc).all()
+    Image.fromarray(soft).save(lab / f"{ids[0]}.png")
+    Image.fromarray(disc.astype(np.uint8)).save(lab / f"{ids[1]}.png")
+    Image.fromarray(disc.astype(np.uint16) * 65535).save(lab / f"{ids[2]}.png")
+    layer = np.zeros((32, 32, 4), np.uint8)
+    layer[..., :3] = 255  # white everywhere, the object opaque, the rest transparent
+    layer[..., 3] = disc * 255
+    Image.fromarray(layer).save(lab / f"{ids[3]}.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).convert("RGB").save(lab / f"{ids[4]}.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(lab / f"{ids[5]}.png")
+    (lab / ".DS_Store").write_bytes(b"\0")
+    (lab / "Thumbs.db").write_bytes(b"\0")
+    masks = oracle.read_labels(str(lab), ids, data, 32)
+    assert [bool((m == disc).all()) for m in masks] == [True] * 6
+    os.rename(lab / f"{ids[5]}.png", lab / f"{ids[5]}.jpg")
+    with pytest.raises(common.UserError) as e:
+        oracle.read_labels(str(lab), ids, data, 32)
+    assert str(e.value).splitlines()[1:] == [f"  missing: {ids[5]}.png (found {ids[5]}.jpg: save it as PNG)",
+                                             f"  extra (not asked this round): {ids[5]}.jpg"]
+
+
+def test_a_deleted_to_label_round_or_changed_data_stop_the_resume(tmp_path):
+    """The labels of the finished rounds are read back by the manifests' ids (oracle.restore), and the sets by
+    index: a deleted to_label/round_K or an image added to the data would make a run train on empty masks or
+    on other images than the person's. Both stop with a message instead."""
+    data = common.write_folder(common.make_synthetic(60, 32, 3, seed=0), str(tmp_path / "data"))
+    pattern = np.ones((32, 32), np.uint8)
+    flags = [*map(str, TINY), "--rounds", "2", "--data", "folder", "--data-dir", data, "--out", str(tmp_path / "runs"),
+             "--oracle", "folder"]
+    with pytest.raises(SystemExit):
+        example_tta.main(flags)
+    run = str(next((tmp_path / "runs").iterdir()))
+    draw(run, 0, pattern)
+    with pytest.raises(SystemExit):
+        example_tta.main(["--resume", run])  # round 1 asks
+    draw(run, 1, pattern)
+    os.rename(os.path.join(run, "to_label", "round_0"), os.path.join(run, "round_0.moved"))
+    with pytest.raises(common.UserError, match=r"to_label/round_0/manifest.csv: not found, but round 0 asked for labels"):
+        example_tta.main(["--resume", run])
+    os.rename(os.path.join(run, "round_0.moved"), os.path.join(run, "to_label", "round_0"))
+    shutil.copy(os.path.join(data, "images", "syn00000.png"), os.path.join(data, "images", "a_new_one.png"))
+    shutil.copy(os.path.join(data, "masks", "syn00000_mask.png"), os.path.join(data, "masks", "a_new_one_mask.png"))
+    with pytest.raises(common.UserError, match=r"splits.json: the split made from .* now differs from the run's "
+                                                r"\(0 of its samples gone from the data, 61 samples there now\)"):
+        example_tta.main(["--resume", run])
+    for sub, name in (("images", "a_new_one.png"), ("masks", "a_new_one_mask.png")):
+        os.remove(os.path.join(data, sub, name))
+    with pytest.raises(SystemExit):  # as it was: round 1 trains, round 2 asks
+        example_tta.main(["--resume", run])
+    assert os.path.isdir(os.path.join(run, "to_label", "round_2"))
