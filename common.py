@@ -48,11 +48,23 @@ DATASETS = ["synthetic", "isic2017", "isic2018", "ph2", "cvc-clinicdb", "kvasir-
 PROTOCOL_FLAGS = ["initial", "query", "rounds", "epochs_initial", "epochs", "batch_size", "lr", "width"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that also records the flags typed (args._typed): --resume names those it does not apply."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        dest = {o: a.dest for a in self._actions for o in a.option_strings}
+        words = [str(w).split("=")[0] for w in (sys.argv[1:] if args is None else args) if str(w).startswith("--")]
+        ns._typed = sorted({dest.get(w) or next((d for o, d in dest.items() if o.startswith(w)), None)
+                            for w in words} - {None})  # an unambiguous prefix is a flag too, as argparse takes it
+        return ns
+
+
 def shared_parser(doc, strategies, defaults):
     """argparse with the shared flags first, in the order every script uses; `defaults` is the script's
     per-dataset table (the row "other" serves datasets the paper did not use). Flags left at None are
     filled from that table by resolve()."""
-    p = argparse.ArgumentParser(usage="%(prog)s [flags]", description=doc.split("\n\n")[0],
+    p = Parser(usage="%(prog)s [flags]", description=doc.split("\n\n")[0],
                                 epilog=doc.split("\n\n", 1)[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -701,6 +713,7 @@ class Run:
 
     def __init__(self, script, args, device):
         self.script = os.path.splitext(os.path.basename(script))[0]
+        typed = vars(args).pop("_typed", [])
         if args.resume:
             self.dir = args.resume
             cfg_path = os.path.join(self.dir, "config.json")
@@ -715,10 +728,17 @@ class Run:
                                 f"expected a run folder this script wrote")
             if cfg.get("script") != self.script:
                 raise UserError(f"--resume {self.dir}: the run was made by {cfg.get('script')}, not {self.script}")
-            # the run's own flags win, --amp included (the rest of a run computes as its start did); only
-            # --resume, --device and --workers may change
-            if args.amp and not cfg["args"].get("amp"):
-                print(f"resume: --amp ignored: {self.dir} was started without it, and a run keeps its numerics")
+            # the run's own flags win, --amp included (the rest of a run computes as its start did), and its
+            # thread count (CPU sums depend on it); only --resume, --device and --workers may change
+            ignored = [k for k in typed if k not in ("resume", "device", "workers") and k in cfg["args"]
+                       and getattr(args, k) != cfg["args"][k]]
+            if ignored:
+                print(f"resume: {' '.join('--' + k.replace('_', '-') for k in ignored)} ignored: {self.dir} keeps the "
+                      f"flags it started with (its config.json), and a run keeps its numerics")
+            if cfg.get("threads") and cfg["threads"] != torch.get_num_threads():
+                print(f"resume: {cfg['threads']} threads, as the run started with (not {torch.get_num_threads()}): "
+                      f"the same sums, the same picks")
+                torch.set_num_threads(cfg["threads"])
             for k, v in cfg["args"].items():
                 if k not in ("resume", "device", "workers"):
                     setattr(args, k, v)
@@ -820,15 +840,18 @@ class Run:
         return read_rows(self.path(name)) if os.path.isfile(self.path(name)) else []
 
     def truncate_csv(self, name, keep):
-        """Keep only rows with keep(row) true (on resume: drop rows of a round that did not finish)."""
+        """Keep only rows with keep(row) true (on resume: drop rows of a round that did not finish). The file is
+        replaced whole (a copy, then os.replace), so a kill meanwhile loses no finished row."""
         rows = self.read_csv(name)
-        if not rows:
+        kept = [r for r in rows if keep(r)]
+        if len(kept) == len(rows):
             return
-        cols = list(rows[0])
-        with open(self.path(name), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, lineterminator="\n")  # as append_csv
+        tmp = self.path(name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")  # as append_csv
             w.writeheader()
-            w.writerows(r for r in rows if keep(r))
+            w.writerows(kept)
+        os.replace(tmp, self.path(name))
 
     def log_round(self, row, queried=None):
         """Write a finished round: its rows in rounds.csv and queried.csv, before anything else happens."""

@@ -294,10 +294,11 @@ def models_genesis(x, gen, n_blocks=10000):
 
 def pretrain(run, x, pool, pool_ids, args, device):
     """Eq. 1: min_theta sum_i l(f(D(x_i); theta), x_i) on the unlabelled pool, l = L2 between sigmoid(output)
-    and the clean image (all --channels). Returns the U-Net's state dict and saves it as ssl_weights.pt in the run
-    folder. --ssl-optim adam: ours (paper silent); sgd: the authors' code (SGD momentum 0.9, lr 0.01, batch 1,
+    and the clean image (all --channels). Returns the U-Net's state dict, the losses and the seconds, and saves
+    them as ssl_weights.pt in the run folder. --ssl-optim adam: ours (paper silent); sgd: the authors' code (SGD momentum 0.9, lr 0.01, batch 1,
     step decay; the step, 40 epochs x 0.5, is the Models Genesis PyTorch code's StepLR(0.8 x patience 50)).
     Their early stopping watches a validation loss on test images: left out, the run trains --ssl-epochs."""
+    t0 = time.time()
     model = common.prepare_model(ssl_unet(args), device, args.compile)
     if args.ssl_optim == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.ssl_lr, momentum=0.9)
@@ -320,13 +321,13 @@ def pretrain(run, x, pool, pool_ids, args, device):
                           loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
                           augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks),
                           generator=order, on_epoch=on_epoch)
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    state, seconds = {k: v.cpu() for k, v in model.state_dict().items()}, time.time() - t0
     torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
-                "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim,
-                "pool": list(pool_ids), "epochs": args.ssl_epochs, "losses": losses},
-               run.path("ssl_weights.pt"))
+                "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim, "pool": list(pool_ids),
+                "epochs": args.ssl_epochs, "losses": losses, "seconds": seconds}, run.path("ssl_weights.pt.tmp"))
+    os.replace(run.path("ssl_weights.pt.tmp"), run.path("ssl_weights.pt"))  # whole or absent: --resume loads it
     ssl_panel(run, model, x, pool, gen, args, device)
-    return state, losses
+    return state, losses, seconds
 
 
 def load_ssl_weights(path, args, pool_ids):
@@ -344,7 +345,7 @@ def load_ssl_weights(path, args, pool_ids):
     if saved.get("pool") != list(pool_ids):
         print(f"note: {path} was pre-trained on a different pool (another --seed or --split); the self-supervised "
               f"model may have seen this run's test images (never their labels). Pre-train once per seed.")
-    return saved["state_dict"], saved.get("losses", [])
+    return saved["state_dict"], saved.get("losses", []), saved.get("seconds")
 
 
 def ssl_unet(args):
@@ -615,19 +616,19 @@ def prepare_data(data, args):
 def pretrain_or_load(run, data, x, train_ids, args, device):
     """Sec. III-A: the self-supervised U-Net, pre-trained here on the unlabelled pool (Eq. 1; pretrain()) or
     loaded from --ssl-weights (or from this run's ssl_weights.pt on --resume). Returns (its state dict, the
-    pre-training losses, the seconds it took)."""
+    pre-training losses, the seconds it took: this run's pre-training, read back on --resume; with
+    --ssl-weights, the loading)."""
     t0 = time.time()
     pool_ids = [data.ids[i] for i in train_ids]
     saved = args.ssl_weights or run.path("ssl_weights.pt")
     if args.ssl_weights and not os.path.isfile(args.ssl_weights):
         raise common.UserError(f"--ssl-weights {args.ssl_weights}: file not found (expected the ssl_weights.pt "
                                f"of an earlier run)")
-    if os.path.isfile(saved):
-        ssl_state, ssl_losses = load_ssl_weights(saved, args, pool_ids)
-        print(f"ssl: weights from {saved}")
-    else:
-        ssl_state, ssl_losses = pretrain(run, x, train_ids, pool_ids, args, device)
-    return ssl_state, ssl_losses, time.time() - t0
+    if not os.path.isfile(saved):
+        return pretrain(run, x, train_ids, pool_ids, args, device)
+    ssl_state, ssl_losses, seconds = load_ssl_weights(saved, args, pool_ids)
+    print(f"ssl: weights from {saved}")
+    return ssl_state, ssl_losses, seconds if seconds is not None and not args.ssl_weights else time.time() - t0
 
 
 def build_models(ssl_state, args, device):

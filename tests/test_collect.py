@@ -11,6 +11,7 @@ import torch
 
 import collect
 import common
+import example_tta
 
 COLS = common.ROUND_COLUMNS
 
@@ -96,10 +97,40 @@ def test_run_csv_line_ends_and_resume_keeps_the_runs_amp(tmp_path, capsys):
     run.append_csv("a.csv", {"round": 2, "v": 4})
     raw = open(run.path("a.csv"), "rb").read()
     assert raw == b"round,v\n0,1.5\n1,2\n2,4\n"  # "\n" everywhere, never csv's default "\r\n"
-    again = _args(resume=run.dir, amp=True, device="cuda:1", workers=3, seed=5)
+    again = _args(resume=run.dir, amp=True, device="cuda:1", workers=3, seed=5, _typed=["amp", "device", "seed", "workers"])
     common.Run("x.py", again, torch.device("cpu"))
-    assert "--amp ignored" in capsys.readouterr().out
+    assert f"resume: --amp --seed ignored: {run.dir} keeps the flags it started with" in capsys.readouterr().out
     assert (again.amp, again.seed, again.device, again.workers) == (False, 0, "cuda:1", 3)  # device, workers may change
+    assert example_tta.parse_args(["--resume", "x", "--epochs", "3", "--rou=2", "--amp"])._typed == \
+        ["amp", "epochs", "resume", "rounds"]  # the flags typed, an abbreviation too
+    threads = torch.get_num_threads()
+    run.write_json("config.json", dict(common.read_json(run.path("config.json")), threads=threads + 1))
+    try:  # a run resumes on the thread count it started with: CPU sums, and so picks, depend on it
+        common.Run("x.py", _args(resume=run.dir), torch.device("cpu"))
+        assert torch.get_num_threads() == threads + 1
+        assert f"resume: {threads + 1} threads, as the run started with (not {threads})" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_drops_an_unfinished_rounds_rows_whole_or_not_at_all(tmp_path, monkeypatch):
+    """truncate_csv writes a copy and replaces the file: a kill while it writes leaves every finished row."""
+    run = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
+    run.append_csv("a.csv", [{"round": r, "v": r / 2} for r in range(3)])
+    before = open(run.path("a.csv"), "rb").read()
+
+    class Killed(common.csv.DictWriter):
+        def writerows(self, rows):
+            raise KeyboardInterrupt  # the kill, halfway through the rewrite
+
+    monkeypatch.setattr(common.csv, "DictWriter", Killed)
+    run.truncate_csv("a.csv", lambda r: True)  # nothing to drop: the file is not touched
+    with pytest.raises(KeyboardInterrupt):
+        run.truncate_csv("a.csv", lambda r: int(r["round"]) <= 1)
+    assert open(run.path("a.csv"), "rb").read() == before
+    monkeypatch.undo()
+    run.truncate_csv("a.csv", lambda r: int(r["round"]) <= 1)
+    assert open(run.path("a.csv"), "rb").read() == b"round,v\n0,0\n1,0.5\n"
 
 
 def test_round_row_and_summary(tmp_path, monkeypatch):
@@ -145,7 +176,6 @@ def test_example_method_end_to_end_and_resume(tmp_path):
     from conftest import run_dir_from, run_script
     import numpy as np
     import torch
-    import example_tta
 
     class FlipInvariant(torch.nn.Module):
         def forward(self, x):
@@ -180,7 +210,6 @@ def test_example_method_queries_the_top_k_of_a_known_score(tmp_path, monkeypatch
     round queries exactly the `--query` largest scores of its pool, and pool_scores.csv holds the pool and
     the picks (the run folder alone shows that the rule was followed)."""
     import numpy as np
-    import example_tta
     perm = np.random.default_rng(7).permutation(1000).astype(float)
     monkeypatch.setattr(example_tta, "tta_variance", lambda model, x, pool, bs, device, amp=False: perm[np.asarray(pool)])
     run = example_tta.main(["--split", "30", "5", "10", "--image-size", "32", "--width", "4", "--initial", "6",

@@ -319,6 +319,8 @@ def test_end_to_end_pipeline_and_resume(base):
     part = os.path.join(tmp / "b", os.listdir(tmp / "b")[0])
     resumed = run_dir_from(run_script("ssl_coldstart.py", "--resume", part))
     assert resumed == part and read(resumed, "queried.csv") == q
+    seconds = torch.load(os.path.join(part, "ssl_weights.pt"), weights_only=False)["seconds"]
+    assert json.load(open(os.path.join(part, "summary.json")))["ssl_s"] == seconds > 0  # the pre-training's, not the load's
     interface.assert_interface("ssl_coldstart.py", resumed, help=False)
     same = ("round", "labeled", "dice_mean", "iou_mean", "clusters_covered", "score_selected")
     assert [[r[c] for c in same] for r in read(resumed, "rounds.csv")] == [[r[c] for c in same] for r in rows]
@@ -449,7 +451,7 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(common, "load_data", keep)
     monkeypatch.setattr(S, "pretrain", lambda run, x, pool, pool_ids, args, device:
-                        ({k: v.cpu() for k, v in S.ssl_unet(args).state_dict().items()}, []))
+                        ({k: v.cpu() for k, v in S.ssl_unet(args).state_dict().items()}, [], 0.0))
     return seen
 
 
