@@ -75,7 +75,7 @@ def parse_args(argv=None):
                    help="paper silent; the reference code trains on soft Dice (default: bce+dice)")
     p.add_argument("--all-slices", action="store_true",
                    help="lgg: keep slices without tumour (the paper keeps the 1373 with tumour)")
-    return common.resolve(p.parse_args(argv), DEFAULTS, mc_passes=2, pseudo_step=0)
+    return common.resolve(p.parse_args(argv), DEFAULTS)
 
 
 def ceal_budget(run, args, n_train):

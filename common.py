@@ -100,8 +100,10 @@ def shared_parser(doc, strategies, defaults):
     return p
 
 
-# the smallest value of each shared count flag; a script adds its own to resolve (e.g. mc_passes=2)
-AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0, batch_size=1, width=1, workers=0)
+# the smallest value of each count flag of several scripts (a variance needs 2 passes); a script adds its own
+# to resolve (e.g. clusters=1)
+AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0, batch_size=1, width=1, workers=0,
+                mc_passes=2, pseudo_step=0)
 
 
 def resolve(args, defaults, **at_least):

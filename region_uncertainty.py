@@ -93,7 +93,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.partial and args.rounds is None:  # Sec. V-B: 20 iterations with partial annotation
         args.rounds = DEFAULTS.get(args.data, DEFAULTS["other"])["rounds_partial"]
-    args = common.resolve(args, DEFAULTS, mc_passes=2)
+    args = common.resolve(args, DEFAULTS)
     del args.rounds_partial
     if args.dropout is None:  # only MC dropout needs dropout; trained into the others it shifts BatchNorm (docs)
         args.dropout = 0.5 if args.strategy == "mc-dropout" else 0.0

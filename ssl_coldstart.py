@@ -137,8 +137,8 @@ def parse_args(argv=None):
                         "(default: 5)")
     p.add_argument("--tables", nargs="+", metavar="RUN_DIR", help="print Table I / II (and the Fig. 2 "
                    "comparison) from finished run folders, write them to OUT/ssl_coldstart_tables.md, and exit")
-    args = common.resolve(p.parse_args(argv), DEFAULTS, mc_passes=2, pseudo_step=0, ssl_epochs=0, ssl_batch_size=1,
-                          shuffle_blocks=0, clusters=1, ensemble_size=2)
+    args = common.resolve(p.parse_args(argv), DEFAULTS, ssl_epochs=0, ssl_batch_size=1, shuffle_blocks=0, clusters=1,
+                          ensemble_size=2)
     if args.cold_start == "auto":
         args.cold_start = "cluster" if args.strategy == "cluster" else "random"
     if args.dropout is None:
