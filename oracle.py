@@ -16,9 +16,10 @@ from loaders import UserError, binarise_mask, read_image, resize_mask
 LABEL_README = """Round {rnd} of {script}: label {n} image(s).
 
 For every row of manifest.csv, draw the mask of image <sample_id>.png (here, at the original file's size):
-white (255) on the {what}, black (0) elsewhere (a transparent background counts as black), in any size with
-the image's aspect ratio: it is resized and thresholded at 128 as the loader does, so a soft (antialiased)
-edge is fine, greys elsewhere are not. Save it as a PNG:
+white (255) on the {what}, black (0)
+elsewhere (a transparent background counts as black), in any size with the image's aspect ratio: it is
+resized and thresholded at 128 as the loader does, so a soft (antialiased) edge is fine, greys elsewhere are
+not. Save it as a PNG:
 
     {labels}/<sample_id>.png
 
@@ -109,8 +110,8 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
         row = {"sample_id": sid, "original_file": data.files[i] if data.files is not None else "(in memory)",
                "image": f"{sid}.png", "model": "", "decide": "",
                "asked": "the whole mask", "label_file": f"labels/round_{rnd}/{sid}.png"}
-        if probs is not None:  # the image's aspect ratio, its long side 512 px (or the image's, if smaller)
-            f = min(1.0, 512 / max(image.size))
+        if probs is not None:  # at the image's aspect ratio, its long side 512 px
+            f = 512 / max(image.size)
             size = (max(1, round(image.size[0] * f)), max(1, round(image.size[1] * f)))
             small = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32)
             p = np.array(Image.fromarray(probs[k]).resize(size, Image.BILINEAR))[..., None]
@@ -129,12 +130,12 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
         w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    decide_text = ("\n\nThis round labels only part of each image: <sample_id>_decide.png marks (white) the pixels you "
-                   "decide; draw the whole mask all the same, and the run keeps the model's own labels outside "
-                   "the white pixels.") if decide is not None else ""
-    model_text = (" <sample_id>_model.png shows what the model predicts (red, left) and how unsure it\nis (bright "
-                  "= unsure, right), to help you; it is not a label.") if probs is not None else \
-        " (Round 0 asks before any training: no model prediction is shown.)"
+    decide_text = ("\n\nThis round labels only part of each image: <sample_id>_decide.png marks (white) the pixels\n"
+                   "you decide; draw the whole mask all the same, and the run keeps the model's own labels\n"
+                   "outside the white pixels.") if decide is not None else ""
+    model_text = ("\n\n<sample_id>_model.png shows what the model predicts (red, left) and how unsure it is (bright = "
+                  "unsure,\nright), to help you; it is not a label.") if probs is not None else \
+        "\n\nRound 0 asks before any training: no model prediction is shown."
     with open(os.path.join(ask_dir, "README.txt"), "w") as f:
         f.write(LABEL_README.format(rnd=rnd, script=run.script, n=len(rows), run_dir=os.path.abspath(run.dir),
                                     decide=decide_text, model=model_text,
