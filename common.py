@@ -917,9 +917,9 @@ class Run:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.offset_s = state.get("elapsed_s", 0.0)
         done = state["round"]
-        for name in sorted(os.listdir(self.dir)):  # every per-round CSV loses the rows of the unfinished round
-            if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:
-                self.truncate_csv(name, lambda r: int(r["round"]) <= done)
+        for name in sorted(os.listdir(self.dir)):  # every per-round CSV loses the rows of the unfinished round,
+            if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:  # and a row cut short
+                self.truncate_csv(name, lambda r: None not in r.values() and int(r["round"]) <= done)
         print(f"resume: {self.dir} after round {done}")
         return state
 

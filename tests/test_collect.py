@@ -5,7 +5,9 @@ import csv
 import json
 import math
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +133,14 @@ def test_resume_drops_an_unfinished_rounds_rows_whole_or_not_at_all(tmp_path, mo
     monkeypatch.undo()
     run.truncate_csv("a.csv", lambda r: int(r["round"]) <= 1)
     assert open(run.path("a.csv"), "rb").read() == b"round,v\n0,0\n1,0.5\n"
+    # a kill inside an append: round 12's row "12,6.0" cut to "1", which must not pass for a row of round 1
+    run.append_csv("b.csv", [{"round": r, "v": r / 2} for r in range(12)])
+    with open(run.path("b.csv"), "a") as f:
+        f.write("1")
+    torch.save({"rng_python": random.getstate(), "rng_numpy": np.random.get_state(), "rng_torch": torch.get_rng_state(),
+                "round": 11}, run.path("checkpoint.pt"))
+    common.Run("x.py", _args(resume=run.dir), torch.device("cpu")).load_checkpoint()
+    assert [r["round"] for r in run.read_csv("b.csv")] == [str(r) for r in range(12)]
 
 
 def test_round_row_and_summary(tmp_path, monkeypatch):
