@@ -106,10 +106,11 @@ AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0
                 mc_passes=2, pseudo_step=0)
 
 
-def resolve(args, defaults, **at_least):
+def resolve(args, defaults, size=(16, 16), **at_least):
     """Fill every flag left at None from the script's table row for --data (or its "other" row), then check
     the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr above 0, --split not negative,
-    --dropout in [0, 1), --image-size a multiple of 16 (every U-Net here pools 4 times)."""
+    --dropout in [0, 1), --image-size a multiple of size[0] and at least size[1] (the U-Net of unet.UNet halves
+    it 4 times; region's ResNet-18 U-Net passes (32, 64))."""
     row = defaults.get(args.data, defaults.get("other", {}))
     for key, value in row.items():
         if getattr(args, key, None) is None:
@@ -118,12 +119,14 @@ def resolve(args, defaults, **at_least):
         value = getattr(args, key, None)
         if value is not None and value < low:
             raise UserError(f"--{key.replace('_', '-')} {value}: expected at least {low}")
-    near, dropout = max(16, args.image_size // 16 * 16), getattr(args, "dropout", None) or 0
+    (step, low), dropout = size, getattr(args, "dropout", None) or 0
+    near = max(low, args.image_size // step * step)
     for bad, message in ((args.lr <= 0, f"--lr {args.lr}: expected a learning rate above 0"),
                          (args.split and min(args.split) < 0, f"--split {args.split}: expected sizes of at least 0"),
                          (not 0 <= dropout < 1, f"--dropout {dropout}: expected a probability in [0, 1)"),
-                         (args.image_size < 16 or args.image_size % 16, f"--image-size {args.image_size}: expected a "
-                          f"multiple of 16 (every U-Net here pools 4 times); the nearest are {near} and {near + 16}")):
+                         (args.image_size < low or args.image_size % step, f"--image-size {args.image_size}: expected "
+                          f"a multiple of {step}, at least {low} (the U-Net's poolings); the nearest are {near} and "
+                          f"{near + step}")):
         if bad:
             raise UserError(message)
     return args
@@ -737,10 +740,15 @@ class Run:
             if ignored:
                 print(f"resume: {' '.join('--' + k.replace('_', '-') for k in ignored)} ignored: {self.dir} keeps the "
                       f"flags it started with (its config.json), and a run keeps its numerics")
-            if cfg.get("threads") and cfg["threads"] != torch.get_num_threads():
-                print(f"resume: {cfg['threads']} threads, as the run started with (not {torch.get_num_threads()}): "
-                      f"the same sums, the same picks")
-                torch.set_num_threads(cfg["threads"])
+            threads = cfg.get("threads")
+            if threads and threads != torch.get_num_threads() and cfg.get("device") == "cpu" and device.type == "cpu":
+                if threads <= (os.cpu_count() or 1):
+                    print(f"resume: {threads} threads, as the run started with (not {torch.get_num_threads()}): the "
+                          f"same CPU sums, the same picks")
+                    torch.set_num_threads(threads)
+                else:
+                    print(f"resume: the run started with {threads} threads, more than this machine's "
+                          f"{os.cpu_count()} cores; on {torch.get_num_threads()}, its sums may round differently")
             for k, v in cfg["args"].items():
                 if k not in ("resume", "device", "workers"):
                     setattr(args, k, v)

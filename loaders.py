@@ -269,10 +269,13 @@ def read_raw_tiff(path):
 
 
 def to_8bit(im):
-    """A 16-bit, 32-bit or float image (radiographs, MRI and DICOM exports) to 8 bits by its own min and max
-    (a constant image: black); Pillow's convert would clip every value above 255 to white."""
+    """A 16-bit, 32-bit or float image (radiographs, MRI and DICOM exports) to 8 bits by the min and max of its
+    finite pixels (NaN and inf, e.g. a float export's background, go to the min; a constant image: black);
+    Pillow's convert would clip every value above 255 to white."""
     a = np.asarray(im, dtype=np.float64)
-    lo, hi = a.min(), a.max()
+    finite = np.isfinite(a)
+    lo, hi = (a[finite].min(), a[finite].max()) if finite.any() else (0.0, 0.0)
+    a = np.where(finite, a, lo)
     return Image.fromarray(np.round((a - lo) * (255 / (hi - lo) if hi > lo else 0)).astype(np.uint8))
 
 

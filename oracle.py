@@ -37,8 +37,8 @@ the run with one message listing all of them, and nothing is changed.
 def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, amp=False, decide=None):
     """The oracle labels the samples idx (indices into data) of round rnd. --oracle simulated: the dataset's
     masks, already in y: nothing to do. --oracle folder: a person answers. The first time a round asks,
-    the run writes RUN_DIR/to_label/round_<rnd>/ (each image at its original size, the model's prediction
-    and uncertainty beside it, manifest.csv, README.txt) and stops with exit 0; its last finished round is
+    the run writes RUN_DIR/to_label/round_<rnd>/ (each image at its original size, from round 1 on the
+    model's prediction and uncertainty beside it, manifest.csv, README.txt) and stops with exit 0; its last finished round is
     checkpointed, so `--resume RUN_DIR` repeats this round's selection (seeded: the same picks, checked
     against the manifest) and comes back here. Then labels/round_<rnd>/<id>.png are read (read_labels),
     resized and binarised as the loader does, and written into y[idx]: the round trains on them exactly as
@@ -54,7 +54,7 @@ def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, 
         asked = [r["sample_id"] for r in read_rows(manifest)]
         if asked != ids:
             raise UserError(f"{manifest} asks for other samples than this run picks now: the selection did not "
-                            f"repeat (another device or thread count than the run's?); resume where it started")
+                            f"repeat (another device than the run's?); resume where it started")
         if not os.path.isdir(lab_dir):
             raise UserError(f"{lab_dir}: folder not found; expected the {len(ids)} label files that "
                             f"{os.path.join(ask_dir, 'README.txt')} asks for")
@@ -150,7 +150,9 @@ def read_labels(lab_dir, ids, data, size):
     want = {f"{sid}.png": sid for sid in ids}
     present = sorted(n for n in os.listdir(lab_dir) if not n.startswith(".") and n not in ("Thumbs.db", "desktop.ini"))
     stems = {os.path.splitext(n)[0]: n for n in present if n not in want}
-    problems = [f"missing: {name}" + (f" (found {stems[name[:-4]]}: save it as PNG)" if name[:-4] in stems else "")
+    found = lambda n: (f" (found {n}: rename it {n[:-4]}.png)" if n.lower().endswith(".png") else
+                       f" (found {n}: save it as PNG)")
+    problems = [f"missing: {name}" + (found(stems[name[:-4]]) if name[:-4] in stems else "")
                 for name in want if name not in present]
     problems += [f"extra (not asked this round): {name}" for name in present if name not in want]
     masks, where = {}, {sid: k for k, sid in enumerate(data.ids)}

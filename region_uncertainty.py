@@ -93,7 +93,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.partial and args.rounds is None:  # Sec. V-B: 20 iterations with partial annotation
         args.rounds = DEFAULTS.get(args.data, DEFAULTS["other"])["rounds_partial"]
-    args = common.resolve(args, DEFAULTS)
+    # the ResNet-18 U-Net: a multiple of 32, at least 64 (its last stage, at 1/32, keeps more than one pixel for
+    # BatchNorm)
+    args = common.resolve(args, DEFAULTS, size=(32, 64))
     del args.rounds_partial
     if args.dropout is None:  # only MC dropout needs dropout; trained into the others it shifts BatchNorm (docs)
         args.dropout = 0.5 if args.strategy == "mc-dropout" else 0.0
@@ -109,9 +111,6 @@ def parse_args(argv=None):
         raise common.UserError(f"--tau-u {args.tau_u}: expected a value in (0, 0.5]")
     if not 0 < args.tau_b < 1:
         raise common.UserError(f"--tau-b {args.tau_b}: expected a value in (0, 1)")
-    if args.image_size % 32 or args.image_size < 64:
-        raise common.UserError(f"--image-size {args.image_size}: the ResNet-18 U-Net needs a multiple of 32, at "
-                               f"least 64 (its last stage, at 1/32, must keep more than one pixel for BatchNorm)")
     if args.encoder_weights and args.width != 64:
         raise common.UserError(f"--encoder-weights needs --width 64 (ResNet-18 itself), not --width {args.width}")
     return args

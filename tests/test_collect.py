@@ -91,7 +91,7 @@ def _args(**kw):
     return argparse.Namespace(**dict(base, **kw))
 
 
-def test_run_csv_line_ends_and_resume_keeps_the_runs_amp(tmp_path, capsys):
+def test_run_csv_line_ends_and_resume_keeps_the_runs_amp(tmp_path, capsys, monkeypatch):
     run = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
     run.append_csv("a.csv", [{"round": 0, "v": 1.5}, {"round": 1, "v": 2.0}])
     run.append_csv("a.csv", {"round": 2, "v": 3})
@@ -105,14 +105,22 @@ def test_run_csv_line_ends_and_resume_keeps_the_runs_amp(tmp_path, capsys):
     assert (again.amp, again.seed, again.device, again.workers) == (False, 0, "cuda:1", 3)  # device, workers may change
     assert example_tta.parse_args(["--resume", "x", "--epochs", "3", "--rou=2", "--amp"])._typed == \
         ["amp", "epochs", "resume", "rounds"]  # the flags typed, an abbreviation too
-    threads = torch.get_num_threads()
-    run.write_json("config.json", dict(common.read_json(run.path("config.json")), threads=threads + 1))
-    try:  # a run resumes on the thread count it started with: CPU sums, and so picks, depend on it
-        common.Run("x.py", _args(resume=run.dir), torch.device("cpu"))
-        assert torch.get_num_threads() == threads + 1
-        assert f"resume: {threads + 1} threads, as the run started with (not {threads})" in capsys.readouterr().out
+    threads, cfg = torch.get_num_threads(), common.read_json(run.path("config.json"))
+    monkeypatch.setattr(common.os, "cpu_count", lambda: threads + 1)
+    try:  # a CPU run resumes on the thread count it started with: CPU sums, and so picks, depend on it
+        for started, on, now, says in (
+                (threads + 1, "cpu", threads + 1, f"resume: {threads + 1} threads, as the run started with (not {threads})"),
+                (threads + 2, "cpu", threads, f"resume: the run started with {threads + 2} threads, more than this "
+                                              f"machine's {threads + 1} cores"),
+                (threads + 1, "cuda", threads, None)):  # a GPU run's sums do not depend on the CPU's threads
+            run.write_json("config.json", dict(cfg, threads=started, device=on))
+            common.Run("x.py", _args(resume=run.dir), torch.device("cpu"))
+            out = capsys.readouterr().out
+            assert torch.get_num_threads() == now and (says in out if says else "threads" not in out), out
+            torch.set_num_threads(threads)
     finally:
         torch.set_num_threads(threads)
+    run.write_json("config.json", cfg)
 
 
 def test_resume_drops_an_unfinished_rounds_rows_whole_or_not_at_all(tmp_path, monkeypatch):

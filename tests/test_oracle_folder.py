@@ -250,9 +250,12 @@ def test_label_files_as_drawing_tools_save_them(tmp_path):
     masks = oracle.read_labels(str(lab), ids, data, 32)
     assert [bool((m == disc).all()) for m in masks] == [True] * 6
     os.rename(lab / f"{ids[5]}.png", lab / f"{ids[5]}.jpg")
+    os.rename(lab / f"{ids[4]}.png", lab / f"{ids[4]}.PNG")
     with pytest.raises(common.UserError) as e:
         oracle.read_labels(str(lab), ids, data, 32)
-    assert str(e.value).splitlines()[1:] == [f"  missing: {ids[5]}.png (found {ids[5]}.jpg: save it as PNG)",
+    assert str(e.value).splitlines()[1:] == [f"  missing: {ids[4]}.png (found {ids[4]}.PNG: rename it {ids[4]}.png)",
+                                             f"  missing: {ids[5]}.png (found {ids[5]}.jpg: save it as PNG)",
+                                             f"  extra (not asked this round): {ids[4]}.PNG",
                                              f"  extra (not asked this round): {ids[5]}.jpg"]
 
 
