@@ -820,9 +820,10 @@ class Run:
         return self.dir
 
     def update_config(self, args):
-        """Record flags derived after the run folder was made (split, initial, query from the data)."""
+        """Record flags derived after the run folder was made (split, initial, query from the data); the
+        "resume" a later process was given is not a flag of the run (a resume that stops changes nothing)."""
         cfg = read_json(self.path("config.json"))
-        self.write_json("config.json", dict(cfg, args=vars(args)))
+        self.write_json("config.json", dict(cfg, args=dict(vars(args), resume=cfg["args"].get("resume"))))
 
     def path(self, name):
         return os.path.join(self.dir, name)

@@ -141,7 +141,7 @@ def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
     open(os.path.join(lab, f"{ids[3]}.png"), "w").write("not a png")                      # unreadable
     Image.fromarray(good).save(os.path.join(lab, "someone_else.png"))                     # extra
     # ids[4] and ids[5]: missing
-    before = sorted(os.listdir(run))
+    before, config = sorted(os.listdir(run)), open(os.path.join(run, "config.json")).read()
     out = run_script("example_tta.py", "--resume", run, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     msg = out.stderr
@@ -151,6 +151,7 @@ def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
         assert line in msg, line
     assert f"{ids[0]}.png" not in msg.replace(f"{ids[0]}.png'", "")
     assert sorted(os.listdir(run)) == before and not os.path.isfile(os.path.join(run, "rounds.csv"))
+    assert open(os.path.join(run, "config.json")).read() == config
     # a resume before any label was drawn: says where the labels go
     shutil.rmtree(lab)
     out = run_script("example_tta.py", "--resume", run, check=False)
