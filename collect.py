@@ -110,7 +110,8 @@ def curves_by_script(path, summary, columns=2):
                 sd = 0.0 if r["dice_mean_std"] != r["dice_mean_std"] else r["dice_mean_std"]
                 series[f"full ({r['labeled']})"] = ([min(xs), max(xs)], [r["dice_mean"]] * 2, [sd] * 2)
         tmp = path + f".{len(panels)}.png"
-        common.plot(tmp, series, "labelled samples", "test Dice", f"{script} ({data})", size=(480, 330))
+        common.plot(tmp, series, "labelled samples", "test Dice", f"{script} ({data})", size=(480, 330),
+                    dashed=[k for k in series if k.startswith("full (")])
         panels.append(Image.open(tmp).convert("RGB"))
         os.remove(tmp)
     w, h = max(p.width for p in panels), max(p.height for p in panels)

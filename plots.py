@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (152, 223, 138), (174, 199, 232)]
 
 
 def _ticks(lo, hi, n=5):
@@ -19,12 +19,17 @@ def _ticks(lo, hi, n=5):
     return [t for t in np.arange(math.ceil(lo / step) * step, hi + step / 2, step) if lo - 1e-9 <= t <= hi + 1e-9]
 
 
-def _fmt(v):
-    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
+def _fmt(v, ticks):
+    """A tick label with as many decimals as the ticks' step needs (0.2166, 0.2168, ... stay apart)."""
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    dec = max(0, -math.floor(math.log10(step) + 1e-9))
+    dec += abs(step * 10 ** dec - round(step * 10 ** dec)) > 1e-6  # 0.25, 2.5: one more
+    return f"{v:.{dec}f}"
 
 
-def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 440)):
-    """series: {label: (xs, ys) or (xs, ys, stds)}; kind "line" (with ±std bands), "scatter" or "bar"."""
+def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 440), dashed=()):
+    """series: {label: (xs, ys) or (xs, ys, stds)}; kind "line" (with ±std bands), "scatter" or "bar"; the
+    lines of the labels in `dashed` are drawn dashed (e.g. a ceiling)."""
     font = ImageFont.load_default()
     labels = [str(label)[:48] for label in series]  # the legend, right of the plot
     legend_w = int(max((font.getlength(t) for t in labels), default=0)) + 30 if labels else 0
@@ -47,13 +52,15 @@ def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 4
     px = lambda v: L + (v - x0) / (x1 - x0) * (W - L - R)
     py = lambda v: H - B - (v - y0) / (y1 - y0) * (H - T - B)
     d.rectangle([L, T, W - R, H - B], outline="black")
-    for t in _ticks(x0, x1):
+    ticks = _ticks(x0, x1)
+    for t in ticks:
         d.line([px(t), H - B, px(t), H - B + 4], fill="black")
-        d.text((px(t) - 8, H - B + 6), _fmt(t), fill="black", font=font)
-    for t in _ticks(y0, y1):
+        d.text((px(t) - 8, H - B + 6), _fmt(t, ticks), fill="black", font=font)
+    ticks = _ticks(y0, y1)
+    for t in ticks:
         d.line([L - 4, py(t), L, py(t)], fill="black")
         d.line([L, py(t), W - R, py(t)], fill=(0, 0, 0, 25))
-        d.text((4, py(t) - 5), _fmt(t), fill="black", font=font)
+        d.text((4, py(t) - 5), _fmt(t, ticks), fill="black", font=font)
     d.text((L + (W - L - R) // 2 - 3 * len(xlabel), H - 20), xlabel, fill="black", font=font)
     d.text((4, 8), (ylabel + "  " if ylabel else "") + title, fill="black", font=font)
     for k, (label, s) in enumerate(series.items()):
@@ -73,7 +80,14 @@ def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 4
                        [(px(x), py(y - e)) for x, y, e in zip(xs[::-1], ys[::-1], sd[::-1])]
                 d.polygon(poly, fill=c + (50,))
             pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
-            if len(pts) > 1:
+            if len(pts) > 1 and label in dashed:  # 6 px on, 4 off, along each segment
+                for (ax, ay), (bx, by) in zip(pts, pts[1:]):
+                    n = max(1, int(math.hypot(bx - ax, by - ay) // 10))
+                    for j in range(n):
+                        f0, f1 = j / n, (j + 0.6) / n
+                        d.line([ax + f0 * (bx - ax), ay + f0 * (by - ay), ax + f1 * (bx - ax), ay + f1 * (by - ay)],
+                               fill=c, width=2)
+            elif len(pts) > 1:
                 d.line(pts, fill=c, width=2)
             for p in pts:
                 d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)

@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 import collect
@@ -267,3 +268,23 @@ def test_vs_random_verdicts_and_ceiling(tmp_path):
     collect.main([str(tmp_path), "--out", str(tmp_path / "out"), "--vs-random"])
     assert "| example_tta | synthetic | tta | 20 | 2 / 2 |" in open(tmp_path / "out" / "vs_random.md").read()
     assert os.path.getsize(tmp_path / "out" / "curves_by_script.png") > 1000
+
+
+def test_chart_ticks_colours_and_the_dashed_ceiling(tmp_path):
+    """collect.py's per-script panels: tick labels keep a narrow Dice range apart, each of up to 12 series has
+    its own colour, and the ceiling ("full (N)") is dashed."""
+    import plots
+    ticks = plots._ticks(0.2166, 0.2172)
+    assert len({plots._fmt(t, ticks) for t in ticks}) == len(ticks) > 2
+    assert [plots._fmt(t, plots._ticks(0, 1)) for t in plots._ticks(0, 1)] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert plots._fmt(0.25, [0, 0.25]) == "0.25" and plots._fmt(40, [0, 20, 40]) == "40"
+    assert len(set(plots.COLOURS)) >= 12
+    series = {f"s{k}": ([0, 100], [k / 20, k / 20 + 0.01]) for k in range(10)}
+    series["full (200)"] = ([0, 100], [0.8, 0.8])
+    common.plot(tmp_path / "c.png", series, size=(480, 330), dashed=["full (200)"])
+    a = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    colour = np.array(plots.COLOURS[10])
+    rows = np.flatnonzero((np.abs(a - colour) < 3).all(2).sum(1) > 50)  # the ceiling's row(s), at 0.8
+    on = (np.abs(a[rows[0]] - colour) < 3).all(1)
+    along = on[np.flatnonzero(on)[0]: np.flatnonzero(on)[-1]]
+    assert along.mean() < 0.9 and (np.diff(along.astype(int)) == 1).sum() > 10  # broken into many dashes

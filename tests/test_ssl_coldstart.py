@@ -355,6 +355,7 @@ def test_comparators_end_to_end(weights, tmp_path, strategy, how):
     assert len({r["sample_id"] for r in q}) == len(q)
     # every round: pool_scores.csv (the pool at selection time, its scores, the group of each pick) and picks/
     ps = read(run, "pool_scores.csv")
+    interface.assert_interface("ssl_coldstart.py", run, help=False)  # random too, whose pool has no score column
     for rnd in ("0", "1"):
         this = {r["sample_id"]: r["picked"] for r in ps if r["round"] == rnd}
         assert {sid: how for sid, how in this.items() if how} == {r["sample_id"]: r["how"] for r in q if r["round"] == rnd}
