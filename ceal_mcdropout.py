@@ -78,14 +78,11 @@ def parse_args(argv=None):
     return common.resolve(p.parse_args(argv), DEFAULTS)
 
 
-def ceal_budget(run, args, n_train):
-    """--pseudo-step for other data (the ISIC share, 20 of 1600), and the budget of Sec. 4.2: the pseudo-labels
-    that do not fit the pool beside the oracle's queries are fewer in the last iterations (ceal_groups serves the
-    oracle first), said here; Table 2's LGG is such a case, 329 + 35 x 10 + 20 x 10 = 879 of 878 slices. Returns
-    pseudo_of(r): the pseudo-labels iteration r trains on, "20 x number of iterations" (--pseudo-mode)."""
-    if args.pseudo_step is None:
-        args.pseudo_step = common.pool_share(n_train, 20, 1600)
-        run.update_config(args)
+def ceal_budget(args, n_train):
+    """The budget of Sec. 4.2: the pseudo-labels that do not fit the pool beside the oracle's queries are fewer
+    in the last iterations (ceal_groups serves the oracle first), said here; Table 2's LGG is such a case,
+    329 + 35 x 10 + 20 x 10 = 879 of 878 slices. Returns pseudo_of(r): the pseudo-labels iteration r trains on,
+    "20 x number of iterations" (--pseudo-mode)."""
     pseudo_of = lambda r: args.pseudo_step * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)
     n_pseudo = pseudo_of(args.rounds) if args.strategy == "ceal" else 0
     short = args.initial + args.query * args.rounds + n_pseudo - n_train
@@ -162,10 +159,10 @@ def main(argv=None):
                             n=sum(args.split) if args.split else None, workers=args.workers)
     if args.data == "lgg" and not args.all_slices:
         data = keep_positive(data)  # Sec. 2: the 1373 slices with tumour (full-resolution masks, any size)
-    # other data: the ISIC shares, D^L 600 of the 1600 (37.5 %, Sec. 4) and +35 per iteration (Sec. 4.2)
-    train_ids, val_ids, test_ids = common.split_data(run, data, args, 600, 35, 1600)
+    # other data: the ISIC shares, D^L 600 of the 1600 (37.5 %, Sec. 4), +35 per iteration and 20 pseudo (Sec. 4.2)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 600, 35, 1600, pseudo=20)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    pseudo_of, redraw = ceal_budget(run, args, len(train_ids)), args.pseudo_mode == "redraw"
+    pseudo_of, redraw = ceal_budget(args, len(train_ids)), args.pseudo_mode == "redraw"
     rounds, epochs0, steps = common.ceiling(args, len(train_ids), pseudo_of, redraw)  # --strategy full: the ceiling
     x, y = common.to_device(data, device)
 

@@ -196,10 +196,11 @@ def pool_share(n_pool, count, paper_pool):
     return max(1, round(count * n_pool / paper_pool))
 
 
-def split_data(run, data, args, initial, query, paper_pool, split=None):
+def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=None):
     """A run's seeded split and labelling counts, recorded in its folder. Flags left at None come from the
-    data: --split from `split` (else default_split), --initial and --query as the paper's `initial` and
-    `query` of its training pool of `paper_pool`, carried to this pool (pool_share). Writes splits.json and
+    data: --split from `split` (else default_split), --initial and --query (and --pseudo-step, given `pseudo`:
+    CEAL's pseudo-labels per iteration) as the paper's `initial`, `query` (and `pseudo`) of its training pool
+    of `paper_pool`, carried to this pool (pool_share). Writes splits.json and
     the resolved flags (config.json, with the sizes achieved as "split_achieved": a split by patient, lgg,
     is approximate and also prints requested vs achieved), checks the training pool's masks
     (check_foreground); returns the train, validation and test indices."""
@@ -235,6 +236,8 @@ def split_data(run, data, args, initial, query, paper_pool, split=None):
         args.initial = pool_share(len(ids[0]), initial, paper_pool)
     if args.query is None:
         args.query = pool_share(len(ids[0]), query, paper_pool)
+    if pseudo is not None and args.pseudo_step is None:
+        args.pseudo_step = pool_share(len(ids[0]), pseudo, paper_pool)
     run.update_config(args)
     run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved))
     run.write_json("splits.json", split_ids)

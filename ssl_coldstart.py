@@ -53,11 +53,12 @@ DEFAULTS = {
     "synthetic": dict(split=[300, 0, 100], initial=40, query=10, rounds=9, epochs_initial=50, epochs=10,
                       batch_size=16, lr=1e-3, width=16, image_size=64, clusters=10, aap_grid=2, ssl_epochs=6,
                       shuffle_blocks=1000, mc_passes=10, pseudo_step=5, ensemble_size=4),
-    # Any other dataset: the ISIC protocol; split from the data (common.default_split), C and the query size
-    # the ISIC shares of the pool (300 and 35 of 1600: common.pool_share).
+    # Any other dataset: the ISIC protocol; split from the data (common.default_split), C, the query size and
+    # the CEAL / DSAL comparators' pseudo-label step the ISIC shares of the pool (300, 35 and 20 of 1600:
+    # common.pool_share).
     "other": dict(split=None, initial=None, query=None, rounds=9, epochs_initial=10, epochs=2, batch_size=16,
                   lr=1e-4, width=32, image_size=256, clusters=10, aap_grid=2, ssl_epochs=100,
-                  shuffle_blocks=10000, mc_passes=20, pseudo_step=20, ensemble_size=4),
+                  shuffle_blocks=10000, mc_passes=20, pseudo_step=None, ensemble_size=4),
 }
 STRATEGIES = ["cluster", "random", "mc-dropout", "ceal", "ens-s", "ens-js", "suggestive", "dsal", "full"]
 
@@ -123,7 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--mc-passes", type=int, help="mc-dropout / ceal: T stochastic passes (paper silent; CEAL "
                    "reference code 20; default per --data: isic2017 20, synthetic 10)")
     p.add_argument("--pseudo-step", type=int, help="ceal: pseudo-labels per iteration = step x iteration "
-                   "(CEAL Sec. 4.2: 20); default per --data")
+                   "(CEAL Sec. 4.2: 20); default per --data (other: the ISIC share of the pool, 20 of 1600)")
     p.add_argument("--dropout", type=float, help="bottleneck dropout (paper silent; default 0.5 for mc-dropout "
                    "and ceal as in the public CEAL code, else 0)")
     p.add_argument("--ensemble-size", type=int, help="ens-s / ens-js / suggestive: M models on bootstrap resamples, "
@@ -724,7 +725,7 @@ def main(argv=None):
                             n=sum(args.split) if args.split else None, workers=args.workers)
     data = prepare_data(data, args)
     # other data: the ISIC shares, C = 300 and +35 of the 1600 pool (Sec. IV-A)
-    train_ids, val_ids, test_ids = common.split_data(run, data, args, 300, 35, 1600)
+    train_ids, val_ids, test_ids = common.split_data(run, data, args, 300, 35, 1600, pseudo=20)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
     rounds, epochs0, steps = common.ceiling(args, len(train_ids))  # --strategy full: the ceiling
     x, y = common.to_device(data, device)

@@ -615,3 +615,13 @@ def test_tables_keep_base_set_and_schedule_apart(tmp_path):
     fake_run("d", 0.9, cold_start="random", epochs=7)
     text = open(S.tables(args)).read()
     assert "random, 50+10 epochs, w/ SSL (n=2)" in text and "random, 50+7 epochs, w/ SSL (n=1)" in text
+
+
+def test_comparators_pseudo_step_scales_with_the_pool_on_other_data(tmp_path):
+    """As in ceal_mcdropout.py: on other data the CEAL comparator pseudo-labels the ISIC share, 20 of 1600."""
+    root = common.write_folder(common.make_synthetic(200, 32, 3, seed=0), str(tmp_path / "data"))
+    i = TINY.index("--pseudo-step")  # TINY's step 2 left out: the default's
+    run = S.main([*map(str, TINY[:i] + TINY[i + 2:]), "--device", "cpu", "--data", "folder", "--data-dir", root, "--split", "128", "0", "20",
+                  "--strategy", "ceal", "--no-ssl-init", "--rounds", "1", "--out", str(tmp_path / "runs")])
+    assert json.load(open(os.path.join(run, "config.json")))["args"]["pseudo_step"] == 2  # 128 x 20 / 1600
+    assert [int(r["pseudo"]) for r in read(run, "rounds.csv")] == [0, 2]
