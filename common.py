@@ -64,9 +64,8 @@ def shared_parser(doc, strategies, defaults):
     """argparse with the shared flags first, in the order every script uses; `defaults` is the script's
     per-dataset table (the row "other" serves datasets the paper did not use). Flags left at None are
     filled from that table by resolve()."""
-    p = Parser(usage="%(prog)s [flags]", description=doc.split("\n\n")[0],
-                                epilog=doc.split("\n\n", 1)[-1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(usage="%(prog)s [flags]", description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def per_data(key):
         return "default per --data: " + ", ".join(f"{d} {row[key]}" for d, row in defaults.items() if key in row)
@@ -920,7 +919,7 @@ class Run:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
                             f"a copy cut short? Restore it, or remove it to start {self.dir} again")
         random.setstate(state["rng_python"])
         np.random.set_state(state["rng_numpy"])

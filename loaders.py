@@ -178,7 +178,8 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
     by_key, stems = _keyed(masks, _mask_stem), _keyed(images, _stem)
     for sub in (img_dir, mask_dir):
-        nested = [f for f in glob.glob(os.path.join(sub, "*", "**", "*"), recursive=True) if f.lower().endswith(IMAGE_EXT)]
+        nested = [f for f in glob.glob(os.path.join(sub, "*", "**", "*"), recursive=True)
+                  if f.lower().endswith(IMAGE_EXT)]
         if nested:
             print(f"note: {len(nested)} image files in subfolders of {sub} (e.g. {nested[0]}) are not read; "
                   f"only the files directly in it are")

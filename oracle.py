@@ -38,9 +38,9 @@ def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, 
     """The oracle labels the samples idx (indices into data) of round rnd. --oracle simulated: the dataset's
     masks, already in y: nothing to do. --oracle folder: a person answers. The first time a round asks,
     the run writes RUN_DIR/to_label/round_<rnd>/ (each image at its original size, from round 1 on the
-    model's prediction and uncertainty beside it, manifest.csv, README.txt) and stops with exit 0; its last finished round is
-    checkpointed, so `--resume RUN_DIR` repeats this round's selection (seeded: the same picks, checked
-    against the manifest) and comes back here. Then labels/round_<rnd>/<id>.png are read (read_labels),
+    model's prediction and uncertainty beside it, manifest.csv, README.txt) and stops with exit 0; its last
+    finished round is checkpointed, so `--resume RUN_DIR` repeats this round's selection (seeded: the same
+    picks, checked against the manifest) and comes back here. Then labels/round_<rnd>/<id>.png are read (read_labels),
     resized and binarised as the loader does, and written into y[idx]: the round trains on them exactly as
     on simulated labels, and pseudo-labels or model-labelled pixels stay the model's. decide: (n, S, S)
     bool, the pixels the person must decide (region_uncertainty --partial); the rest comes from the model."""
@@ -80,7 +80,8 @@ def restore(run, start, data, y):
         manifest = run.path(f"to_label/round_{rnd}/manifest.csv")
         if not os.path.isfile(manifest):  # a round that asked for nothing (ask() with no samples), or a deleted one
             queried = run.path("queried.csv")
-            if any(int(r["round"]) == rnd and r["how"] != "pseudo" for r in (read_rows(queried) if os.path.isfile(queried) else [])):
+            rows = read_rows(queried) if os.path.isfile(queried) else []
+            if any(int(r["round"]) == rnd and r["how"] != "pseudo" for r in rows):
                 raise UserError(f"{manifest}: not found, but round {rnd} asked for labels (queried.csv); put "
                                 f"{os.path.dirname(manifest)} back: it says which label files the run trained on")
             continue

@@ -296,8 +296,9 @@ def models_genesis(x, gen, n_blocks=10000):
 def pretrain(run, x, pool, pool_ids, args, device):
     """Eq. 1: min_theta sum_i l(f(D(x_i); theta), x_i) on the unlabelled pool, l = L2 between sigmoid(output)
     and the clean image (all --channels). Returns the U-Net's state dict, the losses and the seconds, and saves
-    them as ssl_weights.pt in the run folder. --ssl-optim adam: ours (paper silent); sgd: the authors' code (SGD momentum 0.9, lr 0.01, batch 1,
-    step decay; the step, 40 epochs x 0.5, is the Models Genesis PyTorch code's StepLR(0.8 x patience 50)).
+    them as ssl_weights.pt in the run folder. --ssl-optim adam: ours (paper silent); sgd: the authors' code
+    (SGD momentum 0.9, lr 0.01, batch 1, step decay; the step, 40 epochs x 0.5, is the Models Genesis PyTorch
+    code's StepLR(0.8 x patience 50)).
     Their early stopping watches a validation loss on test images: left out, the run trains --ssl-epochs."""
     t0 = time.time()
     model = common.prepare_model(ssl_unet(args), device, args.compile)
