@@ -625,3 +625,18 @@ def test_comparators_pseudo_step_scales_with_the_pool_on_other_data(tmp_path):
                   "--strategy", "ceal", "--no-ssl-init", "--rounds", "1", "--out", str(tmp_path / "runs")])
     assert json.load(open(os.path.join(run, "config.json")))["args"]["pseudo_step"] == 2  # 128 x 20 / 1600
     assert [int(r["pseudo"]) for r in read(run, "rounds.csv")] == [0, 2]
+
+
+def test_a_kill_while_the_ssl_weights_are_saved_leaves_no_half_file(tmp_path, monkeypatch):
+    """ssl_weights.pt is written to a temporary name and then renamed: a kill mid-write leaves no ssl_weights.pt
+    for --resume to load (and fail on), so the resume pre-trains again."""
+    def killed(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main("--out", tmp_path)
+    run = str(next(tmp_path.iterdir()))
+    assert not os.path.exists(os.path.join(run, "ssl_weights.pt"))
