@@ -93,6 +93,16 @@ def restore(run, start, data, y):
         y[torch.as_tensor([where[s] for s in ids], device=y.device)] = torch.as_tensor(masks, device=y.device)
 
 
+def outline(mask, width):
+    """The pixels of `mask` within `width` pixels of its edge (4-neighbour erosion, `width` times; where it meets
+    the image's border, the border is its edge), so the prediction is drawn over the image without hiding it."""
+    inner = mask
+    for _ in range(width):
+        q = np.pad(inner, 1)
+        inner = q[1:-1, 1:-1] & q[:-2, 1:-1] & q[2:, 1:-1] & q[1:-1, :-2] & q[1:-1, 2:]
+    return mask & ~inner
+
+
 def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide):
     """RUN_DIR/to_label/round_<rnd>/: <id>.png (the image as found, or the in-memory one), <id>_model.png
     (prediction and uncertainty), <id>_decide.png (with decide), manifest.csv and README.txt."""
@@ -116,7 +126,8 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
             size = (max(1, round(image.size[0] * f)), max(1, round(image.size[1] * f)))
             small = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32)
             p = np.array(Image.fromarray(probs[k]).resize(size, Image.BILINEAR))[..., None]
-            pred = small * 0.6 + np.array([255, 0, 0], np.float32) * 0.4 * (p > 0.5) + small * 0.4 * (p <= 0.5)
+            pred = small.copy()  # the image untouched, the predicted object's edge drawn on it in yellow
+            pred[outline(p[..., 0] > 0.5, 2)] = (255, 255, 0)  # 2 px wide at 512 px
             unc = np.repeat(255 * binary_entropy(torch.from_numpy(p)).numpy(), 3, 2)
             Image.fromarray(np.concatenate([pred, unc], 1).clip(0, 255).astype(np.uint8)).save(
                 os.path.join(ask_dir, f"{sid}_model.png"))
@@ -134,9 +145,9 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
     decide_text = ("\n\nThis round labels only part of each image: <sample_id>_decide.png marks (white) the pixels\n"
                    "you decide; draw the whole mask all the same, and the run keeps the model's own labels\n"
                    "outside the white pixels.") if decide is not None else ""
-    model_text = ("\n\n<sample_id>_model.png shows what the model predicts (red, left) and how unsure it is (bright = "
-                  "unsure,\nright), to help you; it is not a label.") if probs is not None else \
-        "\n\nRound 0 asks before any training: no model prediction is shown."
+    model_text = ("\n\n<sample_id>_model.png shows what the model predicts (outlined in yellow, left)\n"
+                  "and how unsure it is (bright = unsure, right), to help you; it is not a label.") \
+        if probs is not None else "\n\nRound 0 asks before any training: no model prediction is shown."
     with open(os.path.join(ask_dir, "README.txt"), "w") as f:
         f.write(LABEL_README.format(rnd=rnd, script=run.script, n=len(rows), run_dir=os.path.abspath(run.dir),
                                     decide=decide_text, model=model_text,

@@ -39,6 +39,12 @@ def annotate(run, folder):
     os.makedirs(os.path.join(run, "labels", rnd), exist_ok=True)
     for r in rows:  # round 0 asks before any training: no model image
         assert os.path.isfile(os.path.join(run, "to_label", rnd, r["image"])) and bool(r["model"]) == (rnd != "round_0")
+        if r["model"]:  # left: the image itself, at 512 px, but for the prediction's yellow outline
+            shown = np.asarray(Image.open(os.path.join(run, "to_label", rnd, r["model"])))
+            image = Image.open(os.path.join(run, "to_label", rnd, r["image"]))
+            image = np.asarray(image.resize((512, 512), Image.BILINEAR), np.float32).astype(np.uint8)
+            left, yellow = shown[:, :512], (shown[:, :512] == (255, 255, 0)).all(2)
+            assert shown.shape == (512, 1024, 3) and (left[~yellow] == image[~yellow]).all()
         shutil.copy(os.path.join(folder, "masks", f"{r['sample_id']}_mask.png"),
                     os.path.join(run, "labels", rnd, f"{r['sample_id']}.png"))
     return len(rows)
@@ -225,6 +231,16 @@ def test_diagnostics_against_the_pools_masks_are_nan_when_it_has_none(script, ta
     values = [r[column] for r in csv.DictReader(open(os.path.join(run, table)))]
     assert values and all(v == "nan" for v in values), (column, values[:5])
     assert figure is None or not os.path.exists(os.path.join(run, figure))
+
+
+def test_outline_is_the_edge_of_the_prediction_not_of_the_image():
+    mask = np.zeros((10, 10), bool)
+    mask[2:8, 2:8] = True  # a 6 x 6 square: its 1-pixel edge is 20 pixels, its 2-pixel edge all but the 2 x 2 centre
+    assert oracle.outline(mask, 1).sum() == 20 and not oracle.outline(mask, 1)[3:7, 3:7].any()
+    assert oracle.outline(mask, 2).sum() == 32 and oracle.outline(mask, 2)[3, 3] and not oracle.outline(mask, 2)[4, 4]
+    mask[:, :5] = True  # where it meets the image's border, the border is its edge: a prediction of all is drawn
+    assert oracle.outline(mask, 1)[:, 0].all() and oracle.outline(mask, 1)[0, 4] and not oracle.outline(mask, 1)[5, 1]
+    assert oracle.outline(np.ones((4, 4), bool), 1).sum() == 12
 
 
 def test_label_files_as_drawing_tools_save_them(tmp_path):
