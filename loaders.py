@@ -387,6 +387,7 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
         os.replace(tmp, path)
         if not quiet:
             print(f"data: {name} {len(entries)} samples decoded in {time.time() - t0:.1f}s, cached at {path}")
+    check_inverted(y, data_dir)
     ids = [e[0] for e in entries]
     official = {}
     for i, e in enumerate(entries):
@@ -395,6 +396,20 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
     groups = np.array([e[4] for e in entries]) if entries[0][4] is not None else None
     return Data(x, y, ids, {k: np.array(v) for k, v in official.items()}, groups, name, positive,
                 [e[1] for e in entries])
+
+
+INVERTED_WARN = 0.5  # foreground share of the border: Kvasir-SEG 1.9 %, the real samples of CVC, PH2, LGG <= 6.5 %
+
+
+def check_inverted(y, data_dir):
+    """Masks drawn the other way round (object black, background white) train the model on the background and
+    score its Dice there, with no error: one warning line when the non-empty masks are foreground on more than
+    INVERTED_WARN of their border pixels (an object seldom fills the image's edge)."""
+    y = y.reshape(len(y), *y.shape[-2:])[y.reshape(len(y), -1).any(1)]
+    share = np.concatenate([y[:, 0], y[:, -1], y[:, :, 0], y[:, :, -1]], 1).astype(bool).mean() if len(y) else 0
+    if share > INVERTED_WARN:
+        print(f"warning: the masks in {data_dir} are foreground on {share:.0%} of their border pixels; expected the "
+              f"object white (255 or 1) on a black background: are they inverted?")
 
 
 def make_splits(data, sizes, seed):

@@ -204,6 +204,22 @@ def test_mostly_empty_masks_warn_with_the_count(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
+def test_inverted_masks_warn_and_real_ones_do_not(tmp_path, capsys):
+    root = folder(tmp_path / "data", n=8, mask=lambda i, m: 255 - m)  # the lesion black on white
+    common.load_data("folder", root, 16, quiet=True)
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: the masks in {root} are foreground on 100% of their border pixels; expected the object white "
+        f"(255 or 1) on a black background: are they inverted?"]
+    common.load_data("folder", folder(tmp_path / "right", n=8), 16, quiet=True)
+    half = lambda i, m: np.r_[np.full((15, 32), 255), np.zeros((17, 32))].astype(np.uint8)  # the top 15 rows
+    common.load_data("folder", folder(tmp_path / "half", n=8, mask=half), 16, quiet=True)  # large lesions: the edge
+    assert capsys.readouterr().out == ""
+    for name, sub in [("kvasir-seg", "Kvasir-SEG"), ("ph2", "PH2Dataset"), ("cvc-clinicdb", "CVC-ClinicDB")]:
+        if os.path.isdir(os.path.join(REAL, sub)):  # the real masks: a few % of their border
+            common.load_data(name, os.path.join(REAL, sub), 64, quiet=True)
+            assert "warning" not in capsys.readouterr().out
+
+
 def test_image_and_mask_of_different_sizes_stop(tmp_path, capsys):
     root = folder(tmp_path / "data", mask_px=(32, 30))
     with pytest.raises(SystemExit) as e:
