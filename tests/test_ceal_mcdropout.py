@@ -75,6 +75,20 @@ def test_ceal_groups_band_and_pseudo_readings_by_hand():
         assert len(set(every)) == len(every) and set(every) <= everything
 
 
+def test_ceal_groups_band_is_a_random_draw_over_the_whole_band():
+    """Group 3 is drawn at random (Sec. 4.2: "selected randomly") from every candidate of the band: over seeds
+    each candidate turns up, nothing outside it does (neither only the lowest candidates, nor a band one bin
+    short). The scores of the hand case above: paper band 2-10 (up to 2.7, the upper edge of bin 20 + 6),
+    reference band 10-14 (from 2.6 to 4.7)."""
+    scores = np.array([0.0, 0.05, 2.01, 2.03, 2.05, 2.06, 2.08, 2.09, 1.5, 2.55, 2.65, 2.72, 3.0, 4.0, 4.65, 4.75,
+                       7.9, 8.0])
+    for band, n_band, want in (("paper", 3, set(range(2, 11))), ("reference", 2, set(range(10, 15)))):
+        draws = [tuple(sorted(common.ceal_groups(scores, 2, 2, n_band, 0, np.random.default_rng(s), band=band)[2]))
+                 for s in range(40)]
+        assert all(len(d) == n_band for d in draws) and len(set(draws)) > 1, band   # random, n_band each time
+        assert set().union(*draws) == want, band   # each candidate at some seed (a miss: 9 x (2/3)^40 ~ 1e-6)
+
+
 def test_ceal_groups_small_pool_serves_the_oracle_first():
     low, high, band, pseudo = common.ceal_groups(np.arange(6.0), 2, 2, 1, 10, np.random.default_rng(0))
     # 80 bins over 0..5: every bin holds at most one score, the mode is bin 0 and the band (up to bin 7,

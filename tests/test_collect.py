@@ -224,6 +224,23 @@ def test_example_method_end_to_end_and_resume(tmp_path):
     interface.assert_interface("example_tta.py", [full, part])
 
 
+def test_tta_variance_by_hand():
+    """A model that predicts the top-left quadrant whatever the input: with the flips undone, the four views
+    (none, horizontal, vertical, both) put it in each quadrant once, so every pixel sees a = sigmoid(5) once and
+    b = sigmoid(-5) three times: the variance over the four views (ddof 0) is 3/16 (a - b)^2 a pixel, summed
+    over the image's 64 pixels. (Three views, or the standard deviation, give other numbers.)"""
+    class TopLeft(torch.nn.Module):
+        def forward(self, x):
+            out = torch.full_like(x[:, :1], -5.0)
+            out[..., : x.shape[-2] // 2, : x.shape[-1] // 2] = 5.0
+            return out
+
+    a, b = torch.sigmoid(torch.tensor(5.0)).item(), torch.sigmoid(torch.tensor(-5.0)).item()
+    x = torch.randint(0, 255, (3, 3, 8, 8), dtype=torch.uint8)
+    s = example_tta.tta_variance(TopLeft(), x, np.arange(3), 2, torch.device("cpu"))
+    assert s == pytest.approx([64 * 3 / 16 * (a - b) ** 2] * 3, rel=1e-5)
+
+
 def test_example_method_queries_the_top_k_of_a_known_score(tmp_path, monkeypatch):
     """example_tta.main() in-process with the score replaced by a fixed permutation of the data indices: each
     round queries exactly the `--query` largest scores of its pool, and pool_scores.csv holds the pool and

@@ -325,6 +325,52 @@ def test_mc_dropout_batched_and_looped_agree():
         assert not m.training  # left in eval mode
 
 
+def test_mc_dropout_keeps_batchnorm_in_eval_mode():
+    """PROTOCOLS (Baseline query rules): MC dropout runs its passes with dropout on and BatchNorm in eval mode
+    (running statistics), on every path; the running statistics are not updated by the passes."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    for at in ("every", "bottleneck"):
+        m = UNet(3, 1, 4, dropout=0.5, dropout_at=at)
+        modes = {"bn": set(), "drop": set()}
+        for mod in m.modules():
+            kind = "bn" if isinstance(mod, torch.nn.BatchNorm2d) else "drop" if isinstance(mod, torch.nn.Dropout) \
+                else None
+            if kind:
+                mod.register_forward_pre_hook(lambda mod, inp, kind=kind: modes[kind].add(mod.training))
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        for batched in (False, True):
+            list(common.mc_dropout(m, x, np.arange(4), 3, 4, torch.device("cpu"), batched=batched))
+        assert modes == {"bn": {False}, "drop": {True}}, at
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------- query rules
+def test_query_random_draws_without_replacement():
+    """PROTOCOLS: uniform without replacement from the pool, seeded."""
+    pool = np.arange(100, 120)
+    for seed in range(20):
+        picks = common.query_random(pool, 15, np.random.default_rng(seed))
+        assert len(picks) == 15 and len(set(picks.tolist())) == 15 and set(picks.tolist()) <= set(pool.tolist())
+    assert sorted(common.query_random(pool, 20, np.random.default_rng(0)).tolist()) == pool.tolist()
+    assert sorted(common.query_random(pool, 50, np.random.default_rng(0)).tolist()) == pool.tolist()  # k > pool
+    again = [common.query_random(pool, 5, np.random.default_rng(1)) for _ in range(2)]  # seeded
+    assert again[0].tolist() == again[1].tolist()
+
+
+def test_top_k_ties_in_the_rng_order_not_by_pool_position():
+    """top_k: exact ties (e.g. saturated predictions) in a random order drawn from rng, not the lowest pool
+    positions; strict order first; without rng, stable by pool position."""
+    pool = np.arange(10, 30)
+    scores = np.r_[5.0, np.zeros(19)]  # one clear winner, then 19 tied
+    assert common.top_k(pool, scores, 4).tolist() == [10, 11, 12, 13]
+    picks = [common.top_k(pool, scores, 4, rng=np.random.default_rng(s)) for s in range(10)]
+    assert all(p[0] == 10 for p in picks)                           # the strict winner always first
+    assert len({tuple(p[1:]) for p in picks}) > 5                   # the tied three differ with the seed
+    assert any(set(p[1:]) & set(range(20, 30)) for p in picks)      # and are not stuck at the lowest positions
+    assert common.top_k(pool, -scores, 1, largest=False, rng=np.random.default_rng(0)).tolist() == [10]
+
+
 @pytest.mark.parametrize("redraw", [False, True])
 def test_add_labels_oracle_gets_the_truth_pseudo_the_models_mask(redraw):
     """common.add_labels (CEAL Sec. 4.3; SSL's comparators): the oracle's picks get the ground truth, the pseudo

@@ -3,7 +3,8 @@ directions on hand-made masks, Spearman's rank correlation (ties), intensity nor
 finger bones, the Fig. 4 table on hand-made run folders (with its tolerance), main() with known scores (each
 rule's picks), top_k's seeded tie-breaking, al_steps, --deterministic raising, the heads' nearest upsampling,
 and the script end to end (synthetic under --deterministic, --resume, random, full with the AL run's steps,
---tables, a folder-layout fixture, bad input)."""
+--tables, a folder-layout fixture, bad input); Fig. 3's numbers and pool_scores.csv columns from known, distinct
+proxies, and the folder protocol's 13 steps on 209 images."""
 import csv
 import json
 import math
@@ -405,3 +406,53 @@ def test_deep_supervision_heads_upsample_by_nearest():
     for z, k in ((lower, 8), (middle, 4)):
         blocks = z.reshape(2, 32 // k, k, 32 // k, k)
         assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks)) and z.std() > 0
+
+
+# ------------------------------------------------------ Fig. 3 and the paper's step count, hand-made (audit tests)
+def test_spearman_is_a_rank_correlation_not_pearsons():
+    """Fig. 3 ranks: any increasing function of R-DSC has rho 1 (Pearson's r of these values is 0.82)."""
+    assert dsal.spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1)
+    assert dsal.spearman([0.1, 0.2, 0.3, 0.9], [0.9, 0.8, 0.7, 0.0]) == pytest.approx(-1)
+
+
+@pytest.mark.parametrize("rule", ["highest", "lowest"])
+def test_fig3_numbers_and_pool_scores_from_each_proxys_own_column(rule, tmp_path, monkeypatch):
+    """query() with known pool scores whose three proxies differ (score_pool replaced): rho_l_dsc, rho_m_dsc and
+    rho_mean are Spearman's rho of R-DSC with L-DSC, M-DSC and the mean; pool_dice, queried_dice and
+    queried_score the pool's and the picks' means; pool_scores.csv holds every proxy in its own column."""
+    r = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.9])
+    known = {"score": np.array([0.3, 0.9, 0.1, 0.8, 0.2, 0.4]),  # ranks 3 6 1 5 2 4: rho = 1 - 6 x 38 / 210
+             "l_dsc": r ** 4,                                     # increasing in R-DSC, not linearly: rho 1
+             "m_dsc": 1 - r,                                      # decreasing: rho -1
+             "r_dsc": r}                                          # each ranks the pool its own way
+    monkeypatch.setattr(dsal, "score_pool", lambda model, x, y, pool, args, device: known)
+    monkeypatch.setattr(common, "save_picks", lambda *a, **k: None)
+    args = types.SimpleNamespace(resume=None, out=str(tmp_path), data="synthetic", strategy="dsal", seed=0,
+                                 select=rule, query=2, batch_size=8, amp=False)
+    run = common.Run("dsal_fingerbones.py", args, torch.device("cpu"))
+    data = types.SimpleNamespace(ids=[f"hand{i:04d}" for i in range(6)])
+    new, how, fig3 = dsal.query(run, 1, None, data, None, None, np.arange(6), args, "cpu", np.random.default_rng(0))
+    want = [1, 3] if rule == "highest" else [2, 4]                # the mean's two largest / lowest, no proxy's
+    assert sorted(new.tolist()) == want and how == f"oracle-dsal-{rule}"
+    assert fig3["rho_l_dsc"] == pytest.approx(1) and fig3["rho_m_dsc"] == pytest.approx(-1)
+    assert fig3["rho_mean"] == pytest.approx(1 - 228 / 210) and fig3["pool_scored"] == 6
+    assert fig3["pool_dice"] == pytest.approx(r.mean()) and fig3["queried_dice"] == pytest.approx(r[want].mean())
+    assert fig3["queried_score"] == pytest.approx(known["score"][want].mean())
+    rows = read(run.dir, "pool_scores.csv")
+    assert [int(row["sample_id"][4:]) for row in rows] == list(range(6))
+    for column, key in (("mean", "score"), ("l_dsc", "l_dsc"), ("m_dsc", "m_dsc"), ("r_dsc", "r_dsc")):
+        assert [float(row[column]) for row in rows] == pytest.approx(known[key].tolist(), abs=1e-6), column
+    assert [k for k, row in enumerate(rows) if row["picked"] == how] == want
+
+
+def test_folder_of_209_gives_the_papers_split_and_13_steps(tmp_path):
+    """Sec. IV-A on a folder of 209 images: 139 / 20 / 50, 10 initial, +10 per step, and steps until the 139 are
+    used up: 10 + 12 x 10 + a last step of 9 = 13 steps (a floor would leave 9 images never queried)."""
+    args = dsal.parse_args(["--data", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "runs")])
+    data = common.Data(np.zeros((209, 1, 4, 4), np.uint8), np.ones((209, 4, 4), np.uint8),
+                       [f"hand{i:03d}" for i in range(209)], {}, None, "folder")
+    run = common.Run("dsal_fingerbones.py", args, torch.device("cpu"))
+    train, val, test = dsal.split_and_steps(run, data, args)
+    assert (len(train), len(val), len(test)) == (139, 20, 50)
+    assert (args.initial, args.query, args.rounds) == (10, 10, 13)
+    assert json.load(open(run.path("config.json")))["args"]["rounds"] == 13

@@ -441,3 +441,96 @@ def test_fdl_grad_through_mask_under_deterministic_on_cuda():
         finally:
             common.seed_everything(0, False)
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+# ---- score() and discrepancy_loss() on a network with known encoder features and logits -------------------
+class KnownNet(torch.nn.Module):
+    """encode(x) -> [x, FEATS[i]] and decode(feats) -> LOGITS[i] for image i (its first pixel holds i): the
+    encoder output f_E and the prediction are known, so Eq. 1-3 and the entropy baseline can be computed by hand."""
+
+    def __init__(self, feats, logits):
+        super().__init__()
+        self.register_buffer("feats", feats)
+        self.register_buffer("logits", logits)
+        self.feature_channels = feats.shape[1]
+
+    def encode(self, x):
+        return [x, self.feats[(x[:, 0, 0, 0] * 255).round().long()]]
+
+    def decode(self, feats):
+        return self.logits[(feats[0][:, 0, 0, 0] * 255).round().long()]
+
+
+def known_net():
+    # image 0: test_class_features_uncertainty_and_loss_by_hand's case (y1 = [[1, .5], [0, 0]] at 2x2, I = 17 /
+    # sqrt(37 x 29)); image 1: a flat 0.25 prediction on other features (F1 = F0 / 3: I = 1)
+    feats = torch.tensor([[[[2., 2.], [0., 0.]], [[0., 1.], [1., 1.]]],
+                          [[[1., 3.], [0., 2.]], [[4., 0.], [1., 1.]]]])
+    probs = torch.zeros(2, 4, 4)
+    probs[0, :2, :3] = 1
+    probs[1] = 0.25
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.arange(2, dtype=torch.uint8)
+    return KnownNet(feats, torch.logit(probs, eps=1e-7)[:, None]), x, feats, probs
+
+
+def test_score_gives_eq1_to_3_and_the_mean_binary_entropy_by_hand():
+    """F(x) = Avg(f_E(x)) (Eq. 3: the average over positions, not a max), I(x) from the sigmoid probabilities
+    (Eq. 1-2) and the entropy baseline's mean two-term binary entropy (H(0.25) = 0.811278 bits, not -y log2 y)."""
+    net, x, feats, probs = known_net()
+    feat, unc, ent = pwc.score(net, x, np.arange(2), 2, torch.device("cpu"))
+    assert feat.numpy() == pytest.approx(np.array([[1.0, 0.75], [1.5, 1.5]]))
+    assert unc.tolist() == pytest.approx([17 / math.sqrt(37 * 29), 1.0], abs=1e-5)
+    assert ent.tolist() == pytest.approx([0.0, 0.811278], abs=1e-4)
+    # the pool order: score(idx) follows idx
+    feat_r, unc_r, _ = pwc.score(net, x, np.array([1, 0]), 1, torch.device("cpu"))
+    assert torch.equal(feat_r, feat.flip(0)) and torch.equal(unc_r, unc.flip(0))
+
+
+def test_discrepancy_loss_uses_the_encoder_output_and_the_prediction():
+    """Eq. 5 inside training: f_E is the encoder's last output (encode(x)[-1]), masked by the sigmoid of the
+    decoder's logits; delta 0 gives the batch mean of I(x), delta 0.9 only image 0's share above the margin."""
+    net, x, _, _ = known_net()
+    xu = x.float() / 255
+    i0 = 17 / math.sqrt(37 * 29)  # 0.5193
+    assert pwc.discrepancy_loss(net, xu, 0.0).item() == pytest.approx((i0 + 1) / 2, abs=1e-5)
+    assert pwc.discrepancy_loss(net, xu, 0.9).item() == pytest.approx((1 - 0.9) / 2, abs=1e-5)
+    assert pwc.discrepancy_loss(net, xu[:1], 0.9).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_fdl_batches_come_from_the_unlabelled_pool(known_scorer, monkeypatch):
+    """Eq. 5: L_fdl is an expectation over D_U. Every unlabelled batch that the training hook draws is
+    made of images of the round's remaining pool (after the round's queries), never of labelled ones. (w/o CLU:
+    the same L_fdl as ours, without the K-means.)"""
+    seen = []
+    monkeypatch.setattr(pwc, "discrepancy_loss", lambda model, xu, delta, through=False:
+                        seen.append(xu.clone()) or torch.zeros(()))
+    d, rounds, hooks, _ = known_scorer("wo-clu")
+    data = common.load_data("synthetic", None, 32, 3, 0, n=N_FAKE, quiet=True)
+    images = torch.as_tensor(data.x).float() / 255
+    labelled = {int(r["sample_id"][3:]) for r in rows(d, "queried.csv")}
+    assert len(hooks) == 2  # rounds 1 and 2
+    for (model, extra_loss), (pool, picks) in zip(hooks, rounds):
+        unlabelled = sorted(set(pool) - picks)
+        seen.clear()
+        for _ in range(6):
+            extra_loss(model)
+        xu = torch.cat(seen)
+        assert len(xu) == 6 * 8  # batch size 8
+        # each drawn image is one of the unlabelled pool, none a labelled one
+        match = (xu[:, None] == images[None]).flatten(2).all(2)  # (drawn, data index)
+        assert match[:, unlabelled].any(1).all()
+        assert not match[:, sorted(labelled - set(unlabelled))].any()
+
+
+def test_l_fdl_in_the_rounds_of_ours_wo_unc_and_wo_clu_only():
+    """Table 2: w/o DIS drops L_fdl (Eq. 7 reduces to L_seg), as do the baselines; ours, w/o UNC and w/o CLU
+    train with it after the initial training (--fdl-initial: in it too); --lam 0 is L_seg alone. Written out
+    here, not read from pwc.FDL_STRATEGIES, which test_every_strategy_end_to_end takes as its reference."""
+    x, pool, cpu = torch.zeros(5, 3, 32, 32, dtype=torch.uint8), np.arange(5), torch.device("cpu")
+    hook = lambda rnd, *flags: pwc.fdl_training(None, None, rnd, 1, pwc.parse_args(list(flags)), x, pool,
+                                                torch.Generator(), cpu)[0]
+    with_fdl = {s for s in pwc.STRATEGIES if hook(1, "--strategy", s) is not None}
+    assert with_fdl == {"ours", "wo-unc", "wo-clu"}
+    assert hook(0, "--strategy", "ours") is None and hook(0, "--strategy", "ours", "--fdl-initial") is not None
+    assert hook(1, "--strategy", "ours", "--lam", "0") is None

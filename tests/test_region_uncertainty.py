@@ -115,6 +115,18 @@ def test_partial_annotation_hand_made_case():
     assert pos == pytest.approx(100 / 6) and verify == pytest.approx(100 * 2 / 6)
 
 
+def test_the_person_is_shown_the_pixels_the_oracle_labels(monkeypatch):
+    """--oracle folder with --partial: the decide map handed to the person (white: yours to label) is the uncertain
+    mask of partial_annotation (Step 2a), not its complement: p = 0.5 and 0.7 are within tau_u = 0.25 of 0.5."""
+    p, asked = torch.tensor([[[0.5, 0.9], [0.1, 0.7]]]), []
+    monkeypatch.setattr(ru.common, "predict", lambda *a, **k: p)
+    monkeypatch.setattr(ru.oracle, "ask", lambda *a: asked.append(a[-1]))
+    y = torch.zeros(1, 2, 2, dtype=torch.uint8)
+    ru.annotate(None, 1, None, None, None, y, np.array([0]), True, ru.parse_args([]), torch.device("cpu"))
+    assert asked[0].tolist() == [[[True, False], [False, True]]]
+    assert asked[0].tolist() == ru.partial_annotation(p, y, 0.25, 0.5)[1].tolist()
+
+
 def test_tau_b_only_matters_when_tau_u_is_below_its_distance_from_half():
     # a certain pixel has y <= 0.5 - tau_u or y >= 0.5 + tau_u: any tau_b within [0.5 - tau_u, 0.5 + tau_u]
     # binarises it the same way, so in the paper's grid only tau_u = 0.125 depends on tau_b
@@ -251,6 +263,69 @@ def test_augmentation_keeps_image_and_mask_aligned():
     assert float(((xa.mean(1) > 0.5) == (y > 0)).float().mean()) < 0.95
 
 
+def test_rotation_stays_within_30_degrees():
+    """Sec. IV-D: rotation by +-30 degrees (not +-30 radians). A thin horizontal bar through the centre, rotated
+    alone (no flip, jitter or blur): the angle of its principal axis is within 30 degrees of horizontal in every
+    image, and reaches past 15 degrees in some."""
+    torch.manual_seed(2)
+    y = torch.zeros(64, 64, 64, dtype=torch.uint8)
+    y[:, 31:33, 4:60] = 1
+    _, ya = ru.make_augment(rotation=30.0, flip=0.0, jitter=0, blur_kernel=1)(torch.rand(64, 3, 64, 64), y)
+    angles = []
+    for m in ya:
+        r, c = torch.nonzero(m, as_tuple=True)
+        cov = torch.cov(torch.stack([c.double(), r.double()]))
+        angles.append(abs(math.degrees(0.5 * math.atan2(2 * cov[0, 1], cov[0, 0] - cov[1, 1]))))
+    assert max(angles) <= 31 and max(angles) > 15, angles
+
+
+def test_colour_jitter_brightens_and_darkens_by_up_to_20_percent():
+    """Sec. IV-D: brightness, contrast and saturation jitter of 0.2, factors drawn in [0.8, 1.2]. A flat grey
+    image is unchanged by contrast and saturation, so the output is 0.5 x the brightness factor: in [0.4, 0.6],
+    below 0.45 for some images and above 0.55 for others (a one-sided factor would never darken)."""
+    torch.manual_seed(3)
+    x = torch.full((256, 3, 8, 8), 0.5)
+    xa, _ = ru.make_augment(rotation=0, flip=0.0, jitter=0.2, blur_kernel=1)(x, torch.zeros(256, 8, 8))
+    level = xa.mean((1, 2, 3))
+    assert torch.allclose(xa, level.view(-1, 1, 1, 1).expand_as(xa), atol=1e-6)  # still flat and grey
+    assert float(level.min()) >= 0.4 - 1e-6 and float(level.max()) <= 0.6 + 1e-6
+    assert float(level.min()) < 0.45 and float(level.max()) > 0.55
+
+
+class Stop(Exception):
+    pass
+
+
+def test_main_trains_with_sgd_and_the_augmentation(tmp_path, monkeypatch):
+    """Sec. IV-D: SGD with the flags' lr, momentum and weight decay on every model parameter, and the augmentation
+    on the training batches unless --no-augment (main stopped at its first training call)."""
+    made, seen = [], []
+    real_sgd = torch.optim.SGD
+
+    def sgd(params, **kw):
+        params = list(params)
+        made.append((params, kw))
+        return real_sgd(params, **kw)
+
+    def train(model, opt, x, target, idx, epochs, batch_size, **kw):
+        seen.append((model, opt, kw))
+        raise Stop
+
+    monkeypatch.setattr(torch.optim, "SGD", sgd)
+    monkeypatch.setattr(ru.common, "train", train)
+    for flags, augmented in (([], True), (["--lr", "0.05", "--momentum", "0.5", "--weight-decay", "0.003",
+                                           "--no-augment"], False)):
+        with pytest.raises(Stop):
+            ru.main(["--device", "cpu", *map(str, TINY), *flags, "--out", str(tmp_path)])
+        (params, kw), (model, opt, train_kw) = made[-1], seen[-1]
+        args = ru.parse_args([*map(str, TINY), *flags])
+        assert kw == dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        assert (args.lr, args.momentum, args.weight_decay) == ((0.01, 0.9, 1e-4) if augmented else (0.05, 0.5, 0.003))
+        assert [id(p) for p in params] == [id(p) for p in model.parameters()] and isinstance(opt, real_sgd)
+        assert (train_kw["augment"] is not None) == augmented
+        assert train_kw["loss_fn"] is ru.common.bce_dice_loss  # --loss default bce+dice
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Full baseline: the AL run's optimisation steps
 # ---------------------------------------------------------------------------------------------------------
@@ -262,6 +337,22 @@ def test_al_steps_hand_computed():
     assert common.ceiling(a, 2594)[2] == 8140
     b = type("B", (), dict(strategy="full", epochs_initial=1, epochs=2, initial=8, query=4, batch_size=8, rounds=2))
     assert common.ceiling(b, 100)[2] == 1 * 1 + 2 * 2 + 2 * 2
+
+
+def test_full_baseline_asks_train_for_the_al_runs_steps(tmp_path, monkeypatch):
+    """Sec. V-A: the full baseline gets the AL run's optimisation steps. common.train is asked for exactly those
+    steps (TINY with --epochs 2: 1 epoch of 8 images, then 2 epochs of 12 and of 16, batches of 8: 1 + 4 + 4)
+    on the whole training pool, not for whole epochs of it (2 x 5 = 10 steps). rounds.csv's step count is
+    computed beside the call, so test_full_baseline_trains_the_al_step_count alone would not see the difference."""
+    calls = []
+
+    def train(model, opt, x, target, idx, epochs, batch_size, **kw):  # training skipped
+        calls.append((len(idx), kw.get("steps")))
+        return [0.0] * epochs
+
+    monkeypatch.setattr(ru.common, "train", train)
+    ru.main(["--device", "cpu", *map(str, TINY), "--epochs", "2", "--strategy", "full", "--out", str(tmp_path)])
+    assert calls == [(40, 1 + 2 * 2 + 2 * 2)]
 
 
 # ---------------------------------------------------------------------------------------------------------
