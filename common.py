@@ -581,8 +581,8 @@ def entropy_scores(probs, two_term=True, reduce="sum"):
 
 
 def ensemble_variance(probs):
-    """ens-S (Suggestive Annotation): pixel variance across the M models' probabilities (M, B, H, W),
-    averaged over pixels -> (B,)."""
+    """Suggestive Annotation's (and ASA-style) uncertainty: pixel variance across the M models' probabilities
+    (M, B, H, W), averaged over pixels -> (B,)."""
     return probs.float().var(0, unbiased=False).flatten(1).mean(1)
 
 

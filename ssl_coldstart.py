@@ -42,8 +42,8 @@ DEFAULTS = {
                      ssl_epochs=100,        # paper silent: Models Genesis trains to convergence; 100 epochs here
                      shuffle_blocks=10000,  # Models Genesis reference code: 10,000 blocks
                      mc_passes=20,          # paper silent (Fig. 2 comparator): CEAL reference code 20
-                     pseudo_step=20,        # CEAL Sec. 4.2: 20 x iteration pseudo-labels; DSAL JBHI code: 20 more
-                                            # per iteration from iteration 5 (Fig. 2 comparators)
+                     pseudo_step=20,        # CEAL Sec. 4.2: 20 x iteration pseudo-labels in all; DSAL JBHI code: 20
+                                            # more per iteration from iteration 5 (Fig. 2 comparators)
                      ensemble_size=4),      # paper silent: the public Suggestive Annotation re-implementation, M = 4
     # CPU-sized protocol, about 1.5 minutes on 2 cores (docs/ssl_coldstart.md): C = 40 of a pool of 300 (the
     # paper: 300 of 1600), +10 x 9 iterations, epochs 50 / 10 (the paper's 10 / 2 ratio; 40 images make only
@@ -123,8 +123,9 @@ def parse_args(argv=None):
                    "(default 2)")
     p.add_argument("--mc-passes", type=int, help="mc-dropout / ceal: T stochastic passes (paper silent; CEAL "
                    "reference code 20; default per --data: isic2017 20, synthetic 10)")
-    p.add_argument("--pseudo-step", type=int, help="ceal: pseudo-labels per iteration = step x iteration "
-                   "(CEAL Sec. 4.2: 20); default per --data (other: the ISIC share of the pool, 20 of 1600)")
+    p.add_argument("--pseudo-step", type=int, help="ceal: step new pseudo-labels per iteration, step x iteration "
+                   "in all (CEAL Sec. 4.2: 20; ceal_mcdropout.py's default --pseudo-mode total); dsal: see "
+                   "--dsal-pseudo-from; default per --data (other: the ISIC share of the pool, 20 of 1600)")
     p.add_argument("--dropout", type=float, help="bottleneck dropout (paper silent; default 0.5 for mc-dropout "
                    "and ceal as in the public CEAL code, else 0)")
     p.add_argument("--ensemble-size", type=int, help="ens-s / ens-js / suggestive: M models on bootstrap resamples, "
@@ -564,9 +565,9 @@ def query(strategy, rnd, model, members, x, pool, args, device, rng):
     if strategy in ("mc-dropout", "ceal"):      # MC dropout: sum of the pixel variances over T passes
         scores, masks = common.mc_variance(model, x, pool, args.mc_passes, args.batch_size, device, args.amp)
         cols = {"mc_variance": scores}
-        if strategy == "ceal":                  # CEAL: lowest, highest, low band; most confident pseudo-labelled
-            n_low = n_high = round(n * 2 / 7)
-            g = common.ceal_groups(scores, n_low, n_high, n - n_low - n_high, args.pseudo_step * rnd, rng)
+        if strategy == "ceal":                  # CEAL: lowest, highest, low band; most confident pseudo-labelled,
+            n_low = n_high = round(n * 2 / 7)   # pseudo_step new ones a round (ceal_mcdropout.py --pseudo-mode total)
+            g = common.ceal_groups(scores, n_low, n_high, n - n_low - n_high, args.pseudo_step, rng)
             return {"oracle-lowest": g[0], "oracle-highest": g[1], "oracle-band": g[2], "pseudo": g[3]}, cols, \
                 scores, masks
         return {"oracle-mc-dropout": common.top_k(at, scores, n)}, cols, scores, masks
@@ -757,7 +758,7 @@ def main(argv=None):
                                                          args.query, rounds, epochs0, args.epochs,
                                                          len(train_ids) - args.initial,
                                                          args.strategy not in ("cluster", "random", "full"),
-                                                         (lambda r: args.pseudo_step * r * (r + 1) // 2)
+                                                         (lambda r: args.pseudo_step * r)
                                                          if args.strategy == "ceal" else None))
 
     for rnd in range(start, rounds + 1):

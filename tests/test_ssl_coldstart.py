@@ -113,6 +113,14 @@ def test_nonlinear_is_monotone_per_image_and_both_directions_occur():
     assert directions == {True, False}
 
 
+def test_nonlinear_is_decreasing_half_the_time():
+    """The reference code's Bezier mapping is decreasing with probability 0.5 (PROTOCOLS.md)."""
+    x = torch.linspace(0, 1, 16).view(1, 1, 4, 4).expand(2000, 1, 4, 4).contiguous()
+    out = S.nonlinear_transformation(x, gen(0), p=1.0).flatten(1)
+    share = (out[:, -1] < out[:, 0]).float().mean().item()   # the brightest pixel mapped below the darkest
+    assert 0.45 < share < 0.55   # +-4.5 standard deviations of 2000 draws
+
+
 def test_painting_in_and_out():
     x = torch.full((16, 1, 64, 64), 2.0)  # a value noise cannot take
     inp = S.image_painting(x, gen(0), p=1.0, p_out=0.0)
@@ -136,6 +144,17 @@ def test_models_genesis_target_is_the_flipped_clean_image():
     assert not torch.equal(inp, target) and inp.min() >= 0 and inp.max() <= 1
     again = S.models_genesis(x, gen(0), n_blocks=100)
     assert torch.equal(again[0], inp) and torch.equal(again[1], target)
+
+
+def test_models_genesis_input_and_target_share_the_flip(monkeypatch):
+    """With the three corruptions after the flip switched off, the input is exactly the target: the flip is
+    applied to both (the network restores the flipped image, it does not learn to undo a flip)."""
+    for name in ("local_pixel_shuffling", "nonlinear_transformation", "image_painting"):
+        monkeypatch.setattr(S, name, lambda x, gen, **k: x)
+    x = ramp(32)
+    inp, target = S.models_genesis(x, gen(0), n_blocks=100)
+    assert torch.equal(inp, target)
+    assert 0 < sum(not torch.equal(target[i], x[i]) for i in range(len(x))) < len(x)   # some flipped, some not
 
 
 # ------------------------------------------------------------------------------ quota, ranking, indexing
@@ -172,6 +191,20 @@ def test_take_from_clusters_nearest_first_skipping_taken():
     available = np.array([True, True, False, True, True, True])  # position 2 (cluster 0's best) is taken
     picks = S.take_from_clusters(labels, rank, available, [2, 1, 0])
     assert picks.tolist() == [3, 0, 1]
+
+
+def test_cluster_query_continues_the_cumulative_quota_and_ranking():
+    """Sizes 5, 3, 2: the base set C = 4 takes 2, 1, 1 (cluster_quota); 3 more make C_t = 7, shared 3.5, 2.1, 1.4,
+    so the labelled set becomes 4, 2, 1 (continue_quota: +2, +1, +0), not the 2, 1, 1 + 1, 1, 1 of a quota
+    recomputed for the 3 alone; each cluster goes on down its own ranking."""
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
+    rank = np.array([3, 0, 4, 1, 2, 2, 0, 1, 1, 0])
+    train_ids = np.arange(100, 110)
+    first = S.cluster_query(labels, rank, train_ids, train_ids, 4)
+    assert sorted(first.tolist()) == [101, 103, 106, 109]                 # ranks 0, 1 / 0 / 0
+    later = S.cluster_query(labels, rank, train_ids, np.setdiff1d(train_ids, first), 3)
+    assert sorted(later.tolist()) == [100, 104, 107]                      # ranks 2, 3 / 1 / none
+    assert np.bincount(labels[np.isin(train_ids, np.concatenate([first, later]))]).tolist() == [4, 2, 1]
 
 
 def test_selected_ids_index_the_pool():
@@ -592,6 +625,36 @@ def test_dsal_pseudo_by_hand():
     assert S.dsal_pseudo(agreement, confidence, [4], 2).tolist() == [0, 2]      # 3 is not confident enough
     assert S.dsal_pseudo(agreement, confidence, [4], 3).tolist() == [0, 2, 3]   # filled by agreement
     assert S.dsal_pseudo(agreement, confidence, [], 0).tolist() == []
+
+
+def test_comparator_rules_pick_by_their_own_score(monkeypatch):
+    """query() with the scorers replaced by known, differently ordered scores: ens-S takes the top --query by the
+    ensemble-mean entropy, ens-JS by Jensen-Shannon, MC dropout by the variance; Suggestive Annotation chooses
+    among the K = 2k most variable; the CEAL comparator pseudo-labels pseudo_step new samples every iteration,
+    20 x t in all (CEAL Sec. 4.2, as ceal_mcdropout.py's default --pseudo-mode total), beside --query oracle picks."""
+    args = S.parse_args([*map(str, TINY)])                      # --query 4, --pseudo-step 2
+    rng = np.random.default_rng(0)
+    pool, x = np.arange(100, 120), torch.zeros(120, 1, 8, 8, dtype=torch.uint8)
+    e = {k: rng.permutation(20).astype(float) for k in ("entropy", "js", "variance")}
+    mc = rng.permutation(20).astype(float)
+    monkeypatch.setattr(S, "ensemble_scores", lambda members, x, pool, args, device: e)
+    monkeypatch.setattr(S, "pooled_features", lambda m, x, idx, *a, **k: torch.as_tensor(
+        np.random.default_rng(1).random((len(idx), 5)), dtype=torch.float32))
+    monkeypatch.setattr(common, "mc_variance", lambda model, x, idx, *a: (
+        mc[np.asarray(idx) - 100], torch.zeros((len(idx), 8, 8), dtype=torch.uint8)))
+    top = lambda s, k: set(np.argsort(-s)[:k].tolist())
+    query = lambda strategy, rnd=1: S.query(strategy, rnd, None, [None, None], x, pool, args, torch.device("cpu"), rng)
+    for strategy, score in (("ens-s", e["entropy"]), ("ens-js", e["js"]), ("mc-dropout", mc)):
+        picks = query(strategy)[0]
+        assert set(picks[f"oracle-{strategy}"].tolist()) == top(score, 4), strategy
+    picks, cols = query("suggestive")[:2]
+    assert set(np.flatnonzero(cols["sa_candidate"]).tolist()) == top(e["variance"], 8)
+    assert len(picks["oracle-suggestive"]) == 4 and set(picks["oracle-suggestive"].tolist()) <= top(e["variance"], 8)
+    for rnd in (1, 3):
+        picks = query("ceal", rnd)[0]
+        assert len(picks["pseudo"]) == 2 and sum(len(picks[h]) for h in picks if h != "pseudo") == 4
+        every = np.concatenate(list(picks.values()))
+        assert len(set(every.tolist())) == len(every)
 
 
 def test_tables_keep_base_set_and_schedule_apart(tmp_path):
