@@ -405,8 +405,9 @@ def check_inverted(y, data_dir):
     """Masks drawn the other way round (object black, background white) train the model on the background and
     score its Dice there, with no error: one warning line when the non-empty masks are foreground on more than
     INVERTED_WARN of their border pixels (an object seldom fills the image's edge)."""
-    y = y.reshape(len(y), *y.shape[-2:])[y.reshape(len(y), -1).any(1)]
-    share = np.concatenate([y[:, 0], y[:, -1], y[:, :, 0], y[:, :, -1]], 1).astype(bool).mean() if len(y) else 0
+    y = y.reshape(len(y), *y.shape[-2:])  # a view; only the border rows and columns are copied
+    edge = np.concatenate([y[:, 0], y[:, -1], y[:, :, 0], y[:, :, -1]], 1)[y.reshape(len(y), -1).any(1)]
+    share = edge.astype(bool).mean() if len(edge) else 0
     if share > INVERTED_WARN:
         print(f"warning: the masks in {data_dir} are foreground on {share:.0%} of their border pixels; expected the "
               f"object white (255 or 1) on a black background: are they inverted?")
