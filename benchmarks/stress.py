@@ -17,7 +17,7 @@ On a CPU with AVX-512 oneDNN picks its AVX-512 kernels instead and the reproduce
 every child runs with ONEDNN_MAX_CPU_ISA=AVX2: the kernels of an AVX2-only machine (the issue author's), the
 worst case. --isa native leaves oneDNN's choice alone.
 
-  python benchmarks/stress.py                                    # 30 + 30 reproducer runs, 10 x 6 scripts x 2 widths
+  python benchmarks/stress.py                                    # 30 + 30 reproducer runs, 10 x 7 scripts x 2 widths
   python benchmarks/stress.py --parts repro --channels-last      # the old trigger: expect crashes
   python benchmarks/stress.py --parts valgrind --valgrind 3      # 3 runs channels_last vs 3 contiguous
 """
@@ -51,6 +51,7 @@ SCRIPTS = {
     # kvasir-seg row is the paper's (900 / 0 / 100 split, 30 + 30 per round): scaled to the 10 samples
     "dsal_fingerbones.py": [],
     "example_tta.py": [],
+    "example_claspe.py": [],
 }
 
 REPRO = """
@@ -81,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--valgrind", type=int, default=0, metavar="K", help="also run the reproducer under valgrind, "
                    "K runs channels_last and K contiguous (3 iterations each; minutes per run)")
     p.add_argument("--repeats", type=int, default=10, help="runs of each script per width (default: 10)")
-    p.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated scripts (default: all six)")
+    p.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated scripts (default: all seven)")
     p.add_argument("--widths", default="4,16", help="comma-separated --width values (default: 4,16)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the script runs (default: 2)")
     p.add_argument("--isa", default="avx2", choices=["avx2", "native"], help="avx2 (default): every child runs "

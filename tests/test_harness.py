@@ -25,6 +25,7 @@ SCRIPTS = {  # script: (flags that only make it fast or fit, initial, query): th
     "polyp_weighted_cluster.py": (["--kmeans-init", 1], 2, 2),                  # 30 and 30 of 550
     "dsal_fingerbones.py": ([], 2, 2),                                          # 10 and 10 of 139
     "example_tta.py": ([], 3, 2),                                               # 10 % and 5 %
+    "example_claspe.py": ([], 3, 2),                                            # 10 % and 5 %
 }
 
 
