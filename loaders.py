@@ -398,16 +398,21 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
                 [e[1] for e in entries])
 
 
-INVERTED_WARN = 0.5  # foreground share of the border: Kvasir-SEG 1.9 %, the real samples of CVC, PH2, LGG <= 6.5 %
+INVERTED_WARN = 0.5  # border_share at 64 px: Kvasir-SEG 1.9 %, the real samples of CVC, PH2, LGG <= 6.5 % (README)
+
+
+def border_share(y):
+    """The share of the non-empty masks' border pixels (first and last row and column) that are foreground."""
+    y = y.reshape(len(y), *y.shape[-2:])  # a view; only the border rows and columns are copied
+    edge = np.concatenate([y[:, 0], y[:, -1], y[:, :, 0], y[:, :, -1]], 1)[y.reshape(len(y), -1).any(1)]
+    return float(edge.astype(bool).mean()) if len(edge) else 0.0
 
 
 def check_inverted(y, data_dir):
     """Masks drawn the other way round (object black, background white) train the model on the background and
     score its Dice there, with no error: one warning line when the non-empty masks are foreground on more than
     INVERTED_WARN of their border pixels (an object seldom fills the image's edge)."""
-    y = y.reshape(len(y), *y.shape[-2:])  # a view; only the border rows and columns are copied
-    edge = np.concatenate([y[:, 0], y[:, -1], y[:, :, 0], y[:, :, -1]], 1)[y.reshape(len(y), -1).any(1)]
-    share = edge.astype(bool).mean() if len(edge) else 0
+    share = border_share(y)
     if share > INVERTED_WARN:
         print(f"warning: the masks in {data_dir} are foreground on {share:.0%} of their border pixels; expected the "
               f"object white (255 or 1) on a black background: are they inverted?")

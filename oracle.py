@@ -126,7 +126,7 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
             size = (max(1, round(image.size[0] * f)), max(1, round(image.size[1] * f)))
             small = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32)
             p = np.array(Image.fromarray(probs[k]).resize(size, Image.BILINEAR))[..., None]
-            pred = small.copy()  # the image untouched, the predicted object's edge drawn on it in yellow
+            pred = small  # the image untouched, the predicted object's edge drawn on it in yellow
             pred[outline(p[..., 0] > 0.5, 2)] = (255, 255, 0)  # 2 px wide at 512 px
             unc = np.repeat(255 * binary_entropy(torch.from_numpy(p)).numpy(), 3, 2)
             Image.fromarray(np.concatenate([pred, unc], 1).clip(0, 255).astype(np.uint8)).save(
