@@ -6,7 +6,7 @@ the most uncertain samples, and a random draw from the low-uncertainty band, to 
 pseudo-labels the most confident samples with the model's own prediction. Where the paper reads two ways,
 the other reading is a flag (--band, --pseudo-pick, --pseudo-mode; the README's ceal_mcdropout.py section).
 
-  python ceal_mcdropout.py                                           # synthetic data, CPU, about 2 minutes
+  python ceal_mcdropout.py                                           # synthetic data, CPU, about 2.5 minutes
   python ceal_mcdropout.py --data isic2017 --data-dir ~/data/isic2017 # the paper's ISIC 2017 protocol (GPU)
   python ceal_mcdropout.py --data lgg --data-dir ~/data/kaggle_3m     # the paper's LGG protocol (GPU)
 """
@@ -37,7 +37,7 @@ DEFAULTS = {
     "isic2017": ISIC,
     # Table 2: the 1373 slices with tumour, split by patient here; 256 px is the kaggle_3m slices' own size
     "lgg": dict(ISIC, split=[878, 220, 275], initial=329),
-    # CPU-sized protocol: 2 min 21 s on 2 idle cores (README, Tests). Same shape as the paper's, scaled down.
+    # CPU-sized protocol: 2 min 34 s on 2 idle cores (README, Tests). Same shape as the paper's, scaled down.
     "synthetic": dict(split=[300, 60, 100], initial=60, query=10, rounds=6, epochs_initial=20, epochs=5,
                       batch_size=16, lr=1e-3, width=16, image_size=64, pseudo_step=5, mc_passes=10),
     # Any other dataset: the ISIC protocol, the split from the data (common.default_split), the initial set,

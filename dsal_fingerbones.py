@@ -5,7 +5,7 @@ A U-Net with deep supervision (extra classifiers on a lower and a middle decoder
 size) scores each unlabelled image by how well its hidden heads agree with its final mask: the mean of
 L-DSC = Dice(lower, final) and M-DSC = Dice(middle, final); the images with the largest mean go to the oracle.
 
-  python dsal_fingerbones.py                           # synthetic finger bones, CPU, about 3 minutes
+  python dsal_fingerbones.py                           # synthetic finger bones, CPU, about 2 minutes
   python dsal_fingerbones.py --strategy random         # the paper's baseline (also --select lowest, --strategy full)
   python dsal_fingerbones.py --data folder --data-dir ~/data/fingerbones   # the paper's protocol (GPU)
   python dsal_fingerbones.py --tables runs/            # Fig. 4: test Dice vs annotations, from finished runs
@@ -36,7 +36,7 @@ DEFAULTS = {
                    width=32,                # paper: "the basic architecture of U-Net"; later code's U-Net is 32..512
                    image_size=608,          # Sec. IV-A: 600x600; 608 is the nearest size 4 poolings divide
                    normalise="minmax"),     # Sec. IV-A: "intensity normalization" (method not given; see normalise())
-    # CPU-sized protocol on thin, elongated synthetic bones (make_fingerbones): about three minutes on 2 cores.
+    # CPU-sized protocol on thin, elongated synthetic bones (make_fingerbones): about two minutes on 2 cores.
     # Same shape as the paper's: 10 initial, +10 per step until the training pool is used up. 128x128 at
     # width 8 costs about what 64x64 at width 16 does, and keeps the bones wider than a pixel at the lower
     # head's 1/8 resolution (at 64x64 its masks are blobs and L-DSC says little).

@@ -6,7 +6,7 @@ sampled with probability proportional to score^beta rather than ranked, with bet
 (diversity early, exploitation late). The nnActive benchmark (Lüth et al., TMLR 2025) found no query rule
 that reliably beat a foreground-aware random baseline; ClaSP PE is the only one reported to generally beat it.
 
-  python example_claspe.py                       # synthetic data, CPU, about a minute
+  python example_claspe.py                       # synthetic data, CPU, about 30 seconds
   python example_claspe.py --strategy random     # the baseline, same model, draw and training
   python example_claspe.py --strategy entropy    # ablation: plain predictive-entropy top-k
   python example_claspe.py --strategy full       # the ceiling: the whole pool, the same optimiser steps

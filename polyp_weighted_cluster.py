@@ -5,7 +5,7 @@ each masked by the model's own prediction (Eq. 1-2); K-means on image features w
 uncertainty, with K the budget, queries the sample nearest each centroid (Eq. 4); and a feature discrepancy
 loss on unlabelled images pushes the two class features apart while training (Eq. 5-7).
 
-  python polyp_weighted_cluster.py                                            # synthetic data, CPU, about 3 minutes
+  python polyp_weighted_cluster.py                                            # synthetic data, CPU, about 1.5 minutes
   python polyp_weighted_cluster.py --data cvc-clinicdb --data-dir ~/data/CVC-ClinicDB --seed 0   # Table 1 protocol (GPU)
   python polyp_weighted_cluster.py --tables runs/                             # Tables 1-2 from finished runs
 """
@@ -38,7 +38,7 @@ DEFAULTS = {
                        image_size=352, initial=30, query=30, rounds=5,  # Sec. 3.1: same R, B, size on both datasets
                        epochs=3,               # Sec. 3.1: 3 epochs per round on the 1000-image in-house set
                        epochs_initial=50, batch_size=16, lr=1e-4, width=64),
-    # CPU-sized protocol: about three minutes on 2 cores. The paper's counts (30 + 5 x 30 -> 180 labelled, 5 epochs
+    # CPU-sized protocol: about 1.5 minutes on 2 cores. The paper's counts (30 + 5 x 30 -> 180 labelled, 5 epochs
     # per round, batch 16, no validation set) on smaller images, a narrower U-Net and a higher learning rate.
     "synthetic": dict(split=[300, 0, 100], image_size=64, initial=30, query=30, rounds=5, epochs=5,
                       epochs_initial=40, batch_size=16, lr=1e-3, width=16),

@@ -6,7 +6,7 @@ standard deviation) and the most uncertain are sent to the oracle; with --partia
 uncertain pixels (|0.5 - y| < tau_u) of those images and the model's own prediction, binarised at tau_b,
 labels the rest.
 
-  python region_uncertainty.py                                   # synthetic data, CPU, about 3 minutes
+  python region_uncertainty.py                                   # synthetic data, CPU, about 2 minutes
   python region_uncertainty.py --partial --tau-u 0.25 --tau-b 0.25   # Sec. V-B: partial annotation
   python region_uncertainty.py --data isic2018 --data-dir ~/data/isic2018 --strategy entropy  # Table I (GPU)
   python region_uncertainty.py --tables runs/                    # print Tables I and II from finished runs
@@ -39,7 +39,7 @@ DEFAULTS = {
                      lr=0.01, momentum=0.9, weight_decay=1e-4,  # Sec. IV-D: SGD
                      width=64,                 # Sec. IV-C: ResNet-18 (64 ... 512 channels)
                      mc_passes=20),            # paper silent on N (Eq. 3); 20 as in the CEAL reference code of [24]
-    # CPU-sized protocol: about three minutes on 2 cores. The paper's shape, scaled down.
+    # CPU-sized protocol: about two minutes on 2 cores. The paper's shape, scaled down.
     # epochs_initial 40: from a random initialisation, 10 epochs of 2 batches leave the cold-start model at
     # the empty prediction (measured), so the first query would be blind; the paper starts from ImageNet weights.
     "synthetic": dict(split=[300, 50, 100], image_size=64, batch_size=16, initial=32, query=16, rounds=8,

@@ -7,7 +7,7 @@ and each cluster gives N_Ci = ceil(C x N_i / N) samples, nearest its centroid fi
 starts from the self-supervised weights (all but the output head, as the authors' code) and every iteration
 continues the cluster ranking. Every round writes pool_scores.csv and picks/round_K.png.
 
-  python ssl_coldstart.py                                              # synthetic data, CPU, about 1.5 minutes
+  python ssl_coldstart.py                                              # synthetic data, CPU, about 2.5 minutes
   python ssl_coldstart.py --data isic2017 --data-dir ~/data/isic2017   # the paper's protocol (GPU)
   python ssl_coldstart.py --tables runs/                               # Table I / II from finished runs
 """
@@ -45,7 +45,7 @@ DEFAULTS = {
                      pseudo_step=20,        # CEAL Sec. 4.2: 20 x iteration pseudo-labels in all; DSAL JBHI code: 20
                                             # more per iteration from iteration 5 (Fig. 2 comparators)
                      ensemble_size=4),      # paper silent: the public Suggestive Annotation re-implementation, M = 4
-    # CPU-sized protocol, about 1.5 minutes on 2 cores (docs/ssl_coldstart.md): C = 40 of a pool of 300 (the
+    # CPU-sized protocol, about 2.5 minutes on 2 cores (docs/ssl_coldstart.md): C = 40 of a pool of 300 (the
     # paper: 300 of 1600), +10 x 9 iterations, epochs 50 / 10 (the paper's 10 / 2 ratio; 40 images make only
     # 3 steps an epoch, and with 20 / 4 the model was still far from fitted: test Dice swung between rounds).
     # shuffle_blocks: 10,000 windows cover a 2-D image ~30 times over (the reference code's 3-D cubes ~2
