@@ -23,11 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
 # Data (loaders.py) and figures (plots.py) live in their own files; the scripts reach them through common
 from loaders import Data, UserError, default_split, load_data, make_splits, make_synthetic, write_folder  # noqa: F401
-from plots import COLOURS, plot, plot_hist, save_panel  # noqa: F401
+from plots import COLOURS, picks_sheet, plot, plot_hist, save_panel  # noqa: F401
 from tables import collect_runs, markdown_table, read_json, read_rows, summarise  # noqa: F401
 
 
@@ -1055,39 +1054,19 @@ def _plain(v):
 
 
 @torch.inference_mode()
-def save_picks(run, rnd, model, data, x, groups, scores, batch_size, device, amp=False, per_group=16, tile=72):
+def save_picks(run, rnd, model, data, x, groups, scores, batch_size, device, amp=False, per_group=16):
     """picks/round_<K>.png: what the rule asked for this round, so a user can see it. One row per pick
     (up to per_group of each group): image, ground truth (the hidden mask the oracle reveals), the model's
     prediction at selection time (the model that scored the pool, eval mode) and a caption with the group,
-    the sample id and its score. groups: {how: data indices}; scores: {data index: score} (or None).
-    The numbers behind it are in pool_scores.csv."""
+    the sample id and its score (plots.picks_sheet draws it). groups: {how: data indices}; scores: {data
+    index: score} (or None). The numbers behind it are in pool_scores.csv."""
     rows = [(how, int(i)) for how, idx in groups.items() for i in list(np.asarray(idx).reshape(-1))[:per_group]]
     if not rows:
         return None
-    idx = np.array([i for _, i in rows], dtype=np.int64)
-    probs = predict(model, x, idx, batch_size, device, amp).float().cpu().numpy()
-    font = ImageFont.load_default()
-    cap_w = 140
-    img = Image.new("RGB", (cap_w + 3 * (tile + 4) + 4, 18 + len(rows) * (tile + 4)), "white")
-    d = ImageDraw.Draw(img)
-    for c, t in enumerate(["image", "ground truth", "prediction"]):
-        d.text((cap_w + 4 + c * (tile + 4), 4), t, fill="black", font=font)
-    for r, ((how, i), p) in enumerate(zip(rows, probs)):
-        im = data.x[i]
-        im = im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)
-        tiles = [Image.fromarray(im), Image.fromarray(data.y[i] * 255), Image.fromarray((p > 0.5).astype(np.uint8) * 255)]
-        y0 = 18 + r * (tile + 4)
-        for c, t in enumerate(tiles):
-            img.paste(t.convert("RGB").resize((tile, tile), Image.NEAREST), (cap_w + 4 + c * (tile + 4), y0))
-        s = None if scores is None else scores.get(i)
-        fg = f"fg {float(data.y[i].mean()):.0%} / pred {float((p > 0.5).mean()):.0%}"
-        d.text((4, y0 + 4), f"{how}", fill=COLOURS[list(groups).index(how) % len(COLOURS)], font=font)
-        d.text((4, y0 + 18), str(data.ids[i])[:22], fill="black", font=font)  # what fits the caption column
-        d.text((4, y0 + 32), "" if s is None else f"score {float(s):.5g}", fill="black", font=font)
-        d.text((4, y0 + 46), fg, fill="black", font=font)
+    probs = predict(model, x, np.array([i for _, i in rows], dtype=np.int64), batch_size, device, amp)
     os.makedirs(run.path("picks"), exist_ok=True)
     path = run.path(os.path.join("picks", f"round_{rnd}.png"))
-    img.save(path)
+    picks_sheet(path, data, rows, probs.float().cpu().numpy(), list(groups), scores)
     return path
 
 

@@ -1,5 +1,6 @@
 """Figures with Pillow only: a few plain charts (line with std bands, scatter, bar, histogram) and an image
-panel. common.py re-exports them (common.plot, common.plot_hist, common.save_panel).
+panel, and the sheet of a round's picks. common.py re-exports them (common.plot, common.plot_hist,
+common.save_panel).
 """
 import math
 
@@ -151,4 +152,29 @@ def save_panel(path, images, columns, titles):
     for r, row in enumerate(tiles):
         for c, t in enumerate(row):
             img.paste(t.resize((s, s), Image.NEAREST), (4 + c * (s + 4), 18 + r * (s + 4)))
+    img.save(path)
+
+
+def picks_sheet(path, data, rows, probs, groups, scores, tile=72):
+    """common.save_picks's sheet: per row (how, data index) the image, its mask and the model's prediction
+    (probs > 0.5), and a caption: the group (coloured as `groups` orders them), the id, the score, fg shares."""
+    font = ImageFont.load_default()
+    cap_w = 140
+    img = Image.new("RGB", (cap_w + 3 * (tile + 4) + 4, 18 + len(rows) * (tile + 4)), "white")
+    d = ImageDraw.Draw(img)
+    for c, t in enumerate(["image", "ground truth", "prediction"]):
+        d.text((cap_w + 4 + c * (tile + 4), 4), t, fill="black", font=font)
+    for r, ((how, i), p) in enumerate(zip(rows, probs)):
+        im = data.x[i]
+        im = im[0] if im.shape[0] == 1 else im.transpose(1, 2, 0)
+        tiles = [Image.fromarray(im), Image.fromarray(data.y[i] * 255), Image.fromarray((p > 0.5).astype(np.uint8) * 255)]
+        y0 = 18 + r * (tile + 4)
+        for c, t in enumerate(tiles):
+            img.paste(t.convert("RGB").resize((tile, tile), Image.NEAREST), (cap_w + 4 + c * (tile + 4), y0))
+        s = None if scores is None else scores.get(i)
+        fg = f"fg {float(data.y[i].mean()):.0%} / pred {float((p > 0.5).mean()):.0%}"
+        d.text((4, y0 + 4), f"{how}", fill=COLOURS[groups.index(how) % len(COLOURS)], font=font)
+        d.text((4, y0 + 18), str(data.ids[i])[:22], fill="black", font=font)  # what fits the caption column
+        d.text((4, y0 + 32), "" if s is None else f"score {float(s):.5g}", fill="black", font=font)
+        d.text((4, y0 + 46), fg, fill="black", font=font)
     img.save(path)
