@@ -79,17 +79,18 @@ def parse_args(argv=None):
 
 
 def ceal_budget(args, n_train):
-    """The budget of Sec. 4.2: the pseudo-labels that do not fit the pool beside the oracle's queries are fewer
-    in the last iterations (ceal_groups serves the oracle first), said here; Table 2's LGG is such a case,
-    329 + 35 x 10 + 20 x 10 = 879 of 878 slices. Returns pseudo_of(r): the pseudo-labels iteration r trains on,
-    "20 x number of iterations" (--pseudo-mode)."""
+    """The budget of Sec. 4.2, said here when it does not fit the training pool: the pool then runs out before
+    the last iteration, which gets fewer pseudo-labels and, when the earlier ones took too much of the pool,
+    fewer queries too (ceal_groups serves the oracle first within an iteration; each such iteration prints
+    its counts, ceal_query). Table 2's LGG is such a case, 329 + 35 x 10 + 20 x 10 = 879 of 878 slices.
+    Returns pseudo_of(r): the pseudo-labels iteration r trains on, "20 x number of iterations" (--pseudo-mode)."""
     pseudo_of = lambda r: args.pseudo_step * (r * (r + 1) // 2 if args.pseudo_mode == "per-iteration" else r)
     n_pseudo = pseudo_of(args.rounds) if args.strategy == "ceal" else 0
     short = args.initial + args.query * args.rounds + n_pseudo - n_train
     if args.strategy == "ceal" and short > 0:
         print(f"note: {args.initial} + {args.query} x {args.rounds} oracle labels + {n_pseudo} pseudo-labels "
-              f"({args.pseudo_mode}) exceed the training pool of {n_train} by {short}: the last iterations "
-              "pseudo-label fewer")
+              f"({args.pseudo_mode}) exceed the training pool of {n_train} by {short}: the last iterations get "
+              "fewer (each says how many)")
     return pseudo_of
 
 
@@ -117,6 +118,9 @@ def ceal_query(run, rnd, model, x, y, pool, args, rng, device):
     k4 = args.pseudo_step * (1 if args.pseudo_mode == "total" else rnd)
     g = common.ceal_groups(scores, n_low, n_high, args.query - n_low - n_high, k4, rng, band=args.band,
                            pseudo=args.pseudo_pick)  # Sec. 4.2: the four groups (positions into pool)
+    if sum(map(len, g[:3])) < args.query or len(g[3]) < k4:  # the pool ran short (ceal_budget), or the mode bin
+        print(f"iteration {rnd}: {sum(map(len, g[:3]))} of {args.query} queries to the oracle, {len(g[3])} of {k4} "
+              f"new pseudo-labels (pool {len(pool)})")
     figures(run, rnd, scores, pool_dice, g)
     groups = dict(zip(["oracle-lowest", "oracle-highest", "oracle-band", "pseudo"], [pool[i] for i in g]))
     return scores, pool_dice, groups, masks[torch.as_tensor(g[3], device=device)]

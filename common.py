@@ -15,6 +15,8 @@ import math
 import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,19 +28,26 @@ import torch.nn.functional as F
 
 # Data (loaders.py) and figures (plots.py) live in their own files; the scripts reach them through common
 from loaders import Data, UserError, default_split, load_data, make_splits, make_synthetic, write_folder  # noqa: F401
-from plots import COLOURS, picks_sheet, plot, plot_hist, save_panel  # noqa: F401
+from plots import COLOURS, learning_curve, picks_sheet, plot, plot_hist, save_panel  # noqa: F401
 from tables import collect_runs, markdown_table, read_json, read_rows, summarise  # noqa: F401
 
 
 def run_main(main):
-    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2."""
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2 (a new run folder
+    holding only its config and split is removed: nothing ran); Ctrl-C or SIGTERM (a cluster's time limit)
+    names the folder to --resume."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM raises KeyboardInterrupt, as Ctrl-C
+    Run.made = Run.used = None  # set by this main()'s Run
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if Run.made and set(os.listdir(Run.made)) <= {"config.json", "splits.json"}:
+            shutil.rmtree(Run.made)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished rounds are saved; continue with --resume RUN_DIR", file=sys.stderr)
+        print("interrupted" + (f": finished rounds are saved; continue with --resume {Run.used}" if Run.used else ""),
+              file=sys.stderr)
         sys.exit(130)
 
 
@@ -106,9 +115,9 @@ AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0
 
 def resolve(args, defaults, size=(16, 16), **at_least):
     """Fill every flag left at None from the script's table row for --data (or its "other" row), then check
-    the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr above 0, --split not negative,
-    --dropout in [0, 1), --image-size a multiple of size[0] and at least size[1] (the U-Net of unet.UNet halves
-    it 4 times; region's ResNet-18 U-Net passes (32, 64))."""
+    the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr finite above 0, --seed below
+    2^32, no --data-dir for synthetic data, --split not negative, --dropout in [0, 1), --image-size a multiple
+    of size[0] and at least size[1] (unet.UNet halves it 4 times; region's ResNet-18 U-Net passes (32, 64))."""
     row = defaults.get(args.data, defaults.get("other", {}))
     for key, value in row.items():
         if getattr(args, key, None) is None:
@@ -119,7 +128,10 @@ def resolve(args, defaults, size=(16, 16), **at_least):
             raise UserError(f"--{key.replace('_', '-')} {value}: expected at least {low}")
     (step, low), dropout = size, getattr(args, "dropout", None) or 0
     near = max(low, args.image_size // step * step)
-    for bad, message in ((args.lr <= 0, f"--lr {args.lr}: expected a learning rate above 0"),
+    for bad, message in ((not 0 < args.lr < math.inf, f"--lr {args.lr}: expected a finite learning rate above 0"),
+                         (args.seed >= 2 ** 32, f"--seed {args.seed}: expected below 2^32 (NumPy's seed range)"),
+                         (args.data == "synthetic" and args.data_dir and not args.resume, f"--data-dir {args.data_dir} "
+                          "with --data synthetic, which is built in and reads no folder: name its --data (e.g. folder)"),
                          (args.split and min(args.split) < 0, f"--split {args.split}: expected sizes of at least 0"),
                          (not 0 <= dropout < 1, f"--dropout {dropout}: expected a probability in [0, 1)"),
                          (args.image_size < low or args.image_size % step, f"--image-size {args.image_size}: expected "
@@ -148,18 +160,15 @@ def seed_everything(seed, deterministic=False):
 
 
 def get_device(name="auto"):
+    works = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if works[kind]))
     try:
         dev = torch.device(name)
     except RuntimeError as e:
         raise UserError(f"--device {name}: {e}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+    if not works.get(dev.type, True):
+        raise UserError(f"--device {name}: {dev.type.upper()} is not available on this machine (try --device cpu)")
     return dev
 
 
@@ -198,10 +207,10 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     """A run's seeded split and labelling counts, recorded in its folder. Flags left at None come from the
     data: --split from `split` (else default_split), --initial and --query (and --pseudo-step, given `pseudo`:
     CEAL's pseudo-labels per iteration) as the paper's `initial`, `query` (and `pseudo`) of its training pool
-    of `paper_pool`, carried to this pool (pool_share). Writes splits.json and
-    the resolved flags (config.json, with the sizes achieved as "split_achieved": a split by patient, lgg,
-    is approximate and also prints requested vs achieved), checks the training pool's masks
-    (check_foreground); returns the train, validation and test indices."""
+    of `paper_pool`, carried to this pool (pool_share). Writes splits.json and the resolved flags (config.json,
+    with the sizes achieved as "split_achieved": a split by patient, lgg, is approximate and also prints
+    requested vs achieved), checks the training pool's masks (check_foreground); on --resume, that the data
+    still gives the run's split. Returns the train, validation and test indices."""
     unlabelled = data.official.get("unlabelled")
     if unlabelled is not None:  # images without masks (list_folder): the person labels them, the masked ones test
         if getattr(args, "oracle", "simulated") != "folder":
@@ -213,6 +222,18 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
         print(f"data: {len(unlabelled)} images to label (the pool), {args.split[2]} with masks (the test set)"
               + ("" if args.split[2] else "; no test set: the Dice columns of rounds.csv stay nan (not measured)"))
         data.official["train"] = unlabelled
+    recorded, old = run.path("splits.json"), None
+    if args.resume and os.path.isfile(recorded):  # the data must still hold the run's samples, before any split
+        try:
+            old = read_json(recorded)
+        except ValueError as e:
+            raise UserError(f"{recorded}: unreadable ({e}); expected the run's split as it was written at its start")
+    gone = set(sum(old.values(), [])) - set(data.ids) if old is not None else set()
+    changed = UserError(f"{recorded}: the split made from {args.data_dir or data.name} now differs from the run's "
+                        f"({len(gone)} of its samples gone from the data, {len(data)} samples there now): the data "
+                        f"changed since the run started; put it back as it was, or start a new run")
+    if gone:
+        raise changed
     if args.split is None:
         args.split = split or default_split(data)
     ids = make_splits(data, args.split, args.seed)
@@ -224,12 +245,8 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     if getattr(args, "oracle", "simulated") == "simulated":  # a person's labels come later (oracle.ask)
         check_foreground(data, ids[0], getattr(args, "data_dir", None))
     split_ids = {k: [data.ids[i] for i in v] for k, v in zip(("train", "val", "test"), ids)}
-    recorded = run.path("splits.json")
-    if args.resume and os.path.isfile(recorded) and read_json(recorded) != split_ids:  # the sets are indices
-        gone = set(sum(read_json(recorded).values(), [])) - set(data.ids)
-        raise UserError(f"{recorded}: the split made from {args.data_dir or data.name} now differs from the run's "
-                        f"({len(gone)} of its samples gone from the data, {len(data)} samples there now): the data "
-                        f"changed since the run started; put it back as it was, or start a new run")
+    if old is not None and old != split_ids:  # samples added: the same seed splits them otherwise
+        raise changed
     if args.initial is None:
         args.initial = pool_share(len(ids[0]), initial, paper_pool)
     if args.query is None:
@@ -716,15 +733,19 @@ class Run:
     config.json (every resolved flag, versions, device), splits.json (sample ids), rounds.csv (one row per
     finished round), queried.csv (round, sample id, how it was labelled), epochs.csv, summary.json,
     checkpoint.pt (everything --resume needs) and the figures."""
+    made = used = None  # the folder this process made, the one it writes (run_main's messages)
 
     def __init__(self, script, args, device):
         self.script = os.path.splitext(os.path.basename(script))[0]
         typed = vars(args).pop("_typed", [])
+        if getattr(args, "data_dir", None):  # absolute, so that --resume works from any folder
+            args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
         if args.resume:
             self.dir = args.resume
             cfg_path = os.path.join(self.dir, "config.json")
             if not os.path.isfile(cfg_path):
-                raise UserError(f"--resume {self.dir}: no config.json there; expected a run folder this script wrote")
+                raise UserError(f"--resume {self.dir}: " + ("no config.json there" if os.path.isdir(self.dir) else
+                                "no such folder") + "; expected a run folder this script wrote")
             try:
                 cfg = read_json(cfg_path)
             except ValueError:  # not JSON (a file cut short)
@@ -735,8 +756,10 @@ class Run:
             if cfg.get("script") != self.script:
                 raise UserError(f"--resume {self.dir}: the run was made by {cfg.get('script')}, not {self.script}")
             # the run's own flags win, --amp included (the rest of a run computes as its start did), and its
-            # thread count (CPU sums depend on it); only --resume, --device and --workers may change
-            ignored = [k for k in typed if k not in ("resume", "device", "workers") and k in cfg["args"]
+            # thread count (CPU sums depend on it); only --resume, --device, --workers and --data-dir (the data
+            # moved: split_data checks it holds the run's samples) may change
+            free = ("resume", "device", "workers") + (("data_dir",) if "data_dir" in typed else ())
+            ignored = [k for k in typed if k not in free and k in cfg["args"]
                        and getattr(args, k) != cfg["args"][k]]
             if ignored:
                 print(f"resume: {' '.join('--' + k.replace('_', '-') for k in ignored)} ignored: {self.dir} keeps the "
@@ -751,7 +774,7 @@ class Run:
                     print(f"resume: the run started with {threads} threads, more than this machine's "
                           f"{os.cpu_count()} cores; on {torch.get_num_threads()}, its sums may round differently")
             for k, v in cfg["args"].items():
-                if k not in ("resume", "device", "workers"):
+                if k not in free:
                     setattr(args, k, v)
         else:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -765,12 +788,14 @@ class Run:
                 os.makedirs(self.dir)
             except OSError as e:
                 raise UserError(f"--out {args.out}: cannot make the run folder {self.dir} ({e.strerror})")
+            Run.made = self.dir
             cfg = {"script": self.script, "args": vars(args), "command": " ".join(sys.argv), "commit": git_commit(),
                    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                    "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
                    "numpy": np.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds")}
             self.write_json("config.json", cfg)
         self.args, self.device, self.t0, self.offset_s = args, device, time.time(), 0.0
+        Run.used = self.dir
 
     # ---- the round loop's plumbing, called by every script in the same place and the same words ----
     @classmethod
@@ -802,7 +827,8 @@ class Run:
         self.save_checkpoint({"round": row["round"], "model": model.state_dict(), "opt": opt.state_dict(), **sets,
                               "rng_select": rng.bit_generator.state, "rng_batches": gen.get_state()})
         rows = self.read_csv("rounds.csv")
-        learning_curve(self, rows)
+        learning_curve(self.path("learning_curve.png"), rows, self.args.strategy,
+                       f"{self.script} on {self.args.data}")
         progress.round(row)
         return rows
 
@@ -930,6 +956,9 @@ class Run:
         for name in sorted(os.listdir(self.dir)):  # every per-round CSV loses the rows of the unfinished round,
             if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:  # and a row cut short
                 self.truncate_csv(name, lambda r: None not in r.values() and int(r["round"]) <= done)
+        if str(done) not in [r["round"] for r in self.read_csv("rounds.csv")]:  # its row is written before it
+            raise UserError(f"{self.path('rounds.csv')}: no row of round {done}, which checkpoint.pt finished; restore "
+                            f"the file, or remove checkpoint.pt to start {self.dir} again")
         print(f"resume: {self.dir} after round {done}")
         return state
 
@@ -1043,6 +1072,7 @@ class Progress:
               f"± {row['dice_std']:.4f} iou {row['iou_mean']:.4f} (train {row['train_s']:.1f}s, select "
               f"{row['select_s']:.1f}s) | {fmt_s(self.run.elapsed())} elapsed, ETA {self._eta()}", flush=True)
 
+
 def fmt_s(s):
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -1068,10 +1098,3 @@ def save_picks(run, rnd, model, data, x, groups, scores, batch_size, device, amp
     path = run.path(os.path.join("picks", f"round_{rnd}.png"))
     picks_sheet(path, data, rows, probs.float().cpu().numpy(), list(groups), scores)
     return path
-
-
-def learning_curve(run, rows):
-    xs = [int(r["labeled"]) for r in rows]
-    plot(run.path("learning_curve.png"), {run.args.strategy: (xs, [float(r["dice_mean"]) for r in rows],
-                                                              [float(r["dice_std"]) for r in rows])},
-         xlabel="labelled samples", ylabel="test Dice", title=f"{run.script} on {run.args.data}")

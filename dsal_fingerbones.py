@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import common
 import oracle
@@ -179,9 +180,9 @@ def make_fingerbones(n, size=64, seed=0):
         if rng.random() < 0.5:  # the side marker: a bright "L" near a corner, as bright as bone
             if rng.random() < 0.5:  # a right hand: mirror the hand, not the letter
                 img, mask = img[:, ::-1], mask[:, ::-1]
-            pil = common.Image.new("L", (size, size))
+            pil = Image.new("L", (size, size))
             cx, cy, h = rng.uniform(0.05, 0.2) * size, rng.uniform(0.05, 0.2) * size, rng.uniform(0.06, 0.1) * size
-            common.ImageDraw.Draw(pil).line([cx, cy, cx, cy + h, cx + 0.6 * h, cy + h], fill=255,
+            ImageDraw.Draw(pil).line([cx, cy, cx, cy + h, cx + 0.6 * h, cy + h], fill=255,
                                             width=max(1, size // 40))
             img = img + c_bone * 1.2 * np.asarray(pil, np.float64) / 255
         img = np.clip(_blur(img, rng.uniform(0.3, 0.9) * size / 64), 0, 1) ** rng.uniform(0.6, 1.6)  # blur, gamma

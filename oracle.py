@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from common import binary_entropy, predict, read_rows
-from loaders import UserError, binarise_mask, read_image, resize_mask
+from loaders import UserError, binarise_mask, check_inverted, read_image, resize_mask
 
 
 LABEL_README = """Round {rnd} of {script}: label {n} image(s).
@@ -158,7 +158,8 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
 def read_labels(lab_dir, ids, data, size):
     """The person's label files for ids, checked all at once: missing, extra (hidden files aside), unreadable,
     not binary (loaders.binarise_mask), another aspect ratio than the image (2 % tolerance). Any problem: one UserError
-    listing all of them (nothing is changed). Returns (n, size, size) uint8 in {0, 1}."""
+    listing all of them (nothing is changed). Labels that look inverted get the loader's warning
+    (loaders.check_inverted). Returns (n, size, size) uint8 in {0, 1}."""
     want = {f"{sid}.png": sid for sid in ids}
     present = sorted(n for n in os.listdir(lab_dir) if not n.startswith(".") and n not in ("Thumbs.db", "desktop.ini"))
     stems = {os.path.splitext(n)[0]: n for n in present if n not in want}
@@ -195,4 +196,6 @@ def read_labels(lab_dir, ids, data, size):
     if problems:
         raise UserError(f"{lab_dir}: {len(problems)} problem(s) with the label files; nothing was changed:\n  "
                         + "\n  ".join(problems))
-    return np.stack([masks[sid] for sid in ids])
+    labels = np.stack([masks[sid] for sid in ids])
+    check_inverted(labels, lab_dir)  # the loader's warning for --data folder, on this round's labels
+    return labels

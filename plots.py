@@ -99,6 +99,13 @@ def plot(path, series, xlabel="", ylabel="", title="", kind="line", size=(640, 4
     img.save(path)
 
 
+def learning_curve(path, rows, label, title):
+    """Test Dice (mean ± std) against labelled samples, from rounds.csv's rows."""
+    xs = [int(r["labeled"]) for r in rows]
+    plot(path, {label: (xs, [float(r["dice_mean"]) for r in rows], [float(r["dice_std"]) for r in rows])},
+         xlabel="labelled samples", ylabel="test Dice", title=title)
+
+
 def plot_hist(path, values, bins=80, xlabel="", title="", marks=None):
     """Histogram; marks {label: values} draws those samples as ticks under the bars (e.g. the selected)."""
     values = np.asarray(values, float)

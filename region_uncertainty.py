@@ -224,9 +224,14 @@ def build_model(args, device):
     if args.encoder_weights:
         try:
             state = torch.load(args.encoder_weights, map_location="cpu", weights_only=True)
-            model.load_torchvision_resnet18(state)
         except FileNotFoundError:
             raise common.UserError(f"--encoder-weights {args.encoder_weights}: file not found")
+        except Exception as e:  # not a torch file, or one holding more than tensors (e.g. a run's checkpoint.pt)
+            raise common.UserError(f"--encoder-weights {args.encoder_weights}: torch.load refused it "
+                                   f"({type(e).__name__}: not a file of tensors only); expected torchvision's "
+                                   f"ResNet-18 state dict (resnet18-f37072fd.pth)")
+        try:
+            model.load_torchvision_resnet18(state)
         except Exception as e:
             raise common.UserError(f"--encoder-weights {args.encoder_weights}: {e}")
         print(f"encoder: ResNet-18 weights from {args.encoder_weights}")

@@ -622,6 +622,8 @@ def pretrain_or_load(run, data, x, train_ids, args, device):
     pre-training losses, the seconds it took: this run's pre-training, read back on --resume; with
     --ssl-weights, the loading)."""
     t0 = time.time()
+    if "cluster" in (args.strategy, args.cold_start) and args.clusters > len(train_ids):  # before pre-training
+        raise common.UserError(f"--clusters {args.clusters}: more clusters than the {len(train_ids)} pool samples")
     pool_ids = [data.ids[i] for i in train_ids]
     saved = args.ssl_weights or run.path("ssl_weights.pt")
     if args.ssl_weights and not os.path.isfile(args.ssl_weights):

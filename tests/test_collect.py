@@ -146,6 +146,7 @@ def test_resume_drops_an_unfinished_rounds_rows_whole_or_not_at_all(tmp_path, mo
     run.append_csv("b.csv", [{"round": r, "v": r / 2} for r in range(12)])
     with open(run.path("b.csv"), "a") as f:
         f.write("1")
+    run.append_csv("rounds.csv", [{"round": r} for r in range(12)])  # the checkpoint's round has its row
     torch.save({"rng_python": random.getstate(), "rng_numpy": np.random.get_state(), "rng_torch": torch.get_rng_state(),
                 "round": 11}, run.path("checkpoint.pt"))
     common.Run("x.py", _args(resume=run.dir), torch.device("cpu")).load_checkpoint()

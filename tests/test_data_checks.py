@@ -368,7 +368,7 @@ def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
     ("example_tta", ["--width", "0"], "--width 0: expected at least 1"),
     ("example_tta", ["--seed", "-1"], "--seed -1: expected at least 0"),
     ("example_tta", ["--workers", "-1"], "--workers -1: expected at least 0"),
-    ("example_tta", ["--lr", "-1"], "--lr -1.0: expected a learning rate above 0"),
+    ("example_tta", ["--lr", "-1"], "--lr -1.0: expected a finite learning rate above 0"),
     ("example_tta", ["--split", "-1", "8", "8"], r"--split \[-1, 8, 8\]: expected sizes of at least 0"),
     ("example_tta", ["--image-size", "40"], "--image-size 40: expected a multiple of 16, at least 16 .*the nearest "
                                             "are 32 and 48"),

@@ -1,0 +1,208 @@
+"""What a user meets when a run stops or is started wrong (the new-user audit of 2026-11-26): a rejected run
+leaves no empty folder, Ctrl-C and SIGTERM name the folder to resume, flags that would crash later are refused
+at the start, a damaged run folder or changed data is one clear line, --resume works from any folder, CEAL says
+which iterations got fewer labels, and SSL refuses too many clusters before pre-training."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ceal_mcdropout
+import common
+import example_tta
+import oracle
+import region_uncertainty
+import ssl_coldstart
+from conftest import ROOT, THREADS
+from test_data_checks import folder, one_line_error
+
+TINY = ["--data", "folder", "--image-size", "32", "--width", "4", "--rounds", "2", "--epochs-initial", "1",
+        "--epochs", "1", "--split", "6", "3", "3", "--initial", "2", "--query", "2", "--device", "cpu"]
+
+
+def _args(**kw):
+    return types.SimpleNamespace(**dict(dict(resume=None, data="synthetic", strategy="x", seed=0, out="runs",
+                                             data_dir=None), **kw))
+
+
+def test_a_rejected_new_run_leaves_no_folder_but_a_started_one_is_kept(tmp_path, capsys):
+    def rejected():
+        run = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
+        run.write_json("splits.json", {})
+        raise common.UserError("bad data")
+    assert one_line_error(capsys, rejected) == "error: bad data" and os.listdir(tmp_path) == []
+
+    def after_a_round():
+        run = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
+        run.append_csv("rounds.csv", {"round": 0})
+        raise common.UserError("bad labels")
+    one_line_error(capsys, after_a_round)
+    assert len(os.listdir(tmp_path)) == 1  # a finished round is never thrown away
+
+    def resumed():  # a resumed run's folder is never removed, whatever it holds
+        common.Run("x.py", _args(resume=os.path.join(tmp_path, os.listdir(tmp_path)[0])), torch.device("cpu"))
+        raise common.UserError("bad labels")
+    one_line_error(capsys, resumed)
+    assert len(os.listdir(tmp_path)) == 1
+
+
+def test_ctrl_c_names_the_run_folder(tmp_path, capsys):
+    def interrupted():
+        common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        common.run_main(interrupted)
+    run_dir = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    assert e.value.code == 130 and capsys.readouterr().err == (
+        f"interrupted: finished rounds are saved; continue with --resume {run_dir}\n")
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """A cluster's time limit sends SIGTERM: the same message and exit status 130, the folder kept."""
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "example_tta.py"), "--device", "cpu", "--image-size",
+                          "32", "--width", "4", "--epochs-initial", "200", "--out", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    for line in p.stdout:  # the first epoch line: the run folder exists and training is under way
+        if "epoch" in line:
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    run_dir = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    assert p.returncode == 130 and err.strip().endswith(f"continue with --resume {run_dir}"), err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "--lr nan: expected a finite learning rate above 0"),
+    (["--lr", "inf"], "--lr inf: expected a finite learning rate above 0"),
+    (["--seed", str(2 ** 32)], f"--seed {2 ** 32}: expected below 2^32"),
+    (["--data-dir", "mine"], "--data-dir mine with --data synthetic, which is built in and reads no folder"),
+])
+def test_flags_that_would_fail_later_are_refused_at_the_start(flags, message):
+    with pytest.raises(common.UserError, match=message.replace("^", r"\^")):
+        example_tta.parse_args(flags)
+    example_tta.parse_args(["--resume", "RUN", "--data-dir", "mine"])  # a resume's --data-dir: the data moved
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_a_device_this_machine_lacks_is_a_clear_error():
+    with pytest.raises(common.UserError, match="--device mps: MPS is not available on this machine"):
+        common.get_device("mps")
+
+
+def test_resume_of_a_folder_that_is_not_there(tmp_path):
+    with pytest.raises(common.UserError, match="no such folder; expected a run folder"):
+        common.Run("x.py", _args(resume=str(tmp_path / "nowhere")), torch.device("cpu"))
+    with pytest.raises(common.UserError, match="no config.json there; expected a run folder"):
+        common.Run("x.py", _args(resume=str(tmp_path)), torch.device("cpu"))
+
+
+def test_resume_from_another_folder_and_with_the_data_moved(tmp_path, monkeypatch, capsys):
+    """--data-dir is recorded as an absolute path, so --resume works from any folder; a resume may name where
+    the data went (--data-dir), and the split is checked against the run's."""
+    folder(tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALSEG_STOP_AFTER_ROUND", "1")
+    with pytest.raises(SystemExit):
+        example_tta.main(TINY + ["--data-dir", "d", "--out", "runs"])
+    run_dir = str(tmp_path / "runs" / os.listdir(tmp_path / "runs")[0])
+    assert json.load(open(os.path.join(run_dir, "config.json")))["args"]["data_dir"] == str(tmp_path / "d")
+    monkeypatch.delenv("ALSEG_STOP_AFTER_ROUND")
+    os.rename(tmp_path / "d", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "runs")
+    with pytest.raises(common.UserError, match=f"--data-dir {tmp_path / 'd'}: folder not found"):
+        example_tta.main(["--resume", run_dir])
+    example_tta.main(["--resume", run_dir, "--data-dir", "../moved"])
+    assert "ignored" not in capsys.readouterr().out
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert cfg["args"]["data_dir"] == str(tmp_path / "moved") and os.path.isfile(os.path.join(run_dir, "summary.json"))
+
+
+def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkeypatch):
+    root = folder(tmp_path / "d")
+    monkeypatch.setenv("ALSEG_STOP_AFTER_ROUND", "1")
+    with pytest.raises(SystemExit):
+        example_tta.main(TINY + ["--data-dir", root, "--out", str(tmp_path / "runs")])
+    monkeypatch.delenv("ALSEG_STOP_AFTER_ROUND")
+    run_dir = str(tmp_path / "runs" / os.listdir(tmp_path / "runs")[0])
+    path = lambda name: os.path.join(run_dir, name)
+    splits = open(path("splits.json")).read()
+    with open(path("splits.json"), "w") as f:
+        f.write(splits[:40])  # cut short
+    with pytest.raises(common.UserError, match=f"{path('splits.json')}: unreadable"):
+        example_tta.main(["--resume", run_dir])
+    with open(path("splits.json"), "w") as f:
+        f.write(splits)
+    # a training sample gone (its image and mask): the data changed, not "lower --split"
+    gone = json.loads(splits)["train"][0]
+    for sub in ("images", "masks"):
+        name = next(n for n in os.listdir(os.path.join(root, sub)) if n.startswith(gone))
+        os.rename(os.path.join(root, sub, name), tmp_path / f"{sub}-{name}")
+    with pytest.raises(common.UserError, match=r"now differs from the run's \(1 of its samples gone from the data, "
+                                               r"11 samples there now\): the data changed"):
+        example_tta.main(["--resume", run_dir])
+    for sub in ("images", "masks"):
+        name = next(n for n in os.listdir(tmp_path) if n.startswith(f"{sub}-"))
+        os.rename(tmp_path / name, os.path.join(root, sub, name[len(sub) + 1:]))
+    os.remove(path("rounds.csv"))
+    with pytest.raises(common.UserError, match=f"{path('rounds.csv')}: no row of round 1, which checkpoint.pt "
+                                               f"finished"):
+        example_tta.main(["--resume", run_dir])
+
+
+def test_ceal_says_which_iterations_got_fewer_labels(tmp_path, capsys):
+    """14 training samples, 4 + 2 x 4 queries + 1 new pseudo-label per iteration: the pool runs out in
+    iteration 4, which gets 1 of its 2 queries and none of its pseudo-labels, and says so."""
+    ceal_mcdropout.main(["--device", "cpu", "--image-size", "32", "--width", "4", "--rounds", "4",
+                         "--epochs-initial", "1", "--epochs", "1", "--split", "14", "3", "3", "--initial", "4",
+                         "--query", "2", "--pseudo-step", "1", "--mc-passes", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "exceed the training pool of 14 by 2: the last iterations get fewer (each says how many)" in out
+    short = [line for line in out.splitlines() if line.startswith("iteration ")]
+    assert short == ["iteration 4: 1 of 2 queries to the oracle, 0 of 1 new pseudo-labels (pool 1)"]
+    run_dir = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    rows = common.read_rows(os.path.join(run_dir, "rounds.csv"))
+    assert [(r["labeled"], r["pseudo"]) for r in rows] == [("4", "0"), ("6", "1"), ("8", "2"), ("10", "3"),
+                                                          ("11", "3")]
+
+
+def test_ssl_refuses_too_many_clusters_before_pre_training(tmp_path):
+    t0 = time.time()
+    with pytest.raises(common.UserError, match="--clusters 100: more clusters than the 40 pool samples"):
+        ssl_coldstart.main(["--device", "cpu", "--split", "40", "10", "10", "--initial", "10", "--rounds", "2",
+                            "--clusters", "100", "--image-size", "32", "--width", "4", "--out", str(tmp_path)])
+    run_dir = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    assert not os.path.exists(os.path.join(run_dir, "ssl_weights.pt")) and time.time() - t0 < 30
+
+
+def test_encoder_weights_that_are_no_state_dict_say_what_was_expected(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(os.urandom(1000))
+    args = types.SimpleNamespace(width=64, dropout=0.0, encoder_weights=str(bad), compile=False)
+    with pytest.raises(common.UserError) as e:
+        region_uncertainty.build_model(args, torch.device("cpu"))
+    assert str(e.value) == (f"--encoder-weights {bad}: torch.load refused it (UnpicklingError: not a file of tensors "
+                            f"only); expected torchvision's ResNet-18 state dict (resnet18-f37072fd.pth)")
+
+
+def test_labels_drawn_inverted_get_the_loaders_warning(tmp_path, capsys):
+    data = types.SimpleNamespace(ids=["a", "b"], files=None, x=np.zeros((2, 3, 32, 32), np.uint8))
+    m = np.full((32, 32), 255, np.uint8)
+    m[10:20, 10:20] = 0  # the object black on white
+    for sid in data.ids:
+        Image.fromarray(m).save(tmp_path / f"{sid}.png")
+    labels = oracle.read_labels(str(tmp_path), data.ids, data, 32)
+    assert labels.shape == (2, 32, 32) and f"warning: the masks in {tmp_path} are foreground on 100% of their " \
+        "border pixels" in capsys.readouterr().out
+    Image.fromarray(255 - m).save(tmp_path / "a.png")
+    Image.fromarray(255 - m).save(tmp_path / "b.png")
+    oracle.read_labels(str(tmp_path), data.ids, data, 32)
+    assert "warning" not in capsys.readouterr().out
