@@ -33,6 +33,11 @@ def collect(paths, by=KEYS, data=None, final=False):
     of its runs have no summary.json. final: only the last round of each finished run; the unfinished runs
     are left out (and counted on stderr)."""
     rows = common.collect_runs(paths)
+    keys = set().union(*rows) - {"flags"}  # a flag of the runs or a rounds.csv column ("flags" is their dict)
+    bad = [k for k in by if k not in keys]
+    if rows and bad:  # no rows: main's "no finished rounds" says why
+        raise common.UserError(f"--by {' '.join(bad)}: no such flag or rounds.csv column in the runs under "
+                               f"{' '.join(paths)}; expected some of: {' '.join(sorted(keys))}")
     if data:
         rows = [r for r in rows if r.get("data") == data]
     if final:  # only the last round of each finished run
@@ -147,7 +152,11 @@ def main(argv=None):
                   "are in the rows above, and `--final` leaves them out.")
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:  # a file of that name, or no permission
+            raise common.UserError(f"--out {args.out}: cannot make the folder for results.md, results.csv and "
+                                   f"curves.png ({e.strerror}); expected a folder, or a path where one can be made")
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(table + "\n")
         with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:

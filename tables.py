@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -26,16 +27,26 @@ def collect_runs(paths):
     """One dict per finished round of every run folder under `paths` (run folders or their parents):
     the run's flags (config.json "args"), its script, folder, whether the run finished (`finished`: it
     wrote summary.json; False while it runs or after a crash), and the round's rounds.csv columns (numbers
-    as floats). A run with a missing or empty rounds.csv contributes nothing."""
-    rows = []
+    as floats). A run with a missing or empty rounds.csv contributes nothing; one whose config.json is not a
+    run's config (cut short by a crash, say) is left out with a warning line, so that it does not stop the
+    table of the others. A run named twice (`runs runs/` or `runs runs/RUN`) counts once."""
+    rows, seen = [], set()
     for p in paths:
         cfgs = [os.path.join(p, "config.json")] if os.path.isfile(os.path.join(p, "config.json")) else \
             sorted(glob.glob(os.path.join(p, "**", "config.json"), recursive=True))
         for cfg_path in cfgs:
             run_dir = os.path.dirname(cfg_path)
-            cfg = read_json(cfg_path)
             rounds = os.path.join(run_dir, "rounds.csv")
-            if not os.path.isfile(rounds):
+            if not os.path.isfile(rounds) or os.path.realpath(run_dir) in seen:
+                continue
+            seen.add(os.path.realpath(run_dir))
+            try:
+                cfg = read_json(cfg_path)
+            except (OSError, ValueError):  # unreadable, or not JSON (a file cut short)
+                cfg = None
+            if not (isinstance(cfg, dict) and isinstance(cfg.get("args"), dict) and "script" in cfg):
+                print(f"warning: {cfg_path}: not a run's config (unreadable JSON, or no script and flags in it); "
+                      "expected the config.json a script writes; this run is left out", file=sys.stderr)
                 continue
             finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
             for r in read_rows(rounds):
@@ -66,10 +77,17 @@ def summarise(rows, by, values=("dice_mean",)):
         flags = {r["run"]: r["flags"] for r in g if "flags" in r}
         names = set().union(*flags.values()) - set(by) - SAME_SETTING
         differ = [k for k in sorted(names) if len({repr(f.get(k)) for f in flags.values()}) > 1]
-        if differ:
-            raise UserError(f"{', '.join(sorted(flags))}: runs of one table cell ({dict(zip(by, key))}) ran with other "
-                            f"--{differ[0].replace('_', '-')} ({sorted({repr(f.get(differ[0])) for f in flags.values()})}); "
-                            "expected one setting per cell: collect each setting's folders apart")
+        if differ:  # the reason first, then each setting with a few of its runs (hundreds would hide the reason)
+            setting = {}
+            for run, f in sorted(flags.items()):
+                setting.setdefault(" ".join(f"--{k.replace('_', '-')} {f.get(k)!r}" for k in differ), []).append(run)
+            lines = [f"{s}: {len(runs)} run(s): {', '.join(runs[:3])}" + f" and {len(runs) - 3} more" * (len(runs) > 3)
+                     for s, runs in sorted(setting.items())]
+            lines = lines[:10] + [f"and {len(lines) - 10} more setting(s)"] * (len(lines) > 10)
+            raise UserError(f"runs of one table cell ({dict(zip(by, key))}) ran with other "
+                            f"{', '.join('--' + k.replace('_', '-') for k in differ)}; expected one setting per cell: "
+                            "collect each setting's folders apart (or, in collect.py, add the flag to --by)"
+                            + "".join("\n  " + line for line in lines))
     out = []
     for key in sorted(groups, key=lambda t: tuple((x is None, x if not isinstance(x, str) else str(x)) for x in t)):
         g = groups[key]

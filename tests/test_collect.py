@@ -172,18 +172,77 @@ def test_round_row_and_summary(tmp_path, monkeypatch):
 
 def test_runs_of_other_settings_are_never_pooled(tmp_path):
     """Seeds pool into one mean ± std; a run of the same strategy with another flag (here --lr) does not: a
-    clear error names the flag and the runs, unless that flag is a grouping key (--by)."""
+    clear error gives the reason on its first line, then each setting with at most three of its runs, unless
+    that flag is a grouping key (--by)."""
     a = fake_run(tmp_path, "a", "x", "rule", 0, [0.5, 0.6, 0.7])
     fake_run(tmp_path, "b", "x", "rule", 1, [0.5, 0.6, 0.8])
     assert [r["n"] for r in collect.collect([str(tmp_path)])] == [2, 2, 2]
-    for d, lr in ((a, 0.01), (tmp_path / "b", 0.001)):
+    for seed in range(2, 7):  # five more runs of b's setting
+        fake_run(tmp_path, f"c{seed}", "x", "rule", seed, [0.5, 0.6, 0.8])
+    for d in sorted(tmp_path.iterdir()):
         cfg = json.load(open(d / "config.json"))
-        cfg["args"]["lr"] = lr
+        cfg["args"]["lr"] = 0.01 if d == a else 0.001
         json.dump(cfg, open(d / "config.json", "w"))
-    with pytest.raises(common.UserError, match=r"ran with other --lr \(\['0.001', '0.01'\]\)") as e:
+    with pytest.raises(common.UserError) as e:
         collect.main([str(tmp_path)])
-    assert str(a) in str(e.value) and str(tmp_path / "b") in str(e.value)
-    assert [r["n"] for r in collect.collect([str(tmp_path)], by=collect.KEYS + ["lr"])] == [1] * 6
+    first, *settings = str(e.value).splitlines()
+    assert "ran with other --lr;" in first and "collect each setting's folders apart" in first
+    assert str(tmp_path) not in first  # the reason alone, not hidden at the end of the paths
+    c = [str(tmp_path / f"c{seed}") for seed in range(2, 7)]
+    assert settings == [f"  --lr 0.001: 6 run(s): {tmp_path / 'b'}, {c[0]}, {c[1]} and 3 more",
+                        f"  --lr 0.01: 1 run(s): {a}"]
+    assert [r["n"] for r in collect.collect([str(tmp_path)], by=collect.KEYS + ["lr"])] == [6, 1] * 3
+
+
+def _exit(argv, capsys):
+    """collect.py's command line as a user runs it: the exit status and stderr."""
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: collect.main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    fake_run(tmp_path / "runs", "a", "x", "rule", 0, [0.5, 0.6, 0.7])
+    (tmp_path / "file").write_text("")
+    code, err = _exit([str(tmp_path / "runs"), "--out", str(tmp_path / "file")], capsys)
+    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'file'}: cannot make the folder")
+    assert "expected a folder" in err and "Traceback" not in err
+
+
+def test_an_unknown_by_key_is_a_clear_error(tmp_path, capsys):
+    """Before, --by nosuchkey grouped every run under None."""
+    fake_run(tmp_path / "runs", "a", "x", "rule", 0, [0.5, 0.6, 0.7])
+    code, err = _exit([str(tmp_path / "runs"), "--by", "strategy", "nosuchkey"], capsys)
+    assert code == 2 and err.startswith("error: --by nosuchkey: no such flag or rounds.csv column")
+    valid = set(err.split("expected some of: ")[1].split())
+    assert {"script", "strategy", "seed", "data", "labeled", "dice_mean"} <= valid and "flags" not in valid
+
+
+def test_a_run_with_a_broken_config_is_left_out_with_a_warning(tmp_path, capsys):
+    """A config.json cut short (a crash, a full disk) or without flags leaves its run out, with one warning line
+    naming the file; the other runs still make the table."""
+    for seed in (0, 1):
+        fake_run(tmp_path, f"r{seed}", "x", "rule", seed, [0.5 + seed / 10])
+    for name, text in (("cut", '{"script": "x", "ar'), ("noflags", '{"script": "x"}')):
+        (fake_run(tmp_path, name, "x", "rule", 2, [0.9]) / "config.json").write_text(text)
+    summary = collect.main([str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert [(r["n"], r["dice_mean"]) for r in summary] == [(2, pytest.approx(0.55))]
+    assert len(err) == 2 and all(line.startswith("warning: ") for line in err)
+    assert f"{tmp_path / 'cut' / 'config.json'}: not a run's config" in err[0] and "noflags" in err[1]
+
+
+def test_a_run_named_twice_counts_once(tmp_path):
+    """`runs runs/`, `runs runs/RUN` and a link to runs name the same runs: each counts once, with or without
+    --final (before, the per-round table said n = 2 and ± 0 for one run)."""
+    for seed in (0, 1):
+        fake_run(tmp_path / "runs", f"r{seed}", "x", "rule", seed, [0.5 + seed / 10, 0.7])
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    runs = str(tmp_path / "runs")
+    for paths in ([runs, runs + "/"], [runs, runs + "/r0/"], [runs, str(tmp_path / "link")]):
+        assert [r["n"] for r in collect.collect(paths)] == [2, 2]
+        assert [r["n"] for r in collect.collect(paths, by=["script"], final=True)] == [2]
+    assert [r["n"] for r in collect.collect([runs + "/r0", runs + "/r0/"])] == [1, 1]
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
