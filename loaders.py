@@ -20,6 +20,9 @@ from PIL import Image, ImageDraw
 # Pillow's warnings about files it still decodes (e.g. "Corrupt EXIF data" in a cut TIFF) would add lines to the
 # one-line errors; a file it cannot decode is still an error naming it (read_image)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+# Pillow's decompression-bomb limit (178 Mpx an error, 89 Mpx a warning) guards servers from hostile uploads; we read
+# the user's own files, and whole-slide or large scans are bigger
+Image.MAX_IMAGE_PIXELS = None
 
 
 class UserError(Exception):
@@ -168,11 +171,24 @@ def _mask_stem(path):
     return s
 
 
+def _subfolder(root, name):
+    """root/name, its name matched regardless of case (Images/ from a Windows or macOS export); two matches are an
+    error, not one picked in silence."""
+    found = sorted(d for d in os.listdir(root) if d.lower() == name and os.path.isdir(os.path.join(root, d)))
+    if len(found) > 1:
+        raise UserError(f"{root}: found {'/, '.join(found)}/: keep one {name}/ folder")
+    return os.path.join(root, found[0] if found else name)
+
+
 def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem may add _mask, _segmentation, "
                            "_lesion or _manual1)"):
-    img_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+    glob_files(root, [])  # a folder that cannot be listed: one line, not a traceback from os.listdir
+    img_dir, mask_dir = _subfolder(root, "images"), _subfolder(root, "masks")
     if not os.path.isdir(img_dir):
-        raise UserError(f"{root}: expected {what}")
+        if os.path.basename(root).lower() in ("images", "masks"):
+            raise UserError(f"{root} is itself the {os.path.basename(root)} folder: point --data-dir at its parent "
+                            f"{os.path.dirname(root)}")
+        raise UserError(f"{root}: expected {what} (found: {sorted(os.listdir(root))[:8]})")
     pats = ["*" + e for e in IMAGE_EXT] + ["*" + e.upper() for e in IMAGE_EXT]
     images = _files(img_dir, pats, "image files")
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
@@ -350,7 +366,40 @@ CACHE_VERSION = 4  # bump when decoding changes (2: JPEG draft decoding; 3: full
 
 
 def cache_dir():
-    return os.environ.get("ALSEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alseg"))
+    return os.environ.get("ALSEG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "alseg")
+
+
+def _cache_folder():
+    """The cache folder, made if missing. One that cannot be used is an error, not a run without a cache: that
+    would decode the whole dataset again on every run (minutes for ISIC) behind a warning line easily missed."""
+    d = cache_dir()
+    fix = "set $ALSEG_CACHE to a writable folder for the data cache"
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UserError(f"{d}: is a file, not a folder; {fix}")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{d}: the cache folder cannot be created ({e.strerror}); {fix}")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"{d}: the cache folder is not writable; {fix}")
+    return d
+
+
+def _read_cache(path, shapes):
+    """(x, y, positive) from a cache file, or None when it is missing or cannot be read: a damaged file (cut by a
+    full disk or a copy stopped midway) is only a copy, decoded again and rewritten, not an error."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = z["x"], z["y"], z["positive"]
+        if [a.shape for a in arrays] != shapes:
+            raise ValueError(f"arrays of shapes {[a.shape for a in arrays]}, expected {shapes}")
+        return arrays
+    except Exception as e:
+        why = (str(e).splitlines() or [""])[0][:120]
+        print(f"warning: cache file {path} cannot be read ({type(e).__name__}: {why}); decoding the data again")
+        return None
 
 
 def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=0, quiet=False):
@@ -370,23 +419,31 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
              if p is not None]
     key = hashlib.sha1(json.dumps([CACHE_VERSION, name, os.path.abspath(data_dir), size, channels, stats]).encode()).hexdigest()
     path = os.path.join(cache_dir(), f"{name}-{size}px-{channels}ch-{key[:16]}.npz")
-    if os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as z:
-            x, y, positive = z["x"], z["y"], z["positive"]
+    k = len(entries)
+    cached = _read_cache(path, [(k, channels, size, size), (k, size, size), (k,)])
+    if cached is not None:
+        x, y, positive = cached
         if not quiet:
             print(f"data: {name} {len(entries)} samples from cache {path}")
     else:
+        _cache_folder()  # before decoding: a bad $ALSEG_CACHE stops at once, not after minutes of work
         t0 = time.time()
         with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
             out = list(pool.map(lambda e: _decode(e, size, channels), entries))
         x, y = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
         positive = np.array([o[2] for o in out], dtype=bool)
-        os.makedirs(cache_dir(), exist_ok=True)
         tmp = path + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, x=x, y=y, positive=positive)
-        os.replace(tmp, path)
+        try:  # written whole under another name, then renamed: a run stopped midway leaves no cut cache file
+            np.savez(tmp, x=x, y=y, positive=positive)
+            os.replace(tmp, path)
+        except OSError as e:  # e.g. a full disk: the data is decoded, so the run goes on
+            print(f"warning: cache file {path} not written ({e.strerror}); the next run decodes the data again")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         if not quiet:
-            print(f"data: {name} {len(entries)} samples decoded in {time.time() - t0:.1f}s, cached at {path}")
+            print(f"data: {name} {len(entries)} samples decoded in {time.time() - t0:.1f}s, "
+                  + (f"cached at {path}" if os.path.isfile(path) else "not cached"))
     check_inverted(y, data_dir)
     ids = [e[0] for e in entries]
     official = {}
@@ -441,8 +498,12 @@ def make_splits(data, sizes, seed):
         free, parts = list(groups), []
         for what, target in (("test", n_test), ("validation", n_val), ("training", n_train)):
             if target > 0 and not free:
+                need = sum(t > 0 for t in sizes)  # each set asked for takes at least one whole patient
+                fix = "lower --split" if len(groups) >= need else (
+                    f"the split is by patient, so the {need} sets asked for need at least {need} patients; "
+                    f"{len(groups)} found")
                 raise UserError(f"{data.name}: no patient left for the {what} set ({len(groups)} patients, {n} "
-                                f"samples, split train {n_train} / val {n_val} / test {n_test}); lower --split")
+                                f"samples, split train {n_train} / val {n_val} / test {n_test}); {fix}")
             if what == "training":
                 break
             part, got = [], 0

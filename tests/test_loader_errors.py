@@ -1,0 +1,167 @@
+"""Loader robustness: a damaged or unwritable data cache, images over Pillow's decompression-bomb limit, the
+folder layout given one level too deep or with capitalised folder names, and an lgg archive of too few patients.
+Small fixtures written to tmp_path; nothing here needs ../shared."""
+import os
+import re
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import loaders
+from conftest import run_script
+
+
+def folder(root, n=6, px=16, images="images", masks="masks"):
+    """images/ + masks/ of n RGB PNGs, each with a square lesion; the folder names may be given."""
+    for sub in (images, masks):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for i in range(n):
+        m = np.zeros((px, px), np.uint8)
+        m[4:8 + i % 4, 5:11] = 255
+        Image.fromarray(np.stack([m // 2 + 40] * 3, -1)).save(os.path.join(root, images, f"img{i}.png"))
+        Image.fromarray(m).save(os.path.join(root, masks, f"img{i}_mask.png"))
+    return str(root)
+
+
+def cache_files():
+    return sorted(os.listdir(os.environ["ALSEG_CACHE"]))
+
+
+# ------------------------------------------------------------------------------------------ the cache
+@pytest.mark.parametrize("damage", ["cut", "empty", "wrong shape"])
+def test_a_damaged_cache_file_is_decoded_again_and_rewritten(tmp_path, capsys, damage):
+    root = folder(tmp_path / "data")
+    first = loaders.load_data("folder", root, 16, quiet=True)
+    [name] = cache_files()
+    path = os.path.join(os.environ["ALSEG_CACHE"], name)
+    good = open(path, "rb").read()
+    if damage == "wrong shape":  # a readable file whose arrays do not fit these samples
+        np.savez(path, x=first.x[:2], y=first.y[:2], positive=first.positive[:2])
+    else:
+        open(path, "wb").write(good[: len(good) // 2] if damage == "cut" else b"")
+    capsys.readouterr()
+    again = loaders.load_data("folder", root, 16, quiet=True)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith(f"warning: cache file {path} cannot be read (")
+    assert out[0].endswith("decoding the data again")
+    assert (again.x == first.x).all() and (again.y == first.y).all() and (again.positive == first.positive).all()
+    assert open(path, "rb").read() == good and cache_files() == [name]  # rewritten whole
+    loaders.load_data("folder", root, 16, quiet=True)
+    assert capsys.readouterr().out == ""  # and read from the cache again, without a warning
+
+
+def test_a_run_stopped_while_writing_the_cache_leaves_no_file(tmp_path, monkeypatch, capsys):
+    root = folder(tmp_path / "data")
+    real = np.savez
+
+    def cut_short(file, **arrays):  # half a file written, then the run is stopped (Ctrl-C)
+        open(file, "wb").write(b"PK\x03\x04" + b"\0" * 100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loaders.np, "savez", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        loaders.load_data("folder", root, 16, quiet=True)
+    assert cache_files() == []  # neither a cut cache file nor the temporary one
+
+    def disk_full(file, **arrays):
+        open(file, "wb").write(b"PK")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loaders.np, "savez", disk_full)
+    d = loaders.load_data("folder", root, 16)  # the data is decoded: the run goes on, uncached
+    out = capsys.readouterr().out
+    assert len(d) == 6 and cache_files() == []
+    assert "warning: cache file " in out and "not written (No space left on device)" in out and "not cached" in out
+    monkeypatch.setattr(loaders.np, "savez", real)
+    loaders.load_data("folder", root, 16, quiet=True)
+    assert len(cache_files()) == 1
+
+
+def test_an_unusable_cache_folder_stops_before_decoding(tmp_path, monkeypatch):
+    root = folder(tmp_path / "data")
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(loaders, "_decode", lambda *a: pytest.fail("decoded before checking the cache folder"))
+    for cache, why in ((tmp_path / "afile", "is a file, not a folder"),
+                       (tmp_path / "afile" / "sub", "the cache folder cannot be created (Not a directory)")):
+        monkeypatch.setenv("ALSEG_CACHE", str(cache))
+        with pytest.raises(loaders.UserError, match=re.escape(f"{cache}: {why}; set $ALSEG_CACHE to a writable")):
+            loaders.load_data("folder", root, 16, quiet=True)
+
+
+def test_an_unusable_cache_folder_is_one_line_and_exit_2(tmp_path):
+    root = folder(tmp_path / "data", n=24)
+    (tmp_path / "afile").write_text("")
+    out = run_script("example_tta.py", "--data", "folder", "--data-dir", root, "--image-size", 16, "--width", 4,
+                     "--rounds", 1, "--epochs-initial", 1, "--epochs", 1, "--split", 14, 4, 6, "--initial", 4,
+                     "--query", 2, "--out", tmp_path / "runs", check=False,
+                     env_extra={"ALSEG_CACHE": str(tmp_path / "afile")})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"error: {tmp_path / 'afile'}: is a file, not a folder; set "
+                                               f"$ALSEG_CACHE to a writable folder for the data cache"]
+
+
+# ------------------------------------------------------------------------------------------ large images
+@pytest.mark.parametrize("side", [10000, 14000])  # 100 Mpx: Pillow's warning; 196 Mpx: its error
+def test_images_over_pillows_bomb_limit_load_without_a_warning(tmp_path, side):
+    path = str(tmp_path / "scan.jpg")
+    Image.new("L", (side, side), 90).save(path)  # a JPEG: read at 1/8 scale (draft), so the test stays fast
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail here
+        im, stored = loaders.read_image(path, "RGB", 32, with_size=True)
+    assert stored == (side, side) and im.mode == "RGB" and np.asarray(im).max() in (89, 90, 91)
+
+
+# ------------------------------------------------------------------------------------------ folder layout
+def test_the_images_folder_given_points_at_its_parent(tmp_path):
+    root = folder(tmp_path / "data")
+    for sub in ("images", "masks"):
+        with pytest.raises(loaders.UserError, match=re.escape(f"{os.path.join(root, sub)} is itself the {sub} folder: "
+                                                              f"point --data-dir at its parent {root}")):
+            loaders.load_data("folder", os.path.join(root, sub) + os.sep, 16, quiet=True)
+    with pytest.raises(loaders.UserError, match=r"expected images/ and masks/.* \(found: \['data'\]\)$"):
+        loaders.load_data("folder", str(tmp_path), 16, quiet=True)
+
+
+@pytest.mark.parametrize("names", [("Images", "Masks"), ("IMAGES", "masks"), ("images", "Masks")])
+def test_folder_names_in_any_case_are_read(tmp_path, names):
+    ref = loaders.load_data("folder", folder(tmp_path / "ref"), 16, quiet=True)
+    d = loaders.load_data("folder", folder(tmp_path / "data", images=names[0], masks=names[1]), 16, quiet=True)
+    assert d.official == {}  # every image paired with its mask (none taken for an image to label)
+    assert d.ids == ref.ids and (d.x == ref.x).all() and (d.y == ref.y).all()
+
+
+def test_two_images_folders_differing_in_case_are_an_error(tmp_path):
+    root = folder(tmp_path / "data")
+    try:
+        os.mkdir(os.path.join(root, "Images"))
+    except FileExistsError:
+        pytest.skip("case-insensitive file system")
+    with pytest.raises(loaders.UserError, match=re.escape(f"{root}: found Images/, images/: keep one images/ folder")):
+        loaders.load_data("folder", root, 16, quiet=True)
+
+
+# ------------------------------------------------------------------------------------------ lgg patients
+def lgg(root, patients, slices=3, px=16):
+    """kaggle_3m/TCGA_XX_<p>_19990101/TCGA_XX_<p>_19990101_<s>.tif + _mask.tif, a tumour on every slice."""
+    for p in range(patients):
+        d = os.path.join(root, "kaggle_3m", f"TCGA_XX_{1000 + p}_19990101")
+        os.makedirs(d)
+        for s in range(1, slices + 1):
+            m = np.zeros((px, px), np.uint8)
+            m[4:9, 4:9] = 255
+            Image.fromarray(np.stack([m // 2 + 30] * 3, -1)).save(os.path.join(d, f"{os.path.basename(d)}_{s}.tif"))
+            Image.fromarray(m).save(os.path.join(d, f"{os.path.basename(d)}_{s}_mask.tif"))
+    return str(root)
+
+
+def test_lgg_with_too_few_patients_says_how_many_are_needed(tmp_path):
+    d = loaders.load_data("lgg", lgg(tmp_path / "two", 2), 16, quiet=True)
+    with pytest.raises(loaders.UserError, match=r"no patient left for the training set .*; the split is by patient, "
+                                                r"so the 3 sets asked for need at least 3 patients; 2 found$"):
+        loaders.make_splits(d, (2, 1, 1), 0)
+    assert [len(s) for s in loaders.make_splits(d, (3, 0, 3), 0)] == [3, 0, 3]  # two sets: two patients do
+    d = loaders.load_data("lgg", lgg(tmp_path / "four", 4), 16, quiet=True)
+    with pytest.raises(loaders.UserError, match=r"no patient left for the training set .*; lower --split$"):
+        loaders.make_splits(d, (3, 3, 9), 0)  # enough patients, sizes too large: lowering --split helps
