@@ -33,9 +33,8 @@ from tables import collect_runs, markdown_table, read_json, read_rows, summarise
 
 
 def run_main(main):
-    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2 (a new run folder
-    holding only its config and split is removed: nothing ran); Ctrl-C or SIGTERM (a cluster's time limit)
-    names the folder to --resume."""
+    """Run a script's main(); a UserError is one line on stderr and exit status 2 (a new run folder holding only
+    its config and split is removed); Ctrl-C or SIGTERM (a cluster's time limit) names the folder to --resume."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM raises KeyboardInterrupt, as Ctrl-C
     Run.made = Run.used = None  # set by this main()'s Run
     try:
@@ -127,7 +126,6 @@ def resolve(args, defaults, size=(16, 16), **at_least):
         if value is not None and value < low:
             raise UserError(f"--{key.replace('_', '-')} {value}: expected at least {low}")
     (step, low), dropout = size, getattr(args, "dropout", None) or 0
-    near = max(low, args.image_size // step * step)
     for bad, message in ((not 0 < args.lr < math.inf, f"--lr {args.lr}: expected a finite learning rate above 0"),
                          (args.seed >= 2 ** 32, f"--seed {args.seed}: expected below 2^32 (NumPy's seed range)"),
                          (args.data == "synthetic" and args.data_dir and not args.resume, f"--data-dir {args.data_dir} "
@@ -135,8 +133,9 @@ def resolve(args, defaults, size=(16, 16), **at_least):
                          (args.split and min(args.split) < 0, f"--split {args.split}: expected sizes of at least 0"),
                          (not 0 <= dropout < 1, f"--dropout {dropout}: expected a probability in [0, 1)"),
                          (args.image_size < low or args.image_size % step, f"--image-size {args.image_size}: expected "
-                          f"a multiple of {step}, at least {low} (the U-Net's poolings); the nearest are {near} and "
-                          f"{near + step}")):
+                          f"a multiple of {step}, at least {low} (the U-Net's poolings); the nearest "
+                          + (f"are {args.image_size // step * step} and {args.image_size // step * step + step}"
+                             if args.image_size > low else f"is {low}"))):
         if bad:
             raise UserError(message)
     return args
@@ -218,8 +217,9 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
             raise UserError(f"{first}: no mask for this image in {os.path.join(args.data_dir or '', 'masks')} "
                             f"(expected masks/<stem>[_mask].<ext>); {len(unlabelled)} image(s) have no mask. To "
                             f"label them yourself: --oracle folder")
-        args.split = [len(unlabelled), 0, len(data) - len(unlabelled)]
-        print(f"data: {len(unlabelled)} images to label (the pool), {args.split[2]} with masks (the test set)"
+        given, args.split = args.split, [len(unlabelled), 0, len(data) - len(unlabelled)]
+        print(f"data: {len(unlabelled)} images to label (the pool), {args.split[2]} with masks (the test set); no "
+              f"validation set (val_dice nan){'; --split set from the folder, not ' + str(given) if given else ''}"
               + ("" if args.split[2] else "; no test set: the Dice columns of rounds.csv stay nan (not measured)"))
         data.official["train"] = unlabelled
     recorded, old = run.path("splits.json"), None

@@ -10,20 +10,21 @@ import torch
 from PIL import Image
 
 from common import binary_entropy, predict, read_rows
-from loaders import UserError, binarise_mask, check_inverted, read_image, resize_mask
+from loaders import UserError, _mask_stem, binarise_mask, check_inverted, read_image, resize_mask
 
 
 LABEL_README = """Round {rnd} of {script}: label {n} image(s).
 
 For every row of manifest.csv, draw the mask of image <sample_id>.png (here, at the original file's size):
-white (255) on the {what}, black (0)
-elsewhere (a transparent background counts as black), in any size with the image's aspect ratio: it is
-resized and thresholded at 128 as the loader does, so a soft (antialiased) edge is fine, greys elsewhere are
-not. Save it as a PNG:
+white (255, or 1) on the {what}, black (0)
+elsewhere (a transparent background counts as black), best at the image's own size (any size with its aspect
+ratio is accepted, but a smaller mask is a coarser label than the dataset's own): it is resized and
+thresholded at 128 as the loader does, so a soft (antialiased) edge is fine, greys elsewhere are not. Save it
+as a PNG:
 
     {labels}/<sample_id>.png
 
-one file per row, nothing else in that folder.{model}{decide}
+one file per row, no other image in that folder (hidden files such as .DS_Store are skipped).{model}{decide}
 
 Then go on with:
 
@@ -162,10 +163,11 @@ def read_labels(lab_dir, ids, data, size):
     (loaders.check_inverted). Returns (n, size, size) uint8 in {0, 1}."""
     want = {f"{sid}.png": sid for sid in ids}
     present = sorted(n for n in os.listdir(lab_dir) if not n.startswith(".") and n not in ("Thumbs.db", "desktop.ini"))
-    stems = {os.path.splitext(n)[0]: n for n in present if n not in want}
-    found = lambda n: (f" (found {n}: rename it {n[:-4]}.png)" if n.lower().endswith(".png") else
-                       f" (found {n}: save it as PNG)")
-    problems = [f"missing: {name}" + (found(stems[name[:-4]]) if name[:-4] in stems else "")
+    # a file of another case, extension or with the masks/ folder's suffix (img_mask.png): named in the hint
+    stems = {k: n for n in present if n not in want for k in (os.path.splitext(n)[0], _mask_stem(n))}
+    found = lambda n, name: (f" (found {n}: rename it {name})" if n.lower().endswith(".png") else
+                             f" (found {n}: save it as PNG)")
+    problems = [f"missing: {name}" + (found(stems[name[:-4]], name) if name[:-4] in stems else "")
                 for name in want if name not in present]
     problems += [f"extra (not asked this round): {name}" for name in present if name not in want]
     masks, where = {}, {sid: k for k, sid in enumerate(data.ids)}

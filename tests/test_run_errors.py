@@ -206,3 +206,27 @@ def test_labels_drawn_inverted_get_the_loaders_warning(tmp_path, capsys):
     Image.fromarray(255 - m).save(tmp_path / "b.png")
     oracle.read_labels(str(tmp_path), data.ids, data, 32)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_label_named_like_the_masks_folder_gets_a_rename_hint(tmp_path):
+    data = types.SimpleNamespace(ids=["a"], files=None, x=np.zeros((1, 3, 32, 32), np.uint8))
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a_mask.png")
+    with pytest.raises(common.UserError) as e:
+        oracle.read_labels(str(tmp_path), data.ids, data, 32)
+    assert "  missing: a.png (found a_mask.png: rename it a.png)" in str(e.value).splitlines()
+
+
+def test_images_without_masks_say_that_split_and_validation_come_from_the_folder(tmp_path, capsys):
+    root = folder(tmp_path / "d")
+    for name in sorted(os.listdir(os.path.join(root, "masks")))[:8]:  # 8 images to label, 4 with masks
+        os.remove(os.path.join(root, "masks", name))
+    with pytest.raises(SystemExit):  # round 0 asks the person and stops
+        example_tta.main(TINY + ["--data-dir", root, "--oracle", "folder", "--out", str(tmp_path / "runs")])
+    assert ("data: 8 images to label (the pool), 4 with masks (the test set); no validation set (val_dice nan); "
+            "--split set from the folder, not [6, 3, 3]") in capsys.readouterr().out
+
+
+def test_an_image_size_below_the_smallest_names_the_smallest():
+    with pytest.raises(common.UserError, match=r"--image-size 32: expected a multiple of 32, at least 64 \(the U-Net's "
+                                               r"poolings\); the nearest is 64$"):
+        region_uncertainty.parse_args(["--image-size", "32"])
