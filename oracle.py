@@ -24,7 +24,7 @@ as a PNG:
 
     {labels}/<sample_id>.png
 
-one file per row, no other image in that folder (hidden files such as .DS_Store are skipped).{model}{decide}
+one file per row, nothing else in that folder (.DS_Store, Thumbs.db and other hidden files are skipped).{model}{decide}
 
 Then go on with:
 
