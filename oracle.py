@@ -24,7 +24,8 @@ as a PNG:
 
     {labels}/<sample_id>.png
 
-one file per row, nothing else in that folder (.DS_Store, Thumbs.db and other hidden files are skipped).{model}{decide}
+one file per row, nothing else in that folder (.DS_Store, Thumbs.db and other hidden files are
+skipped).{model}{decide}
 
 Then go on with:
 

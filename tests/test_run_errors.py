@@ -185,12 +185,15 @@ def test_ssl_refuses_too_many_clusters_before_pre_training(tmp_path):
 
 def test_encoder_weights_that_are_no_state_dict_say_what_was_expected(tmp_path):
     bad = tmp_path / "garbage.pt"
-    bad.write_bytes(os.urandom(1000))
+    bad.write_bytes(b"not a torch file\n" * 50)  # fixed bytes: random ones fail in other ways (IndexError, ...)
     args = types.SimpleNamespace(width=64, dropout=0.0, encoder_weights=str(bad), compile=False)
     with pytest.raises(common.UserError) as e:
         region_uncertainty.build_model(args, torch.device("cpu"))
     assert str(e.value) == (f"--encoder-weights {bad}: torch.load refused it (UnpicklingError: not a file of tensors "
                             f"only); expected torchvision's ResNet-18 state dict (resnet18-f37072fd.pth)")
+    torch.save({"round": 0, "rng": np.random.get_state()}, bad)  # a run's checkpoint.pt: more than tensors
+    with pytest.raises(common.UserError, match=r"torch.load refused it \(\w+: not a file of tensors only\)"):
+        region_uncertainty.build_model(args, torch.device("cpu"))
 
 
 def test_labels_drawn_inverted_get_the_loaders_warning(tmp_path, capsys):
