@@ -29,7 +29,7 @@ import torch.nn.functional as F
 # Data (loaders.py) and figures (plots.py) live in their own files; the scripts reach them through common
 from loaders import Data, UserError, default_split, load_data, make_splits, make_synthetic, write_folder  # noqa: F401
 from plots import COLOURS, learning_curve, picks_sheet, plot, plot_hist, save_panel  # noqa: F401
-from tables import collect_runs, markdown_table, read_json, read_rows, summarise  # noqa: F401
+from tables import collect_runs, markdown_table, read_config, read_json, read_rows, summarise  # noqa: F401
 
 
 def run_main(main):
@@ -746,13 +746,10 @@ class Run:
             if not os.path.isfile(cfg_path):
                 raise UserError(f"--resume {self.dir}: " + ("no config.json there" if os.path.isdir(self.dir) else
                                 "no such folder") + "; expected a run folder this script wrote")
-            try:
-                cfg = read_json(cfg_path)
-            except ValueError:  # not JSON (a file cut short)
-                cfg = None
-            if not (isinstance(cfg, dict) and isinstance(cfg.get("args"), dict)):
-                raise UserError(f"--resume {cfg_path}: not a run's config (unreadable JSON, or no flags in it); "
-                                f"expected a run folder this script wrote")
+            cfg = read_config(cfg_path)
+            if cfg is None:
+                raise UserError(f"--resume {cfg_path}: not a run's config (unreadable JSON, or no script and flags "
+                                f"in it); expected a run folder this script wrote")
             if cfg.get("script") != self.script:
                 raise UserError(f"--resume {self.dir}: the run was made by {cfg.get('script')}, not {self.script}")
             # the run's own flags win, --amp included (the rest of a run computes as its start did), and its

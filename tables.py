@@ -18,6 +18,16 @@ def read_json(path):
         return json.load(f)
 
 
+def read_config(path):
+    """A run folder's config.json, or None where it is not a run's config (unreadable, cut short by a crash,
+    or without the script and flags a script writes): --resume and the tables both refuse it."""
+    try:
+        cfg = read_json(path)
+    except (OSError, ValueError):  # unreadable, or not JSON
+        return None
+    return cfg if isinstance(cfg, dict) and isinstance(cfg.get("args"), dict) and "script" in cfg else None
+
+
 def read_rows(path):  # a CSV file's rows as dicts
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -40,11 +50,8 @@ def collect_runs(paths):
             if not os.path.isfile(rounds) or os.path.realpath(run_dir) in seen:
                 continue
             seen.add(os.path.realpath(run_dir))
-            try:
-                cfg = read_json(cfg_path)
-            except (OSError, ValueError):  # unreadable, or not JSON (a file cut short)
-                cfg = None
-            if not (isinstance(cfg, dict) and isinstance(cfg.get("args"), dict) and "script" in cfg):
+            cfg = read_config(cfg_path)
+            if cfg is None:
                 print(f"warning: {cfg_path}: not a run's config (unreadable JSON, or no script and flags in it); "
                       "expected the config.json a script writes; this run is left out", file=sys.stderr)
                 continue

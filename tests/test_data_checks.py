@@ -402,9 +402,9 @@ def test_bad_out_and_damaged_run_folders_are_one_line(tmp_path, capsys):
     assert one_line_error(capsys, lambda: example_tta.main(["--resume", run])).startswith(
         f"error: {ckpt}: unreadable checkpoint (")
     cfg = os.path.join(run, "config.json")
-    for text in ("{\"script\": \"example_t", "[1, 2]", "{\"script\": \"example_tta\"}"):
+    for text in ("{\"script\": \"example_t", "[1, 2]", "{\"script\": \"example_tta\"}", "{\"args\": {}}"):
         with open(cfg, "w") as f:
             f.write(text)
         assert one_line_error(capsys, lambda: example_tta.main(["--resume", run])) == (
-            f"error: --resume {cfg}: not a run's config (unreadable JSON, or no flags in it); expected a run folder "
-            f"this script wrote")
+            f"error: --resume {cfg}: not a run's config (unreadable JSON, or no script and flags in it); expected a "
+            f"run folder this script wrote")
