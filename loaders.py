@@ -433,6 +433,12 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
         x, y = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
         positive = np.array([o[2] for o in out], dtype=bool)
         tmp = path + f".tmp{os.getpid()}.npz"
+        for old in glob.glob(glob.escape(path) + ".tmp*.npz"):  # left by a run killed mid-write (SIGKILL): a
+            try:  # write takes seconds, so one an hour old is nobody's (a younger one may be another run's)
+                if time.time() - os.path.getmtime(old) > 3600:
+                    os.remove(old)
+            except OSError:
+                pass
         try:  # written whole under another name, then renamed: a run stopped midway leaves no cut cache file
             np.savez(tmp, x=x, y=y, positive=positive)
             os.replace(tmp, path)

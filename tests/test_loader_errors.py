@@ -3,6 +3,7 @@ folder layout given one level too deep or with capitalised folder names, and an 
 Small fixtures written to tmp_path; nothing here needs ../shared."""
 import os
 import re
+import time
 import warnings
 
 import numpy as np
@@ -77,6 +78,22 @@ def test_a_run_stopped_while_writing_the_cache_leaves_no_file(tmp_path, monkeypa
     monkeypatch.setattr(loaders.np, "savez", real)
     loaders.load_data("folder", root, 16, quiet=True)
     assert len(cache_files()) == 1
+
+
+def test_a_temporary_file_left_by_a_killed_run_is_removed_when_an_hour_old(tmp_path):
+    root = folder(tmp_path / "data")
+    loaders.load_data("folder", root, 16, quiet=True)
+    [name] = cache_files()
+    path = os.path.join(os.environ["ALSEG_CACHE"], name)
+    os.remove(path)  # as after a run killed (SIGKILL) while writing: no cache file, its temporary ones left
+    stale, young, other = path + ".tmp111.npz", path + ".tmp222.npz", path[:-4] + "0.npz.tmp333.npz"
+    for f in (stale, young, other):
+        open(f, "wb").write(b"PK")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    loaders.load_data("folder", root, 16, quiet=True)
+    # the hour-old one goes; a young one may be another run writing now; another cache key's is not touched
+    assert cache_files() == sorted([name, os.path.basename(young), os.path.basename(other)])
 
 
 def test_an_unusable_cache_folder_stops_before_decoding(tmp_path, monkeypatch):
