@@ -933,7 +933,7 @@ class Run:
         path = self.path("checkpoint.pt")
         if not (self.args.resume and os.path.isfile(path)):
             if self.args.resume:
-                print(f"resume: no checkpoint in {self.dir} yet; starting the run from the beginning")
+                print(f"resume: {self.dir} has no finished round yet (no checkpoint.pt): round 0 starts again")
                 for name in sorted(os.listdir(self.dir)):  # rows of the unfinished round 0 (e.g. an oracle stop)
                     if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:
                         self.truncate_csv(name, lambda r: False)
