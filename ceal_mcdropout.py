@@ -236,6 +236,7 @@ def main(argv=None):
         run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool, pseudo=pseudo,
                       pseudo_masks=target[torch.as_tensor(pseudo, device=device)].cpu())
 
+    oracle.predict_rest(run, model, data, x, np.setdiff1d(train_ids, labeled), args.batch_size, device, args.amp)
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
     return run.finish({"paper_dice": {"isic2017": 0.77, "lgg": 0.58}.get(args.data)})
 

@@ -445,6 +445,7 @@ def main(argv=None):
         if fig3:
             figures(run, rows)
 
+    oracle.predict_rest(run, model, data, x, np.setdiff1d(train_ids, labeled), args.batch_size, device, args.amp)
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
     return run.finish(summary(run, len(train_ids)))
 

@@ -164,6 +164,7 @@ def main(argv=None):
         row = common.round_row(rnd, len(labeled), 0, dice, iou, train_s, select_s)
         run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool)
 
+    oracle.predict_rest(run, model, data, x, np.setdiff1d(train_ids, labeled), args.batch_size, device, args.amp)
     common.prediction_panel(run, model, data, x, test_ids[:4], args.batch_size, device, args.amp)
     return run.finish()
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import binary_entropy, predict, read_rows
+from common import binary_entropy, predict, predict_batches, read_rows
 from loaders import UserError, _mask_stem, binarise_mask, check_inverted, read_image, resize_mask
 
 
@@ -93,6 +93,56 @@ def restore(run, start, data, y):
                             f"the run trained on and trains on again from here")
         masks = read_labels(lab_dir, ids, data, y.shape[-1])
         y[torch.as_tensor([where[s] for s in ids], device=y.device)] = torch.as_tensor(masks, device=y.device)
+
+
+PREDICTED_README = """{script}: the final model's masks of the {n} training image(s) you did not label.
+
+<sample_id>.png: white on the predicted object, black elsewhere, at the image file's own size (the model
+predicts at --image-size {size}; its probabilities are resized bilinearly and thresholded at 0.5). The
+masks you drew are in {labels}/round_<K>/.
+
+These are the model's guesses, checked by no one. manifest.csv lists them most uncertain first
+(uncertainty: the mean binary entropy of the prediction over the image, in bits, 0 to 1; foreground: the
+predicted object's share of the image): review those first. The test Dice of this model is in
+rounds.csv's last row (nan where the data has no test masks).
+"""
+
+
+def predict_rest(run, model, data, x, idx, batch_size, device, amp=False):
+    """--oracle folder, at the end of the run: the final model's mask of each training image the person did not
+    label (idx: indices into data), RUN_DIR/predicted/<id>.png at the image file's own size, so that every
+    image of the pool has a mask; manifest.csv (most uncertain first) and README.txt beside them."""
+    if getattr(run.args, "oracle", "simulated") != "folder" or len(idx) == 0:
+        return
+    out, rows = run.path("predicted"), []
+    os.makedirs(out, exist_ok=True)
+    for b, probs in predict_batches(model, x, np.asarray(idx), batch_size, device, amp):
+        for i, p in zip(b.tolist(), probs.cpu().numpy()):
+            big = np.array(Image.fromarray(p).resize(file_size(data, i), Image.BILINEAR)) > 0.5
+            Image.fromarray(big.astype(np.uint8) * 255).save(os.path.join(out, f"{data.ids[i]}.png"))
+            rows.append({"sample_id": data.ids[i], "mask": f"{data.ids[i]}.png",
+                         "original_file": data.files[i] if data.files is not None else "(in memory)",
+                         "uncertainty": float(binary_entropy(torch.from_numpy(p)).mean()), "foreground": big.mean()})
+    with open(os.path.join(out, "manifest.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows({**r, "uncertainty": f"{r['uncertainty']:.4f}", "foreground": f"{r['foreground']:.4f}"}
+                    for r in sorted(rows, key=lambda r: -r["uncertainty"]))
+    with open(os.path.join(out, "README.txt"), "w") as f:
+        f.write(PREDICTED_README.format(script=run.script, n=len(rows), size=x.shape[-1],
+                                        labels=os.path.abspath(run.path("labels"))))
+    print(f"predicted: the masks of the {len(rows)} image(s) you did not label, in {out} (README.txt there)")
+
+
+def file_size(data, i):
+    """(width, height) of sample i's image file, from its header (the in-memory size for synthetic data)."""
+    if data.files is None:
+        return data.x.shape[-1], data.x.shape[-2]
+    try:
+        with Image.open(data.files[i]) as im:
+            return im.size
+    except Exception:  # a TIFF Pillow cannot open (loaders.read_raw_tiff)
+        return read_image(data.files[i], "L").size
 
 
 def outline(mask, width):
@@ -186,12 +236,7 @@ def read_labels(lab_dir, ids, data, size):
         except UserError as e:
             problems.append(f"not binary: {name} ({str(e)[len(path) + 2:]})")
             continue
-        i = where[want[name]]
-        if data.files is None:
-            w = h = data.x.shape[-1]
-        else:
-            with Image.open(data.files[i]) as im:  # the header only: the image's own size
-                w, h = im.size
+        w, h = file_size(data, where[want[name]])
         if abs(m.shape[1] / m.shape[0] - w / h) > 0.02 * w / h:
             problems.append(f"another aspect ratio: {name} is {m.shape[1]}x{m.shape[0]}, its image {w}x{h}")
             continue

@@ -463,6 +463,7 @@ def main(argv=None):
         run.end_round(row, queried, progress, model, opt, rng, gen, labeled=labeled, pool=pool,
                       rng_unlabeled=gen_u.get_state())
 
+    oracle.predict_rest(run, model, data, x, np.setdiff1d(train_ids, labeled), args.batch_size, device, args.amp)
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
     return run.finish(*summary(run, args))
 

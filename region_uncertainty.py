@@ -363,6 +363,7 @@ def main(argv=None):
                                    partial_ids=partial_ids, steps=steps_done,
                                    partial_masks=target[torch.as_tensor(partial_ids, device=device)].cpu()))
 
+    oracle.predict_rest(run, model, data, x, np.setdiff1d(train_ids, labeled), args.batch_size, device, args.amp)
     panel(run, model, data, x, y, pool if len(pool) else test_ids, args, device)
     return run.finish(*summary(run, args))
 

@@ -802,6 +802,7 @@ def main(argv=None):
                       labeled=labeled, pseudo=pseudo, pool=pool, clusters=clusters,
                       pseudo_masks=target[torch.as_tensor(pseudo, device=device)].cpu())
 
+    oracle.predict_rest(run, model, data, x, np.setdiff1d(train_ids, labeled), args.batch_size, device, args.amp)
     panel(run, model, data, x, pool if len(pool) else test_ids, args, device)
     return run.finish({"ssl_loss_final": ssl_losses[-1] if ssl_losses else None, "ssl_s": ssl_s,
                        "ssl_weights": None if ssl_state is None else args.ssl_weights or run.path("ssl_weights.pt"),

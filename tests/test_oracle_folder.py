@@ -39,12 +39,13 @@ def annotate(run, folder):
     os.makedirs(os.path.join(run, "labels", rnd), exist_ok=True)
     for r in rows:  # round 0 asks before any training: no model image
         assert os.path.isfile(os.path.join(run, "to_label", rnd, r["image"])) and bool(r["model"]) == (rnd != "round_0")
-        if r["model"]:  # left: the image itself, at 512 px, but for the prediction's yellow outline
+        if r["model"]:  # left: the image itself, its long side 512 px, but for the prediction's yellow outline
             shown = np.asarray(Image.open(os.path.join(run, "to_label", rnd, r["model"])))
             image = Image.open(os.path.join(run, "to_label", rnd, r["image"]))
-            image = np.asarray(image.resize((512, 512), Image.BILINEAR), np.float32).astype(np.uint8)
-            left, yellow = shown[:, :512], (shown[:, :512] == (255, 255, 0)).all(2)
-            assert shown.shape == (512, 1024, 3) and (left[~yellow] == image[~yellow]).all()
+            w, h = (round(side * 512 / max(image.size)) for side in image.size)
+            image = np.asarray(image.resize((w, h), Image.BILINEAR), np.float32).astype(np.uint8)
+            left, yellow = shown[:, :w], (shown[:, :w] == (255, 255, 0)).all(2)
+            assert shown.shape == (h, 2 * w, 3) and (left[~yellow] == image[~yellow]).all()
         shutil.copy(os.path.join(folder, "masks", f"{r['sample_id']}_mask.png"),
                     os.path.join(run, "labels", rnd, f"{r['sample_id']}.png"))
     return len(rows)
@@ -69,6 +70,63 @@ def test_annotator_in_the_loop_gives_the_simulated_run(script, folder, tmp_path)
             stops, asked = stops + 1, asked + annotate(run, folder)
     assert done == run and stops == 3  # round 0, 1 and 2 each asked once
     assert record_of(run) == json.load(open(RECORD))[script], f"{script}: the annotated run differs from the simulated one"
+    # the end: a mask of every training image the person did not label (pseudo-labelled ones included), file size
+    train = json.load(open(os.path.join(run, "splits.json")))["train"]
+    drawn = {r["sample_id"] for r in csv.DictReader(open(os.path.join(run, "queried.csv"))) if r["how"] != "pseudo"}
+    rows = list(csv.DictReader(open(os.path.join(run, "predicted", "manifest.csv"))))
+    assert sorted(r["sample_id"] for r in rows) == sorted(set(train) - drawn) and len(rows) == len(train) - asked
+    assert sorted(os.listdir(os.path.join(run, "predicted"))) == sorted([f"{r['mask']}" for r in rows]
+                                                                        + ["README.txt", "manifest.csv"])
+    for r in rows:
+        with Image.open(os.path.join(run, "predicted", r["mask"])) as im:
+            assert im.size == (32, 32) and set(np.unique(np.asarray(im))) <= {0, 255}
+    assert [float(r["uncertainty"]) for r in rows] == sorted((float(r["uncertainty"]) for r in rows), reverse=True)
+
+
+def test_the_images_not_labelled_get_the_final_models_masks_at_their_own_size(tmp_path):
+    """predicted/<id>.png: the final model's prediction (from checkpoint.pt) at --image-size, resized bilinearly to
+    the image file's own size (here 40 x 24, not square) and thresholded at 0.5; the manifest's uncertainty is
+    the mean binary entropy at --image-size, most uncertain first; nothing is written by --oracle simulated."""
+    syn = common.make_synthetic(30, 32, 3, seed=1)
+    root = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for xi, yi, sid in zip(syn.x, syn.y, syn.ids):
+        Image.fromarray(xi.transpose(1, 2, 0)).resize((40, 24), Image.BILINEAR).save(root / "images" / f"{sid}.png")
+        Image.fromarray(yi * 255).resize((40, 24), Image.NEAREST).save(root / "masks" / f"{sid}_mask.png")
+    flags = ["--device", "cpu", "--data", "folder", "--data-dir", str(root), "--split", "20", "4", "6",
+             "--image-size", "32", "--width", "8", "--initial", "6", "--query", "4", "--rounds", "1",
+             "--epochs-initial", "4", "--epochs", "2", "--batch-size", "8", "--lr", "0.01"]
+    example_tta.main([*flags, "--out", str(tmp_path / "sim")])
+    assert not os.path.exists(os.path.join(next((tmp_path / "sim").iterdir()), "predicted"))
+    with pytest.raises(SystemExit):
+        example_tta.main([*flags, "--oracle", "folder", "--out", str(tmp_path / "runs")])
+    run = str(next((tmp_path / "runs").iterdir()))
+    while True:
+        annotate(run, str(root))
+        try:
+            example_tta.main(["--resume", run])
+            break
+        except SystemExit:
+            pass
+    data = common.load_data("folder", str(root), 32, 3, quiet=True)
+    model = example_tta.UNet(3, 1, 8)
+    model.load_state_dict(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["model"])
+    x, _ = common.to_device(data, torch.device("cpu"))
+    rows = list(csv.DictReader(open(os.path.join(run, "predicted", "manifest.csv"))))
+    where = {sid: i for i, sid in enumerate(data.ids)}
+    idx = np.array([where[r["sample_id"]] for r in rows])
+    probs = common.predict(model, x, idx, 8, torch.device("cpu")).numpy()
+    assert len(rows) == 20 - 10
+    for r, p in zip(rows, probs):
+        want = np.array(Image.fromarray(p).resize((40, 24), Image.BILINEAR)) > 0.5
+        got = np.asarray(Image.open(os.path.join(run, "predicted", r["mask"])))
+        assert got.shape == (24, 40) and (got == want * 255).all(), r["sample_id"]
+        assert float(r["uncertainty"]) == pytest.approx(float(common.binary_entropy(torch.from_numpy(p)).mean()), abs=1e-4)
+        assert float(r["foreground"]) == pytest.approx(want.mean(), abs=1e-4)
+    unc = [float(r["uncertainty"]) for r in rows]
+    assert unc == sorted(unc, reverse=True) and len(set(unc)) > 1  # most uncertain first
+    assert "most uncertain first" in open(os.path.join(run, "predicted", "README.txt")).read()
 
 
 def draw(run, rnd, pattern):
