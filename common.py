@@ -45,8 +45,9 @@ def run_main(main):
             shutil.rmtree(Run.made)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted" + (f": finished rounds are saved; continue with --resume {Run.used}" if Run.used else ""),
-              file=sys.stderr)
+        saved = Run.used and os.path.isfile(os.path.join(Run.used, "checkpoint.pt"))  # what --resume continues from
+        done = "finished rounds are saved" if saved else "no round finished yet: round 0 starts again"
+        print("interrupted" + (f": {done}; continue with --resume {Run.used}" if Run.used else ""), file=sys.stderr)
         sys.exit(130)
 
 

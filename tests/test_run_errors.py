@@ -55,14 +55,19 @@ def test_a_rejected_new_run_leaves_no_folder_but_a_started_one_is_kept(tmp_path,
 
 
 def test_ctrl_c_names_the_run_folder(tmp_path, capsys):
-    def interrupted():
-        common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
+    """The line says whether a round is saved (checkpoint.pt, what --resume reads): before the first one
+    finished, it does not claim finished rounds, and says round 0 starts again, as --resume then does."""
+    def interrupted(finished):
+        run = common.Run("x.py", _args(out=str(tmp_path / str(finished))), torch.device("cpu"))
+        if finished:
+            run.save_checkpoint({"round": 0})
         raise KeyboardInterrupt
-    with pytest.raises(SystemExit) as e:
-        common.run_main(interrupted)
-    run_dir = os.path.join(tmp_path, os.listdir(tmp_path)[0])
-    assert e.value.code == 130 and capsys.readouterr().err == (
-        f"interrupted: finished rounds are saved; continue with --resume {run_dir}\n")
+    for finished, said in ((True, "finished rounds are saved"), (False, "no round finished yet: round 0 starts again")):
+        with pytest.raises(SystemExit) as e:
+            common.run_main(lambda: interrupted(finished))
+        run_dir = os.path.join(tmp_path, str(finished), os.listdir(tmp_path / str(finished))[0])
+        assert e.value.code == 130 and capsys.readouterr().err == (
+            f"interrupted: {said}; continue with --resume {run_dir}\n")
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
