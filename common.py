@@ -76,7 +76,8 @@ def shared_parser(doc, strategies, defaults):
                formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def per_data(key):
-        return "default per --data: " + ", ".join(f"{d} {row[key]}" for d, row in defaults.items() if key in row)
+        return "default per --data: " + ", ".join(f"{d} {'from the data' if row[key] is None else row[key]}"
+                                                  for d, row in defaults.items() if key in row)
 
     p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset (default: synthetic)")
     p.add_argument("--data-dir", help="dataset root as downloaded (not needed for synthetic)")

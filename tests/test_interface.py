@@ -176,6 +176,14 @@ def test_every_script_lists_the_shared_flags_in_order(script):
     assert interface.check_help(script) == []
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_never_shows_a_default_of_none(script):
+    """A DEFAULTS row left at None (the split, --initial, --query of "other": set from the data) reads
+    "from the data" in --help, not None."""
+    text, error = interface.help_text(script)
+    assert error is None and "None" not in text and "from the data" in text
+
+
 def test_help_as_a_user_runs_it():
     """Once through a subprocess (`python SCRIPT --help`), as the command line of interface.py does."""
     assert interface.check_help("example_tta.py", in_process=False) == []
