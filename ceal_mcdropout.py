@@ -186,8 +186,9 @@ def main(argv=None):
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
                                plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
-                                                         len(train_ids) - n0, args.strategy == "ceal",
-                                                         pseudo_of if args.strategy == "ceal" else None, redraw))
+                                                         len(train_ids) - n0, scored=args.strategy == "ceal",
+                                                         pseudo=pseudo_of if args.strategy == "ceal" else None,
+                                                         redraw=redraw))
 
     for rnd in range(start, rounds + 1):
         if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand

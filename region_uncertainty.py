@@ -313,7 +313,7 @@ def main(argv=None):
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
                                plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
-                                                         len(train_ids) - n0, args.strategy not in ("random", "full")))
+                                                         len(train_ids) - n0, scored=args.strategy not in ("random", "full")))
 
     for rnd in range(start, rounds + 1):
         if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand

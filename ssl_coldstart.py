@@ -759,8 +759,8 @@ def main(argv=None):
                                plan=common.Progress.plan(len(train_ids) if args.strategy == "full" else args.initial,
                                                          args.query, rounds, epochs0, args.epochs,
                                                          len(train_ids) - args.initial,
-                                                         args.strategy not in ("cluster", "random", "full"),
-                                                         (lambda r: args.pseudo_step * r)
+                                                         scored=args.strategy not in ("cluster", "random", "full"),
+                                                         pseudo=(lambda r: args.pseudo_step * r)
                                                          if args.strategy == "ceal" else None))
 
     for rnd in range(start, rounds + 1):
