@@ -69,14 +69,14 @@ def main(argv=None):
     progress = common.Progress(run, epochs0 + rounds * args.epochs,
                                0 if start == 0 else epochs0 + (start - 1) * args.epochs,
                                plan=common.Progress.plan(n0, args.query, rounds, epochs0, args.epochs,
-                                                         len(train_ids) - n0, scored=args.strategy == "tta"))
+                                                         len(train_ids) - n0, scored=args.strategy != "random"))
 
     for rnd in range(start, rounds + 1):
         if common.pool_used_up(rnd, pool):  # nothing left to query: the finished rounds stand
             break
         t0, queried = time.time(), {}
         if rnd > 0:  # the query rule: the only part that differs from a random baseline
-            if args.strategy == "tta":
+            if args.strategy != "random":  # your rule: the first of shared_parser's strategies
                 scores = tta_variance(model, x, pool, args.batch_size, device, args.amp)
                 new = common.top_k(pool, scores, args.query)
             else:  # random: pool_scores.csv keeps the same columns, the score left empty
@@ -85,7 +85,7 @@ def main(argv=None):
             # the audit trail: every pool sample's score and whether it was picked; the picks as the model saw them
             run.log_pool_scores(rnd, [data.ids[i] for i in pool], {"tta_variance": scores}, queried)
             common.save_picks(run, rnd, model, data, x, {f"oracle-{args.strategy}": new},
-                              dict(zip(pool.tolist(), scores)) if args.strategy == "tta" else None,
+                              dict(zip(pool.tolist(), scores)) if args.strategy != "random" else None,
                               args.batch_size, device, args.amp)
             labeled, pool = np.concatenate([labeled, new]), np.setdiff1d(pool, new)
         else:  # round 0: the seeded random start (the whole pool for "full")
