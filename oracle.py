@@ -33,6 +33,11 @@ Then go on with:
 
 Every file is checked first (missing, extra, unreadable, not binary, another aspect ratio); a problem stops
 the run with one message listing all of them, and nothing is changed.
+
+{after}
+the run ends, and writes the final model's masks of the images you did not label to:
+
+    {predicted}/
 """
 
 
@@ -200,9 +205,14 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
     model_text = ("\n\n<sample_id>_model.png shows what the model predicts (outlined in yellow, left)\n"
                   "and how unsure it is (bright = unsure, right), to help you; it is not a label.") \
         if probs is not None else "\n\nRound 0 asks before any training: no model prediction is shown."
+    last = 0 if run.args.strategy == "full" else run.args.rounds  # the ceiling asks for its whole pool at once
+    after = ("This is the last round: after it" if rnd >= last else
+             f"Round {last} asks again (unless the pool runs out); then" if rnd + 1 == last else
+             f"Rounds {rnd + 1} to {last} ask again (fewer if the pool runs out); then")
     with open(os.path.join(ask_dir, "README.txt"), "w") as f:
         f.write(LABEL_README.format(rnd=rnd, script=run.script, n=len(rows), run_dir=os.path.abspath(run.dir),
-                                    decide=decide_text, model=model_text,
+                                    decide=decide_text, model=model_text, after=after,
+                                    predicted=os.path.abspath(run.path("predicted")),
                                     what="object to segment (lesion, polyp, bone, tumour)",
                                     labels=os.path.abspath(run.path(f"labels/round_{rnd}"))))
 

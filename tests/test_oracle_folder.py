@@ -36,6 +36,10 @@ def annotate(run, folder):
     asks = sorted(os.listdir(os.path.join(run, "to_label")), key=lambda d: int(d.split("_")[1]))
     rnd = asks[-1]
     rows = list(csv.DictReader(open(os.path.join(run, "to_label", rnd, "manifest.csv"))))
+    rounds = json.load(open(os.path.join(run, "config.json")))["args"]["rounds"]
+    said = {"round_0": f"Rounds 1 to {rounds} ask again", f"round_{rounds - 1}": f"Round {rounds} asks again",
+            f"round_{rounds}": "This is the last round: after it"}[rnd]
+    assert said in open(os.path.join(run, "to_label", rnd, "README.txt")).read().replace("\n", " ")
     os.makedirs(os.path.join(run, "labels", rnd), exist_ok=True)
     for r in rows:  # round 0 asks before any training: no model image
         assert os.path.isfile(os.path.join(run, "to_label", rnd, r["image"])) and bool(r["model"]) == (rnd != "round_0")
