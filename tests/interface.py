@@ -110,12 +110,26 @@ def _num(v):
         return None
 
 
+def _json(run, name):
+    """A run file's JSON object, or {} where it is missing or unreadable (check_run names that itself)."""
+    try:
+        obj = json.load(open(os.path.join(run, name)))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def check_run(run, pool_scores=True, picks=True):
     """Problems with a finished run folder (an empty list when it keeps the interface)."""
     if not os.path.isdir(run):
         return [f"{run}: no such folder"]
     p = []
+    # --oracle folder on a folder of images only: no masks, so no test set and no test images for the panel
+    unmasked = _json(run, "config.json").get("args", {}).get("oracle") == "folder" and _json(run, "splits.json").get(
+        "test") == []
     for name in RUN_FILES:
+        if unmasked and name == "panel.png":
+            continue
         path = os.path.join(run, name)
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             p.append(f"{run}: no {name}" if not os.path.isfile(path) else f"{run}: {name} is empty")
@@ -135,7 +149,7 @@ def check_run(run, pool_scores=True, picks=True):
             sets = {k: set(map(str, splits[k])) for k in ("train", "val", "test")}
             if sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"]:
                 p.append("splits.json: train, val and test overlap")
-            if not splits["train"] or not splits["test"]:
+            if not splits["train"] or not (splits["test"] or unmasked):
                 p.append("splits.json: no training or no test samples")
     train = set(map(str, splits["train"])) if splits and isinstance(splits.get("train"), list) else None
 

@@ -81,6 +81,21 @@ def test_an_empty_or_broken_file_fails(run):
     assert any("checkpoint.pt is empty" in p for p in problems) and any("panel.png is not a PNG" in p for p in problems)
 
 
+@pytest.mark.parametrize("oracle", ["folder", "simulated"])
+def test_a_run_without_a_test_set_passes_only_for_a_person_labelling_images_only(run, oracle):
+    """--oracle folder on images without masks: no test set, so no panel of test images; any other run needs both."""
+    splits = json.load(open(run / "splits.json"))
+    (run / "splits.json").write_text(json.dumps(dict(splits, train=splits["train"] + splits["test"], test=[])))
+    cfg = json.load(open(run / "config.json"))
+    (run / "config.json").write_text(json.dumps(dict(cfg, args=dict(cfg["args"], oracle=oracle))))
+    os.remove(run / "panel.png")
+    problems = interface.check_run(str(run))
+    if oracle == "folder":
+        assert problems == []
+    else:
+        assert any("no panel.png" in q for q in problems) and any("no test samples" in q for q in problems)
+
+
 @pytest.mark.parametrize("column", interface.ROUND_COLUMNS)
 def test_a_missing_rounds_column_fails(run, column):
     rows = list(csv.DictReader(open(run / "rounds.csv")))
