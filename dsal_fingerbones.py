@@ -182,8 +182,7 @@ def make_fingerbones(n, size=64, seed=0):
                 img, mask = img[:, ::-1], mask[:, ::-1]
             pil = Image.new("L", (size, size))
             cx, cy, h = rng.uniform(0.05, 0.2) * size, rng.uniform(0.05, 0.2) * size, rng.uniform(0.06, 0.1) * size
-            ImageDraw.Draw(pil).line([cx, cy, cx, cy + h, cx + 0.6 * h, cy + h], fill=255,
-                                            width=max(1, size // 40))
+            ImageDraw.Draw(pil).line([cx, cy, cx, cy + h, cx + 0.6 * h, cy + h], fill=255, width=max(1, size // 40))
             img = img + c_bone * 1.2 * np.asarray(pil, np.float64) / 255
         img = np.clip(_blur(img, rng.uniform(0.3, 0.9) * size / 64), 0, 1) ** rng.uniform(0.6, 1.6)  # blur, gamma
         img = img * rng.uniform(0.5, 1.0) + rng.normal(0, rng.uniform(0.02, 0.06), img.shape)       # exposure, noise
