@@ -76,7 +76,8 @@ def summarise(rows, by, values=("dice_mean",)):
     """Group rows by the keys `by` and give n, the mean and the sample standard deviation (ddof = 1) over the
     runs in each group (normally seeds) of each value: v and v_std. A group of one run has std NaN (not 0:
     one run says nothing about the spread), which markdown_table prints as the mean alone. Runs (collect_runs)
-    whose flags differ beyond the seed and where or how they ran (SAME_SETTING) are never pooled: UserError."""
+    whose flags differ beyond the seed and where or how they ran (SAME_SETTING) are never pooled: UserError.
+    Runs of one script and seed in one cell are pooled as any others, with a note line on stderr naming them."""
     groups = {}
     for r in rows:
         groups.setdefault(tuple(_key(r.get(k)) for k in by), []).append(r)
@@ -95,6 +96,17 @@ def summarise(rows, by, values=("dice_mean",)):
                             f"{', '.join('--' + k.replace('_', '-') for k in differ)}; expected one setting per cell: "
                             "collect each setting's folders apart (or, in collect.py, add the flag to --by)"
                             + "".join("\n  " + line for line in lines))
+    again, cells = {}, {}  # where one seed ran more than once in a cell: its runs, and how many cells they share
+    for key, g in groups.items():
+        for r in g:
+            again.setdefault((key, r.get("script"), r.get("seed")), set()).add(r["run"])
+    for (key, _, seed), runs in again.items():
+        if len(runs) > 1 and seed is not None:
+            cells[seed, tuple(sorted(runs))] = cells.get((seed, tuple(sorted(runs))), 0) + 1
+    for (seed, runs), n in sorted(cells.items(), key=repr)[:5]:
+        print(f"note: seed {seed!r} ran {len(runs)} times: {', '.join(runs[:3])}{' and more' * (len(runs) > 3)}; "
+              f"each run counts in n and the std of the {n} table cell(s) they share (on a CPU a repeated seed "
+              "gives the same numbers; on a GPU only its nondeterminism differs)", file=sys.stderr)
     out = []
     for key in sorted(groups, key=lambda t: tuple((x is None, x if not isinstance(x, str) else str(x)) for x in t)):
         g = groups[key]

@@ -245,6 +245,22 @@ def test_a_run_named_twice_counts_once(tmp_path):
     assert [r["n"] for r in collect.collect([runs + "/r0", runs + "/r0/"])] == [1, 1]
 
 
+def test_a_seed_run_twice_is_named(tmp_path, capsys):
+    """Two runs of one seed (a run started again instead of --resume, or GPU repeats) both count in n and the
+    std: one note line on stderr names the seed and its runs, per-round or --final; other seeds, the same seed
+    of another script, and one run's rounds in one cell (--by without labeled) give none."""
+    for name, script, seed in (("a", "x", 0), ("again", "x", 0), ("b", "x", 1), ("other", "y", 0)):
+        fake_run(tmp_path, name, script, "rule", seed, [0.5, 0.6])
+    for kw in ({}, {"final": True, "by": ["script"]}, {"by": ["strategy", "labeled"]}):  # the last: x and y in a cell
+        collect.collect([str(tmp_path)], **kw)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("note: seed 0 ran 2 times: ") and "again" in err[0]
+        assert str(tmp_path / "a") in err[0] and "other" not in err[0]
+    (tmp_path / "again" / "rounds.csv").unlink()
+    collect.collect([str(tmp_path)], by=["script"])
+    assert capsys.readouterr().err == ""
+
+
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(common.UserError, match="no finished rounds"):
         collect.main([str(tmp_path)])
