@@ -103,6 +103,8 @@ def summarise(rows, by, values=("dice_mean",)):
     for (key, _, seed), runs in again.items():
         if len(runs) > 1 and seed is not None:
             cells[seed, tuple(sorted(runs))] = cells.get((seed, tuple(sorted(runs))), 0) + 1
+    if len(cells) > 5:
+        print(f"note: {len(cells) - 5} more seed(s) ran more than once; the first 5 follow", file=sys.stderr)
     for (seed, runs), n in sorted(cells.items(), key=repr)[:5]:
         print(f"note: seed {seed!r} ran {len(runs)} times: {', '.join(runs[:3])}{' and more' * (len(runs) > 3)}; "
               f"each run counts in n and the std of the {n} table cell(s) they share (on a CPU a repeated seed "
