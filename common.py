@@ -114,11 +114,12 @@ AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0
                 mc_passes=2, pseudo_step=0)
 
 
-def resolve(args, defaults, size=(16, 16), **at_least):
+def resolve(args, defaults, size=(16, 32), **at_least):
     """Fill every flag left at None from the script's table row for --data (or its "other" row), then check
     the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr finite above 0, --seed below
     2^32, no --data-dir for synthetic data, --split not negative, --dropout in [0, 1), --image-size a multiple
-    of size[0] and at least size[1] (unet.UNet halves it 4 times; region's ResNet-18 U-Net passes (32, 64))."""
+    of size[0] and at least size[1] (unet.UNet halves it 4 times, and 16 px leaves a 1x1 bottleneck that BatchNorm
+    cannot train on a batch of one image; region's ResNet-18 U-Net passes (32, 64))."""
     row = defaults.get(args.data, defaults.get("other", {}))
     for key, value in row.items():
         if getattr(args, key, None) is None:

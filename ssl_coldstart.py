@@ -116,7 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--ssl-batch-size", type=int, help="pre-training batch (paper silent; default --batch-size with "
                    "adam, 1 with sgd)")
     p.add_argument("--shuffle-blocks", type=int, help="local pixel shuffling: blocks per image (Models Genesis "
-                   "reference code: 10000; default 10000)")
+                   "reference code: 10000; default 10000; 0 turns it off)")
     p.add_argument("--clusters", type=int, help="k of K-means (Sec. IV-A: 10; Table II: 5 or 10; default 10)")
     p.add_argument("--aap-grid", type=int, choices=[1, 2], help="adaptive average pooling of the last encoder "
                    "stage to grid x grid: 2 -> 512x2x2 = 2048-d at width 32 (Sec. IV-A), 1 -> 512-d (Table II) "
@@ -190,12 +190,12 @@ def flip(x, gen, p=FLIP_P, times=FLIP_TIMES):
 
 def local_pixel_shuffling(x, gen, p=SHUFFLE_P, n_blocks=10000):
     """With probability p per image: n_blocks windows of random size up to H/10 x W/10 at random places, the
-    pixels of each window permuted at random (shuffle_windows)."""
+    pixels of each window permuted at random (shuffle_windows). n_blocks=0 (--shuffle-blocks 0) turns it off."""
     B, C, H, W = x.shape
     dev = x.device
     sel = torch.nonzero(_rand(B, gen, dev) < p)[:, 0]
     out = x.clone()
-    if len(sel) == 0:
+    if len(sel) == 0 or n_blocks == 0:
         return out
     n, mh, mw = len(sel), max(1, H // 10), max(1, W // 10)
     bh, bw = _randint(1, mh, (n, n_blocks), gen, dev), _randint(1, mw, (n, n_blocks), gen, dev)

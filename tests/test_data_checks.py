@@ -133,9 +133,9 @@ def test_ceal_paper_lgg_protocol_on_fixture(lgg, tmp_path):
     """The paper's LGG command (878 / 220 / 275, --initial 329) runs past the split on a many-patient archive;
     the achieved sizes are printed and recorded; check_budget passes on the achieved training set."""
     out = run_script("ceal_mcdropout.py", "--data", "lgg", "--data-dir", os.path.join(lgg.root, "kaggle_3m"),
-                     "--image-size", 16, "--width", 4, "--epochs-initial", 1, "--epochs", 1, "--rounds", 1,
+                     "--image-size", 32, "--width", 4, "--epochs-initial", 1, "--epochs", 1, "--rounds", 1,
                      "--mc-passes", 2, "--batch-size", 64, "--out", tmp_path,
-                     # one thread: as fast for a width-4 net at 16 px, and no OpenMP spinning on a loaded machine
+                     # one thread: as fast for a width-4 net at 32 px, and no OpenMP spinning on a loaded machine
                      env_extra={"ALSEG_CACHE": lgg.cache, "OMP_NUM_THREADS": "1"})
     run = run_dir_from(out)
     cfg = json.load(open(os.path.join(run, "config.json")))
@@ -176,7 +176,7 @@ def folder(root, n=12, px=32, mask=lambda i, m: m, mask_px=None):
 
 def test_every_training_mask_empty_stops_with_a_clear_message(tmp_path):
     root = folder(tmp_path / "data", mask=lambda i, m: m * 0)
-    out = run_script("ceal_mcdropout.py", "--data", "folder", "--data-dir", root, "--image-size", 16, "--width", 4,
+    out = run_script("ceal_mcdropout.py", "--data", "folder", "--data-dir", root, "--image-size", 32, "--width", 4,
                      "--out", tmp_path / "runs", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     err = out.stderr.strip().splitlines()
@@ -353,7 +353,7 @@ def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
     frame = tmp_path / "cvc" / "Original" / "1.tif"
     data = frame.read_bytes()
     frame.write_bytes(data[: len(data) // 2])  # its directory (at the end) cut: Pillow warns "Corrupt EXIF data"
-    out = run_script("ceal_mcdropout.py", "--data", "cvc-clinicdb", "--data-dir", tmp_path / "cvc", "--image-size", 16,
+    out = run_script("ceal_mcdropout.py", "--data", "cvc-clinicdb", "--data-dir", tmp_path / "cvc", "--image-size", 32,
                      "--out", tmp_path / "runs", check=False)
     assert out.returncode == 2 and out.stderr.startswith(f"error: {frame}: unreadable image file"), out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
@@ -370,9 +370,12 @@ def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
     ("example_tta", ["--workers", "-1"], "--workers -1: expected at least 0"),
     ("example_tta", ["--lr", "-1"], "--lr -1.0: expected a finite learning rate above 0"),
     ("example_tta", ["--split", "-1", "8", "8"], r"--split \[-1, 8, 8\]: expected sizes of at least 0"),
-    ("example_tta", ["--image-size", "40"], "--image-size 40: expected a multiple of 16, at least 16 .*the nearest "
+    ("example_tta", ["--image-size", "40"], "--image-size 40: expected a multiple of 16, at least 32 .*the nearest "
                                             "are 32 and 48"),
     ("example_tta", ["--image-size", "8"], "--image-size 8: expected a multiple of 16"),
+    # 16 px leaves unet.UNet a 1x1 bottleneck: BatchNorm fails on a training batch of one image (e.g. 17 at 16)
+    ("dsal_fingerbones", ["--image-size", "16"], r"--image-size 16: expected a multiple of 16, at least 32 \(the "
+                                                 "U-Net's poolings\); the nearest is 32$"),
     ("ceal_mcdropout", ["--mc-passes", "1"], "--mc-passes 1: expected at least 2"),
     ("ceal_mcdropout", ["--dropout", "1"], r"--dropout 1.0: expected a probability in \[0, 1\)"),
     ("polyp_weighted_cluster", ["--asa-members", "1"], "--asa-members 1: expected at least 2"),
@@ -389,7 +392,7 @@ def test_numbers_out_of_range_stop_at_the_flags(script, flags, message):
 
 def test_bad_out_and_damaged_run_folders_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    tiny = ["--split", "24", "8", "8", "--image-size", "16", "--width", "4", "--initial", "6", "--query", "4",
+    tiny = ["--split", "24", "8", "8", "--image-size", "32", "--width", "4", "--initial", "6", "--query", "4",
             "--rounds", "1", "--epochs-initial", "1", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
     import example_tta
     assert one_line_error(capsys, lambda: example_tta.main([*tiny, "--out", str(tmp_path / "file")])).startswith(

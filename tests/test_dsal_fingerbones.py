@@ -314,7 +314,7 @@ def test_folder_layout_end_to_end_and_bad_input(tmp_path):
         return out.stderr
     os.remove(root / "masks" / "hand03_mask.png")
     assert "hand03.png: no mask for this image" in fails(*args)
-    for flags, message in ((["--image-size", "600"], "--image-size 600: expected a multiple of 16, at least 16 .*the "
+    for flags, message in ((["--image-size", "600"], "--image-size 600: expected a multiple of 16, at least 32 .*the "
                                                      "nearest are 592 and 608"),
                            (["--ds-stages", "1", "1"], "--ds-stages 1 1: expected two different decoder stages"),
                            (["--ds-weights", "0", "0", "0"], "expected three non-negative weights")):

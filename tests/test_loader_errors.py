@@ -110,7 +110,7 @@ def test_an_unusable_cache_folder_stops_before_decoding(tmp_path, monkeypatch):
 def test_an_unusable_cache_folder_is_one_line_and_exit_2(tmp_path):
     root = folder(tmp_path / "data", n=24)
     (tmp_path / "afile").write_text("")
-    out = run_script("example_tta.py", "--data", "folder", "--data-dir", root, "--image-size", 16, "--width", 4,
+    out = run_script("example_tta.py", "--data", "folder", "--data-dir", root, "--image-size", 32, "--width", 4,
                      "--rounds", 1, "--epochs-initial", 1, "--epochs", 1, "--split", 14, 4, 6, "--initial", 4,
                      "--query", 2, "--out", tmp_path / "runs", check=False,
                      env_extra={"ALSEG_CACHE": str(tmp_path / "afile")})

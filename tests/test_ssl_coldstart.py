@@ -92,6 +92,11 @@ def test_local_pixel_shuffling_moves_pixels_only_within_a_window():
             assert abs(r0 - r1) < H // 10 and abs(c0 - c1) < H // 10
 
 
+def test_zero_shuffle_blocks_leave_the_image_unchanged():
+    x = ramp(4, 40)  # --shuffle-blocks 0 is accepted (resolve: at least 0): the transform is off, not a crash
+    assert torch.equal(S.local_pixel_shuffling(x, gen(3), p=1.0, n_blocks=0), x)
+
+
 def test_interp_matches_numpy():
     rng = np.random.default_rng(0)
     xp = 0.1 + 0.8 * np.sort(rng.random((3, 50)), axis=1)  # inputs below 0.1 and above 0.9 take the end values
