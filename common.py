@@ -108,22 +108,19 @@ def shared_parser(doc, strategies, defaults):
     return p
 
 
-# the smallest value of each count flag of several scripts (a variance needs 2 passes); a script adds its own
-# to resolve (e.g. clusters=1)
+# the smallest value of each count flag (a variance needs 2 passes); a script passes its own to resolve()
 AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0, batch_size=1, width=1, workers=0,
                 mc_passes=2, pseudo_step=0)
 
 
 def resolve(args, defaults, size=(16, 32), **at_least):
     """Fill every flag left at None from the script's table row for --data (or its "other" row), then check
-    the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr finite above 0, --seed below
-    2^32, no --data-dir for synthetic data, --split not negative, --dropout in [0, 1), --image-size a multiple
-    of size[0] and at least size[1] (unet.UNet halves it 4 times, and 16 px leaves a 1x1 bottleneck that BatchNorm
-    cannot train on a batch of one image; region's ResNet-18 U-Net passes (32, 64))."""
+    the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr above 0, every float finite,
+    --seed below 2^32, no --data-dir for synthetic data, --split not negative, --dropout in [0, 1), --image-size
+    a multiple of size[0] and at least size[1] (unet.UNet halves it 4 times; at 16 px its 1x1 bottleneck cannot
+    train BatchNorm on a batch of one image; region's ResNet-18 U-Net passes (32, 64))."""
     row = defaults.get(args.data, defaults.get("other", {}))
-    for key, value in row.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    vars(args).update({key: value for key, value in row.items() if getattr(args, key, None) is None})
     for key, low in {**AT_LEAST, **at_least}.items():
         value = getattr(args, key, None)
         if value is not None and value < low:
@@ -141,6 +138,9 @@ def resolve(args, defaults, size=(16, 32), **at_least):
                              if args.image_size > low else f"is {low}"))):
         if bad:
             raise UserError(message)
+    for key, value in vars(args).items():  # every float flag (or list of them) finite: a nan or inf is a typo
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise UserError(f"--{key.replace('_', '-')} {value}: expected a finite number")
     return args
 
 

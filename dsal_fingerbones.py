@@ -74,7 +74,7 @@ def parse_args(argv=None):
                    help="--tables: a method 'reaches the full-annotation Dice' (Sec. IV-B: 'comparable results') "
                         "at the first labelled count whose mean test Dice is at least the full-annotation mean minus "
                         "this (paper silent; default 0.01, one Dice point)")
-    args = common.resolve(p.parse_args(argv), DEFAULTS)
+    args = common.resolve(p.parse_args(argv), DEFAULTS, reach_tolerance=0)
     lo, mid = args.ds_stages
     if lo == mid or not all(0 <= s < DEPTH for s in (lo, mid)):
         raise common.UserError(f"--ds-stages {lo} {mid}: expected two different decoder stages in 0..{DEPTH - 1}")

@@ -95,7 +95,7 @@ def parse_args(argv=None):
         args.rounds = DEFAULTS.get(args.data, DEFAULTS["other"])["rounds_partial"]
     # the ResNet-18 U-Net: a multiple of 32, at least 64 (its last stage, at 1/32, keeps more than one pixel for
     # BatchNorm)
-    args = common.resolve(args, DEFAULTS, size=(32, 64))
+    args = common.resolve(args, DEFAULTS, size=(32, 64), weight_decay=0)
     del args.rounds_partial
     if args.dropout is None:  # only MC dropout needs dropout; trained into the others it shifts BatchNorm (docs)
         args.dropout = 0.5 if args.strategy == "mc-dropout" else 0.0
@@ -111,6 +111,8 @@ def parse_args(argv=None):
         raise common.UserError(f"--tau-u {args.tau_u}: expected a value in (0, 0.5]")
     if not 0 < args.tau_b < 1:
         raise common.UserError(f"--tau-b {args.tau_b}: expected a value in (0, 1)")
+    if not 0 <= args.momentum < 1:  # at 1 or above SGD's velocity never decays
+        raise common.UserError(f"--momentum {args.momentum}: expected a value in [0, 1)")
     if args.encoder_weights and args.width != 64:
         raise common.UserError(f"--encoder-weights needs --width 64 (ResNet-18 itself), not --width {args.width}")
     return args

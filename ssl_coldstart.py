@@ -147,6 +147,8 @@ def parse_args(argv=None):
         args.dropout = 0.5 if args.strategy in ("mc-dropout", "ceal") else 0.0
     if args.ssl_lr is None:
         args.ssl_lr = 0.01 if args.ssl_optim == "sgd" else 1e-3
+    if not args.ssl_lr > 0:
+        raise common.UserError(f"--ssl-lr {args.ssl_lr}: expected a learning rate above 0")
     if args.ssl_batch_size is None:
         args.ssl_batch_size = 1 if args.ssl_optim == "sgd" else args.batch_size
     if args.transfer_head and args.channels != 1:

@@ -375,7 +375,7 @@ def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
     ("example_tta", ["--image-size", "8"], "--image-size 8: expected a multiple of 16"),
     # 16 px leaves unet.UNet a 1x1 bottleneck: BatchNorm fails on a training batch of one image (e.g. 17 at 16)
     ("dsal_fingerbones", ["--image-size", "16"], r"--image-size 16: expected a multiple of 16, at least 32 \(the "
-                                                 "U-Net's poolings\); the nearest is 32$"),
+                                                 r"U-Net's poolings\); the nearest is 32$"),
     ("ceal_mcdropout", ["--mc-passes", "1"], "--mc-passes 1: expected at least 2"),
     ("ceal_mcdropout", ["--dropout", "1"], r"--dropout 1.0: expected a probability in \[0, 1\)"),
     ("polyp_weighted_cluster", ["--asa-members", "1"], "--asa-members 1: expected at least 2"),
@@ -384,7 +384,19 @@ def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
     ("ssl_coldstart", ["--image-size", "40"], "--image-size 40: expected a multiple of 16"),
     ("region_uncertainty", ["--image-size", "48"], "--image-size 48: expected a multiple of 32, at least 64 .*the "
                                                    "nearest is 64$"),
-    ("region_uncertainty", ["--image-size", "144"], "the nearest are 128 and 160")])
+    ("region_uncertainty", ["--image-size", "144"], "the nearest are 128 and 160"),
+    # float method flags: finite (a nan or inf ran to NaN features, a K-means traceback or a silent NaN run)
+    ("polyp_weighted_cluster", ["--lam", "inf"], "--lam inf: expected a finite number$"),
+    ("polyp_weighted_cluster", ["--delta", "nan"], "--delta nan: expected a finite number$"),
+    ("polyp_weighted_cluster", ["--lam", "-1"], "--lam -1.0: expected at least 0$"),
+    ("ssl_coldstart", ["--ssl-lr", "inf"], "--ssl-lr inf: expected a finite number$"),
+    ("ssl_coldstart", ["--ssl-lr", "0"], "--ssl-lr 0.0: expected a learning rate above 0$"),
+    ("region_uncertainty", ["--weight-decay", "-1"], "--weight-decay -1.0: expected at least 0$"),
+    ("region_uncertainty", ["--momentum", "inf"], "--momentum inf: expected a finite number$"),
+    ("region_uncertainty", ["--momentum", "1"], r"--momentum 1.0: expected a value in \[0, 1\)$"),
+    ("example_claspe", ["--beta-start", "inf"], "--beta-start inf: expected a finite number$"),
+    ("dsal_fingerbones", ["--ds-weights", "1", "nan", "1"], r"--ds-weights \[1.0, nan, 1.0\]: expected a finite"),
+    ("dsal_fingerbones", ["--reach-tolerance", "-0.5"], "--reach-tolerance -0.5: expected at least 0$")])
 def test_numbers_out_of_range_stop_at_the_flags(script, flags, message):
     with pytest.raises(common.UserError, match=message):
         __import__(script).parse_args(flags)
