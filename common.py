@@ -285,7 +285,7 @@ def check_foreground(data, pool, data_dir=None):
                         f"Masks in another convention, or the wrong folder?")
     if empty > EMPTY_WARN * n:
         print(f"warning: {empty} of {n} training-pool masks ({empty / n:.0%}) are empty; expected for lgg "
-              f"--all-slices, else check the masks in {data_dir or data.name} (lesion 255 or 1, background 0)")
+              f"(most slices show no tumour), else check the masks in {data_dir or data.name} (lesion 255 or 1, background 0)")
 
 
 def pool_used_up(rnd, pool):

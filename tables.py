@@ -39,7 +39,8 @@ def collect_runs(paths):
     wrote summary.json; False while it runs or after a crash), and the round's rounds.csv columns (numbers
     as floats). A run with a missing or empty rounds.csv contributes nothing; one whose config.json is not a
     run's config (cut short by a crash, say) is left out with a warning line, so that it does not stop the
-    table of the others. A run named twice (`runs runs/` or `runs runs/RUN`) counts once."""
+    table of the others, and so is a rounds.csv line cut short. A run named twice (`runs runs/` or
+    `runs runs/RUN`) counts once."""
     rows, seen = [], set()
     for p in paths:
         cfgs = [os.path.join(p, "config.json")] if os.path.isfile(os.path.join(p, "config.json")) else \
@@ -55,8 +56,15 @@ def collect_runs(paths):
                 print(f"warning: {cfg_path}: not a run's config (unreadable JSON, or no script and flags in it); "
                       "expected the config.json a script writes; this run is left out", file=sys.stderr)
                 continue
-            finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
+            try:  # a summary.json that does not parse (a damaged disk, a hand edit) does not finish its run
+                finished = isinstance(read_json(os.path.join(run_dir, "summary.json")), dict)
+            except (OSError, ValueError):
+                finished = False
             for r in read_rows(rounds):
+                if None in r or None in r.values():  # csv.DictReader: a short line's missing fields are None
+                    print(f"warning: {rounds}: a line without the header's {len(r) - (None in r)} fields (cut short?) "
+                          "is not a finished round; left out", file=sys.stderr)
+                    continue
                 row = dict(cfg["args"], script=cfg["script"], run=run_dir, finished=finished, flags=cfg["args"])
                 for k, v in r.items():
                     try:

@@ -232,6 +232,23 @@ def test_a_run_with_a_broken_config_is_left_out_with_a_warning(tmp_path, capsys)
     assert f"{tmp_path / 'cut' / 'config.json'}: not a run's config" in err[0] and "noflags" in err[1]
 
 
+def test_a_cut_rounds_line_and_a_damaged_summary_do_not_count(tmp_path, capsys):
+    """A rounds.csv whose last line was cut short (a kill while it was written) gives no round for it, with a
+    warning naming the file; a summary.json that does not parse does not mark its run finished."""
+    for seed in (0, 1):
+        fake_run(tmp_path, f"r{seed}", "x", "rule", seed, [0.5, 0.6 + seed / 10])
+    cut = fake_run(tmp_path, "cut", "x", "rule", 2, [0.5, 0.9, 0.9], finished=False) / "rounds.csv"
+    cut.write_text(cut.read_text()[:-12])  # round 2's line loses its last fields
+    (fake_run(tmp_path, "damaged", "x", "rule", 3, [0.5, 0.9]) / "summary.json").write_text('{"final_di')
+    per_round = collect.collect([str(tmp_path)])
+    assert [(r["labeled"], r["n"]) for r in per_round] == [(10, 4), (20, 4)]  # no row at 30 labelled
+    assert [(r["labeled"], r["unfinished"]) for r in per_round] == [(10, 2), (20, 2)]
+    final = collect.collect([str(tmp_path)], by=["script"], final=True)
+    assert [(r["n"], r["dice_mean"]) for r in final] == [(2, pytest.approx(0.65))]  # r0 and r1 only
+    err = capsys.readouterr().err
+    assert f"warning: {cut}: a line without the header's {len(COLS)} fields" in err
+
+
 def test_a_run_named_twice_counts_once(tmp_path):
     """`runs runs/`, `runs runs/RUN` and a link to runs name the same runs: each counts once, with or without
     --final (before, the per-round table said n = 2 and ± 0 for one run)."""
