@@ -196,8 +196,8 @@ def test_mostly_empty_masks_warn_with_the_count(tmp_path, capsys):
     run, args = fake_run(tmp_path)
     tr, va, te = common.split_data(run, d, args, 10, 5, 100, split=[20, 0, 0])
     warn = [s for s in capsys.readouterr().out.splitlines() if s.startswith("warning:")]
-    assert warn == [f"warning: 15 of 20 training-pool masks (75%) are empty; expected for lgg (most slices show no tumour), "
-                    f"else check the masks in {args.data_dir} (lesion 255 or 1, background 0)"]
+    assert warn == [f"warning: 15 of 20 training-pool masks (75%) are empty; expected for lgg (most slices show "
+                    f"no tumour), else check the masks in {args.data_dir} (lesion 255 or 1, background 0)"]
     # the synthetic data (~6 % empty) and a pool with half its masks empty pass without a word
     common.split_data(run, common.make_synthetic(60, 16), fake_run(tmp_path)[1], 10, 5, 100)
     common.check_foreground(d, np.r_[np.flatnonzero(d.positive), np.flatnonzero(~d.positive)[:5]])
