@@ -134,7 +134,7 @@ def _official(root, splits, lister, what):
 
 def list_ph2(root):
     base = os.path.join(root, "PH2 Dataset images") if os.path.isdir(os.path.join(root, "PH2 Dataset images")) else root
-    cases = sorted(d for d in glob.glob(os.path.join(base, "IMD*")) if os.path.isdir(d))
+    cases = sorted(d for d in glob.glob(os.path.join(glob.escape(base), "IMD*")) if os.path.isdir(d))
     if not cases:
         raise UserError(f"{base}: no IMDxxx case folders; expected 'PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/"
                         f"IMDxxx.bmp' and 'IMDxxx_lesion/IMDxxx_lesion.bmp'")
@@ -194,7 +194,7 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
     by_key, stems = _keyed(masks, _mask_stem), _keyed(images, _stem)
     for sub in (img_dir, mask_dir):
-        nested = [f for f in glob.glob(os.path.join(sub, "*", "**", "*"), recursive=True)
+        nested = [f for f in glob.glob(os.path.join(glob.escape(sub), "*", "**", "*"), recursive=True)
                   if f.lower().endswith(IMAGE_EXT)]
         if nested:
             print(f"note: {len(nested)} image files in subfolders of {sub} (e.g. {nested[0]}) are not read; "
@@ -214,7 +214,8 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
 def glob_files(folder, patterns):
     if not os.access(folder, os.R_OK | os.X_OK):
         raise UserError(f"{folder}: permission denied (the folder cannot be listed)")
-    return sorted({f for pat in patterns for f in glob.glob(os.path.join(folder, pat))})
+    # the folder's own name is escaped: a [ or * in it (runs[1]/) is a character, not a pattern
+    return sorted({f for pat in patterns for f in glob.glob(os.path.join(glob.escape(folder), pat))})
 
 
 def write_folder(data, root):
@@ -231,13 +232,13 @@ def write_folder(data, root):
 def list_lgg(root):
     if os.path.isdir(os.path.join(root, "kaggle_3m")):
         root = os.path.join(root, "kaggle_3m")
-    patients = sorted(d for d in glob.glob(os.path.join(root, "TCGA_*")) if os.path.isdir(d))
+    patients = sorted(d for d in glob.glob(os.path.join(glob.escape(root), "TCGA_*")) if os.path.isdir(d))
     if not patients:
         raise UserError(f"{root}: no TCGA_<patient> folders; expected kaggle_3m/TCGA_*/TCGA_..._<slice>.tif "
                         f"with ..._<slice>_mask.tif")
     entries = []
     for d in patients:
-        files = glob.glob(os.path.join(d, "*.tif"))
+        files = glob.glob(os.path.join(glob.escape(d), "*.tif"))
         imgs = [f for f in files if not f.endswith("_mask.tif")]
         masks = [f for f in files if f.endswith("_mask.tif")]
         patient = "_".join(os.path.basename(d).split("_")[:3])  # TCGA_CS_4941 (the folder adds a date)

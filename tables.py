@@ -44,7 +44,7 @@ def collect_runs(paths):
     rows, seen = [], set()
     for p in paths:
         cfgs = [os.path.join(p, "config.json")] if os.path.isfile(os.path.join(p, "config.json")) else \
-            sorted(glob.glob(os.path.join(p, "**", "config.json"), recursive=True))
+            sorted(glob.glob(os.path.join(glob.escape(p), "**", "config.json"), recursive=True))
         for cfg_path in cfgs:
             run_dir = os.path.dirname(cfg_path)
             rounds = os.path.join(run_dir, "rounds.csv")

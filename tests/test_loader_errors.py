@@ -182,3 +182,21 @@ def test_lgg_with_too_few_patients_says_how_many_are_needed(tmp_path):
     d = loaders.load_data("lgg", lgg(tmp_path / "four", 4), 16, quiet=True)
     with pytest.raises(loaders.UserError, match=r"no patient left for the training set .*; lower --split$"):
         loaders.make_splits(d, (3, 3, 9), 0)  # enough patients, sizes too large: lowering --split helps
+
+
+# ------------------------------------------------------------------------------------------ folder names
+def test_a_folder_name_with_glob_characters_is_read_as_written(tmp_path):
+    """set[12]/ beside set1/: a [ in a folder's name is a character, not a pattern (glob.escape). Before,
+    --data-dir set[12] silently read set1/'s images; an lgg archive and collect.py's runs[1]/ the same."""
+    ref = loaders.load_data("folder", folder(tmp_path / "ref", n=5), 16, quiet=True)
+    folder(tmp_path / "set1", n=9)
+    d = loaders.load_data("folder", folder(tmp_path / "set[12]", n=5), 16, quiet=True)
+    assert d.ids == ref.ids and (d.x == ref.x).all()
+    lgg(tmp_path / "p1", 4)
+    assert len(loaders.load_data("lgg", lgg(tmp_path / "p[12]", 3), 16, quiet=True).ids) == 9  # 3 patients x 3
+    import tables
+    for name, seed in (("runs1", 0), ("runs[12]", 1)):
+        os.makedirs(tmp_path / name / "r")
+        (tmp_path / name / "r" / "config.json").write_text(f'{{"script": "x", "args": {{"seed": {seed}}}}}')
+        (tmp_path / name / "r" / "rounds.csv").write_text("round,labeled,dice_mean\n0,10,0.5\n")
+    assert [r["seed"] for r in tables.collect_runs([str(tmp_path / "runs[12]")])] == [1]
