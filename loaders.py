@@ -4,6 +4,7 @@ turns into one line and exit status 2 (common.run_main). common.py re-exports wh
 (common.load_data, common.make_splits, ...).
 """
 import concurrent.futures
+import fnmatch
 import glob
 import hashlib
 import json
@@ -189,7 +190,7 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
             raise UserError(f"{root} is itself the {os.path.basename(root)} folder: point --data-dir at its parent "
                             f"{os.path.dirname(root)}")
         raise UserError(f"{root}: expected {what} (found: {sorted(os.listdir(root))[:8]})")
-    pats = ["*" + e for e in IMAGE_EXT] + ["*" + e.upper() for e in IMAGE_EXT]
+    pats = ["*" + e for e in IMAGE_EXT]
     images = _files(img_dir, pats, "image files")
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
     by_key, stems = _keyed(masks, _mask_stem), _keyed(images, _stem)
@@ -212,10 +213,13 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
 
 
 def glob_files(folder, patterns):
+    """The files directly in `folder` whose names match one of the glob `patterns` in any letter case (a.Jpg,
+    a.JPG), hidden ones (.name, macOS's ._a.jpg) left out, as glob does."""
     if not os.access(folder, os.R_OK | os.X_OK):
         raise UserError(f"{folder}: permission denied (the folder cannot be listed)")
-    # the folder's own name is escaped: a [ or * in it (runs[1]/) is a character, not a pattern
-    return sorted({f for pat in patterns for f in glob.glob(os.path.join(glob.escape(folder), pat))})
+    pats = [p.lower() for p in patterns]
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if not n.startswith(".") and any(fnmatch.fnmatchcase(n.lower(), p) for p in pats))
 
 
 def write_folder(data, root):
@@ -416,6 +420,8 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
     for p in (p for e in entries for p in e[1:3] if p is not None):
         if not os.path.exists(p):
             raise UserError(f"{p}: broken symbolic link (its target {os.path.realpath(p)} is missing)")
+        if not os.path.isfile(p):  # a pipe would block the decoding threads for ever
+            raise UserError(f"{p}: not a regular file (a folder, a pipe or a device); expected an image file")
     stats = [(os.path.relpath(p, data_dir), os.stat(p).st_size, os.stat(p).st_mtime_ns) for e in entries for p in e[1:3]
              if p is not None]
     key = hashlib.sha1(json.dumps([CACHE_VERSION, name, os.path.abspath(data_dir), size, channels, stats]).encode()).hexdigest()

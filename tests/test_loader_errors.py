@@ -200,3 +200,29 @@ def test_a_folder_name_with_glob_characters_is_read_as_written(tmp_path):
         (tmp_path / name / "r" / "config.json").write_text(f'{{"script": "x", "args": {{"seed": {seed}}}}}')
         (tmp_path / name / "r" / "rounds.csv").write_text("round,labeled,dice_mean\n0,10,0.5\n")
     assert [r["seed"] for r in tables.collect_runs([str(tmp_path / "runs[12]")])] == [1]
+
+
+def test_extensions_in_any_case_hidden_files_and_non_regular_files(tmp_path):
+    """a.Jpg is an image as a.jpg and a.JPG are (before: "no files found"); macOS's ._a.png beside it is not
+    read; a folder or a pipe named like an image is one line naming it (a pipe blocked the run for ever)."""
+    ref = loaders.load_data("folder", folder(tmp_path / "ref"), 16, quiet=True)
+    root = folder(tmp_path / "mixed")
+    for i in range(6):
+        for sub, name in (("images", f"img{i}.png"), ("masks", f"img{i}_mask.png")):
+            os.rename(os.path.join(root, sub, name), os.path.join(root, sub, name.replace(".png", ".Png")))
+    (tmp_path / "mixed" / "images" / "._img0.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata
+    d = loaders.load_data("folder", root, 16, quiet=True)
+    assert d.ids == ref.ids and (d.x == ref.x).all() and (d.y == ref.y).all()
+    root = folder(tmp_path / "dir")
+    os.mkdir(os.path.join(root, "images", "zz.png"))
+    with pytest.raises(loaders.UserError, match=re.escape(f"{os.path.join(root, 'images', 'zz.png')}: not a regular "
+                                                          "file (a folder, a pipe or a device); expected an image")):
+        loaders.load_data("folder", root, 16, quiet=True)
+    if not hasattr(os, "mkfifo"):
+        return
+    root = folder(tmp_path / "pipe", n=24)
+    os.mkfifo(os.path.join(root, "images", "zz.png"))
+    out = run_script("example_tta.py", "--data", "folder", "--data-dir", root, "--image-size", 32, "--out",
+                     tmp_path / "runs", check=False, timeout=120)
+    assert out.returncode == 2 and out.stderr == f"error: {os.path.join(root, 'images', 'zz.png')}: not a regular " \
+        "file (a folder, a pipe or a device); expected an image file\n", out.stderr
