@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 
@@ -96,8 +97,8 @@ def _pair(images, masks, image_key, mask_key, image_dir, mask_dir, mask_what):
     return [(k, img_keys[k], by_key[k]) for k in sorted(img_keys)]
 
 
-def _stem(path):
-    return os.path.splitext(os.path.basename(path))[0]
+def _stem(path):  # NFC: a name macOS wrote decomposed (e + combining accent) pairs with the composed one
+    return unicodedata.normalize("NFC", os.path.splitext(os.path.basename(path))[0])
 
 
 def _isic_pairs(root, image_dir, mask_dir):
@@ -193,7 +194,9 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
     pats = ["*" + e for e in IMAGE_EXT]
     images = _files(img_dir, pats, "image files")
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
-    by_key, stems = _keyed(masks, _mask_stem), _keyed(images, _stem)
+    stems = _keyed(images, _stem)
+    mask_key = lambda m: _stem(m) if _stem(m) in stems else _mask_stem(m)  # a_lesion.png's mask may be a_lesion.png
+    by_key = _keyed(masks, mask_key)
     for sub in (img_dir, mask_dir):
         nested = [f for f in glob.glob(os.path.join(glob.escape(sub), "*", "**", "*"), recursive=True)
                   if f.lower().endswith(IMAGE_EXT)]
@@ -208,7 +211,7 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
             raise UserError(f"{by_key[extra[0]]}: mask without an image in {img_dir}; {len(extra)} mask(s) lack an image")
         return [(_stem(i), i, by_key.get(_stem(i)), "test" if _stem(i) in by_key else "unlabelled", None)
                 for i in sorted(images, key=_stem)]
-    pairs = _pair(images, masks, _stem, _mask_stem, img_dir, mask_dir, "masks/<stem>[_mask].<ext>")
+    pairs = _pair(images, masks, _stem, mask_key, img_dir, mask_dir, "masks/<stem>[_mask].<ext>")
     return [(k, i, m, None, None) for k, i, m in pairs]
 
 
@@ -342,6 +345,15 @@ def binarise_mask(m, path):
     return (m > 127).astype(np.uint8)
 
 
+def _exif_turn(path):
+    """Whether an image's EXIF orientation tag (5-8) turns it by 90 degrees in a viewer (not applied here)."""
+    try:
+        with Image.open(path) as im:
+            return im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:
+        return False
+
+
 def _decode(entry, size, channels):
     """One pair resized to size x size: (image (C, S, S), mask (S, S) in {0, 1}, whether the mask has any
     foreground at the files' own resolution). An image and mask of different sizes is a pairing error."""
@@ -354,7 +366,10 @@ def _decode(entry, size, channels):
         m = binarise_mask(np.asarray(read_image(mask_path, "L", mask=True)), mask_path)
     if (m.shape[1], m.shape[0]) != im_size:
         raise UserError(f"{img_path} is {im_size[0]}x{im_size[1]} but its mask {mask_path} is {m.shape[1]}x"
-                        f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?)")
+                        f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?"
+                        + (" Or the mask follows the image as a viewer turns it by its EXIF orientation tag; images "
+                           "are read as stored, so the mask must be too)" if (m.shape[0], m.shape[1]) == im_size
+                           and _exif_turn(img_path) else ")"))
     x = np.asarray(im, dtype=np.uint8)
     x = x[None] if channels == 1 else x.transpose(2, 0, 1)
     return x, resize_mask(m, size), bool(m.any())

@@ -226,3 +226,35 @@ def test_extensions_in_any_case_hidden_files_and_non_regular_files(tmp_path):
                      tmp_path / "runs", check=False, timeout=120)
     assert out.returncode == 2 and out.stderr == f"error: {os.path.join(root, 'images', 'zz.png')}: not a regular " \
         "file (a folder, a pipe or a device); expected an image file\n", out.stderr
+
+
+def test_a_mask_drawn_on_the_exif_turned_view_is_named_as_such(tmp_path):
+    """Images are read as stored (no EXIF orientation applied, as the official datasets' masks are made); a mask
+    of swapped size beside an image whose EXIF tag turns it 90 degrees gets that reason in its error line."""
+    root = folder(tmp_path / "exif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.new("RGB", (24, 16), (90, 90, 90)).save(os.path.join(root, "images", "img0.jpg"), exif=exif)
+    os.remove(os.path.join(root, "images", "img0.png"))
+    Image.fromarray(np.full((24, 16), 255, np.uint8)).save(os.path.join(root, "masks", "img0_mask.png"))
+    with pytest.raises(loaders.UserError, match=r"img0.jpg is 24x16 but its mask .*img0_mask.png is 16x24: .*a "
+                                                r"mispaired file\? Or the mask follows the image as a viewer turns it "
+                                                r"by its EXIF orientation tag"):
+        loaders.load_data("folder", root, 16, quiet=True)
+
+
+def test_names_that_end_in_a_mask_suffix_or_differ_in_unicode_form_pair(tmp_path):
+    """An image p0_lesion.png whose mask has its very name (Kvasir-SEG's convention) pairs with it (before: "mask
+    without an image", _lesion being a mask suffix); café.png pairs with a mask named in the decomposed form
+    macOS writes (e + U+0301), and its id is the composed name."""
+    import unicodedata
+    ref = loaders.load_data("folder", folder(tmp_path / "ref"), 16, quiet=True)
+    for case, image, mask in (("suffix", "img{}_lesion.png", "img{}_lesion.png"),
+                              ("nfd", "caf\u00e9{}.png", unicodedata.normalize("NFD", "caf\u00e9{}_mask.png"))):
+        root = folder(tmp_path / case)
+        for i in range(6):
+            os.rename(os.path.join(root, "images", f"img{i}.png"), os.path.join(root, "images", image.format(i)))
+            os.rename(os.path.join(root, "masks", f"img{i}_mask.png"), os.path.join(root, "masks", mask.format(i)))
+        d = loaders.load_data("folder", root, 16, quiet=True)
+        assert d.official == {} and (d.x == ref.x).all() and (d.y == ref.y).all(), case  # every image paired
+        assert d.ids == [os.path.splitext(image.format(i))[0] for i in range(6)]
