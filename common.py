@@ -867,7 +867,7 @@ class Run:
         if not rows:
             return
         path = self.path(name)
-        new = not os.path.isfile(path)
+        new = not os.path.isfile(path) or not os.path.getsize(path)  # or made, then killed before its header
         with open(path, "a", newline="") as f:  # "\n" line ends in every CSV (csv's default is "\r\n")
             w = csv.DictWriter(f, fieldnames=columns or list(rows[0]), lineterminator="\n")
             if new:
@@ -895,8 +895,8 @@ class Run:
         """Write a finished round: its rows in rounds.csv and queried.csv, before anything else happens."""
         assert all(c in row for c in ROUND_COLUMNS), f"round row lacks {set(ROUND_COLUMNS) - set(row)}"
         self.append_csv("rounds.csv", row, ROUND_COLUMNS + [c for c in row if c not in ROUND_COLUMNS])
-        if not os.path.isfile(self.path("queried.csv")):  # written even when a round queries nothing (full)
-            with open(self.path("queried.csv"), "w") as f:
+        if not os.path.isfile(q := self.path("queried.csv")) or not os.path.getsize(q):  # a header even if none (full)
+            with open(q, "w") as f:
                 f.write("round,sample_id,how\n")
         self.append_csv("queried.csv", [{"round": row["round"], "sample_id": sid, "how": how}
                                         for how, ids in (queried or {}).items() for sid in ids],

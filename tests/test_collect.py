@@ -153,6 +153,20 @@ def test_resume_drops_an_unfinished_rounds_rows_whole_or_not_at_all(tmp_path, mo
     assert [r["round"] for r in run.read_csv("b.csv")] == [str(r) for r in range(12)]
 
 
+def test_a_csv_made_but_killed_before_its_header_gets_one(tmp_path):
+    """SIGTERM between opening a new CSV and writing its header left it empty; the rows appended after --resume
+    then had no header (epochs.csv of region_uncertainty.py, found by a kill-and-resume hunt)."""
+    run = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
+    for name in ("epochs.csv", "queried.csv"):
+        open(run.path(name), "w").close()
+    run.append_csv("epochs.csv", {"round": 0, "epoch": 1, "loss": 0.5})
+    run.log_round({c: 0 for c in COLS})  # a round that queries nothing (--strategy full): the header alone
+    assert open(run.path("queried.csv")).read() == "round,sample_id,how\n"
+    run.log_round({c: 1 for c in COLS}, queried={"oracle": ["a"]})
+    assert open(run.path("epochs.csv")).read() == "round,epoch,loss\n0,1,0.5\n"
+    assert open(run.path("queried.csv")).read() == "round,sample_id,how\n1,a,oracle\n"
+
+
 def test_round_row_and_summary(tmp_path, monkeypatch):
     """common.round_row: the shared columns first, nan (no numpy warning) without a test set; summary.json gets
     the GPU's peak memory on CUDA only (CUDA's counter replaced: this machine has no GPU)."""
