@@ -496,6 +496,8 @@ def panel(run, model, data, x, ids, args, device, n=4):
     rows = [[data.x[i], data.y[i], (probs[j] > 0.5).float().cpu().numpy(), ent[j].cpu().numpy()]
             for j, i in enumerate(ids)]
     common.save_panel(run.path("panel.png"), rows, 4, ["image", "ground truth", "prediction", "pixel entropy"])
+    if os.path.isfile(run.path("panel.csv")):  # written whole: a run resumed after (or killed while) finishing
+        os.remove(run.path("panel.csv"))       # writes it again
     run.append_csv("panel.csv", [{"sample_id": data.ids[i], "uncertainty": float(u)} for i, u in zip(ids, unc)])
 
 

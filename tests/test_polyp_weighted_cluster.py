@@ -368,6 +368,11 @@ def test_resume_gives_the_uninterrupted_run(runs, tmp_path):
         for c in ("labeled", "dice_mean", "miou_mean", "pool_unc", "queried_unc"):
             assert (a[c] == b[c] == "") or float(a[c]) == pytest.approx(float(b[c]), abs=1e-5), c
     assert len(rows(run)) == 3
+    # a finished run resumed (as one killed while it wrote its last files) writes panel.csv again, not twice
+    ids = [r["sample_id"] for r in rows(runs["ours"], "panel.csv")]
+    assert [r["sample_id"] for r in rows(run, "panel.csv")] == ids and len(ids) == 4
+    run_script("polyp_weighted_cluster.py", "--resume", run)
+    assert [r["sample_id"] for r in rows(run, "panel.csv")] == ids and len(rows(run)) == 3
 
 
 def test_tables_from_runs(runs, tmp_path):
