@@ -345,18 +345,20 @@ def binarise_mask(m, path):
     return (m > 127).astype(np.uint8)
 
 
-def _exif_turn(path):
-    """Whether an image's EXIF orientation tag (5-8) turns it by 90 degrees in a viewer (not applied here)."""
+def _exif_orientation(path):
+    """An image's EXIF orientation tag: 1 (or None) as stored; 2-8 a viewer flips or turns it (5-8 by 90
+    degrees). Never applied here: images are read as stored, as the official datasets' masks are made."""
     try:
         with Image.open(path) as im:
-            return im.getexif().get(0x0112) in (5, 6, 7, 8)
+            return im.getexif().get(0x0112)
     except Exception:
-        return False
+        return None
 
 
 def _decode(entry, size, channels):
     """One pair resized to size x size: (image (C, S, S), mask (S, S) in {0, 1}, whether the mask has any
-    foreground at the files' own resolution). An image and mask of different sizes is a pairing error."""
+    foreground at the files' own resolution, whether the image has an EXIF orientation tag that a viewer
+    applies). An image and mask of different sizes is a pairing error."""
     key, img_path, mask_path = entry[:3]
     im, im_size = read_image(img_path, "RGB" if channels == 3 else "L", size, with_size=True)
     im = im.resize((size, size), Image.BILINEAR)
@@ -369,10 +371,10 @@ def _decode(entry, size, channels):
                         f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?"
                         + (" Or the mask follows the image as a viewer turns it by its EXIF orientation tag; images "
                            "are read as stored, so the mask must be too)" if (m.shape[0], m.shape[1]) == im_size
-                           and _exif_turn(img_path) else ")"))
+                           and _exif_orientation(img_path) in (5, 6, 7, 8) else ")"))
     x = np.asarray(im, dtype=np.uint8)
     x = x[None] if channels == 1 else x.transpose(2, 0, 1)
-    return x, resize_mask(m, size), bool(m.any())
+    return x, resize_mask(m, size), bool(m.any()), _exif_orientation(img_path) not in (None, 1)
 
 
 def resize_mask(m, size):
@@ -454,6 +456,10 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
             out = list(pool.map(lambda e: _decode(e, size, channels), entries))
         x, y = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
         positive = np.array([o[2] for o in out], dtype=bool)
+        turned = [e[1] for e, o in zip(entries, out) if o[3]]
+        if turned:  # a mask drawn on the turned view of a square image would pass every other check
+            print(f"note: {len(turned)} images carry an EXIF orientation tag (e.g. {turned[0]}): they are read as "
+                  "stored, not turned as a viewer shows them, so their masks must match the stored pixels")
         tmp = path + f".tmp{os.getpid()}.npz"
         for old in glob.glob(glob.escape(path) + ".tmp*.npz"):  # left by a run killed mid-write (SIGKILL): a
             try:  # write takes seconds, so one an hour old is nobody's (a younger one may be another run's)

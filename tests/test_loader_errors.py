@@ -228,12 +228,28 @@ def test_extensions_in_any_case_hidden_files_and_non_regular_files(tmp_path):
         "file (a folder, a pipe or a device); expected an image file\n", out.stderr
 
 
-def test_a_mask_drawn_on_the_exif_turned_view_is_named_as_such(tmp_path):
+def test_a_mask_drawn_on_the_exif_turned_view_is_named_as_such(tmp_path, capsys):
     """Images are read as stored (no EXIF orientation applied, as the official datasets' masks are made); a mask
-    of swapped size beside an image whose EXIF tag turns it 90 degrees gets that reason in its error line."""
-    root = folder(tmp_path / "exif")
+    of swapped size beside an image whose EXIF tag turns it 90 degrees gets that reason in its error line, and
+    square images with the tag (where a mask of the turned view passes every check) get a note line."""
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
+    root = folder(tmp_path / "square")
+    for i in (0, 3):
+        path = os.path.join(root, "images", f"img{i}.png")
+        Image.open(path).save(path.replace(".png", ".jpg"), exif=exif)
+        os.remove(path)
+    loaders.load_data("folder", root, 16, quiet=True)
+    assert capsys.readouterr().out == (f"note: 2 images carry an EXIF orientation tag (e.g. {root}/images/img0.jpg): "
+                                       "they are read as stored, not turned as a viewer shows them, so their masks "
+                                       "must match the stored pixels\n")
+    root, upright = folder(tmp_path / "upright"), Image.Exif()
+    upright[0x0112] = 1  # shown as stored: no note
+    Image.open(os.path.join(root, "images", "img0.png")).save(os.path.join(root, "images", "img0.jpg"), exif=upright)
+    os.remove(os.path.join(root, "images", "img0.png"))
+    loaders.load_data("folder", root, 16, quiet=True)
+    assert capsys.readouterr().out == ""
+    root = folder(tmp_path / "exif")
     Image.new("RGB", (24, 16), (90, 90, 90)).save(os.path.join(root, "images", "img0.jpg"), exif=exif)
     os.remove(os.path.join(root, "images", "img0.png"))
     Image.fromarray(np.full((24, 16), 255, np.uint8)).save(os.path.join(root, "masks", "img0_mask.png"))
