@@ -366,15 +366,16 @@ def _decode(entry, size, channels):
         m = np.zeros((im_size[1], im_size[0]), np.uint8)
     else:
         m = binarise_mask(np.asarray(read_image(mask_path, "L", mask=True)), mask_path)
+    turn = _exif_orientation(img_path)  # read once: the note of load_data, and the hint below
     if (m.shape[1], m.shape[0]) != im_size:
         raise UserError(f"{img_path} is {im_size[0]}x{im_size[1]} but its mask {mask_path} is {m.shape[1]}x"
                         f"{m.shape[0]}: an image and its mask must have the same size (a mispaired file?"
                         + (" Or the mask follows the image as a viewer turns it by its EXIF orientation tag; images "
                            "are read as stored, so the mask must be too)" if (m.shape[0], m.shape[1]) == im_size
-                           and _exif_orientation(img_path) in (5, 6, 7, 8) else ")"))
+                           and turn in (5, 6, 7, 8) else ")"))
     x = np.asarray(im, dtype=np.uint8)
     x = x[None] if channels == 1 else x.transpose(2, 0, 1)
-    return x, resize_mask(m, size), bool(m.any()), _exif_orientation(img_path) not in (None, 1)
+    return x, resize_mask(m, size), bool(m.any()), turn not in (None, 1)
 
 
 def resize_mask(m, size):

@@ -290,6 +290,13 @@ def test_a_seed_run_twice_is_named(tmp_path, capsys):
     (tmp_path / "again" / "rounds.csv").unlink()
     collect.collect([str(tmp_path)], by=["script"])
     assert capsys.readouterr().err == ""
+    for seed in range(2, 9):  # seven seeds run twice: five notes, and one line saying how many were left out
+        for k in range(2):
+            fake_run(tmp_path, f"s{seed}_{k}", "x", "rule", seed, [0.5, 0.6])
+    collect.collect([str(tmp_path)], by=["script"], final=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "note: 2 more seed(s) ran more than once; the first 5 follow" and len(err) == 6, err
+    assert all(line.startswith("note: seed ") for line in err[1:])
 
 
 def test_no_runs_is_a_clear_error(tmp_path):
