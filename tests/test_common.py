@@ -71,6 +71,32 @@ def test_train_trains_every_epoch_in_train_mode():
     assert int(model.enc[0].bn1.num_batches_tracked) == 3 * 3  # 3 epochs of 3 batches
 
 
+def test_train_adds_extra_loss_every_step():
+    """extra_loss(model) is added to the loss (not subtracted) at every step: the polyp script's feature
+    discrepancy loss is minimised. A constant segmentation loss leaves only w's own gradient, 1 per step."""
+    class W(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x[:, :1].float() * 0
+
+    model, x = W(), torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    common.train(model, opt, x, x[:, 0], np.arange(4), 1, 2, device=torch.device("cpu"),
+                 loss_fn=lambda out, t: out.sum(), extra_loss=lambda m: m.w.sum())
+    assert model.w.item() == pytest.approx(1 - 2 * 0.1)  # two steps of batch 2, each w -= lr x 1
+
+
+def test_head_agreement_pairs_each_head_with_the_final_one():
+    """DSAL Eq. 3: L-DSC = Dice(lower, final), M-DSC = Dice(middle, final), never a head against the other."""
+    lower, middle = masks([1, 1, 0, 0], [0, 0, 1, 1]), masks([0, 0, 1, 1], [1, 1, 0, 0])
+    final = masks([0, 0, 1, 1], [0, 0, 1, 1])
+    score, l_dsc, m_dsc = common.head_agreement(lower, middle, final)
+    assert l_dsc.tolist() == [0, 1] and m_dsc.tolist() == [1, 0] and score.tolist() == [0.5, 0.5]
+
+
 def test_unet_paper_size_and_features():
     assert 30.9e6 < count_parameters(UNet(3, 1, 64)) < 31.1e6  # CEAL Sec. 1.2: "around 31 million"
     m = UNet(1, 1, 8, up="bilinear", dropout=0.1, dropout_at="bottleneck")

@@ -67,8 +67,12 @@ def test_weighted_loss_hand_case():
 class ThreeHeads(torch.nn.Module):
     """Channel 0 of the image is the final mask, channel 1 the lower head's, channel 2 the middle head's."""
 
+    def __init__(self, scale=20):
+        super().__init__()
+        self.scale = scale  # logits +-scale/2; at 0.8 (p = 0.6 / 0.4) only the threshold p > 0.5 reads the masks
+
     def forward(self, x):
-        z = (x - 0.5) * 20
+        z = (x - 0.5) * self.scale
         return z[:, 0:1], [z[:, 1:2], z[:, 2:3]]
 
 
@@ -80,11 +84,12 @@ def test_score_and_both_selection_directions():
     x = torch.tensor(np.array([final, lower, middle], np.uint8) * 255).permute(1, 0, 2)[:, :, None]  # (3, 3, 1, 4)
     y = torch.tensor(np.array(gt, np.uint8))[:, None]                                                # (3, 1, 4)
     args = types.SimpleNamespace(batch_size=2, amp=False, ds_stages=[0, 1])
-    s = dsal.score_pool(ThreeHeads(), x, y, np.array([0, 1, 2]), args, torch.device("cpu"))
-    assert s["l_dsc"].tolist() == pytest.approx([1, 0.4, 1])
-    assert s["m_dsc"].tolist() == pytest.approx([2 / 3, 2 / 3, 0])
-    assert s["score"].tolist() == pytest.approx([5 / 6, (0.4 + 2 / 3) / 2, 0.5])
-    assert s["r_dsc"].tolist() == pytest.approx([2 / 3, 1, 1])
+    for scale in (20, 0.8):  # Sec. III-B binarises at p > 0.5, also for heads unsure of every pixel
+        s = dsal.score_pool(ThreeHeads(scale), x, y, np.array([0, 1, 2]), args, torch.device("cpu"))
+        assert s["l_dsc"].tolist() == pytest.approx([1, 0.4, 1])
+        assert s["m_dsc"].tolist() == pytest.approx([2 / 3, 2 / 3, 0])
+        assert s["score"].tolist() == pytest.approx([5 / 6, (0.4 + 2 / 3) / 2, 0.5])
+        assert s["r_dsc"].tolist() == pytest.approx([2 / 3, 1, 1])
     pool = np.array([10, 11, 12])
     assert dsal.select(pool, s["score"], 2, "highest").tolist() == [10, 11]   # Sec. III-B: the largest mean
     assert dsal.select(pool, s["score"], 2, "lowest").tolist() == [12, 11]    # the authors' later code
@@ -443,6 +448,24 @@ def test_fig3_numbers_and_pool_scores_from_each_proxys_own_column(rule, tmp_path
     for column, key in (("mean", "score"), ("l_dsc", "l_dsc"), ("m_dsc", "m_dsc"), ("r_dsc", "r_dsc")):
         assert [float(row[column]) for row in rows] == pytest.approx(known[key].tolist(), abs=1e-6), column
     assert [k for k, row in enumerate(rows) if row["picked"] == how] == want
+
+
+def test_query_breaks_ties_with_the_runs_generator(tmp_path, monkeypatch):
+    """The agreement is often exactly 1 for many images: query() passes the run's generator to select(), so
+    tied images are drawn in a seeded order, not taken in pool order (the lowest ids)."""
+    tied = {k: np.ones(20) for k in ("score", "l_dsc", "m_dsc", "r_dsc")}
+    monkeypatch.setattr(dsal, "score_pool", lambda model, x, y, pool, args, device: tied)
+    monkeypatch.setattr(common, "save_picks", lambda *a, **k: None)
+    args = types.SimpleNamespace(resume=None, out=str(tmp_path), data="synthetic", strategy="dsal", seed=0,
+                                 select="highest", query=3, batch_size=8, amp=False)
+    run, pool = common.Run("dsal_fingerbones.py", args, torch.device("cpu")), np.arange(100, 120)
+    data = types.SimpleNamespace(ids=[f"hand{i:04d}" for i in range(120)])
+    picks = set()
+    for seed in range(4):
+        new = dsal.query(run, seed + 1, None, data, None, None, pool, args, "cpu", np.random.default_rng(seed))[0]
+        assert new.tolist() == common.top_k(pool, tied["score"], 3, rng=np.random.default_rng(seed)).tolist()
+        picks.add(tuple(sorted(new.tolist())))
+    assert len(picks) > 1 and (100, 101, 102) not in picks
 
 
 def test_folder_of_209_gives_the_papers_split_and_13_steps(tmp_path):
