@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -128,6 +129,37 @@ def test_asa_representative_by_hand():
     assert pwc.asa_representative(cand, pool, lab, 2).tolist() == [1, 0]
     # one pick, labelled like the pool's majority: the candidate unlike it wins
     assert pwc.asa_representative(cand, pool, np.array([[0., 1.]]), 1).tolist() == [0]
+    # greedy: each pick joins the labelled set before the next. Gains (mean cos to pool - to labelled) of
+    # [1, 0], [.98, .2], [0, 1]: -0.08, -0.126, -0.24 -> 0; labelled {[.6, .8], [1, 0]}: -, -0.242, +0.16 -> 2
+    # (a gain left at the first step's would pick 1)
+    pool = np.array([[1., 0.], [1., 0.], [0., 1.], [0., 1.], [.6, .8]])
+    cand = np.array([[1., 0.], [.98, .2], [0., 1.]])
+    assert pwc.asa_representative(cand, pool, np.array([[.6, .8]]), 2).tolist() == [0, 2]
+
+
+def test_asa_uncertainty_is_the_variance_of_members_on_bootstraps(monkeypatch):
+    """ASA-style (assumed): each member is a copy of the model trained on a bootstrap resample of the labelled
+    set (as many draws as labelled images, with replacement), and the score is the pixel variance of the
+    members' own predictions. common.train replaced: member m's output is the model's logit + m."""
+    calls = []
+
+    def train(member, opt, x, y, idx, *a, **kw):
+        calls.append(np.asarray(idx).copy())
+        with torch.no_grad():
+            member.head.bias += len(calls)
+        return [0.0]
+
+    monkeypatch.setattr(common, "train", train)
+    torch.manual_seed(0)
+    model, x = pwc.UNet(3, 1, 4), torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    labeled, pool, cpu = np.arange(6), np.arange(6, 10), torch.device("cpu")
+    args = types.SimpleNamespace(asa_members=4, lr=1e-3, epochs=1, batch_size=4, amp=False)
+    var = pwc.asa_uncertainty(model, x, x[:, 0], labeled, pool, args, cpu, np.random.default_rng(0))
+    assert len(calls) == 4 and all(len(c) == 6 and set(c) <= set(labeled) for c in calls)
+    assert any(len(set(c)) < 6 for c in calls)  # drawn with replacement
+    logit = common.predict(model, x, pool, 4, cpu).logit()
+    want = torch.stack([torch.sigmoid(logit + m) for m in (1, 2, 3, 4)]).var(0, unbiased=False).flatten(1).mean(1)
+    assert var.tolist() == pytest.approx(want.tolist(), rel=1e-4) and (var > 0).all()
 
 
 def test_split_without_validation():
@@ -135,6 +167,21 @@ def test_split_without_validation():
     data = common.make_synthetic(20, 16, 3, 0)
     train, val, test = common.make_splits(data, [15, 0, 5], 0)
     assert len(train) == 15 and len(val) == 0 and len(test) == 5 and not set(train) & set(test)
+
+
+def test_training_hook_detaches_the_mask_unless_the_flag_says():
+    """fdl_training's L_fdl hook (what main() trains with) passes --fdl-grad-through-mask on: by default its
+    gradient reaches the encoder only, with the flag the decoder too (delta -1: the hinge is always on)."""
+    torch.manual_seed(0)
+    model, x = pwc.UNet(3, 1, 4), torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    decoder, cpu = [p for m in (model.ups, model.dec, model.head) for p in m.parameters()], torch.device("cpu")
+    for flags, reaches_decoder in (([], False), (["--fdl-grad-through-mask"], True)):
+        args = pwc.parse_args(["--strategy", "ours", "--delta", "-1", *flags])
+        extra_loss = pwc.fdl_training(None, None, 1, 1, args, x, np.arange(5), torch.Generator(), cpu)[0]
+        model.zero_grad(set_to_none=True)
+        extra_loss(model).backward()
+        assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.enc.parameters())
+        assert any(p.grad is not None and p.grad.abs().max() > 0 for p in decoder) == reaches_decoder, flags
 
 
 def test_discrepancy_loss_detaches_the_mask_by_default():
