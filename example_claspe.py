@@ -168,5 +168,6 @@ def main(argv=None):
     common.prediction_panel(run, model, data, x, test_ids[:4], args.batch_size, device, args.amp)
     return run.finish()
 
+
 if __name__ == "__main__":
     common.run_main(main)

@@ -349,10 +349,21 @@ def test_tta_variance_by_hand():
             out[..., : x.shape[-2] // 2, : x.shape[-1] // 2] = 5.0
             return out
 
+    class Scaled(TopLeft):  # logits +-5 x the image's mean intensity (flip-invariant): one score per image
+        def forward(self, x):
+            return super().forward(x) * x.mean((1, 2, 3), keepdim=True)
+
     a, b = torch.sigmoid(torch.tensor(5.0)).item(), torch.sigmoid(torch.tensor(-5.0)).item()
     x = torch.randint(0, 255, (3, 3, 8, 8), dtype=torch.uint8)
     s = example_tta.tta_variance(TopLeft(), x, np.arange(3), 2, torch.device("cpu"))
     assert s == pytest.approx([64 * 3 / 16 * (a - b) ** 2] * 3, rel=1e-5)
+    # each score belongs to its own image, in pool order, whatever the batches
+    x = torch.tensor([255, 128, 51], dtype=torch.uint8)[:, None, None, None].expand(3, 3, 8, 8).contiguous()
+    m = torch.tensor([255, 128, 51]) / 255
+    want = (64 * 3 / 16 * (torch.sigmoid(5 * m) - torch.sigmoid(-5 * m)) ** 2).tolist()
+    for pool in ([0, 1, 2], [2, 0, 1]):
+        s = example_tta.tta_variance(Scaled(), x, np.array(pool), 2, torch.device("cpu"))
+        assert s == pytest.approx([want[i] for i in pool], rel=1e-5), pool
 
 
 def test_example_method_queries_the_top_k_of_a_known_score(tmp_path, monkeypatch):

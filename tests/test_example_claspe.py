@@ -56,6 +56,46 @@ def test_stratified_split_on_hand_made_scores():
         assert (len(fg), len(ent)) == (k_fg, k - k_fg) and len(set(fg) | set(ent)) == k
 
 
+def test_the_two_strata_get_independent_noise():
+    """Each stratum's ranking draws its own Gumbel noise (F's first, then H's, from the run's generator): one
+    draw shared by both would tie the two strata's picks together."""
+    rng, pool = np.random.default_rng(5), np.arange(30)
+    H, F = rng.random(30) + 0.1, rng.random(30) + 0.1
+    _, _, nf, nh = ex.claspe(pool, H, F, 6, 2.0, np.random.default_rng(0))
+    replay = np.random.default_rng(0)
+    assert nf == pytest.approx(ex.power_noise(F, 2.0, replay)) and nh == pytest.approx(ex.power_noise(H, 2.0, replay))
+    assert not np.allclose(nf - np.log(F), nh - np.log(H))
+
+
+def test_flag_defaults():
+    a = ex.parse_args([])
+    assert (a.strategy, a.beta_start, a.beta_end, a.fg_share) == ("claspe", 1.0, 40.0, 0.66)
+
+
+@pytest.mark.parametrize("strategy, flags, stratum", [("entropy", [], "oracle"),
+                                                      ("claspe", ["--fg-share", "0"], "oracle/entropy"),
+                                                      ("claspe", ["--fg-share", "1"], "oracle/fg")])
+def test_picks_follow_known_scores(strategy, flags, stratum, tmp_path, monkeypatch):
+    """main() in-process with entropy_scores replaced by two known, different permutations H and F of the data
+    indices: --strategy entropy queries the top --query of H; claspe with beta 1e9 (no noise to speak of) and
+    --fg-share 0 (1) the top of H (F), each pick logged in its stratum in pool_scores.csv."""
+    perm = np.random.default_rng(7).permutation
+    H, F = perm(60) + 1.0, perm(60) + 1.0
+    monkeypatch.setattr(ex, "entropy_scores", lambda model, x, pool, *a: (H[np.asarray(pool)], F[np.asarray(pool)]))
+    run = ex.main(["--split", "40", "10", "10", "--image-size", "32", "--width", "4", "--initial", "6", "--query", "4",
+                   "--rounds", "2", "--epochs-initial", "1", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                   "--strategy", strategy, "--beta-start", "1e9", "--beta-end", "1e9", *flags, "--out", str(tmp_path)])
+    score = F if stratum == "oracle/fg" else H
+    index = lambda sid: int(sid[3:])
+    q = list(csv.DictReader(open(os.path.join(run, "queried.csv"))))
+    ps = list(csv.DictReader(open(os.path.join(run, "pool_scores.csv"))))
+    for rnd in ("1", "2"):
+        rows = [r for r in ps if r["round"] == rnd]
+        top = sorted((index(r["sample_id"]) for r in rows), key=lambda i: -score[i])[:4]
+        assert sorted(index(r["sample_id"]) for r in q if r["round"] == rnd) == sorted(top)
+        assert {index(r["sample_id"]) for r in rows if r["stratum"] == stratum} == set(top)
+
+
 def test_scores_on_hand_made_probability_maps():
     """Two images with the same entropy, one predicted foreground (p = 0.8), one predicted empty (p = 0.2):
     H_i is equal, F_i = sum H(p) p is four times larger for the foreground one; a sure empty one scores ~0."""
