@@ -575,6 +575,26 @@ def test_fdl_batches_come_from_the_unlabelled_pool(known_scorer, monkeypatch):
         assert not match[:, sorted(labelled - set(unlabelled))].any()
 
 
+def test_l_fdl_draws_leave_the_labelled_batches_alone(known_scorer, monkeypatch):
+    """L_fdl's unlabelled batches come from a generator of their own: the labelled batches' order (drawn from
+    the run's generator) is the same as without L_fdl (w/o DIS, which queries the same samples here)."""
+    draws = []
+
+    def train(model, opt, x, y, idx, epochs, batch_size, *, extra_loss=None, generator=None, **kw):
+        for _ in range(epochs):
+            if extra_loss is not None:
+                extra_loss(model)
+            draws.append(torch.randperm(len(idx), generator=generator).tolist())
+        return [0.0] * epochs
+
+    monkeypatch.setattr(common, "train", train)
+    known_scorer("ours")
+    with_fdl = list(draws)
+    draws.clear()
+    known_scorer("wo-dis")
+    assert len(draws) == 3 and draws == with_fdl
+
+
 def test_l_fdl_in_the_rounds_of_ours_wo_unc_and_wo_clu_only():
     """Table 2: w/o DIS drops L_fdl (Eq. 7 reduces to L_seg), as do the baselines; ours, w/o UNC and w/o CLU
     train with it after the initial training (--fdl-initial: in it too); --lam 0 is L_seg alone. Written out
