@@ -69,6 +69,9 @@ def test_ceal_groups_band_and_pseudo_readings_by_hand():
     assert len(draws) > 1                                        # random, not the nearest four
     _, _, _, pseudo = common.ceal_groups(scores, 2, 2, 0, 8, np.random.default_rng(0), pseudo="reference")
     assert set(pseudo) == {2, 3, 4, 5, 6, 7}
+    two_more = np.r_[scores, 2.12, 2.15]  # 18, 19 in bin 21, next to the mode bin: never a reference pseudo-label
+    assert set().union(*(common.ceal_groups(two_more, 2, 2, 0, 4, np.random.default_rng(s), pseudo="reference")[3]
+                         for s in range(20))) <= {2, 3, 4, 5, 6, 7}
     for kw in ({}, {"band": "reference", "pseudo": "reference"}):  # never overlapping, whatever the reading
         g = common.ceal_groups(scores, 2, 2, 4, 6, np.random.default_rng(1), **kw)
         every = np.concatenate(g)
@@ -89,12 +92,28 @@ def test_ceal_groups_band_is_a_random_draw_over_the_whole_band():
         assert set().union(*draws) == want, band   # each candidate at some seed (a miss: 9 x (2/3)^40 ~ 1e-6)
 
 
+def test_ceal_groups_with_the_mode_in_bin_0():
+    """Fig. 6's usual shape: most of the pool near zero uncertainty, so the mode is the first bin (80 bins of 0.1
+    over [0, 8], 30 scores in [0, 0.05]). The pseudo-labels come from bin 0, the paper band is bins 0-6, the
+    reference band starts at the lower edge of bin 6."""
+    scores = np.r_[np.linspace(0, 0.05, 30), np.linspace(1, 8, 20)]
+    edges = np.histogram(scores, 80)[1]
+    for s in range(10):
+        _, _, band, pseudo = common.ceal_groups(scores, 2, 2, 3, 4, np.random.default_rng(s))
+        assert all(scores[pseudo] <= edges[1]) and all(scores[band] <= edges[7])
+        band = common.ceal_groups(scores, 2, 2, 3, 4, np.random.default_rng(s), band="reference")[2]
+        assert all((edges[6] <= scores[band]) & (scores[band] < edges[47]))
+
+
 def test_ceal_groups_small_pool_serves_the_oracle_first():
     low, high, band, pseudo = common.ceal_groups(np.arange(6.0), 2, 2, 1, 10, np.random.default_rng(0))
     # 80 bins over 0..5: every bin holds at most one score, the mode is bin 0 and the band (up to bin 7,
     # scores <= 0.44) holds only score 0, already in group 1: the band is filled with the next-lowest score
     assert sorted(low) == [0, 1] and sorted(high) == [4, 5] and list(band) == [2] and list(pseudo) == [3]
     assert set(np.concatenate([low, high, band, pseudo])) == set(range(6))
+    # a pool smaller than the two oracle groups: the highest group takes none of the lowest
+    low, high, band, pseudo = common.ceal_groups(np.arange(3.0), 2, 2, 1, 1, np.random.default_rng(0))
+    assert low.tolist() == [0, 1] and high.tolist() == [2] and len(band) == len(pseudo) == 0
 
 
 def read(run, name):
