@@ -351,6 +351,17 @@ def test_mc_dropout_batched_and_looped_agree():
         assert not m.training  # left in eval mode
 
 
+def test_mc_variance_sums_the_variance_and_thresholds_the_mean(monkeypatch):
+    """CEAL Sec. 4.1 from mc_dropout's per-pixel moments: the image score is the sum of the variances (not of
+    the standard deviations), the pseudo-label the mean probability above 0.5 (a pixel at exactly 0.5 is out)."""
+    mean = torch.tensor([[[0.2, 0.5], [0.51, 0.9]], [[0.45, 0.55], [0.3, 0.7]]])
+    var = torch.tensor([[[0.04, 0.01], [0.0, 0.09]], [[0.25, 0.0], [0.01, 0.01]]])
+    monkeypatch.setattr(common, "mc_dropout", lambda model, x, idx, *a: iter([(torch.arange(2), mean, var)]))
+    scores, pseudo = common.mc_variance(None, torch.zeros(2, 3, 2, 2), [0, 1], 20, 2, torch.device("cpu"))
+    assert scores.tolist() == pytest.approx([0.14, 0.27])
+    assert pseudo.tolist() == [[[0, 0], [1, 1]], [[0, 1], [0, 1]]]
+
+
 def test_mc_dropout_keeps_batchnorm_in_eval_mode():
     """PROTOCOLS (Baseline query rules): MC dropout runs its passes with dropout on and BatchNorm in eval mode
     (running statistics), on every path; the running statistics are not updated by the passes."""
