@@ -5,6 +5,7 @@ import csv
 import functools
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -160,6 +161,15 @@ def test_models_genesis_input_and_target_share_the_flip(monkeypatch):
     inp, target = S.models_genesis(x, gen(0), n_blocks=100)
     assert torch.equal(inp, target)
     assert 0 < sum(not torch.equal(target[i], x[i]) for i in range(len(x))) < len(x)   # some flipped, some not
+
+
+def test_models_genesis_runs_the_reference_codes_order(monkeypatch):
+    """The official code's order: flip, local pixel shuffling, non-linear intensity, painting."""
+    calls = []
+    for name in ("flip", "local_pixel_shuffling", "nonlinear_transformation", "image_painting"):
+        monkeypatch.setattr(S, name, lambda x, gen, name=name, **k: calls.append(name) or x)
+    S.models_genesis(ramp(8), gen(0), n_blocks=10)
+    assert calls == ["flip", "local_pixel_shuffling", "nonlinear_transformation", "image_painting"]
 
 
 # ------------------------------------------------------------------------------ quota, ranking, indexing
@@ -625,11 +635,65 @@ def test_ensemble_scores_by_hand():
 
 
 def test_dsal_pseudo_by_hand():
-    agreement = np.array([0.9, 0.8, 0.7, 0.95, 0.1])
-    confidence = np.array([0.40, 0.10, 0.39, 0.10, 0.40])   # top bin: samples 0, 2, 4
-    assert S.dsal_pseudo(agreement, confidence, [4], 2).tolist() == [0, 2]      # 3 is not confident enough
-    assert S.dsal_pseudo(agreement, confidence, [4], 3).tolist() == [0, 2, 3]   # filled by agreement
+    agreement = np.array([0.9, 0.8, 0.7, 0.95, 0.1, 0.99])
+    confidence = np.array([0.40, 0.10, 0.39, 0.10, 0.40, 0.36])   # bins of 0.03: top bin 0, 2, 4; 5 the next one
+    assert S.dsal_pseudo(agreement, confidence, [4], 2).tolist() == [0, 2]      # 3 and 5 are not confident enough
+    assert S.dsal_pseudo(agreement, confidence, [4], 4).tolist() == [0, 2, 5, 3]   # filled by agreement
     assert S.dsal_pseudo(agreement, confidence, [], 0).tolist() == []
+
+
+def test_dsal_loss_weights_and_pseudo_count(monkeypatch):
+    """DSAL ([5], its code's loss_weights): 0.6 x the final head's loss + 0.3 x stage 1's + 0.1 x stage 2's;
+    pseudo_step x (t - --dsal-pseudo-from + 1) pseudo-labels from iteration --dsal-pseudo-from on."""
+    monkeypatch.setattr(common, "bce_dice_loss", lambda logits, target: logits.mean())
+    out = (torch.full((1, 1, 2, 2), 1.0), (torch.full((1, 1, 2, 2), 10.0), torch.full((1, 1, 2, 2), 100.0)))
+    assert S.dsal_loss(out, None).item() == pytest.approx(0.6 + 3 + 10)
+    args = S.parse_args([*map(str, TINY), "--strategy", "dsal", "--dsal-pseudo-from", "2"])   # --pseudo-step 2
+    n = 30
+    monkeypatch.setattr(S, "dsal_scores", lambda model, x, pool, args, device: (
+        np.linspace(0, 1, n), np.zeros(n), np.zeros(n), np.full(n, 0.4), torch.ones((n, 8, 8), dtype=torch.uint8)))
+    x = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    for rnd, n_pseudo in ((1, 0), (2, 2), (3, 4), (4, 6)):
+        picks = S.query("dsal", rnd, None, [], x, np.arange(n), args, torch.device("cpu"), np.random.default_rng(0))[0]
+        assert len(picks.get("pseudo", [])) == n_pseudo, rnd
+
+
+def test_ceal_comparator_splits_the_query_as_ceal(monkeypatch):
+    """The CEAL comparator's 35 queries are CEAL's Sec. 4.2 groups, 10 lowest / 10 highest / 15 band, beside
+    --pseudo-step pseudo-labels (as ceal_mcdropout.ceal_query)."""
+    seen = []
+    monkeypatch.setattr(common, "mc_variance", lambda model, x, idx, *a: (
+        np.arange(len(idx), dtype=float), torch.zeros((len(idx), 8, 8), dtype=torch.uint8)))
+    monkeypatch.setattr(common, "ceal_groups", lambda scores, *a, **k: seen.append(a[:4]) or [np.zeros(0, int)] * 4)
+    args = S.parse_args([*map(str, TINY), "--query", "35", "--pseudo-step", "20"])
+    S.query("ceal", 1, None, [], torch.zeros(100, 1, 8, 8), np.arange(100), args, torch.device("cpu"), None)
+    assert seen == [(10, 10, 15, 20)]
+
+
+def test_facility_location_takes_the_marginal_gain():
+    """F(S) = sum_u max_{s in S} cos(f_s, f_u) grows most, after a (1, 0) candidate, by the (0, 1) one: a second
+    copy of (1, 0) adds nothing (summed similarity alone would take the two copies)."""
+    cand = np.array([[1., 0.], [1., 0.], [0., 1.]])
+    pool = np.array([[1., 0.]] * 5 + [[0., 1.]] * 2)
+    assert S.facility_location(cand, pool, 2).tolist() == [0, 2]
+
+
+def test_ensemble_members_train_on_bootstrap_resamples(monkeypatch):
+    """ens-S / ens-JS / Suggestive: each member on its own resample of the labelled set, drawn with replacement,
+    as many draws as labelled images."""
+    seen = []
+    monkeypatch.setattr(common, "train", lambda m, o, x, t, idx, *a, **k: seen.append(np.asarray(idx).copy()))
+    labeled, args = np.arange(100, 120), types.SimpleNamespace(batch_size=4, amp=False)
+    S.train_members([None] * 4, [None] * 4, None, None, labeled, 1, None, args, "cpu", np.random.default_rng(0), None)
+    assert len(seen) == 4 and all(len(i) == 20 and set(i) <= set(labeled) for i in seen)
+    assert all(len(set(i)) < 20 for i in seen) and len({tuple(i) for i in seen}) == 4
+
+
+def test_cluster_ranking_ranks_by_l2_distance():
+    """One cluster centred at 0: L2 distances 3, 2.83, 2.24 (L1 would give 3, 4, 3, another order)."""
+    labels, rank, dist = S.cluster_ranking(np.array([[3., 0.], [-2., -2.], [-1., 2.]]), 1, 0)
+    assert labels.tolist() == [0, 0, 0] and rank.tolist() == [2, 1, 0]
+    assert dist == pytest.approx([3, 8 ** 0.5, 5 ** 0.5])
 
 
 def test_comparator_rules_pick_by_their_own_score(monkeypatch):
