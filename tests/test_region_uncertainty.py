@@ -549,6 +549,19 @@ def recording_train(log):
     return train
 
 
+def test_main_breaks_ties_with_the_runs_generator(tmp_path, monkeypatch):
+    """Equal scores (a saturated cold-start model) are drawn in the order of the run's seeded generator, which
+    drew the cold start before (Sec. IV-D), not taken in pool order (the lowest ids)."""
+    monkeypatch.setattr(ru, "score_pool", lambda model, x, pool, args, device: np.ones(len(pool)))
+    monkeypatch.setattr(ru.common, "train", lambda *a, **k: [0.0])
+    run = ru.main(["--device", "cpu", *map(str, TINY), "--rounds", "1", "--out", str(tmp_path)])
+    train = [int(sid[3:]) for sid in json.load(open(os.path.join(run, "splits.json")))["train"]]
+    rng = np.random.default_rng([0, 1])
+    pool = np.setdiff1d(train, rng.choice(train, 8, replace=False))
+    want = ru.common.top_k(pool, np.ones(len(pool)), 4, rng=rng)
+    assert sorted(picks_by_round(run)[1]) == sorted(want.tolist()) != sorted(pool[:4].tolist())
+
+
 def picks_by_round(run):
     q = read_csv(os.path.join(run, "queried.csv"))
     rounds = sorted({int(e["round"]) for e in q})
