@@ -116,6 +116,17 @@ def test_ceal_groups_small_pool_serves_the_oracle_first():
     assert low.tolist() == [0, 1] and high.tolist() == [2] and len(band) == len(pseudo) == 0
 
 
+def test_score_pool_runs_the_mc_passes_asked_for(monkeypatch):
+    """T of Sec. 4.1 is --mc-passes (20 by default: the reference code's nb_step_predictions)."""
+    seen = []
+    monkeypatch.setattr(common, "mc_variance", lambda model, x, pool, T, *a: seen.append(T) or (
+        np.zeros(len(pool)), torch.zeros((len(pool), 4, 4), dtype=torch.uint8)))
+    for flags, T in (([], 20), (["--mc-passes", "7"], 7)):
+        args = ceal_mcdropout.parse_args(["--data", "isic2017", "--data-dir", ".", *flags])
+        ceal_mcdropout.score_pool(None, torch.zeros(3, 3, 4, 4), None, np.arange(3), args, torch.device("cpu"))
+        assert seen[-1] == T
+
+
 def read(run, name):
     return list(csv.DictReader(open(os.path.join(run, name))))
 
