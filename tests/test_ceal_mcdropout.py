@@ -288,6 +288,8 @@ def test_picks_follow_the_rule_on_a_known_score(tmp_path, monkeypatch, mode, ban
     train = {index[i] for i in json.load(open(os.path.join(run, "splits.json")))["train"]}
     labelled, pseudo, pool = got(0, "initial"), set(), train - got(0, "initial")
     assert len(labelled) == 10 and len(pool) == 50
+    order = [index[i] for i in json.load(open(os.path.join(run, "splits.json")))["train"]]
+    assert labelled == set(np.random.default_rng([0, 1]).choice(order, 10, replace=False).tolist())  # seeded, random
     for rnd in (1, 2):
         rows = [r for r in ps if int(r["round"]) == rnd]
         assert {index[r["sample_id"]] for r in rows} == pool                       # the whole pool, scored
