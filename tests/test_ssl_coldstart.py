@@ -142,6 +142,17 @@ def test_painting_in_and_out():
     assert (frac >= (28 / 64) ** 2 - 1e-6).all() and (frac < 1).all() and (out[~kept] < 1).all()
 
 
+def test_painting_block_sides(monkeypatch):
+    """The reference code's sizes at H = W = 64: in-painting blocks of side [H/6, H/3] = [10, 21], out-painting
+    windows of side H - randint(3H/7, 4H/7) = [28, 37], both ends included."""
+    sides, boxes = [], S._boxes
+    monkeypatch.setattr(S, "_boxes", lambda H, W, y0, x0, h, w: sides.append((h, w)) or boxes(H, W, y0, x0, h, w))
+    S.image_painting(torch.zeros(64, 1, 64, 64), gen(0), p=1.0)
+    (h_in, w_in), (h_out, w_out) = sides
+    for t, lo, hi in ((h_in, 10, 21), (w_in, 10, 21), (h_out, 28, 37), (w_out, 28, 37)):
+        assert t.min() == lo and t.max() == hi   # 320 draws: every end reached
+
+
 def test_models_genesis_target_is_the_flipped_clean_image():
     x = ramp(32)
     inp, target = S.models_genesis(x, gen(0), n_blocks=100)
