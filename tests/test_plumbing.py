@@ -4,13 +4,17 @@ summary, config.json, split checks, the --vs-random verdict, patient splits, poo
 Each test was written for a mutant of the rule that the rest of the suite let through (2026-11-27), and was
 run once against it and failed."""
 import argparse
+import json
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 
+import collect
 import common
+from test_collect import fake_run
 
 CPU = torch.device("cpu")
 
@@ -54,7 +58,8 @@ def test_epoch_loss_is_the_mean_over_samples():  # M10
     x = torch.zeros(3, 3, 1, 1, dtype=torch.uint8)
     t = torch.tensor([1, 2, 3], dtype=torch.uint8).view(3, 1, 1)
     for seed in range(4):
-        losses = common.train(W(), torch.optim.SGD(W().parameters(), lr=0.0), x, t, np.arange(3), 1, 2, device=CPU,
+        model = W()
+        losses = common.train(model, torch.optim.SGD(model.parameters(), lr=0.0), x, t, np.arange(3), 1, 2, device=CPU,
                               loss_fn=lambda out, tb: tb.float().mean() + out.sum() * 0,
                               generator=torch.Generator().manual_seed(seed))
         assert losses == [pytest.approx(2.0)]
@@ -91,7 +96,6 @@ def _args(**kw):
 
 
 def test_resume_restores_every_rng_state(tmp_path):  # M22, M23, M24, M25
-    import random
     run = common.Run("x.py", _args(out=str(tmp_path)), CPU)
     run.log_round({c: 0 for c in common.ROUND_COLUMNS})
     model = torch.nn.Linear(2, 1)
@@ -109,7 +113,6 @@ def test_resume_restores_every_rng_state(tmp_path):  # M22, M23, M24, M25
 
 
 def test_resume_drops_whole_rows_of_the_unfinished_round(tmp_path):  # M27
-    import random
     run = common.Run("x.py", _args(out=str(tmp_path)), CPU)
     run.append_csv("rounds.csv", [{"round": r} for r in range(3)])
     run.append_csv("epochs.csv", [{"round": r, "epoch": 1, "loss": 0.5} for r in range(4)])  # round 3 unfinished
@@ -130,7 +133,6 @@ def test_resume_keeps_the_elapsed_time_of_the_rounds_done(tmp_path):  # M28
 
 
 def test_summary_counts_query_rounds_and_copies_the_last_row(tmp_path):  # M29
-    import json
     run = common.Run("x.py", _args(out=str(tmp_path)), CPU)
     for r, n in ((0, 6), (1, 10), (2, 14)):
         run.log_round(common.round_row(r, n, 0, np.array([0.5, 1.0]), np.array([0.25, 1.0]), 1.0, 0.0))
@@ -169,8 +171,6 @@ def test_resume_refuses_data_with_samples_added(tmp_path):  # M34
 
 
 def test_vs_random_uses_the_larger_std(tmp_path):  # M39
-    import collect
-    from test_collect import fake_run
     for seed in (0, 1):  # at 20: rule 0.3 / 0.7 (mean 0.5, std 0.2828), random 0.7 / 0.7 (std 0): 0.5 >= 0.7 - 0.2828
         fake_run(tmp_path, f"m{seed}", "example_tta", "tta", seed, [0.5, 0.3 + 0.4 * seed])
         fake_run(tmp_path, f"r{seed}", "example_tta", "random", seed, [0.5, 0.7])

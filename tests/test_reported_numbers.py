@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import common
+import dsal_fingerbones as dsal
 import polyp_weighted_cluster as pwc
-
+import ssl_coldstart as S
 
 class IndexedLogits(torch.nn.Module):
     """forward(x) -> LOGITS[i] (B, 1, H, W) for image i, whose first pixel (channel 0) holds i."""
@@ -24,6 +25,10 @@ class IndexedLogits(torch.nn.Module):
 
     def forward(self, x):
         return self.logits[(x[:, 0, 0, 0] * 255).round().long()]
+
+
+class Stop(Exception):
+    """Raised by a replaced step to end main() where the test has seen what it needs."""
 
 
 def indexed_inputs(n, h=4, w=4):
@@ -124,27 +129,24 @@ def test_pwc_other_data_take_the_cvc_shares_of_a_550_pool(monkeypatch, tmp_path)
 
     def split_data(run, data, args, initial, query, paper_pool, **k):
         seen["shares"] = (initial, query, paper_pool)
-        raise StopIteration
+        raise Stop
 
     monkeypatch.setattr(common, "split_data", split_data)
-    with pytest.raises(StopIteration):
+    with pytest.raises(Stop):
         pwc.main(["--data", "folder", "--data-dir", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "runs")])
     assert seen["shares"] == (30, 30, 550)
     # and what they give: a 110-image pool -> 6 initial and 6 per round
     assert common.pool_share(110, 30, 550) == 6
 
 
-def test_pwc_kmeans_restarts_default_10_and_reach_kmeans(monkeypatch):
-    """--kmeans-init defaults to 10 restarts (the docstring's default) and select() hands it to K-means."""
+def test_pwc_kmeans_restarts_default_10():
+    """--kmeans-init defaults to 10 restarts on every dataset, and the flag sets it."""
     assert pwc.parse_args([]).kmeans_init == 10
     assert pwc.parse_args(["--data", "cvc-clinicdb"]).kmeans_init == 10
     assert pwc.parse_args(["--kmeans-init", "3"]).kmeans_init == 3
 
 
 # ---- dsal_fingerbones: summary, Spearman's nan rule, normalise's two-level case, main's normalisation ----------
-import dsal_fingerbones as dsal
-
-
 def test_dsal_summary_by_hand():
     """rounds.csv's steps are cumulative (4, 7, 11): summary's steps is the last row's 11; fraction 30 / 40;
     mean_rho the nan-mean over the steps with a value: l (0.2, 0.3, 1.0) -> 0.5, m (0.2, nan, 0.4) -> 0.3,
@@ -191,19 +193,16 @@ def test_dsal_main_normalises_the_images_before_splitting(monkeypatch, tmp_path)
 
     def split(run, data, args):
         seen["x"] = data.x.copy()
-        raise StopIteration
+        raise Stop
 
     monkeypatch.setattr(dsal, "split_and_steps", split)
-    with pytest.raises(StopIteration):
+    with pytest.raises(Stop):
         dsal.main(["--data", "folder", "--data-dir", str(tmp_path), "--image-size", "32", "--device", "cpu",
                    "--out", str(tmp_path / "runs")])
     assert set(np.unique(seen["x"]).tolist()) == {0, 255}
 
 
 # ---- ssl_coldstart: the pre-trained weights that are returned and saved; the per-image min-max input -----------
-import ssl_coldstart as S
-
-
 def test_ssl_pretrain_returns_and_saves_the_trained_weights(monkeypatch, tmp_path):
     """pretrain() must return and write (ssl_weights.pt) the state of the network it trained: with
     common.train replaced by one that sets every float parameter to 0.25, every saved float tensor of the
