@@ -31,11 +31,17 @@ ISIC = dict(split=[1600, 400, 600],  # Table 1: train 1600 (of the official 2000
             lr=1e-4,                 # paper silent: reference code Adam 1e-5 with Dice loss; 1e-4 with BCE+Dice here
             width=64,                # Sec. 1.2: about 31 M parameters
             image_size=256,          # paper silent: reference code 192x240; 256x256 keeps 2^4 poolings exact
-            pseudo_step=20,          # Sec. 4.2: "20 x number of iterations" pseudo-labelled (--pseudo-mode)
+            pseudo_step=20,          # Sec. 4.2: "20 x number of iterations" pseudo-labelled, read as 20 new a
+                                     # round (--pseudo-mode total; the other readings are flags, see its help)
             mc_passes=20)            # paper silent ("t steps"): reference code nb_step_predictions = 20
+# Paper silent on colour: RGB in [0, 1] here (the reference code reads grayscale, standardised by the data's
+# mean and std); and on the test predictor: one forward pass, dropout off (common.evaluate; Sec. 1.1's dropout
+# "while testing" is the MC sampling of Sec. 4.1), as in every script; and on the full-set baseline's training
+# (Sec. 6: "some model trained completely on labeled data"): the AL run's optimiser steps (common.ceiling).
 DEFAULTS = {
     "isic2017": ISIC,
-    # Table 2: the 1373 slices with tumour, split by patient here; 256 px is the kaggle_3m slices' own size
+    # Table 2: the 1373 slices with tumour; paper silent on how (Sec. 2: "20% of this data is kept for
+    # testing"): by patient here, as PROTOCOLS asks; 256 px is the kaggle_3m slices' own size
     "lgg": dict(ISIC, split=[878, 220, 275], initial=329),
     # CPU-sized protocol: 2 min 34 s on 2 idle cores (README, Tests). Same shape as the paper's, scaled down.
     "synthetic": dict(split=[300, 60, 100], initial=60, query=10, rounds=6, epochs_initial=20, epochs=5,
@@ -56,9 +62,9 @@ def parse_args(argv=None):
                    "the pool (20 of 1600)")
     p.add_argument("--pseudo-mode", default="total", choices=["total", "redraw", "per-iteration"],
                    help="how the pseudo-labels add up (ceal_budget): total (default): pseudo_step new ones per "
-                   "iteration, leaving the pool (Sec. 4.3); redraw: the reference code's fresh pseudo_step x t each "
-                   "iteration, left in the pool; per-iteration: pseudo_step x t new ones at iteration t (ISIC needs "
-                   "--rounds 8)")
+                   "iteration, leaving the pool (Sec. 4.3); redraw: fresh pseudo_step x t each iteration, left in the "
+                   "pool, as the reference code (which starts at iteration 5 with 20 x (t - 4)); per-iteration: "
+                   "pseudo_step x t new ones at iteration t (ISIC needs --rounds 8)")
     p.add_argument("--band", default="paper", choices=["paper", "reference"],
                    help="group 3, the random low-uncertainty band (common.ceal_groups): paper (default): up to 6 of "
                    "80 histogram bins above the mode, mode bin included; reference: the reference code's bins mode + "
@@ -95,10 +101,11 @@ def ceal_budget(args, n_train):
 
 
 def score_pool(model, x, y, pool, args, device):
-    """MC dropout (Sec. 4.1): per-pixel variance over T passes, summed per image; also the mean prediction
-    thresholded at 0.5 (the pseudo-labels: paper silent, Sec. 4.3 says "predicted by the model"; the reference
-    code labels with one plain forward, dropout off) and, for Fig. 5 only, the Dice of that prediction against
-    the hidden ground truth (nan where y is None: the pool has no masks, common.pool_truth)."""
+    """MC dropout (Sec. 4.1): per-pixel variance over T passes, summed per image (the reference code weighs it by a
+    distance transform of the prediction, apply_edt; the paper does not); also the mean prediction thresholded at
+    0.5 (the pseudo-labels: paper silent, Sec. 4.3 says "predicted by the model"; the reference code labels with one
+    plain forward, dropout off, its probabilities as soft targets) and, for Fig. 5 only, the Dice of that prediction
+    against the hidden ground truth (nan where y is None: the pool has no masks, common.pool_truth)."""
     scores, masks = common.mc_variance(model, x, pool, args.mc_passes, args.batch_size, device, args.amp)
     if y is None or len(pool) == 0:
         return scores, masks, np.full(len(pool), np.nan)
@@ -113,7 +120,7 @@ def ceal_query(run, rnd, model, x, y, pool, args, rng, device):
     the scores, the Dice of Fig. 5, the groups ({how: pool samples}: three to the oracle) and the pseudo masks."""
     scores, masks, pool_dice = score_pool(model, x, y, pool, args, device)
     n_low = n_high = round(args.query * 2 / 7)  # 35 -> 10 / 10 / 15 (Sec. 4.2)
-    # group 4, "20 x number of iterations" (Sec. 4.2). Default (--pseudo-mode total): pseudo_step new ones a round,
+    # group 4, "20 x number of iterations" (Sec. 4.2). Our reading (--pseudo-mode total): pseudo_step new a round,
     # leaving the pool (Sec. 4.3), so ISIC's 1000-sample pool lasts the 10 iterations (350 oracle + 200 pseudo)
     k4 = args.pseudo_step * (1 if args.pseudo_mode == "total" else rnd)
     g = common.ceal_groups(scores, n_low, n_high, args.query - n_low - n_high, k4, rng, band=args.band,

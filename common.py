@@ -617,7 +617,8 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
     into `scores` for the four groups, on the histogram of the scores in `bins` bins (Fig. 6; the reference
     code of Gorriz et al. uses 80):
     1. the n_low lowest scores (lesions the model missed) -> oracle;
-    2. the n_high highest scores -> oracle;
+    2. the n_high highest scores -> oracle (paper: "a high uncertainty score"; the reference code's
+       most_uncertain_index draws them at random from the sparsest of its top histogram bins);
     3. n_band drawn at random from the low-uncertainty band -> oracle. The paper: samples that "get mixed
        up with the highly confident samples" (group 4, which sits at the histogram's mode). Two readings:
        band="paper" (default): every score up to band_bins bins above the mode bin, the mode bin and all
@@ -632,8 +633,7 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
        than n_pseudo when the bin holds fewer.
     Groups never overlap (the reference code draws the pseudo-labels from the whole pool, oracle picks
     included). A band holding fewer than n_band samples is filled with the next-lowest scores, so the oracle
-    budget is constant (the reference code queries fewer); when the pool is smaller than asked, the oracle
-    groups are served first. (In common.py because ssl_coldstart.py uses CEAL as a comparator.)"""
+    budget is constant (the reference queries fewer); a small pool serves the oracle first. (ssl_coldstart uses it too.)"""
     if band not in ("paper", "reference") or pseudo not in ("nearest", "reference"):
         raise ValueError(f"ceal_groups: band {band!r} or pseudo {pseudo!r} unknown")
     scores = np.asarray(scores, dtype=np.float64)

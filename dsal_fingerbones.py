@@ -29,13 +29,15 @@ from unet import UNet
 DEFAULTS = {
     "folder": dict(split=None,              # Sec. IV-A: 209 images (11 x 19 age groups) -> 139 / 20 / 50 (paper_split)
                    initial=None, query=None,  # Sec. IV-A: 10 random images first, then the top 10 per step
-                   rounds=None,             # Sec. IV-A: steps until the 139 are used up (10 + 12 x 10 + a last 9)
+                   rounds=None,             # paper silent (Sec. IV-A: +10 per step): until the 139 are used up
                    epochs_initial=50,       # paper silent; later code 15 (for 600 initial ISIC images, batch 32):
                    epochs=10,               # 10 labelled images need more epochs; 10 per step as in the later code
                    batch_size=8,            # paper silent; later code 32 (at 192x240)
-                   lr=1e-4,                 # paper silent; later code Adam 1e-5 with a Dice loss; 1e-4 with CE here
+                   lr=1e-4,                 # paper silent; later code Adam 1e-5 (BCE on the RSNA radiographs,
+                                            # constants.py); departure: 1e-4 with CE here (our choice)
                    width=32,                # paper: "the basic architecture of U-Net"; later code's U-Net is 32..512
-                   image_size=608,          # Sec. IV-A: 600x600; 608 is the nearest size 4 poolings divide
+                   image_size=608,          # Sec. IV-A: 600x600; 608 is the nearest size 4 poolings divide. The
+                                            # crop before it is the user's (a non-square image is stretched)
                    normalise="minmax"),     # Sec. IV-A: "intensity normalization" (method not given; see normalise())
     # CPU-sized protocol on thin, elongated synthetic bones (make_fingerbones): about two minutes on 2 cores.
     # Same shape as the paper's: 10 initial, +10 per step until the training pool is used up. 128x128 at
@@ -237,7 +239,8 @@ def build_model(in_ch, args):
     stage 0 (1/8 resolution), middle = stage 1 (1/4). The later JBHI code moved them to stages 1 (weight
     0.3) and 2 (weight 0.1, its "L-DSC"): --ds-stages 2 1. Departures from that Keras U-Net (paper silent:
     "the basic architecture of U-Net"), unet.UNet's in every script: BatchNorm after every convolution (theirs
-    has none; the pool is scored with its running statistics) and transposed-convolution upsampling."""
+    has none; the pool is scored with its running statistics), transposed-convolution upsampling, PyTorch's
+    default initialisation (theirs: he_normal) and no dropout (theirs: Dropout(0.5) after the bottleneck)."""
     return UNet(in_ch, 1, args.width, DEPTH, deep_supervision=sorted(args.ds_stages))
 
 
@@ -336,6 +339,9 @@ def query(run, rnd, model, data, x, y, pool, args, device, rng):
     picks and Fig. 3's numbers of the step (R-DSC against each proxy). Returns (the picks, the name they are
     logged under, the Fig. 3 numbers)."""
     s = score_pool(model, x, y, pool, args, device)  # every strategy: Fig. 3 is about the model
+    # Fig. 3, departure: Spearman rho over the whole pool at each step (the paper: 10 random samples a step,
+    # one regression on the orders of all steps). Paper silent on which epoch's model scores the pool: the
+    # last here (the later code keeps the epoch of best training Dice, ModelCheckpoint(save_best_only=True))
     if args.strategy == "dsal":
         new = select(pool, s["score"], args.query, args.select, rng)
     else:
@@ -382,8 +388,8 @@ def main(argv=None):
         common.load_data(args.data, args.data_dir, args.image_size, in_ch, args.seed, n=n, workers=args.workers)
     data.x = normalise(data.x, args.normalise)
     train_ids, val_ids, test_ids = split_and_steps(run, data, args)
-    # --strategy full: the whole training set for the AL run's optimiser steps (whole epochs, then one partial
-    # epoch on a random subset), as region_uncertainty.py's full baseline (its paper, Sec. V-A) does
+    # --strategy full (paper silent on how it trains): the whole training set for the AL run's optimiser steps
+    # (whole epochs, then one partial epoch on a random subset), as region_uncertainty.py's paper does (Sec. V-A)
     rounds, epochs0, steps = common.ceiling(args, len(train_ids))
     x, y = common.to_device(data, device)
 

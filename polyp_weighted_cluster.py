@@ -24,7 +24,11 @@ import oracle
 from unet import UNet
 
 # Defaults per dataset. The paper's numbers for CVC-ClinicDB (Sec. 3.1); its second dataset is in-house
-# (1000 train / 100 test, 3 epochs per round), so kvasir-seg (1000 images) takes that protocol.
+# (1000 train / 100 test, 3 epochs per round), so kvasir-seg (1000 images) takes that protocol. Paper silent
+# on the rest, our choices: U-Net [22] as unet.UNet in every script (padded convolutions, BatchNorm after
+# each, no dropout; [22] has none, valid convolutions and dropout at the contracting path's end), randomly
+# initialised; no augmentation, inputs in [0, 1]; one Adam whose state is kept across rounds; the metrics at
+# 352 x 352 against the resized masks (PraNet [20] scores at the masks' own size).
 DEFAULTS = {
     "cvc-clinicdb": dict(split=[550, 0, 62],   # Sec. 3.1 (after PraNet [20]): 550 train / 62 test, seeded random here (--test-list: a fixed list); no validation set
                          image_size=352,       # Sec. 3.1
@@ -48,7 +52,8 @@ DEFAULTS = {
                   batch_size=16, lr=1e-4, width=64),
 }
 STRATEGIES = ["ours", "random", "entropy", "coreset", "asa", "wo-unc", "wo-clu", "wo-dis", "full"]  # full: the ceiling
-FDL_STRATEGIES = {"ours", "wo-unc", "wo-clu"}  # train with L_fdl (Eq. 7); baselines and w/o DIS use L_seg only
+FDL_STRATEGIES = {"ours", "wo-unc", "wo-clu"}  # train with L_fdl (Eq. 7); w/o DIS and the baselines (paper
+#                                                 silent on theirs) use L_seg only
 # The paper's numbers on CVC-ClinicDB: Table 1 (mIoU, Dice) and Table 2 (ablation mIoU, in %).
 PAPER_TABLE1 = {(90, "random"): (0.8388, 0.8225), (90, "entropy"): (0.8293, 0.8103), (90, "asa"): (0.8307, 0.8157),
                 (90, "coreset"): (0.8252, 0.8099), (90, "ours"): (0.8561, 0.8466),
@@ -130,11 +135,11 @@ def fdl_loss(f1, f0, delta):
 
 def discrepancy_loss(model, xu, delta, through_mask=False):
     """Eq. 5 on an unlabelled batch xu (network input, training mode). The prediction y that masks the features
-    (Eq. 1) is detached by default, so the gradient moves the encoder features F_1, F_0 apart (Sec. 2.2: "magnify
-    the differentiation between the features"). With through_mask the gradient also reaches y, and the loss
-    can then be lowered by changing the prediction instead (--fdl-grad-through-mask; measured in the docs).
-    Either way the decoder runs in training mode on xu, so its BatchNorm running statistics take in the
-    unlabelled batch too (paper silent); --lam 0 skips this pass (wo-dis's training)."""
+    (Eq. 1) is detached by default (paper silent), so the gradient moves the encoder features F_1, F_0 apart (Sec. 2.2:
+    "magnify the differentiation between the features"). With through_mask the gradient also reaches y, and the loss
+    can then be lowered by changing the prediction instead (--fdl-grad-through-mask; measured in the docs). Either
+    way the decoder runs in training mode on xu, so its BatchNorm running statistics take in the unlabelled batch
+    too (paper silent); --lam 0 skips this pass (wo-dis's training)."""
     feats = model.encode(xu)
     with torch.set_grad_enabled(through_mask and torch.is_grad_enabled()):
         probs = torch.sigmoid(model.decode(feats).float()[:, 0])
@@ -162,13 +167,14 @@ def score(model, x, idx, batch_size, device, amp=False):
 
 def weighted_kmeans(feats, weights, k, seed, n_init=10):
     """Eq. 4: partition the pool into K groups minimising sum_k sum_{x in S_k} I(x) ||F(x) - mu_k||^2, mu_k the
-    I-weighted mean of S_k, by Lloyd's algorithm run to convergence (Sec. 2.1). scikit-learn's KMeans with
-    sample_weight minimises exactly this: its inertia_ is sum_i w_i ||x_i - mu_{label_i}||^2, its centres are
-    the weighted means, and its k-means++ seeding is weighted too (the tests check the first two by hand).
-    Eq. 4 as printed also carries a factor 1/|S_k|. We read it as K-means' equivalent pairwise form leaking
-    into the centroid form (sum_k 1/(2|S_k|) sum_{x,y in S_k} ||x - y||^2 is K-means); kept as a factor it
-    would weigh each cluster's mean spread equally whatever its size, a different partition (the tests
-    show one), which Lloyd's algorithm does not optimise. Returns (centres (K, C), labels (N,), objective)."""
+    I-weighted mean of S_k (our reading of "the cluster centroid"), by Lloyd's algorithm run to convergence
+    (Sec. 2.1). scikit-learn's KMeans with sample_weight minimises exactly this: its inertia_ is
+    sum_i w_i ||x_i - mu_{label_i}||^2, its centres are the weighted means, and its k-means++ seeding is weighted
+    too (the tests check the first two by hand). Eq. 4 as printed also carries a factor 1/|S_k|. We read it as
+    K-means' equivalent pairwise form leaking into the centroid form (sum_k 1/(2|S_k|) sum_{x,y in S_k} ||x - y||^2
+    is K-means); kept as a factor it would weigh each cluster's mean spread equally whatever its size, a
+    different partition (the tests show one), which Lloyd's algorithm does not optimise. Returns (centres (K, C),
+    labels (N,), objective)."""
     with threadpool_limits(1):  # one thread: scikit-learn's threads sum their partial centres in finishing
         km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(  # order, so --resume could differ
             np.asarray(feats, np.float64), sample_weight=np.asarray(weights, np.float64))
@@ -194,11 +200,12 @@ def nearest_to_centroids(feats, centres, labels):
 
 
 def class_mean_iou(pred, gt):
-    """mIoU per image: the mean of the background and polyp IoU (common.dice_iou: both empty = 1). Paper
-    silent on the definition. Table 1's mIoU exceeds its Dice in 14 of the 15 CVC-ClinicDB cells (not ASA at
-    180: 0.8703 vs 0.8740) and in 3 of the 15 in-house cells (Dice is higher in the other 12); a polyp-only IoU
-    never exceeds Dice (IoU <= Dice per image, so also on average), so the class mean it is.
-    PROPOSED for common.py: a class-mean IoU next to dice_iou, if another script reports mIoU."""
+    """mIoU per image: the mean of the background and polyp IoU (common.dice_iou: both empty = 1), averaged over the
+    images like Dice (not from one confusion matrix over all test pixels). Paper silent on the definition. Table 1's
+    mIoU exceeds its Dice in 14 of the 15 CVC-ClinicDB cells (not ASA at 180: 0.8703 vs 0.8740) and in 3 of the 15
+    in-house cells (Dice is higher in the other 12); a polyp-only IoU never exceeds Dice (IoU <= Dice per image, so
+    also on average), so the class mean it is. PROPOSED for common.py: a class-mean IoU next to dice_iou, if another
+    script reports mIoU."""
     return (common.dice_iou(pred, gt)[1] + common.dice_iou(~pred, ~gt)[1]) / 2
 
 
@@ -351,9 +358,9 @@ def select(args, model, x, y, labeled, pool, device, rng):
 # ----------------------------------------------------------------------------------------------------------
 def fdl_training(run, progress, rnd, epochs, args, x, pool, gen_u, device):
     """Training with L = L_seg + lambda_c L_fdl (Eq. 5-7, Sec. 2.2-2.3): L_fdl on unlabelled batches of the pool,
-    drawn with gen_u, for the strategies that use it (FDL_STRATEGIES) after the initial training (--fdl-initial:
-    also in it). Returns common.train's extra_loss (None: L_seg alone) and on_epoch, which writes each epoch's
-    loss and mean L_fdl to epochs.csv."""
+    drawn with gen_u, one of --batch-size per labelled step (paper silent), for the strategies that use it
+    (FDL_STRATEGIES) after the initial training (--fdl-initial: also in it). Returns common.train's extra_loss
+    (None: L_seg alone) and on_epoch, which writes each epoch's loss and mean L_fdl to epochs.csv."""
     use_fdl = (args.strategy in FDL_STRATEGIES and (rnd > 0 or args.fdl_initial) and len(pool) > 0
                and args.lam > 0)  # --lam 0 trains exactly as w/o DIS (no extra forward through BatchNorm)
     fdl_log = []

@@ -173,11 +173,13 @@ def annotation_percentages(uncertain, gt):
 
 # ---- Sec. IV-D: augmentation on device batches ----
 def make_augment(rotation=30.0, flip=0.5, jitter=0.2, blur_sigma=(0.01, 0.2), blur_kernel=5):
-    """Random rotation +-rotation degrees, horizontal and vertical flips (each with probability flip), colour
-    jitter of brightness, contrast and saturation by +-jitter, Gaussian blur with sigma ~ U(blur_sigma) and a
-    blur_kernel x blur_kernel kernel. Images are floats in [0, 1] (B, 3, H, W); masks (B, H, W) follow the same
-    geometry with nearest-neighbour sampling; outside the rotated image both are 0 (torchvision's fill).
-    ImageNet normalisation comes after, inside the model (ResNetUNet mean/std)."""
+    """Random rotation +-rotation degrees (Sec. IV-D's "+-30%" read as degrees, as torchvision's
+    RandomRotation(30)), horizontal and vertical flips (each with probability flip), colour jitter of brightness,
+    contrast and saturation by +-jitter, Gaussian blur with sigma ~ U(blur_sigma) and a blur_kernel x blur_kernel
+    kernel. Images are floats in [0, 1] (B, 3, H, W); masks (B, H, W) follow the same geometry with
+    nearest-neighbour sampling; outside the rotated image both are 0 (torchvision's fill). The image is resampled
+    bilinearly (paper silent; RandomRotation's default is nearest). ImageNet normalisation comes after, inside the
+    model (ResNetUNet mean/std)."""
 
     def augment(xb, yb):
         B, dev = len(xb), xb.device
@@ -222,6 +224,8 @@ def _blend(img, other, factor):
 
 
 def build_model(args, device):
+    """The ResNet-18 U-Net (Sec. IV-C), ImageNet-pre-trained with --encoder-weights (the paper's). Departure:
+    randomly initialised without it (the default), since nothing is downloaded here."""
     model = ResNetUNet(3, 1, args.width, dropout=args.dropout, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if args.encoder_weights:
         try:

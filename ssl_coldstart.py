@@ -25,7 +25,11 @@ import common
 import oracle
 from unet import UNet
 
-# Defaults per dataset. The paper's numbers for ISIC 2017 (Sec. IV-A); where it is silent, say so.
+# Defaults per dataset. The paper's numbers for ISIC 2017 (Sec. IV-A); where it is silent, say so. Paper silent,
+# so ours (the authors' code, github.com/jacobzhaoziyuan/SAAL, differs): the pool and test set drawn at random
+# with --seed (theirs: the first 1600 files and the last 400); Eq. 3's L_ce + L_dice as BCE + a soft Dice per
+# image (theirs: 0.5 (CE + Dice) on two softmax classes, Dice over the batch); the MC-dropout comparator's plain
+# variance sum (the DSAL code weighs it by a distance transform of the prediction).
 DEFAULTS = {
     "isic2017": dict(split=[1600, 0, 400],  # Sec. IV-A: pool 1600 + test 400, both from the 2000 training images
                      initial=300,           # Sec. IV-A: C = 300 for the base set
@@ -34,8 +38,9 @@ DEFAULTS = {
                      epochs_initial=10, epochs=2,  # Sec. IV-A: 10 initial epochs, 2 per iteration
                      batch_size=16,         # paper silent
                      lr=1e-4,               # paper silent: Adam 1e-4
-                     width=32,              # Sec. IV-A: last encoder stage 512x16x16 at 256^2 -> width 32 (the
-                                            # authors' code: width 64, bottleneck halved to 512; docs)
+                     width=32,              # Sec. IV-A: last encoder stage 512x16x16 at 256^2. Departure: width
+                                            # 32 gives it here; the authors' code: width 64, bottleneck halved to
+                                            # 512, bilinear upsampling (--up; docs)
                      image_size=256,        # Sec. IV-A: 256x256, grayscale, min-max normalised
                      clusters=10,           # Sec. IV-A: k = 10 (Table II also 5)
                      aap_grid=2,            # Sec. IV-A: AAP to 512x2x2 = 2048-d (Table II also 1x1 = 512-d)
@@ -92,8 +97,8 @@ def parse_args(argv=None):
                         "random for the others (paper silent on the comparators' base set) (default: auto)")
     p.add_argument("--ssl-init", action=argparse.BooleanOptionalAction, default=True,
                    help="initialise the segmentation model from the self-supervised weights, all but the output "
-                        "head unless --transfer-head (Sec. III-C; "
-                        "Table I 'W/'); --no-ssl-init for 'W/o' (default: on)")
+                        "head unless --transfer-head (Sec. III-C; Table I 'W/'), for every strategy, the Fig. 2 "
+                        "comparators too (paper silent); --no-ssl-init for 'W/o' (default: on)")
     p.add_argument("--ssl-weights", metavar="PATH", help="pre-trained weights (ssl_weights.pt of an earlier run) "
                    "instead of pre-training here, so a sweep pre-trains once per seed (default: pre-train)")
     p.add_argument("--channels", type=int, default=1, choices=[1, 3],
@@ -103,8 +108,9 @@ def parse_args(argv=None):
                    help="with --ssl-init, also copy the reconstruction U-Net's 1x1 output head (trained to output "
                         "intensities); the authors' segmentation code drops it (default: off, head starts random)")
     p.add_argument("--up", default="transpose", choices=["transpose", "bilinear"],
-                   help="U-Net upsampling: transposed convolutions, or bilinear + 1x1 convolution as in the authors' "
-                        "U-Net (paper silent; default: transpose)")
+                   help="U-Net upsampling: transposed convolutions, or bilinear + 1x1 convolution (the authors' "
+                        "U-Net upsamples bilinearly, align_corners, with no 1x1: its double convolution takes all the "
+                        "channels) (paper silent; default: transpose)")
     p.add_argument("--ssl-epochs", type=int, help="Models Genesis pre-training epochs; default per --data: "
                    "isic2017 100, synthetic 6 (paper silent)")
     p.add_argument("--ssl-optim", default="adam", choices=["adam", "sgd"],
@@ -181,7 +187,8 @@ def _boxes(H, W, y0, x0, h, w):
 
 def flip(x, gen, p=FLIP_P, times=FLIP_TIMES):
     """Flip along a random axis (H or W), repeated while rand < p, at most `times` times (the reference code's
-    3-D loop with one axis dropped). Only the parity of flips per axis matters."""
+    3-D loop with one axis dropped; the authors' 2-D port draws among 3 axes of a (1, H, W) array, one of them
+    the channel, a flip that does nothing). Only the parity of flips per axis matters."""
     B, dev = len(x), x.device
     go = (_rand((B, times), gen, dev) < p).int().cumprod(1).bool()  # the loop stops at the first failed draw
     axis = torch.randint(0, 2, (B, times), generator=gen, device=dev)
@@ -385,7 +392,9 @@ def cluster_ranking(feats, k, seed):
         raise common.UserError(f"--clusters {k}: more clusters than the {len(feats)} pool samples")
     with threadpool_limits(1):  # one thread: scikit-learn's threads sum partial centres in finishing order,
         km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(feats)  # so two runs could differ
-    # (paper silent on the K-means settings: scikit-learn's k-means++ with 10 restarts)
+    # (paper silent on the K-means settings: scikit-learn's k-means++ with 10 restarts; the authors' code runs
+    # kmeans_pytorch once from a random start and ranks every sample by its distance to each centroid, members
+    # or not, so one sample may serve two clusters: "in cluster C_i" (Sec. III-B) read as members only here)
     labels = km.labels_.astype(np.int64)
     dist = np.linalg.norm(feats - km.cluster_centers_[labels], axis=1)
     rank = np.zeros(len(feats), np.int64)
