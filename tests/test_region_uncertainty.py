@@ -339,11 +339,27 @@ def test_al_steps_hand_computed():
     assert common.ceiling(b, 100)[2] == 1 * 1 + 2 * 2 + 2 * 2
 
 
+def test_full_baseline_trains_the_papers_8140_steps_on_isic2018():
+    """Sec. V-A: "the same number of iterations as for 40 AL iterations was used: 8140". The isic2018 row's
+    --strategy full trains 8140 steps (100 epochs' worth of the 2594 images at batch 32: 82 batches each),
+    --full-steps 0 the AL run's 9840; other data the AL run's unless --full-steps is given."""
+    paper = ru.parse_args(["--data", "isic2018", "--data-dir", "x", "--strategy", "full"])
+    assert paper.full_steps == 8140 and ru.schedule(paper, 2594) == (0, 100, 8140)
+    ours = ru.parse_args(["--data", "isic2018", "--data-dir", "x", "--strategy", "full", "--full-steps", "0"])
+    assert ru.schedule(ours, 2594) == common.ceiling(ours, 2594) == (0, 120, 9840)
+    syn = ru.parse_args(["--strategy", "full"])
+    assert syn.full_steps == 0 and ru.schedule(syn, 300) == common.ceiling(syn, 300)
+    assert ru.schedule(ru.parse_args(["--strategy", "full", "--full-steps", "50"]), 300) == (0, 3, 50)  # 19 batches
+    al = ru.parse_args(["--data", "isic2018", "--data-dir", "x"])  # an AL run: the flags' own schedule
+    assert ru.schedule(al, 2594) == (40, 10, None)
+
+
 def test_full_baseline_asks_train_for_the_al_runs_steps(tmp_path, monkeypatch):
     """Sec. V-A: the full baseline gets the AL run's optimisation steps. common.train is asked for exactly those
     steps (TINY with --epochs 2: 1 epoch of 8 images, then 2 epochs of 12 and of 16, batches of 8: 1 + 4 + 4)
     on the whole training pool, not for whole epochs of it (2 x 5 = 10 steps). rounds.csv's step count is
-    computed beside the call, so test_full_baseline_trains_the_al_step_count alone would not see the difference."""
+    computed beside the call, so test_full_baseline_trains_the_al_step_count alone would not see the difference.
+    With --full-steps 7 (the isic2018 row's 8140, on tiny data), train is asked for 7."""
     calls = []
 
     def train(model, opt, x, target, idx, epochs, batch_size, **kw):  # training skipped
@@ -352,7 +368,8 @@ def test_full_baseline_asks_train_for_the_al_runs_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ru.common, "train", train)
     ru.main(["--device", "cpu", *map(str, TINY), "--epochs", "2", "--strategy", "full", "--out", str(tmp_path)])
-    assert calls == [(40, 1 + 2 * 2 + 2 * 2)]
+    ru.main(["--device", "cpu", *map(str, TINY), "--strategy", "full", "--full-steps", "7", "--out", str(tmp_path)])
+    assert calls == [(40, 1 + 2 * 2 + 2 * 2), (40, 7)]
 
 
 # ---------------------------------------------------------------------------------------------------------
