@@ -237,11 +237,14 @@ def build_model(in_ch, args):
     code), model.layers[20] is the upsampled output of decoder stage 0 and model.layers[23] the output of
     decoder stage 1 (counting from 1: the last convolution of stage 0 and the first of stage 1): lower =
     stage 0 (1/8 resolution), middle = stage 1 (1/4). The later JBHI code moved them to stages 1 (weight
-    0.3) and 2 (weight 0.1, its "L-DSC"): --ds-stages 2 1. Departures from that Keras U-Net (paper silent:
-    "the basic architecture of U-Net"), unet.UNet's in every script: BatchNorm after every convolution (theirs
-    has none; the pool is scored with its running statistics), transposed-convolution upsampling, PyTorch's
-    default initialisation (theirs: he_normal) and no dropout (theirs: Dropout(0.5) after the bottleneck)."""
-    return UNet(in_ch, 1, args.width, DEPTH, deep_supervision=sorted(args.ds_stages))
+    0.3) and 2 (weight 0.1, its "L-DSC"): --ds-stages 2 1. Dropout 0.5 after the bottleneck while training, as
+    theirs (Dropout(0.5) on conv5; off when the pool is scored: get_unet_ds(dropout=False)) and the U-Net of
+    Ronneberger et al. ("drop-out layers at the end of the contracting path"). Departures from that Keras U-Net
+    (paper silent: "the basic architecture of U-Net"), unet.UNet's in every script: BatchNorm after every
+    convolution (theirs has none; the pool is scored with its running statistics), transposed-convolution
+    upsampling and PyTorch's default initialisation (theirs: he_normal)."""
+    return UNet(in_ch, 1, args.width, DEPTH, dropout=0.5, dropout_at="bottleneck",
+                deep_supervision=sorted(args.ds_stages))
 
 
 def heads(out, stages):

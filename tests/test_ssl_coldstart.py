@@ -783,3 +783,26 @@ def test_a_kill_while_the_ssl_weights_are_saved_leaves_no_half_file(tmp_path, mo
         main("--out", tmp_path)
     run = str(next(tmp_path.iterdir()))
     assert not os.path.exists(os.path.join(run, "ssl_weights.pt"))
+
+
+def test_a_new_adam_each_round_and_the_authors_batch(tmp_path, monkeypatch):
+    """The authors' train.py builds a new Adam (1e-4) on every call, one call per iteration, and run.sh has
+    batch_size=10: each round's training gets a fresh Adam with no state, at --lr; the ISIC and other rows
+    default to batch 10. The members of an ensemble keep theirs (the Keras DSAL code compiles once)."""
+    seen = []
+
+    def train(model, opt, x, target, idx, epochs, batch_size, **kw):
+        seen.append((model, opt, len(opt.state), opt.param_groups[0]["lr"]))
+        opt.state[next(iter(model.parameters()))] = {"step": torch.tensor(1.0)}  # as if it had stepped
+        return [0.0] * epochs
+
+    monkeypatch.setattr(S.common, "train", train)
+    S.main(["--device", "cpu", *map(str, TINY), "--strategy", "ens-s", "--lr", "0.003", "--out", str(tmp_path)])
+    seen = [s for s in seen if s[3] != 1e-3]  # not the self-supervised pre-training (--ssl-lr 1e-3)
+    mains = [s for s in seen if s[0] is seen[0][0]]  # the segmentation model trains first in each round
+    members = [s for s in seen if s[0] is not seen[0][0]]
+    assert len(mains) == 3 and len({id(s[1]) for s in mains}) == 3  # rounds 0, 1, 2
+    assert all(isinstance(s[1], torch.optim.Adam) and s[2] == 0 and s[3] == 0.003 for s in mains)
+    assert len(members) == 2 * 3 and [s[2] for s in members[2:]] == [1] * 4  # each member's Adam kept
+    for data in ("isic2017", "kvasir-seg"):
+        assert S.parse_args(["--data", data, "--data-dir", "x"]).batch_size == 10
