@@ -3,10 +3,12 @@
 # on the full Kvasir-SEG, one shared schedule, 3 seeds, then the ceiling (--strategy full: the same model on the
 # whole training pool for the active-learning run's optimiser steps). Runs JOBS scripts at a time, one thread
 # each; a run cut short continues with `python SCRIPT.py --resume RUN_DIR`.
-#   bash benchmarks/sweep_kvasir.sh KVASIR_DIR OUT [JOBS] [PART]     JOBS: 2 by default; PART: al, full or all (default)
+#   bash benchmarks/sweep_kvasir.sh KVASIR_DIR OUT [JOBS] [PART] [ONLY]
+#   JOBS: 2 by default; PART: al, full or all (default); ONLY: an extended regular expression the run lines must
+#   match, e.g. 'ssl_coldstart|dsal_fingerbones' (default: every script)
 set -u
-DATA=${1:?usage: bash benchmarks/sweep_kvasir.sh KVASIR_DIR OUT [JOBS] [al|full|all]}; OUT=${2:?OUT folder}
-JOBS=${3:-2}; PART=${4:-all}
+DATA=${1:?usage: bash benchmarks/sweep_kvasir.sh KVASIR_DIR OUT [JOBS] [al|full|all] [ONLY]}; OUT=${2:?OUT folder}
+JOBS=${3:-2}; PART=${4:-all}; ONLY=${5:-.}
 C="--data kvasir-seg --data-dir $DATA --split 320 80 200 --image-size 64 --width 16 --batch-size 16
    --initial 40 --query 20 --rounds 5 --epochs-initial 30 --epochs 5 --device cpu --out $OUT"
 SSL="--ssl-epochs 6 --shuffle-blocks 1000"
@@ -36,5 +38,5 @@ for seed in 0 1 2; do
     done
   fi
 done
-} | xargs -P "$JOBS" -I{} bash -c 'a=$(date +%s); OMP_NUM_THREADS=1 python {} '"$(echo $C)"' > /dev/null 2> >(tail -3 >&2); \
+} | grep -E -- "$ONLY" | xargs -P "$JOBS" -I{} bash -c 'a=$(date +%s); OMP_NUM_THREADS=1 python {} '"$(echo $C)"' > /dev/null 2> >(tail -3 >&2); \
    echo "rc=$? $(( $(date +%s) - a ))s | {}"'
