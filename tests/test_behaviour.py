@@ -3,7 +3,9 @@ recorded in tests/behaviour_record.json. The first record, from before the share
 the plumbing, still held at 0da0233 (the oracle's place in the loop); it was re-recorded there with a schedule
 long enough that the test Dice is not the same constant for every script and round (width 4 and 4 + 2 epochs
 predicted almost nothing: 0.0833 everywhere, so a changed threshold went unseen); at 7e6620b its `how` labels
-were renamed to queried.csv's one vocabulary, ids and Dice untouched. A change that alters which samples a
+were renamed to queried.csv's one vocabulary, ids and Dice untouched; at 318f6b0 the ssl_coldstart and
+dsal_fingerbones entries were re-recorded after two fidelity changes (a new Adam each round, as the SSL authors'
+train.py; DSAL's bottleneck dropout), the others unchanged. A change that alters which samples a
 script picks, or what it trains, fails here. The full-size record (the no-flag runs) is
 benchmarks/behaviour.json, checked by `python benchmarks/behaviour.py --check benchmarks/behaviour.json`.
 
