@@ -633,7 +633,7 @@ def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins
        than n_pseudo when the bin holds fewer.
     Groups never overlap (the reference code draws the pseudo-labels from the whole pool, oracle picks
     included). A band holding fewer than n_band samples is filled with the next-lowest scores, so the oracle
-    budget is constant (the reference queries fewer); a small pool serves the oracle first. (ssl_coldstart uses it too.)"""
+    budget is constant (the reference queries fewer); a small pool serves the oracle first (ssl_coldstart's CEAL too)."""
     if band not in ("paper", "reference") or pseudo not in ("nearest", "reference"):
         raise ValueError(f"ceal_groups: band {band!r} or pseudo {pseudo!r} unknown")
     scores = np.asarray(scores, dtype=np.float64)
