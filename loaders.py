@@ -409,16 +409,18 @@ def _cache_folder():
 
 
 def _read_cache(path, shapes):
-    """(x, y, positive) from a cache file, or None when it is missing or cannot be read: a damaged file (cut by a
-    full disk or a copy stopped midway) is only a copy, decoded again and rewritten, not an error."""
+    """(x, y, positive, turned) from a cache file, or None when it is missing or cannot be read: a damaged file (cut
+    by a full disk or a copy stopped midway) is only a copy, decoded again and rewritten, not an error. turned: which
+    images carry an EXIF orientation tag (all False from a cache written before it was kept)."""
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = z["x"], z["y"], z["positive"]
-        if [a.shape for a in arrays] != shapes:
+            turned = z["turned"] if "turned" in z.files else np.zeros(shapes[2], bool)
+        if [a.shape for a in arrays] + [turned.shape] != shapes + [shapes[2]]:
             raise ValueError(f"arrays of shapes {[a.shape for a in arrays]}, expected {shapes}")
-        return arrays
+        return (*arrays, turned)
     except Exception as e:
         why = (str(e).splitlines() or [""])[0][:120]
         print(f"warning: cache file {path} cannot be read ({type(e).__name__}: {why}); decoding the data again")
@@ -447,7 +449,7 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
     k = len(entries)
     cached = _read_cache(path, [(k, channels, size, size), (k, size, size), (k,)])
     if cached is not None:
-        x, y, positive = cached
+        x, y, positive, turned = cached
         if not quiet:
             print(f"data: {name} {len(entries)} samples from cache {path}")
     else:
@@ -456,11 +458,7 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
         with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
             out = list(pool.map(lambda e: _decode(e, size, channels), entries))
         x, y = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
-        positive = np.array([o[2] for o in out], dtype=bool)
-        turned = [e[1] for e, o in zip(entries, out) if o[3]]
-        if turned:  # a mask drawn on the turned view of a square image would pass every other check
-            print(f"note: {len(turned)} images carry an EXIF orientation tag (e.g. {turned[0]}): they are read as "
-                  "stored, not turned as a viewer shows them, so their masks must match the stored pixels")
+        positive, turned = (np.array([o[i] for o in out], dtype=bool) for i in (2, 3))
         tmp = path + f".tmp{os.getpid()}.npz"
         for old in glob.glob(glob.escape(path) + ".tmp*.npz"):  # left by a run killed mid-write (SIGKILL): a
             try:  # write takes seconds, so one an hour old is nobody's (a younger one may be another run's)
@@ -469,7 +467,7 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
             except OSError:
                 pass
         try:  # written whole under another name, then renamed: a run stopped midway leaves no cut cache file
-            np.savez(tmp, x=x, y=y, positive=positive)
+            np.savez(tmp, x=x, y=y, positive=positive, turned=turned)
             os.replace(tmp, path)
         except OSError as e:  # e.g. a full disk: the data is decoded, so the run goes on
             print(f"warning: cache file {path} not written ({e.strerror}); the next run decodes the data again")
@@ -479,6 +477,10 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
         if not quiet:
             print(f"data: {name} {len(entries)} samples decoded in {time.time() - t0:.1f}s, "
                   + (f"cached at {path}" if os.path.isfile(path) else "not cached"))
+    if turned.any():  # a mask drawn on the turned view of a square image would pass every other check; said each run
+        first = entries[int(np.argmax(turned))][1]
+        print(f"note: {int(turned.sum())} images carry an EXIF orientation tag (e.g. {first}): they are read as "
+              "stored, not turned as a viewer shows them, so their masks must match the stored pixels")
     check_inverted(y, data_dir)
     ids = [e[0] for e in entries]
     official = {}

@@ -239,10 +239,12 @@ def test_a_mask_drawn_on_the_exif_turned_view_is_named_as_such(tmp_path, capsys)
         path = os.path.join(root, "images", f"img{i}.png")
         Image.open(path).save(path.replace(".png", ".jpg"), exif=exif)
         os.remove(path)
+    note = (f"note: 2 images carry an EXIF orientation tag (e.g. {root}/images/img0.jpg): they are read as stored, "
+            "not turned as a viewer shows them, so their masks must match the stored pixels\n")
     loaders.load_data("folder", root, 16, quiet=True)
-    assert capsys.readouterr().out == (f"note: 2 images carry an EXIF orientation tag (e.g. {root}/images/img0.jpg): "
-                                       "they are read as stored, not turned as a viewer shows them, so their masks "
-                                       "must match the stored pixels\n")
+    assert capsys.readouterr().out == note
+    loaders.load_data("folder", root, 16, quiet=True)  # from the cache: said again, every run
+    assert capsys.readouterr().out == note
     root, upright = folder(tmp_path / "upright"), Image.Exif()
     upright[0x0112] = 1  # shown as stored: no note
     Image.open(os.path.join(root, "images", "img0.png")).save(os.path.join(root, "images", "img0.jpg"), exif=upright)
