@@ -411,13 +411,15 @@ def _cache_folder():
 def _read_cache(path, shapes):
     """(x, y, positive, turned) from a cache file, or None when it is missing or cannot be read: a damaged file (cut
     by a full disk or a copy stopped midway) is only a copy, decoded again and rewritten, not an error. turned: which
-    images carry an EXIF orientation tag (all False from a cache written before it was kept)."""
+    images carry an EXIF orientation tag; a cache written before it was kept is decoded again, once."""
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = z["x"], z["y"], z["positive"]
-            turned = z["turned"] if "turned" in z.files else np.zeros(shapes[2], bool)
+            if "turned" not in z.files:
+                return None
+            turned = z["turned"]
         if [a.shape for a in arrays] + [turned.shape] != shapes + [shapes[2]]:
             raise ValueError(f"arrays of shapes {[a.shape for a in arrays]}, expected {shapes}")
         return (*arrays, turned)

@@ -25,8 +25,8 @@ from unet import UNet
 
 # Defaults per dataset. The paper's numbers for CVC-ClinicDB (Sec. 3.1); its second dataset is in-house
 # (1000 train / 100 test, 3 epochs per round), so kvasir-seg (1000 images) takes that protocol. Paper silent
-# on the rest, our choices: U-Net [22] as unet.UNet in every script (padded convolutions, BatchNorm after
-# each, no dropout; [22] has none, valid convolutions and dropout at the contracting path's end), randomly
+# on the rest, our choices: U-Net [22] as unet.UNet (padded convolutions, BatchNorm after each, no dropout
+# here; [22] has none, valid convolutions and dropout at the contracting path's end), randomly
 # initialised; no augmentation, inputs in [0, 1]; one Adam whose state is kept across rounds; the metrics at
 # 352 x 352 against the resized masks (PraNet [20] scores at the masks' own size).
 DEFAULTS = {

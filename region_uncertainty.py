@@ -90,8 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="bce+dice", choices=["bce+dice", "bce", "dice"],
                    help="paper silent (default: bce+dice)")
     p.add_argument("--no-augment", action="store_true", help="switch off the Sec. IV-D augmentation")
-    p.add_argument("--full-steps", type=int, help="optimiser steps of --strategy full, 0 for the AL run's these flags "
-                   "describe; default per --data: isic2018 8140 (Sec. V-A), others 0")
+    p.add_argument("--full-steps", type=int, help="--strategy full: optimiser steps, or 0 for as many as the AL run "
+                   "of the other flags takes; default per --data: isic2018 8140 (Sec. V-A: fixed, whatever --rounds, "
+                   "--epochs or --batch-size), others 0")
     p.add_argument("--tables", nargs="+", metavar="RUN_DIR", help="print Tables I and II from finished runs under "
                    "these folders and exit (no training)")
     args = p.parse_args(argv)
@@ -99,7 +100,7 @@ def parse_args(argv=None):
         args.rounds = DEFAULTS.get(args.data, DEFAULTS["other"])["rounds_partial"]
     # the ResNet-18 U-Net: a multiple of 32, at least 64 (its last stage, at 1/32, keeps more than one pixel for
     # BatchNorm)
-    args = common.resolve(args, DEFAULTS, size=(32, 64), weight_decay=0)
+    args = common.resolve(args, DEFAULTS, size=(32, 64), weight_decay=0, full_steps=0)
     del args.rounds_partial
     if args.dropout is None:  # only MC dropout needs dropout; trained into the others it shifts BatchNorm (docs)
         args.dropout = 0.5 if args.strategy == "mc-dropout" else 0.0

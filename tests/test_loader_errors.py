@@ -1,6 +1,7 @@
 """Loader robustness: a damaged or unwritable data cache, images over Pillow's decompression-bomb limit, the
 folder layout given one level too deep or with capitalised folder names, and an lgg archive of too few patients.
 Small fixtures written to tmp_path; nothing here needs ../shared."""
+import glob
 import os
 import re
 import time
@@ -245,6 +246,11 @@ def test_a_mask_drawn_on_the_exif_turned_view_is_named_as_such(tmp_path, capsys)
     assert capsys.readouterr().out == note
     loaders.load_data("folder", root, 16, quiet=True)  # from the cache: said again, every run
     assert capsys.readouterr().out == note
+    (cache,) = glob.glob(os.path.join(loaders.cache_dir(), "folder-16px-3ch-*.npz"))
+    with np.load(cache) as z:  # a cache written before the tag was kept: decoded again, once, and said
+        np.savez(cache, x=z["x"], y=z["y"], positive=z["positive"])
+    loaders.load_data("folder", root, 16, quiet=True)
+    assert capsys.readouterr().out == note and "turned" in np.load(cache).files
     root, upright = folder(tmp_path / "upright"), Image.Exif()
     upright[0x0112] = 1  # shown as stored: no note
     Image.open(os.path.join(root, "images", "img0.png")).save(os.path.join(root, "images", "img0.jpg"), exif=upright)

@@ -341,7 +341,7 @@ def test_al_steps_hand_computed():
 
 def test_full_baseline_trains_the_papers_8140_steps_on_isic2018():
     """Sec. V-A: "the same number of iterations as for 40 AL iterations was used: 8140". The isic2018 row's
-    --strategy full trains 8140 steps (100 epochs' worth of the 2594 images at batch 32: 82 batches each),
+    --strategy full trains 8140 steps (99 epochs of the 2594 images' 82 batches at batch 32, and 22 more),
     --full-steps 0 the AL run's 9840; other data the AL run's unless --full-steps is given."""
     paper = ru.parse_args(["--data", "isic2018", "--data-dir", "x", "--strategy", "full"])
     assert paper.full_steps == 8140 and ru.schedule(paper, 2594) == (0, 100, 8140)
@@ -350,6 +350,8 @@ def test_full_baseline_trains_the_papers_8140_steps_on_isic2018():
     syn = ru.parse_args(["--strategy", "full"])
     assert syn.full_steps == 0 and ru.schedule(syn, 300) == common.ceiling(syn, 300)
     assert ru.schedule(ru.parse_args(["--strategy", "full", "--full-steps", "50"]), 300) == (0, 3, 50)  # 19 batches
+    with pytest.raises(common.UserError, match="--full-steps -5: expected at least 0"):
+        ru.parse_args(["--strategy", "full", "--full-steps", "-5"])
     al = ru.parse_args(["--data", "isic2018", "--data-dir", "x"])  # an AL run: the flags' own schedule
     assert ru.schedule(al, 2594) == (40, 10, None)
 
