@@ -416,13 +416,10 @@ def _read_cache(path, shapes):
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = z["x"], z["y"], z["positive"]
-            if "turned" not in z.files:
-                return None
-            turned = z["turned"]
-        if [a.shape for a in arrays] + [turned.shape] != shapes + [shapes[2]]:
-            raise ValueError(f"arrays of shapes {[a.shape for a in arrays]}, expected {shapes}")
-        return (*arrays, turned)
+            arrays = z["x"], z["y"], z["positive"], z["turned"] if "turned" in z.files else None
+        if [a.shape for a in arrays[:3]] != shapes or arrays[3] is not None and arrays[3].shape != shapes[2]:
+            raise ValueError(f"arrays of shapes {[a.shape for a in arrays if a is not None]}, expected {shapes}")
+        return arrays if arrays[3] is not None else None
     except Exception as e:
         why = (str(e).splitlines() or [""])[0][:120]
         print(f"warning: cache file {path} cannot be read ({type(e).__name__}: {why}); decoding the data again")
