@@ -45,12 +45,12 @@ DEFAULTS = {
     # the empty prediction (measured), so the first query would be blind; the paper starts from ImageNet weights.
     "synthetic": dict(split=[300, 50, 100], image_size=64, batch_size=16, initial=32, query=16, rounds=8,
                       rounds_partial=8, epochs_initial=40, epochs=10, lr=0.01, momentum=0.9, weight_decay=1e-4,
-                      width=16, mc_passes=10, full_steps=0),
+                      width=16, mc_passes=10, full_steps=0),  # full_steps 0: the AL run's own steps
     # Any other dataset: the ISIC 2018 protocol; split sizes from the data (common.default_split), the cold
     # start and the query size the ISIC 2018 shares of the pool (128 and 32 of 2594: common.pool_share).
     "other": dict(split=None, image_size=512, batch_size=32, initial=None, query=None, rounds=40, rounds_partial=20,
                   epochs_initial=10, epochs=10, lr=0.01, momentum=0.9, weight_decay=1e-4, width=64, mc_passes=20,
-                  full_steps=0),
+                  full_steps=0),  # paper silent off ISIC 2018: the full baseline gets the AL run's own steps
 }
 STRATEGIES = ["least-confidence", "entropy", "mc-dropout", "random", "full"]
 UNLABELLED = 255  # training-target value of a pixel nobody has labelled (masks are 0/1)
