@@ -40,8 +40,8 @@ ISIC = dict(split=[1600, 400, 600],  # Table 1: train 1600 (of the official 2000
 # (Sec. 6: "some model trained completely on labeled data"): the AL run's optimiser steps (common.ceiling).
 DEFAULTS = {
     "isic2017": ISIC,
-    # Table 2: the 1373 slices with tumour; paper silent on how (Sec. 2: "20% of this data is kept for
-    # testing"): by patient here, as PROTOCOLS asks; 256 px is the kaggle_3m slices' own size
+    # Table 2: 1373 images, read as kaggle_3m's 1373 slices with tumour (of 3929); paper silent on how (Sec. 2: "20%
+    # of this data is kept for testing"): by patient here, as PROTOCOLS asks; 256 px is the slices' own size
     "lgg": dict(ISIC, split=[878, 220, 275], initial=329),
     # CPU-sized protocol: 2 min 34 s on 2 idle cores (README, Tests). Same shape as the paper's, scaled down.
     "synthetic": dict(split=[300, 60, 100], initial=60, query=10, rounds=6, epochs_initial=20, epochs=5,
@@ -169,7 +169,7 @@ def main(argv=None):
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)
     if args.data == "lgg" and not args.all_slices:
-        data = keep_positive(data)  # Sec. 2: the 1373 slices with tumour (full-resolution masks, any size)
+        data = keep_positive(data)  # Sec. 2's 1373 images, read as the slices with tumour (full-res masks)
     # other data: the ISIC shares, D^L 600 of the 1600 (37.5 %, Sec. 4), +35 per iteration and 20 pseudo (Sec. 4.2)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 600, 35, 1600, pseudo=20)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)

@@ -4,7 +4,7 @@ J.-P. Chevallet, P. Mulhem, G. Quenot; CBMI 2024; papers/region_uncertainty.md).
 Images are ranked by the sum over their pixels of an uncertainty (least confidence, entropy or the MC-dropout
 standard deviation) and the most uncertain are sent to the oracle; with --partial the oracle labels only the
 uncertain pixels (|0.5 - y| < tau_u) of those images and the model's own prediction, binarised at tau_b,
-labels the rest.
+labels the rest. Test Dice: Eq. 4 per image, averaged over the test set (common.dice_iou).
 
   python region_uncertainty.py                                   # synthetic data, CPU, about 2 minutes
   python region_uncertainty.py --partial --tau-u 0.25 --tau-b 0.25   # Sec. V-B: partial annotation
@@ -35,7 +35,7 @@ DEFAULTS = {
                      rounds=40,                # Sec. IV-D: 40 AL iterations
                      rounds_partial=20,        # Sec. V-B: partial annotation runs stop at 20 iterations
                      epochs_initial=10,        # paper silent on the cold start; 10 like every iteration
-                     epochs=10,                # Sec. IV-D: 10 epochs per AL iteration, fine-tuning (footnote 6)
+                     epochs=10,                # Sec. IV-D: 10 epochs per AL iteration; Sec. IV-E: fine-tuned
                      lr=0.01, momentum=0.9, weight_decay=1e-4,  # Sec. IV-D: SGD
                      width=64,                 # Sec. IV-C: ResNet-18 (64 ... 512 channels)
                      mc_passes=20,             # paper silent on N (Eq. 3); 20 as in the CEAL reference code of [24]
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--entropy", default="printed", choices=["printed", "two-term"],
                    help="Eq. 2 as printed, -y log2 y (default), or the two-term binary entropy")
     p.add_argument("--mc-passes", type=int, help="N dropout passes of Eq. 3; default per --data: isic2018 20, "
-                   "synthetic 10 (paper silent; 20 in the CEAL reference code of [24])")
+                   "synthetic 10, other 20 (paper silent; 20 in the CEAL reference code of [24])")
     p.add_argument("--dropout", type=float, help="dropout on the bottleneck (layer4's output, before its 1x1 "
                    "convolution + BatchNorm), which MC dropout samples; default 0.5 with --strategy mc-dropout (paper "
                    "silent; the CEAL reference code of [24] uses 0.5 there), 0 for every other strategy (the paper's "
@@ -85,8 +85,8 @@ def parse_args(argv=None):
                    "(Sec. III-B; the paper tries 0.25, 0.5, 0.75; default 0.5)")
     p.add_argument("--encoder-weights", metavar="PATH", help="local torchvision resnet18 state dict (ImageNet "
                    "weights, as the paper uses); fc.* is ignored; needs --width 64 (default: random initialisation)")
-    p.add_argument("--momentum", type=float, help="SGD momentum; default per --data: isic2018 0.9 (Sec. IV-D)")
-    p.add_argument("--weight-decay", type=float, help="SGD weight decay; default per --data: isic2018 1e-4 (Sec. IV-D)")
+    p.add_argument("--momentum", type=float, help="SGD momentum; default 0.9 on every --data (Sec. IV-D)")
+    p.add_argument("--weight-decay", type=float, help="SGD weight decay; default 1e-4 on every --data (Sec. IV-D)")
     p.add_argument("--loss", default="bce+dice", choices=["bce+dice", "bce", "dice"],
                    help="paper silent (default: bce+dice)")
     p.add_argument("--no-augment", action="store_true", help="switch off the Sec. IV-D augmentation")

@@ -112,7 +112,7 @@ def parse_args(argv=None):
                         "U-Net upsamples bilinearly, align_corners, with no 1x1: its double convolution takes all the "
                         "channels) (paper silent; default: transpose)")
     p.add_argument("--ssl-epochs", type=int, help="Models Genesis pre-training epochs; default per --data: "
-                   "isic2017 100, synthetic 6 (paper silent)")
+                   "isic2017 and other 100, synthetic 6 (paper silent)")
     p.add_argument("--ssl-optim", default="adam", choices=["adam", "sgd"],
                    help="pre-training optimiser: adam (ours: Adam, --ssl-lr 1e-3, batch --batch-size) or sgd (the "
                         "authors' code: SGD momentum 0.9, lr 0.01, batch 1, lr halved every 40 epochs; their early "
@@ -122,16 +122,18 @@ def parse_args(argv=None):
     p.add_argument("--ssl-batch-size", type=int, help="pre-training batch (paper silent; default --batch-size with "
                    "adam, 1 with sgd)")
     p.add_argument("--shuffle-blocks", type=int, help="local pixel shuffling: blocks per image (Models Genesis "
-                   "reference code: 10000; default 10000; 0 turns it off)")
+                   "reference code: 10000; default per --data: isic2017 and other 10000, synthetic 1000; 0 turns "
+                   "it off)")
     p.add_argument("--clusters", type=int, help="k of K-means (Sec. IV-A: 10; Table II: 5 or 10; default 10)")
     p.add_argument("--aap-grid", type=int, choices=[1, 2], help="adaptive average pooling of the last encoder "
                    "stage to grid x grid: 2 -> 512x2x2 = 2048-d at width 32 (Sec. IV-A), 1 -> 512-d (Table II) "
                    "(default 2)")
     p.add_argument("--mc-passes", type=int, help="mc-dropout / ceal: T stochastic passes (paper silent; CEAL "
-                   "reference code 20; default per --data: isic2017 20, synthetic 10)")
+                   "reference code 20; default per --data: isic2017 and other 20, synthetic 10)")
     p.add_argument("--pseudo-step", type=int, help="ceal: step new pseudo-labels per iteration, step x iteration "
                    "in all (CEAL Sec. 4.2: 20; ceal_mcdropout.py's default --pseudo-mode total); dsal: see "
-                   "--dsal-pseudo-from; default per --data (other: the ISIC share of the pool, 20 of 1600)")
+                   "--dsal-pseudo-from; default per --data: isic2017 20, synthetic 5, other the ISIC share of the "
+                   "pool, 20 of 1600)")
     p.add_argument("--dropout", type=float, help="bottleneck dropout (paper silent; default 0.5 for mc-dropout "
                    "and ceal as in the public CEAL code, else 0)")
     p.add_argument("--ensemble-size", type=int, help="ens-s / ens-js / suggestive: M models on bootstrap resamples, "
