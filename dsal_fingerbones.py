@@ -6,9 +6,10 @@ size) scores each unlabelled image by how well its hidden heads agree with its f
 L-DSC = Dice(lower, final) and M-DSC = Dice(middle, final); the images with the largest mean go to the oracle.
 
   python dsal_fingerbones.py                           # synthetic finger bones, CPU, about 2 minutes
-  python dsal_fingerbones.py --strategy random         # the paper's baseline (also --select lowest, --strategy full)
   python dsal_fingerbones.py --data folder --data-dir ~/data/fingerbones   # the paper's protocol (GPU)
   python dsal_fingerbones.py --tables runs/            # Fig. 4: test Dice vs annotations, from finished runs
+
+The paper's baseline is --strategy random (also --select lowest, --strategy full).
 """
 import math
 import os

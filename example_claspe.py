@@ -8,9 +8,9 @@ that reliably beat a foreground-aware random baseline; ClaSP PE is the only one 
 
   python example_claspe.py                       # synthetic data, CPU, about 30 seconds
   python example_claspe.py --strategy random     # the baseline, same model, draw and training
-  python example_claspe.py --strategy entropy    # ablation: plain predictive-entropy top-k
-  python example_claspe.py --strategy full       # the ceiling: the whole pool, the same optimiser steps
   python example_claspe.py --data kvasir-seg --data-dir ~/data/Kvasir-SEG --device cuda
+
+--strategy entropy is the ablation (plain predictive-entropy top-k); full the ceiling (the whole pool, same steps).
 
 Sources: the paper (https://openreview.net/forum?id=UamXueEaYW, arXiv 2601.13677; only its abstract was
 read) and the authors' code, github.com/MIC-DKFZ/nnActive, where ClaSP PE is the strategy

@@ -5,8 +5,7 @@ the images whose per-pixel variance across the four predictions, summed over pix
 TTA uncertainty of Wang et al., Neurocomputing 338, 2019, used here as a query rule).
 
   python example_tta.py                     # synthetic data, CPU, about a minute
-  python example_tta.py --strategy random   # the baseline, same budget
-  python example_tta.py --strategy full     # the ceiling: the whole pool, the same optimiser steps
+  python example_tta.py --strategy random   # the baseline, same budget (full: the whole pool, the same steps)
   python example_tta.py --data kvasir-seg --data-dir ~/data/Kvasir-SEG --device cuda
 """
 import time

@@ -9,7 +9,8 @@ labels the rest. Test Dice: Eq. 4 per image, averaged over the test set (common.
   python region_uncertainty.py                                   # synthetic data, CPU, about 2 minutes
   python region_uncertainty.py --partial --tau-u 0.25 --tau-b 0.25   # Sec. V-B: partial annotation
   python region_uncertainty.py --data isic2018 --data-dir ~/data/isic2018 --strategy entropy  # Table I (GPU)
-  python region_uncertainty.py --tables runs/                    # print Tables I and II from finished runs
+
+--tables RUNS prints Tables I and II from finished runs.
 """
 import math
 import time
