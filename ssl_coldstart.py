@@ -311,7 +311,9 @@ def pretrain(run, x, pool, pool_ids, args, device):
     them as ssl_weights.pt in the run folder. --ssl-optim adam: ours (paper silent); sgd: the authors' code
     (SGD momentum 0.9, lr 0.01, batch 1, step decay; the step, 40 epochs x 0.5, is the Models Genesis PyTorch
     code's StepLR(0.8 x patience 50)).
-    Their early stopping watches a validation loss on test images: left out, the run trains --ssl-epochs."""
+    Their early stopping watches a validation loss on test images: left out, the run trains --ssl-epochs.
+    Each epoch ends with ssl_pretrain.pt (model, optimiser, schedule, generators): --resume continues from the
+    last finished epoch, with the same result as a run never stopped."""
     t0 = time.time()
     model = common.prepare_model(ssl_unet(args), device, args.compile)
     if args.ssl_optim == "sgd":
@@ -321,25 +323,48 @@ def pretrain(run, x, pool, pool_ids, args, device):
         opt, sched = torch.optim.Adam(model.parameters(), lr=args.ssl_lr), None
     gen = torch.Generator(device=device).manual_seed(args.seed)   # the corruptions
     order = torch.Generator().manual_seed(args.seed)             # batch order
-    if os.path.isfile(run.path("ssl_epochs.csv")):
-        os.remove(run.path("ssl_epochs.csv"))
+    saved = run.path("ssl_pretrain.pt")
+    done = dict(epoch=0, losses=[], seconds=0.0)
+    if args.resume and os.path.isfile(saved):  # a run stopped while pre-training: on from its last epoch
+        try:
+            state = torch.load(saved, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise common.UserError(f"{saved}: unreadable ({type(e).__name__}); remove it to pre-train from the start")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if sched is not None:
+            sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        order.set_state(state["order"])
+        done = {k: state[k] for k in done}
+        print(f"resume: pre-training after epoch {done['epoch']} of {args.ssl_epochs}")
+    run.truncate_csv("ssl_epochs.csv", lambda r: None not in r.values() and int(r["epoch"]) <= done["epoch"])
 
     def on_epoch(e, loss, s):
-        run.append_csv("ssl_epochs.csv", {"epoch": e + 1, "loss": loss, "seconds": s})
+        run.append_csv("ssl_epochs.csv", {"epoch": done["epoch"] + e + 1, "loss": loss, "seconds": s})
         if sched is not None:
             sched.step()
-        print(f"  ssl epoch {e + 1}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
+        state = dict(epoch=done["epoch"] + e + 1, losses=done["losses"] + losses_now + [loss],
+                     seconds=done["seconds"] + time.time() - t0, model=model.state_dict(), opt=opt.state_dict(),
+                     sched=sched and sched.state_dict(), gen=gen.get_state(), order=order.get_state())
+        losses_now.append(loss)
+        torch.save(state, saved + ".tmp")
+        os.replace(saved + ".tmp", saved)  # whole or absent
+        print(f"  ssl epoch {state['epoch']}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
               f"{common.fmt_s(run.elapsed())} elapsed", flush=True)
 
-    losses = common.train(model, opt, x, x, pool, args.ssl_epochs, args.ssl_batch_size, device=device, amp=args.amp,
-                          loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
-                          augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks),
-                          generator=order, on_epoch=on_epoch)
-    state, seconds = {k: v.cpu() for k, v in model.state_dict().items()}, time.time() - t0
+    losses_now = []
+    common.train(model, opt, x, x, pool, args.ssl_epochs - done["epoch"], args.ssl_batch_size, device=device,
+                 amp=args.amp, loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
+                 augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks), generator=order, on_epoch=on_epoch)
+    losses = done["losses"] + losses_now
+    state, seconds = {k: v.cpu() for k, v in model.state_dict().items()}, done["seconds"] + time.time() - t0
     torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
                 "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim, "pool": list(pool_ids),
                 "epochs": args.ssl_epochs, "losses": losses, "seconds": seconds}, run.path("ssl_weights.pt.tmp"))
     os.replace(run.path("ssl_weights.pt.tmp"), run.path("ssl_weights.pt"))  # whole or absent: --resume loads it
+    if os.path.isfile(saved):
+        os.remove(saved)  # ssl_weights.pt holds the pre-training now
     ssl_panel(run, model, x, pool, gen, args, device)
     return state, losses, seconds
 

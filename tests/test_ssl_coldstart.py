@@ -773,7 +773,11 @@ def test_comparators_pseudo_step_scales_with_the_pool_on_other_data(tmp_path):
 def test_a_kill_while_the_ssl_weights_are_saved_leaves_no_half_file(tmp_path, monkeypatch):
     """ssl_weights.pt is written to a temporary name and then renamed: a kill mid-write leaves no ssl_weights.pt
     for --resume to load (and fail on), so the resume pre-trains again."""
+    save = torch.save
+
     def killed(obj, path, *a, **k):
+        if "ssl_weights" not in str(path):  # the epochs' ssl_pretrain.pt
+            return save(obj, path, *a, **k)
         with open(path, "wb") as f:
             f.write(b"PK\x03\x04 half a file")
         raise KeyboardInterrupt
@@ -806,3 +810,36 @@ def test_a_new_adam_each_round_and_the_authors_batch(tmp_path, monkeypatch):
     assert len(members) == 2 * 3 and [s[2] for s in members[2:]] == [1] * 4  # each member's Adam kept
     for data in ("isic2017", "kvasir-seg"):
         assert S.parse_args(["--data", data, "--data-dir", "x"]).batch_size == 10
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_a_run_stopped_while_pre_training_goes_on_from_its_last_epoch(tmp_path, monkeypatch, optim):
+    """A kill during the Models Genesis pre-training loses at most the epoch in progress: --resume goes on from
+    ssl_pretrain.pt (model, optimiser, the SGD schedule, both generators), and the pre-trained weights, their
+    losses, ssl_epochs.csv and the run's picks equal those of a run never stopped."""
+    flags = ("--ssl-epochs", 4, "--ssl-optim", optim, "--rounds", 1)
+    whole = main(*flags, "--out", tmp_path / "whole")
+    train = common.train
+
+    def stopped(*a, on_epoch=None, **k):  # a kill after the second epoch's end
+        def then_stop(e, *b):
+            on_epoch(e, *b)
+            if e == 1:
+                raise KeyboardInterrupt
+        return train(*a, on_epoch=then_stop if a[5] == 4 else on_epoch, **k)  # a[5]: the epochs asked for
+
+    monkeypatch.setattr(S.common, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(*flags, "--out", tmp_path / "cut")
+    monkeypatch.setattr(S.common, "train", train)
+    cut = str(next((tmp_path / "cut").iterdir()))
+    assert torch.load(os.path.join(cut, "ssl_pretrain.pt"), weights_only=False)["epoch"] == 2
+    with open(os.path.join(cut, "ssl_epochs.csv"), "a") as f:
+        f.write("3,0.1")  # a row cut short by the kill
+    assert S.main(["--resume", cut]) == cut
+    a, b = (torch.load(os.path.join(r, "ssl_weights.pt"), weights_only=False) for r in (whole, cut))
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 4
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert [r["loss"] for r in read(cut, "ssl_epochs.csv")] == [r["loss"] for r in read(whole, "ssl_epochs.csv")]
+    assert read(cut, "queried.csv") == read(whole, "queried.csv")
+    assert not os.path.exists(os.path.join(cut, "ssl_pretrain.pt"))  # ssl_weights.pt holds it now
