@@ -321,7 +321,11 @@ def read_image(path, mode, size=None, with_size=False, mask=False):
                 im = to_8bit(im)
             if mask and (im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info):  # transparent: black
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+            if mask and im.mode in ("P", "RGB", "RGBA"):
+                im = colour_mask(im, path)
             out = im.convert(mode) if im.mode != mode else im.copy()
+    except UserError:
+        raise
     except Exception as e:
         try:
             a = read_raw_tiff(path)
@@ -330,6 +334,24 @@ def read_image(path, mode, size=None, with_size=False, mask=False):
         stored = (a.shape[1], a.shape[0])
         out = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a[..., :3]).convert(mode)
     return (out, stored) if with_size else out
+
+
+def colour_mask(im, path):
+    """A palette or colour mask, as annotation tools write them (a palette index, or a colour, per class): with
+    black and one other colour, that colour is the object (0/255), whatever its brightness (red is 76 in grey).
+    A grey one (a JPEG's chroma noise included), or one of more colours bright enough, stays as it is, for
+    binarise_mask; one of more colours, all dark, is an error that says so."""
+    rgb = np.asarray(im.convert("RGB"))
+    if int((rgb.max(-1) - rgb.min(-1)).max()) <= 64:
+        return im
+    colours = np.unique((rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2])
+    if len(colours) == 2 and colours[0] == 0:
+        return Image.fromarray(np.where(rgb.any(-1), 255, 0).astype(np.uint8))
+    if np.asarray(im.convert("L")).max() >= 128:  # e.g. a bright JPEG one: its grey values, as before
+        return im
+    raise UserError(f"{path}: a colour mask with {len(colours)} colours"
+                    f"{'' if colours[0] == 0 else ', none of them black'}; expected one object colour on black (or "
+                    f"a white object on black, or 0/1 values)")
 
 
 def binarise_mask(m, path):

@@ -110,6 +110,11 @@ def _num(v):
         return None
 
 
+def nan(v):
+    """Not measured: nan in a CSV, null (None) in JSON."""
+    return v is None or v != v
+
+
 def _json(run, name):
     """A run file's JSON object, or {} where it is missing or unreadable (check_run names that itself)."""
     try:
@@ -179,7 +184,7 @@ def check_run(run, pool_scores=True, picks=True):
             final, last = _num(summary.get("final_dice")), _num(rows[-1].get("dice_mean"))
             if "final_dice" not in summary:
                 p.append("summary.json lacks final_dice")
-            elif final is None or last is None or abs(final - last) > 1e-4:
+            elif nan(final) != nan(last) or not nan(final) and abs(final - last) > 1e-4:  # no test set: both nan
                 p.append(f"summary.json: final_dice {summary['final_dice']} is not the last round's dice_mean "
                          f"{rows[-1].get('dice_mean')}")
     elif have("summary.json") and "final_dice" not in json.load(open(os.path.join(run, "summary.json"))):

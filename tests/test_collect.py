@@ -182,6 +182,11 @@ def test_round_row_and_summary(tmp_path, monkeypatch):
         run.log_round(row)
         run.finish()
         assert json.load(open(run.path("summary.json"))).get("peak_device_gib") == peak
+    run.log_round(empty)  # no test set: nan in rounds.csv, null in summary.json (NaN is not JSON: jq refuses it)
+    run.finish({"val": [math.nan, 1.0], "inf": math.inf})
+    text = open(run.path("summary.json")).read()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert [summary[k] for k in ("final_dice", "final_iou", "val", "inf")] == [None, None, [None, 1.0], None]
 
 
 def test_runs_of_other_settings_are_never_pooled(tmp_path):

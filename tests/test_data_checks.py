@@ -409,6 +409,8 @@ def test_bad_out_and_damaged_run_folders_are_one_line(tmp_path, capsys):
     import example_tta
     assert one_line_error(capsys, lambda: example_tta.main([*tiny, "--out", str(tmp_path / "file")])).startswith(
         f"error: --out {tmp_path / 'file'}: cannot make the run folder")
+    assert one_line_error(capsys, lambda: example_tta.main([*tiny, "--out", ""])) == (  # not the current folder
+        "error: --out '': expected a folder to hold the run folder (default: runs)")
     run = example_tta.main([*tiny, "--out", str(tmp_path / "runs")])
     capsys.readouterr()
     ckpt = os.path.join(run, "checkpoint.pt")

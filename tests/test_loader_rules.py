@@ -34,6 +34,31 @@ def test_grey_and_label_map_masks_are_refused():
         loaders.binarise_mask(m, "m.png")
 
 
+def test_palette_and_colour_masks_read_their_object_colour(tmp_path):
+    """An annotation tool's mask: palette indices 0/1 (index 1 red or dark blue, 76 and 15 in grey) or a red object
+    on black is the object, whatever its grey value; a dark colour mask of many colours (a JPEG's) is refused,
+    saying so; a grey JPEG mask is read by its grey values, as before."""
+    m = np.zeros((20, 30), np.uint8)
+    m[5:10, 5:20] = 1
+    for name, colour in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 128))):
+        im = Image.fromarray(m, "P")
+        im.putpalette([0, 0, 0, *colour] + [0] * 762)
+        im.save(tmp_path / name)
+        assert loaders.binarise_mask(np.asarray(loaders.read_image(tmp_path / name, "L", mask=True)), name).tolist() \
+            == m.tolist(), name
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[m == 1] = (255, 0, 0)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert (np.asarray(loaders.read_image(tmp_path / "rgb.png", "L", mask=True)) == m * 255).all()
+    Image.fromarray(rgb).save(tmp_path / "red.jpg", quality=90)
+    with pytest.raises(loaders.UserError, match=r"red.jpg: a colour mask with \d+ colours; expected one object colour "
+                                                r"on black"):
+        loaders.read_image(tmp_path / "red.jpg", "L", mask=True)
+    Image.fromarray(np.repeat(m[..., None] * 255, 3, -1)).save(tmp_path / "grey.jpg", quality=90)
+    grey = np.asarray(loaders.read_image(tmp_path / "grey.jpg", "L", mask=True))
+    assert 2 < len(np.unique(grey)) and loaders.binarise_mask(grey, "grey.jpg").tolist() == m.tolist()
+
+
 def test_resize_mask_keeps_half_covered_pixels():
     """Bilinear on 0/255, then >= 128: 33 of 64 columns -> 16 whole output columns and the half-covered 17th."""
     m = np.zeros((64, 64), np.uint8)

@@ -157,6 +157,16 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
     for sub in ("images", "masks"):
         name = next(n for n in os.listdir(tmp_path) if n.startswith(f"{sub}-"))
         os.rename(tmp_path / name, os.path.join(root, sub, name[len(sub) + 1:]))
+    queried = open(path("queried.csv")).read()
+    for cut in ("", queried[:queried.rindex("\n", 0, -1) + 1]):  # deleted, or its last row gone: whose labels?
+        with open(path("queried.csv"), "w") as f:
+            f.write(cut)
+        rows = lambda text: max(0, text.count("\n") - 1)  # less the header
+        with pytest.raises(common.UserError, match=f"{path('queried.csv')}: {rows(cut)} rows, but the rounds "
+                                                   f"checkpoint.pt finished wrote {rows(queried)}"):
+            example_tta.main(["--resume", run_dir])
+    with open(path("queried.csv"), "w") as f:
+        f.write(queried)
     os.remove(path("rounds.csv"))
     with pytest.raises(common.UserError, match=f"{path('rounds.csv')}: no row of round 1, which checkpoint.pt "
                                                f"finished"):
