@@ -353,11 +353,11 @@ def pretrain(run, x, pool, pool_ids, args, device):
         print(f"  ssl epoch {state['epoch']}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
               f"{common.fmt_s(run.elapsed())} elapsed", flush=True)
 
-    losses_now = []
-    common.train(model, opt, x, x, pool, args.ssl_epochs - done["epoch"], args.ssl_batch_size, device=device,
-                 amp=args.amp, loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
-                 augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks), generator=order, on_epoch=on_epoch)
-    losses = done["losses"] + losses_now
+    losses_now = []  # for ssl_pretrain.pt
+    losses = done["losses"] + common.train(
+        model, opt, x, x, pool, args.ssl_epochs - done["epoch"], args.ssl_batch_size, device=device, amp=args.amp,
+        loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
+        augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks), generator=order, on_epoch=on_epoch)
     state, seconds = {k: v.cpu() for k, v in model.state_dict().items()}, done["seconds"] + time.time() - t0
     torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
                 "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim, "pool": list(pool_ids),

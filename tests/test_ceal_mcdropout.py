@@ -127,6 +127,21 @@ def test_score_pool_runs_the_mc_passes_asked_for(monkeypatch):
         assert seen[-1] == T
 
 
+@pytest.mark.parametrize("query, split", [(35, (10, 10, 15)), (10, (3, 3, 4)), (7, (2, 2, 3))])
+def test_ceal_query_splits_the_query_two_sevenths_each_way(monkeypatch, query, split):
+    """Sec. 4.2's 35 queries, 10 lowest / 10 highest / 15 band: groups 1 and 2 take 2/7 of --query each, rounded
+    to the nearest (10 -> 3 / 3 / 4, not 2 / 2 / 6), group 3 the rest."""
+    seen = []
+    monkeypatch.setattr(ceal_mcdropout, "score_pool", lambda model, x, y, pool, args, device: (
+        np.zeros(len(pool)), torch.zeros((len(pool), 4, 4), dtype=torch.uint8), np.full(len(pool), np.nan)))
+    monkeypatch.setattr(common, "ceal_groups", lambda scores, *a, **k: seen.append(a[:3]) or [np.zeros(0, int)] * 4)
+    monkeypatch.setattr(ceal_mcdropout, "figures", lambda *a: None)
+    args = ceal_mcdropout.parse_args(["--data", "isic2017", "--data-dir", ".", "--query", str(query)])
+    ceal_mcdropout.ceal_query(None, 1, None, torch.zeros(50, 3, 4, 4), None, np.arange(50), args, None,
+                              torch.device("cpu"))
+    assert seen == [split]
+
+
 def read(run, name):
     return list(csv.DictReader(open(os.path.join(run, name))))
 

@@ -362,6 +362,36 @@ def test_mc_variance_sums_the_variance_and_thresholds_the_mean(monkeypatch):
     assert pseudo.tolist() == [[[0, 0], [1, 1]], [[0, 1], [0, 1]]]
 
 
+def test_mc_dropout_moments_by_hand_on_every_path():
+    """CEAL Sec. 4.1: mc_dropout's per-pixel mean and variance over the T passes are the sample moments, the
+    variance E[p^2] - E[p]^2 (population, ddof 0, as its docstring's sums), here on known pass probabilities with
+    a different mean per pixel and a first pass away from it; the same on the looped path (the CPU default the
+    scripts take), the batched one and encoder once (dropout at the bottleneck)."""
+    T, B, H, W = 5, 2, 3, 3
+    probs = torch.rand((T, B, H, W), generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+
+    class Passes(torch.nn.Module):                 # the t-th pass over the batch gives probs[t], in call order
+        def __init__(self, split):
+            super().__init__()
+            self.t, self.dropout_at = 0, "bottleneck" if split else "every"
+            if split:
+                self.encode, self.decode = lambda xb: [xb], lambda feats: self(feats[0])
+
+        def forward(self, xb):
+            r = len(xb) // B
+            self.t += r
+            return torch.logit(probs[self.t - r:self.t].reshape(r * B, 1, H, W))
+    x = torch.zeros(B, 1, H, W, dtype=torch.uint8)
+    for batched, split in ((False, False), (True, False), (False, True), (True, True)):
+        model = Passes(split)
+        (_, mean, var), = list(common.mc_dropout(model, x, np.arange(B), T, B, torch.device("cpu"), batched=batched))
+        assert model.t == T, (batched, split)
+        assert torch.allclose(mean, probs.mean(0), atol=1e-6), (batched, split)
+        assert torch.allclose(var, probs.var(0, unbiased=False), atol=1e-6), (batched, split)
+    scores, _ = common.mc_variance(Passes(False), x, np.arange(B), T, B, torch.device("cpu"))
+    assert scores == pytest.approx(probs.var(0, unbiased=False).sum((1, 2)).numpy(), abs=1e-5)
+
+
 def test_mc_dropout_keeps_batchnorm_in_eval_mode():
     """PROTOCOLS (Baseline query rules): MC dropout runs its passes with dropout on and BatchNorm in eval mode
     (running statistics), on every path; the running statistics are not updated by the passes."""

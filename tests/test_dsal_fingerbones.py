@@ -185,6 +185,23 @@ def test_main_fine_tunes_one_model_with_the_weighted_heads(monkeypatch, tmp_path
     assert calls[0][3]((final, [lower, middle]), t).item() == pytest.approx(want.item(), rel=1e-6)
 
 
+def test_default_ds_weights_weigh_lower_middle_final_as_eq_2(monkeypatch):
+    """Eq. 2, Sec. III-A: L = 0.1 L_l + 0.3 L_m + 0.6 L_f by default, the lower head (after decoder stage 0, the
+    lowest resolution) weighed least and the final head most; the same weights with Eq. 1's cross-entropy alone
+    and with --loss ce+dice (a stub per-head loss: the logits' mean)."""
+    args = dsal.parse_args(["--data", "folder", "--data-dir", "."])
+    assert args.ds_weights == [0.1, 0.3, 0.6] and args.ds_stages == [0, 1]
+    const = lambda v: torch.full((1, 1, 2, 2), float(v))
+    out = (const(100), [const(1), const(10)])                 # final, [stage 0 (lower), stage 1 (middle)]
+    monkeypatch.setattr(common, "bce_dice_loss", lambda logits, target: logits.mean())
+    loss = dsal.ds_loss(out, torch.zeros(1, 2, 2), args.ds_stages, args.ds_weights, dice=True)
+    assert loss.item() == pytest.approx(0.1 * 1 + 0.3 * 10 + 0.6 * 100)
+    sp = lambda z: math.log1p(math.exp(z))                    # BCE of logit z against background: softplus(z)
+    out = (const(3), [const(-1), const(1)])
+    loss = dsal.ds_loss(out, torch.zeros(1, 2, 2), args.ds_stages, args.ds_weights)
+    assert loss.item() == pytest.approx(0.1 * sp(-1) + 0.3 * sp(1) + 0.6 * sp(3), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------- Fig. 4 table, hand-made runs
 def fake_run(root, name, strategy, select, seed, curve, split=(100, 10, 10), finished=True):
     run = root / name

@@ -580,13 +580,19 @@ def test_mc_dropout_and_ens_s_query_the_highest_score_end_to_end(spy, monkeypatc
 def test_dsal_rule_end_to_end(spy, monkeypatch, tmp_path):
     """DSAL ([5]): the lowest head agreement to the oracle; from --dsal-pseudo-from on, pseudo_step x (t - from + 1)
     pseudo-labels, the highest agreement among the most confident (top bin of 10), re-drawn every round and left
-    in the pool; their targets are the model's masks (here all ones), never the ground truth."""
+    in the pool; their targets are the model's masks, each image its own (here a different one per image: its
+    first (i mod (H W - 1)) + 1 pixels), never the ground truth."""
     confident = lambda i: known(i) % 3 == 0.5            # about a third of the pool in the top confidence bin
+
+    def own_mask(i, shape):
+        m = torch.zeros(shape[0] * shape[1], dtype=torch.uint8)
+        m[:i % (m.numel() - 1) + 1] = 1
+        return m.view(shape)
 
     def fake(model, x, pool, args, device):
         a = np.array([known(i) for i in pool])
         conf = np.array([0.4 if confident(i) else 0.1 for i in pool])
-        return a, a, a, conf, torch.ones((len(pool),) + tuple(x.shape[-2:]), dtype=torch.uint8)
+        return a, a, a, conf, torch.stack([own_mask(int(i), tuple(x.shape[-2:])) for i in pool])
     monkeypatch.setattr(S, "dsal_scores", fake)
     run = main("--strategy", "dsal", "--dsal-pseudo-from", 1, "--epochs-initial", 0, "--epochs", 0, "--out", tmp_path)
     data, picks = spy["data"], picks_by_round(run)
@@ -600,8 +606,11 @@ def test_dsal_rule_end_to_end(spy, monkeypatch, tmp_path):
         pool -= set(picks[rnd]["oracle-dsal"])                   # pseudo-labelled samples stay in the pool
     ck = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
     assert sorted(data.ids[i] for i in ck["pseudo"]) == sorted(picks[2]["pseudo"])  # round 1's set is replaced
-    assert (ck["pseudo_masks"] == 1).all()               # the model's masks, not the ground truth
-    assert not all((data.y[i] == 1).all() for i in ck["pseudo"])
+    assert len(ck["pseudo_masks"]) == len(ck["pseudo"]) == 4
+    for i, mask in zip(ck["pseudo"], ck["pseudo_masks"]):  # each image's own mask, not another pseudo-label's
+        assert torch.equal(mask, own_mask(int(i), tuple(mask.shape))), data.ids[i]
+    assert not all(np.array_equal(np.asarray(data.y[i]).reshape(mask.shape), mask.numpy())   # not the ground truth
+                   for i, mask in zip(ck["pseudo"], ck["pseudo_masks"]))
     assert int(read(run, "rounds.csv")[-1]["pseudo"]) == 4
 
 
@@ -669,16 +678,37 @@ def test_dsal_loss_weights_and_pseudo_count(monkeypatch):
         assert len(picks.get("pseudo", [])) == n_pseudo, rnd
 
 
-def test_ceal_comparator_splits_the_query_as_ceal(monkeypatch):
+def test_dsal_scores_confidence_is_the_distance_from_one_half_either_way():
+    """DSAL ([5], its JBHI code's CONF_THRES filter): the confidence is the mean |p - 0.5| of the final head, so
+    an image the model calls background for sure (p = 0.01: 0.49) is more confident than one at p = 0.55 (0.05);
+    the pseudo-label is the final head binarised at 0.5 and the agreement Dice of the binarised heads."""
+    probs = torch.tensor([0.01, 0.55])
+
+    class Stub(torch.nn.Module):                   # image 0 is all 0, image 1 all 255
+        def forward(self, xb):
+            i = (xb[:, 0, 0, 0] > 0.5).long()
+            logit = torch.logit(probs[i]).view(-1, 1, 1, 1).expand(-1, 1, *xb.shape[-2:])
+            return logit, (logit, logit)
+    x = torch.stack([torch.zeros(1, 4, 4), torch.full((1, 4, 4), 255.)]).to(torch.uint8)
+    args = types.SimpleNamespace(batch_size=1, amp=False)
+    agree, l_dsc, m_dsc, conf, masks = S.dsal_scores(Stub(), x, np.arange(2), args, torch.device("cpu"))
+    assert conf == pytest.approx([0.49, 0.05], abs=1e-5)
+    assert masks.tolist() == [[[0] * 4] * 4, [[1] * 4] * 4]
+    assert agree == pytest.approx([1, 1]) and l_dsc == pytest.approx([1, 1]) and m_dsc == pytest.approx([1, 1])
+
+
+@pytest.mark.parametrize("query, split", [(35, (10, 10, 15)), (10, (3, 3, 4)), (7, (2, 2, 3))])
+def test_ceal_comparator_splits_the_query_as_ceal(monkeypatch, query, split):
     """The CEAL comparator's 35 queries are CEAL's Sec. 4.2 groups, 10 lowest / 10 highest / 15 band, beside
-    --pseudo-step pseudo-labels (as ceal_mcdropout.ceal_query)."""
+    --pseudo-step pseudo-labels (as ceal_mcdropout.ceal_query): 2/7 of --query each to the lowest and highest,
+    rounded to the nearest (10 -> 3 / 3 / 4, not 2 / 2 / 6)."""
     seen = []
     monkeypatch.setattr(common, "mc_variance", lambda model, x, idx, *a: (
         np.arange(len(idx), dtype=float), torch.zeros((len(idx), 8, 8), dtype=torch.uint8)))
     monkeypatch.setattr(common, "ceal_groups", lambda scores, *a, **k: seen.append(a[:4]) or [np.zeros(0, int)] * 4)
-    args = S.parse_args([*map(str, TINY), "--query", "35", "--pseudo-step", "20"])
+    args = S.parse_args([*map(str, TINY), "--query", str(query), "--pseudo-step", "20"])
     S.query("ceal", 1, None, [], torch.zeros(100, 1, 8, 8), np.arange(100), args, torch.device("cpu"), None)
-    assert seen == [(10, 10, 15, 20)]
+    assert seen == [(*split, 20)]
 
 
 def test_facility_location_takes_the_marginal_gain():
