@@ -139,6 +139,13 @@ def main(argv=None):
     p.add_argument("--vs-random", action="store_true", help="with --out: also vs_random.md and curves_by_script.png "
                    "(each rule against its own script's random, and the ceiling)")
     args = p.parse_args(argv)
+    missing = [path for path in args.paths if not os.path.isdir(path)]
+    if missing:
+        raise common.UserError(f"{missing[0]}: " + ("a file" if os.path.exists(missing[0]) else "no such folder")
+                               + "; expected run folders, or folders that contain run folders")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):  # before the work, not after
+        raise common.UserError(f"--out {args.out}: a file; expected a folder for results.md, results.csv and "
+                               f"curves.png")
     summary = collect(args.paths, args.by, args.data, args.final)
     if not summary:
         raise common.UserError(f"no finished rounds (rounds.csv) under {' '.join(args.paths)}")

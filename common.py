@@ -131,7 +131,8 @@ def resolve(args, defaults, size=(16, 32), **at_least):
                          (args.seed >= 2 ** 32, f"--seed {args.seed}: expected below 2^32 (NumPy's seed range)"),
                          (args.data == "synthetic" and args.data_dir and not args.resume, f"--data-dir {args.data_dir} "
                           "with --data synthetic, which is built in and reads no folder: name its --data (e.g. folder)"),
-                         (args.split and min(args.split) < 0, f"--split {args.split}: expected sizes of at least 0"),
+                         (args.split and (min(args.split) < 0 or args.split[0] < 1), f"--split {args.split}: expected "
+                          "sizes of at least 0, the training pool's (the first) at least 1"),
                          (not 0 <= dropout < 1, f"--dropout {dropout}: expected a probability in [0, 1)"),
                          (args.image_size < low or args.image_size % step, f"--image-size {args.image_size}: expected "
                           f"a multiple of {step}, at least {low} (the U-Net's poolings); the nearest "
@@ -752,7 +753,8 @@ class Run:
             cfg_path = os.path.join(self.dir, "config.json")
             if not os.path.isfile(cfg_path):
                 raise UserError(f"--resume {self.dir}: " + ("no config.json there" if os.path.isdir(self.dir) else
-                                "no such folder") + "; expected a run folder this script wrote")
+                                "a file" if os.path.exists(self.dir) else "no such folder")
+                                + "; expected a run folder this script wrote")
             cfg = read_config(cfg_path)
             if cfg is None:
                 raise UserError(f"--resume {cfg_path}: not a run's config (unreadable JSON, or no script and flags "

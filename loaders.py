@@ -190,7 +190,9 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
         if os.path.basename(root).lower() in ("images", "masks"):
             raise UserError(f"{root} is itself the {os.path.basename(root)} folder: point --data-dir at its parent "
                             f"{os.path.dirname(root)}")
-        raise UserError(f"{root}: expected {what} (found: {sorted(os.listdir(root))[:8]})")
+        inner = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d, "images"))]
+        down = f"; the layout is one folder down: --data-dir {os.path.join(root, inner[0])}?" if inner else ""
+        raise UserError(f"{root}: expected {what} (found: {sorted(os.listdir(root))[:8]}){down}")
     pats = ["*" + e for e in IMAGE_EXT]
     images = _files(img_dir, pats, "image files")
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []

@@ -374,7 +374,9 @@ def load_ssl_weights(path, args, pool_ids):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise common.UserError(f"--ssl-weights {path}: unreadable ({type(e).__name__}: {e})")
+        first = (str(e).splitlines() or [""])[0][:120]  # torch's own message runs to several sentences
+        raise common.UserError(f"--ssl-weights {path}: unreadable ({type(e).__name__}: {first}); expected the "
+                               f"ssl_weights.pt of an earlier run")
     if not (isinstance(saved, dict) and "state_dict" in saved):
         raise common.UserError(f"--ssl-weights {path}: expected the ssl_weights.pt that ssl_coldstart.py writes")
     for key, old in (("width", None), ("image_size", None), ("channels", 1), ("up", "transpose")):

@@ -224,7 +224,11 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     fake_run(tmp_path / "runs", "a", "x", "rule", 0, [0.5, 0.6, 0.7])
     (tmp_path / "file").write_text("")
     code, err = _exit([str(tmp_path / "runs"), "--out", str(tmp_path / "file")], capsys)
-    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'file'}: cannot make the folder")
+    assert code == 2 and err == f"error: --out {tmp_path / 'file'}: a file; expected a folder for results.md, " \
+                                f"results.csv and curves.png\n"
+    assert capsys.readouterr().out == ""  # said before the table, not after it
+    code, err = _exit([str(tmp_path / "runs"), "--out", str(tmp_path / "file" / "sub")], capsys)
+    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'file' / 'sub'}: cannot make the folder")
     assert "expected a folder" in err and "Traceback" not in err
 
 
@@ -307,6 +311,10 @@ def test_a_seed_run_twice_is_named(tmp_path, capsys):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(common.UserError, match="no finished rounds"):
         collect.main([str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    for path, what in ((tmp_path / "nowhere", "no such folder"), (tmp_path / "file", "a file")):
+        with pytest.raises(common.UserError, match=f"^{path}: {what}; expected run folders, or folders that"):
+            collect.main([str(tmp_path), str(path)])
 
 
 def test_example_method_end_to_end_and_resume(tmp_path):

@@ -370,6 +370,8 @@ def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
     ("example_tta", ["--workers", "-1"], "--workers -1: expected at least 0"),
     ("example_tta", ["--lr", "-1"], "--lr -1.0: expected a finite learning rate above 0"),
     ("example_tta", ["--split", "-1", "8", "8"], r"--split \[-1, 8, 8\]: expected sizes of at least 0"),
+    ("example_tta", ["--split", "0", "8", "8"], r"--split \[0, 8, 8\]: expected sizes of at least 0, the training "
+                                                r"pool's \(the first\) at least 1"),
     ("example_tta", ["--image-size", "40"], "--image-size 40: expected a multiple of 16, at least 32 .*the nearest "
                                             "are 32 and 48"),
     ("example_tta", ["--image-size", "8"], "--image-size 8: expected a multiple of 16"),

@@ -138,7 +138,8 @@ def test_the_images_folder_given_points_at_its_parent(tmp_path):
         with pytest.raises(loaders.UserError, match=re.escape(f"{os.path.join(root, sub)} is itself the {sub} folder: "
                                                               f"point --data-dir at its parent {root}")):
             loaders.load_data("folder", os.path.join(root, sub) + os.sep, 16, quiet=True)
-    with pytest.raises(loaders.UserError, match=r"expected images/ and masks/.* \(found: \['data'\]\)$"):
+    with pytest.raises(loaders.UserError, match=r"expected images/ and masks/.* \(found: \['data'\]\); the layout is "
+                                                + re.escape(f"one folder down: --data-dir {root}?") + "$"):
         loaders.load_data("folder", str(tmp_path), 16, quiet=True)
 
 

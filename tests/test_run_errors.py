@@ -108,6 +108,9 @@ def test_resume_of_a_folder_that_is_not_there(tmp_path):
         common.Run("x.py", _args(resume=str(tmp_path / "nowhere")), torch.device("cpu"))
     with pytest.raises(common.UserError, match="no config.json there; expected a run folder"):
         common.Run("x.py", _args(resume=str(tmp_path)), torch.device("cpu"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(common.UserError, match="file: a file; expected a run folder"):
+        common.Run("x.py", _args(resume=str(tmp_path / "file")), torch.device("cpu"))
 
 
 def test_resume_from_another_folder_and_with_the_data_moved(tmp_path, monkeypatch, capsys):

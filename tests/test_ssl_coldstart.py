@@ -448,6 +448,10 @@ def test_bad_input_messages(tmp_path):
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         return out.stderr
     assert "--ssl-weights nowhere.pt: file not found" in fails(*TINY, "--ssl-weights", "nowhere.pt")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + bytes(200))  # a copy cut short: torch's message is long
+    err = fails(*TINY, "--ssl-weights", tmp_path / "cut.pt").strip()
+    assert err.startswith(f"error: --ssl-weights {tmp_path / 'cut.pt'}: unreadable (") and len(err) < 300
+    assert err.endswith("expected the ssl_weights.pt of an earlier run") and "\n" not in err
     with pytest.raises(common.UserError, match="--image-size 40: expected a multiple of 16"):
         main("--image-size", 40, "--out", tmp_path)
     with pytest.raises(common.UserError, match="labelling budget 48"):
