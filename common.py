@@ -47,7 +47,9 @@ def run_main(main):
         sys.exit(2)
     except KeyboardInterrupt:
         saved = Run.used and os.path.isfile(os.path.join(Run.used, "checkpoint.pt"))  # what --resume continues from
-        done = "finished rounds are saved" if saved else "no round finished yet: round 0 starts again"
+        kept = [n for n in sorted(os.listdir(Run.used)) if n.endswith(".pt")] if Run.used and not saved else []
+        done = "finished rounds are saved" if saved else "no round finished yet: round 0 starts again" + (
+            f" ({', '.join(kept)} kept: --resume goes on from it)" if kept else "")  # e.g. SSL's pre-training
         print("interrupted" + (f": {done}; continue with --resume {Run.used}" if Run.used else ""), file=sys.stderr)
         sys.exit(130)
 

@@ -56,13 +56,18 @@ def test_a_rejected_new_run_leaves_no_folder_but_a_started_one_is_kept(tmp_path,
 
 def test_ctrl_c_names_the_run_folder(tmp_path, capsys):
     """The line says whether a round is saved (checkpoint.pt, what --resume reads): before the first one
-    finished, it does not claim finished rounds, and says round 0 starts again, as --resume then does."""
+    finished, it does not claim finished rounds, and says round 0 starts again, as --resume then does, and which
+    state saved before round 0 is kept (ssl_coldstart.py's pre-training, saved each epoch)."""
     def interrupted(finished):
         run = common.Run("x.py", _args(out=str(tmp_path / str(finished))), torch.device("cpu"))
         if finished:
             run.save_checkpoint({"round": 0})
+        if finished is None:
+            open(run.path("ssl_pretrain.pt"), "w").close()
         raise KeyboardInterrupt
-    for finished, said in ((True, "finished rounds are saved"), (False, "no round finished yet: round 0 starts again")):
+    for finished, said in ((True, "finished rounds are saved"), (False, "no round finished yet: round 0 starts again"),
+                           (None, "no round finished yet: round 0 starts again (ssl_pretrain.pt kept: --resume goes "
+                                  "on from it)")):
         with pytest.raises(SystemExit) as e:
             common.run_main(lambda: interrupted(finished))
         run_dir = os.path.join(tmp_path, str(finished), os.listdir(tmp_path / str(finished))[0])
