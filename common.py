@@ -404,16 +404,16 @@ def al_steps(plan, batch_size):
     return sum(e * math.ceil(n / batch_size) for n, e, _ in plan)
 
 
-def ceiling(args, n_train, pseudo=None, redraw=False):
+def ceiling(args, n_train, pseudo=None, redraw=False, steps=None):
     """The schedule: (rounds after round 0, epochs of round 0, optimiser steps of round 0 or None). For
     --strategy full, the ceiling, the same model trains on the whole pool of n_train for the optimiser steps
     of the active-learning run these flags describe (al_steps; pseudo(r), redraw: CEAL's pseudo-labels, as in
-    Progress.plan), in round 0 alone: (0, its epochs, the steps). Otherwise the flags': (rounds, epochs_initial,
-    None)."""
+    Progress.plan), or `steps` where a paper states its own count (region's --full-steps), in round 0 alone:
+    (0, its epochs, the steps). Otherwise the flags': (rounds, epochs_initial, None)."""
     if args.strategy != "full":
         return args.rounds, args.epochs_initial, None
-    steps = al_steps(Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial, args.epochs,
-                                   n_train - args.initial, pseudo=pseudo, redraw=redraw), args.batch_size)
+    steps = steps or al_steps(Progress.plan(args.initial, args.query, args.rounds, args.epochs_initial, args.epochs,
+                                            n_train - args.initial, pseudo=pseudo, redraw=redraw), args.batch_size)
     return 0, math.ceil(steps / math.ceil(n_train / args.batch_size)), steps
 
 

@@ -40,7 +40,7 @@ DEFAULTS = {
                      lr=0.01, momentum=0.9, weight_decay=1e-4,  # Sec. IV-D: SGD
                      width=64,                 # Sec. IV-C: ResNet-18 (64 ... 512 channels)
                      mc_passes=20,             # paper silent on N (Eq. 3); 20 as in the CEAL reference code of [24]
-                     full_steps=8140),         # Sec. V-A: the full baseline's iterations (schedule())
+                     full_steps=8140),         # Sec. V-A: the full baseline's iterations (below)
     # CPU-sized protocol: about two minutes on 2 cores. The paper's shape, scaled down.
     # epochs_initial 40: from a random initialisation, 10 epochs of 2 batches leave the cold-start model at
     # the empty prediction (measured), so the first query would be blind; the paper starts from ImageNet weights.
@@ -53,6 +53,9 @@ DEFAULTS = {
                   epochs_initial=10, epochs=10, lr=0.01, momentum=0.9, weight_decay=1e-4, width=64, mc_passes=20,
                   full_steps=0),  # paper silent off ISIC 2018: the full baseline gets the AL run's own steps
 }
+# full_steps, Sec. V-A: "the same number of iterations as for 40 AL iterations was used: 8140". The AL run of the
+# isic2018 defaults counts 9840 (128 + 32 r images, 10 epochs each at batch 32, r = 0..40; 8140 is r = 0..36), so
+# the paper's number is that row's default; --full-steps 0 gives the AL run's count (common.ceiling).
 STRATEGIES = ["least-confidence", "entropy", "mc-dropout", "random", "full"]
 UNLABELLED = 255  # training-target value of a pixel nobody has labelled (masks are 0/1)
 LOSSES = {"bce+dice": common.bce_dice_loss, "dice": common.soft_dice_loss,  # --loss (paper silent)
@@ -229,17 +232,6 @@ def _blend(img, other, factor):
     return (factor * img + (1 - factor) * other).clamp(0, 1)
 
 
-def schedule(args, n_train):
-    """common.ceiling, but --strategy full trains --full-steps optimiser steps when it is set. Sec. V-A: "the same
-    number of iterations as for 40 AL iterations was used: 8140". The AL run of the isic2018 defaults counts 9840
-    (128 + 32 r images, 10 epochs each at batch 32, r = 0..40; 8140 is r = 0..36), so the paper's number is that
-    row's default; --full-steps 0 gives the AL run's count."""
-    rounds, epochs0, steps = common.ceiling(args, n_train)
-    if steps is not None and args.full_steps:
-        steps, epochs0 = args.full_steps, math.ceil(args.full_steps / math.ceil(n_train / args.batch_size))
-    return rounds, epochs0, steps
-
-
 def build_model(args, device):
     """The ResNet-18 U-Net (Sec. IV-C), ImageNet-pre-trained with --encoder-weights (the paper's). Departure:
     randomly initialised without it (the default), since nothing is downloaded here."""
@@ -313,7 +305,7 @@ def main(argv=None):
     # other data: the ISIC 2018 shares, 128 cold-start images and 32 per iteration of the 2594 pool (Sec. IV-D)
     train_ids, val_ids, test_ids = common.split_data(run, data, args, 128, 32, 2594)
     common.check_budget(len(train_ids), args.initial, args.query, args.rounds)
-    rounds, epochs0, steps = schedule(args, len(train_ids))  # Sec. V-A: the full baseline's training steps
+    rounds, epochs0, steps = common.ceiling(args, len(train_ids), steps=args.full_steps)  # Sec. V-A: --full-steps
     x, y = common.to_device(data, device)
     # The training target, written when a sample is labelled: the oracle's mask, or with --partial oracle + model
     # (Sec. III-B). Unlabelled samples hold UNLABELLED, never a copy of the ground truth, so a target that was not

@@ -344,16 +344,17 @@ def test_full_baseline_trains_the_papers_8140_steps_on_isic2018():
     --strategy full trains 8140 steps (99 epochs of the 2594 images' 82 batches at batch 32, and 22 more),
     --full-steps 0 the AL run's 9840; other data the AL run's unless --full-steps is given."""
     paper = ru.parse_args(["--data", "isic2018", "--data-dir", "x", "--strategy", "full"])
-    assert paper.full_steps == 8140 and ru.schedule(paper, 2594) == (0, 100, 8140)
+    assert paper.full_steps == 8140 and common.ceiling(paper, 2594, steps=paper.full_steps) == (0, 100, 8140)
     ours = ru.parse_args(["--data", "isic2018", "--data-dir", "x", "--strategy", "full", "--full-steps", "0"])
-    assert ru.schedule(ours, 2594) == common.ceiling(ours, 2594) == (0, 120, 9840)
+    assert common.ceiling(ours, 2594, steps=ours.full_steps) == common.ceiling(ours, 2594) == (0, 120, 9840)
     syn = ru.parse_args(["--strategy", "full"])
-    assert syn.full_steps == 0 and ru.schedule(syn, 300) == common.ceiling(syn, 300)
-    assert ru.schedule(ru.parse_args(["--strategy", "full", "--full-steps", "50"]), 300) == (0, 3, 50)  # 19 batches
+    assert syn.full_steps == 0 and common.ceiling(syn, 300, steps=syn.full_steps) == common.ceiling(syn, 300)
+    fifty = ru.parse_args(["--strategy", "full", "--full-steps", "50"])
+    assert common.ceiling(fifty, 300, steps=fifty.full_steps) == (0, 3, 50)  # 19 batches
     with pytest.raises(common.UserError, match="--full-steps -5: expected at least 0"):
         ru.parse_args(["--strategy", "full", "--full-steps", "-5"])
     al = ru.parse_args(["--data", "isic2018", "--data-dir", "x"])  # an AL run: the flags' own schedule
-    assert ru.schedule(al, 2594) == (40, 10, None)
+    assert common.ceiling(al, 2594, steps=al.full_steps) == (40, 10, None)
 
 
 def test_full_baseline_asks_train_for_the_al_runs_steps(tmp_path, monkeypatch):
