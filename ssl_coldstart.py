@@ -334,9 +334,15 @@ def pretrain(run, x, pool, pool_ids, args, device):
         opt.load_state_dict(state["opt"])
         if sched is not None:
             sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
         order.set_state(state["order"])
         done = {k: state[k] for k in done}
+        if state.get("device") == device.type:
+            gen.set_state(state["gen"])
+        else:  # a resume may change --device; a generator's state does not carry from one device type to another
+            gen.manual_seed(args.seed + done["epoch"])
+            print(f"note: pre-training started on {state.get('device')}, goes on on {device.type}: its corruptions "
+                  f"from epoch {done['epoch'] + 1} on are drawn afresh, not as a run that never stopped would")
+        run.offset_s = done["seconds"]  # the elapsed time counts the stopped process's pre-training
         print(f"resume: pre-training after epoch {done['epoch']} of {args.ssl_epochs}")
     run.truncate_csv("ssl_epochs.csv", lambda r: None not in r.values() and int(r["epoch"]) <= done["epoch"])
 
@@ -346,7 +352,8 @@ def pretrain(run, x, pool, pool_ids, args, device):
             sched.step()
         state = dict(epoch=done["epoch"] + e + 1, losses=done["losses"] + losses_now + [loss],
                      seconds=done["seconds"] + time.time() - t0, model=model.state_dict(), opt=opt.state_dict(),
-                     sched=sched and sched.state_dict(), gen=gen.get_state(), order=order.get_state())
+                     sched=sched and sched.state_dict(), gen=gen.get_state(), order=order.get_state(),
+                     device=device.type)
         losses_now.append(loss)
         torch.save(state, saved + ".tmp")
         os.replace(saved + ".tmp", saved)  # whole or absent

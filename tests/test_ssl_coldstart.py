@@ -867,7 +867,9 @@ def test_a_run_stopped_while_pre_training_goes_on_from_its_last_epoch(tmp_path, 
         main(*flags, "--out", tmp_path / "cut")
     monkeypatch.setattr(S.common, "train", train)
     cut = str(next((tmp_path / "cut").iterdir()))
-    assert torch.load(os.path.join(cut, "ssl_pretrain.pt"), weights_only=False)["epoch"] == 2
+    state = torch.load(os.path.join(cut, "ssl_pretrain.pt"), weights_only=False)
+    assert state["epoch"] == 2
+    torch.save(dict(state, seconds=1000.0), os.path.join(cut, "ssl_pretrain.pt"))  # as if the stopped part ran long
     with open(os.path.join(cut, "ssl_epochs.csv"), "a") as f:
         f.write("3,0.1")  # a row cut short by the kill
     assert S.main(["--resume", cut]) == cut
@@ -877,3 +879,29 @@ def test_a_run_stopped_while_pre_training_goes_on_from_its_last_epoch(tmp_path, 
     assert [r["loss"] for r in read(cut, "ssl_epochs.csv")] == [r["loss"] for r in read(whole, "ssl_epochs.csv")]
     assert read(cut, "queried.csv") == read(whole, "queried.csv")
     assert not os.path.exists(os.path.join(cut, "ssl_pretrain.pt"))  # ssl_weights.pt holds it now
+    assert b["seconds"] >= 1000 and json.load(open(os.path.join(cut, "summary.json")))["wall_s"] >= 1000  # counted
+
+
+def test_pre_training_stopped_on_another_device_goes_on_with_fresh_corruptions(tmp_path, monkeypatch, capsys):
+    """--resume may change --device: a CUDA generator's state cannot be set on the CPU (nor the reverse), so
+    the corruptions are drawn afresh from the next epoch, said in a note; model, optimiser and order carry on."""
+    train = common.train
+
+    def stopped(*a, on_epoch=None, **k):
+        def then_stop(e, *b):
+            on_epoch(e, *b)
+            raise KeyboardInterrupt
+        return train(*a, on_epoch=then_stop if a[5] == 3 else on_epoch, **k)
+
+    monkeypatch.setattr(S.common, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main("--ssl-epochs", 3, "--rounds", 1, "--out", tmp_path)
+    monkeypatch.setattr(S.common, "train", train)
+    run = str(next(tmp_path.iterdir()))
+    path = os.path.join(run, "ssl_pretrain.pt")
+    state = torch.load(path, weights_only=False)
+    torch.save(dict(state, device="cuda", gen=torch.zeros(16, dtype=torch.uint8)), path)  # as a GPU run saves it
+    assert S.main(["--resume", run]) == run
+    assert "note: pre-training started on cuda, goes on on cpu: its corruptions from epoch 2 on are drawn afresh" \
+        in capsys.readouterr().out
+    assert len(read(run, "ssl_epochs.csv")) == 3
