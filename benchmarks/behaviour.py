@@ -12,14 +12,19 @@ OMP_NUM_THREADS=2 and --device cpu, as recorded (another thread count or CPU can
 tests/test_behaviour.py holds a smaller record of the same kind that the suite checks on every change.
 --repeat records nothing: it runs each folder run twice on --device (with REPEAT's flags: the paths that only
 some flags take) and exits 1 unless the two give the same ids and Dice, the check of --deterministic on a GPU.
+--repeat --interrupt stops the second run with SIGINT (Ctrl-C) once its INTERRUPT file exists (round 0's
+checkpoint; SSL: its first pre-training epoch's), goes on with --resume, and compares the result with the first run:
+  python benchmarks/behaviour.py --repeat --interrupt --device cuda --deterministic   # resume on a GPU: the same?
 """
 import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,7 +36,9 @@ FOLDER = ["--split", 60, 10, 20, "--image-size", 32, "--width", 8, "--initial", 
           "--epochs-initial", 8, "--epochs", 3, "--batch-size", 8, "--lr", 0.01]
 METHOD = {"ceal_mcdropout.py": ["--mc-passes", 3, "--pseudo-step", 2], "ssl_coldstart.py": ["--ssl-epochs", 1],
           "region_uncertainty.py": ["--image-size", 64, "--width", 16, "--lr", 0.03]}
-REPEAT = {"polyp_weighted_cluster.py": ["--fdl-grad-through-mask"], "region_uncertainty.py": ["--partial"]}
+REPEAT = {"polyp_weighted_cluster.py": ["--fdl-grad-through-mask"], "region_uncertainty.py": ["--partial"],
+          "ssl_coldstart.py": ["--ssl-epochs", 3]}  # 3: --interrupt stops it between two epochs
+INTERRUPT = {"ssl_coldstart.py": "ssl_pretrain.pt"}  # default checkpoint.pt
 
 
 def runs():
@@ -49,12 +56,36 @@ def record_of(run_dir):
     return {"queried": queried, "dice": [r["dice_mean"] for r in rows]}
 
 
-def run_once(name, script, flags, tmp, env):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", os.path.join(tmp, "runs")],
+def run_once(name, script, flags, tmp, env, note=""):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags]
+                         + ["--out", os.path.join(tmp, "runs")] * ("--resume" not in flags),
                          capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         sys.exit(f"{name}: exit {out.returncode}\n{out.stderr[-2000:]}")
+    if note:
+        print(f"{name}: stopped: {note}")
     return record_of(out.stdout.strip().splitlines()[-1].rsplit(";", 1)[-1].strip())
+
+
+def run_interrupted(name, script, flags, tmp, env, device):
+    """Start the run, SIGINT it once its INTERRUPT file exists, then --resume it: the record at the end."""
+    out, trigger = os.path.join(tmp, f"stopped{len(os.listdir(tmp))}"), INTERRUPT.get(script, "checkpoint.pt")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags, "--out", out],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    while proc.poll() is None:
+        dirs = os.listdir(out) if os.path.isdir(out) else []
+        path = os.path.join(out, dirs[0], trigger) if dirs else ""
+        if os.path.isfile(path):  # written whole or not at all (os.replace)
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 130:
+        sys.exit(f"{name}: expected exit 130 after SIGINT (stopped once {trigger} was written), got "
+                 f"{proc.returncode}\n{stderr[-2000:]}")
+    run_dir = os.path.join(out, os.listdir(out)[0])
+    return run_once(name, script, ["--resume", run_dir, "--device", device], tmp, env,
+                    note=stderr.strip().splitlines()[-1] if stderr.strip() else "")
 
 
 def main(argv=None):
@@ -67,7 +98,11 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", help="only these run names")
     p.add_argument("--device", default="cpu", help="with --repeat (default: cpu, as recorded)")
     p.add_argument("--deterministic", action="store_true", help="with --repeat: pass --deterministic")
+    p.add_argument("--interrupt", action="store_true", help="with --repeat: stop the second run with SIGINT once "
+                   "round 0's checkpoint is written (SSL: its first pre-training epoch's) and go on with --resume")
     args = p.parse_args(argv)
+    if args.interrupt and not args.repeat:
+        p.error("--interrupt goes with --repeat")
     tmp = tempfile.mkdtemp(prefix="behaviour_")
     folder = common.write_folder(common.make_synthetic(90, 32, 3, seed=0), os.path.join(tmp, "data"))
     result, env = {}, dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
@@ -76,18 +111,22 @@ def main(argv=None):
             continue
         flags = [str(f).replace("{folder}", folder) for f in flags]
         if args.repeat:
-            flags += [*REPEAT.get(script, []), "--device", args.device] + ["--deterministic"] * args.deterministic
+            flags += [*map(str, REPEAT.get(script, [])), "--device", args.device] + ["--deterministic"] * args.deterministic
         records = [run_once(name, script, flags if args.repeat else [*flags, "--device", "cpu"], tmp, env)
-                   for _ in range(2 if args.repeat else 1)]
+                   for _ in range(1 if args.interrupt or not args.repeat else 2)]
+        if args.interrupt:
+            records.append(run_interrupted(name, script, flags, tmp, env, args.device))
         result[name] = records[0]
         print(f"{name}: {len(records[0]['queried'])} queried rows, final Dice {records[0]['dice'][-1]}"
-              + (f"; second run {'identical' if records[1] == records[0] else 'DIFFERS'}" if args.repeat else ""),
+              + (f"; {'resumed' if args.interrupt else 'second'} run "
+                 f"{'identical' if records[1] == records[0] else 'DIFFERS'}" if args.repeat else ""),
               flush=True)
         if args.repeat and records[1] != records[0]:
             result[name] = None
     if args.repeat:
         same = sum(r is not None for r in result.values())
         print(f"{same} of {len(result)} runs gave the same ids and Dice twice on {args.device}"
+              f"{', the second stopped and resumed' if args.interrupt else ''}"
               f"{' with --deterministic' if args.deterministic else ''}")
         sys.exit(0 if same == len(result) else 1)
     if args.record:  # with --only: those runs replace theirs in an existing record
