@@ -51,7 +51,8 @@ def runs():
 
 
 def record_of(run_dir):
-    queried = [[r["round"], r["sample_id"], r["how"]] for r in csv.DictReader(open(os.path.join(run_dir, "queried.csv")))]
+    rows = csv.DictReader(open(os.path.join(run_dir, "queried.csv")))
+    queried = [[r["round"], r["sample_id"], r["how"]] for r in rows]
     rows = list(csv.DictReader(open(os.path.join(run_dir, "rounds.csv"))))
     return {"queried": queried, "dice": [r["dice_mean"] for r in rows]}
 
@@ -111,7 +112,8 @@ def main(argv=None):
             continue
         flags = [str(f).replace("{folder}", folder) for f in flags]
         if args.repeat:
-            flags += [*map(str, REPEAT.get(script, [])), "--device", args.device] + ["--deterministic"] * args.deterministic
+            flags += [*map(str, REPEAT.get(script, [])), "--device", args.device]
+            flags += ["--deterministic"] * args.deterministic
         records = [run_once(name, script, flags if args.repeat else [*flags, "--device", "cpu"], tmp, env)
                    for _ in range(1 if args.interrupt or not args.repeat else 2)]
         if args.interrupt:

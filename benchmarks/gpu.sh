@@ -4,16 +4,17 @@
 # width 64, 256 px) on synthetic data, since the ISIC archive is not available to this work, and --deterministic
 # on CUDA (every script's small folder run twice, and the CUDA-only tests), the same with the second run stopped
 # by SIGINT and resumed (resume), and the SSL protocol at the paper's size (ssl: ISIC 2017's counts, width 32,
-# 256 px, 100 pre-training epochs; on synthetic data as CEAL; SSL_LIMIT_S=N stops it with SIGINT after N
-# seconds, its run folder kept, and `bash benchmarks/gpu.sh KVASIR OUT ssl-resume` goes on from it). Each step runs
-# even if one before it fails. Logs, and each run folder as NAME-run.tar.gz (checkpoints left out) once its
-# step ends, go to OUT_DIR; a step cut short still leaves its log.
+# 256 px, 100 pre-training epochs, on synthetic data as CEAL). Each step runs even if one before it fails. Logs,
+# and each run folder as NAME-run.tar.gz (checkpoints left out) once its step ends, go to OUT_DIR; a step cut
+# short still leaves its log.
 #   bash benchmarks/gpu.sh KVASIR_SEG_DIR OUT_DIR [STEP ...]
-# STEPs (default: all, in this order): polyp speed ceal deterministic cuda-tests resume ssl (ssl-resume only
-# when named). The first three took 470 s on
-# an H100; on an H200, deterministic 156 s, cuda-tests 21 s, polyp 70 s, speed 153 s, and ceal cut off by the
-# command's 600 s limit after about 200 s, in round 8 of 10 (4 min 03 s on the H100). Name fewer to fit one
-# command into a time limit.
+# STEPs (default: all, in this order): polyp speed ceal deterministic cuda-tests resume ssl; ssl-resume, only
+# when named, goes on with the ssl step's run: SSL_LIMIT_S=N stops ssl with SIGINT after N seconds, and both
+# calls need the same RUNS_DIR (default: a new temporary folder), e.g. RUNS_DIR=runs/gpu.
+# The first three took 470 s on an H100; on an H200, deterministic 156 s, cuda-tests 21 s, polyp 70 s, speed
+# 153 s, and ceal cut off by the command's 600 s limit after about 200 s, in round 8 of 10 (4 min 03 s on the
+# H100); at 04ae9b6 on an H200, resume 312 s, ssl 4.0 s per pre-training epoch (about 7 minutes for the 100).
+# Name fewer to fit one command into a time limit.
 set -u
 kvasir=$1
 out=$2
