@@ -238,8 +238,9 @@ def read_labels(lab_dir, ids, data, size):
         path = os.path.join(lab_dir, name)
         try:
             m = np.asarray(read_image(path, "L", mask=True))
-        except UserError as e:
-            problems.append(f"unreadable: {name} ({e})")
+        except UserError as e:  # a file Pillow cannot read, or a colour mask that is not one colour on black
+            why = str(e)[len(path) + 2:] if str(e).startswith(path + ": ") else str(e)
+            problems.append(f"{'unreadable' if why.startswith('unreadable') else 'not binary'}: {name} ({why})")
             continue
         try:
             m = binarise_mask(m, path)  # the loader's rule: 0/1, or 0/255 thresholded at 128 (soft edges)

@@ -208,14 +208,18 @@ def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
     Image.fromarray(np.zeros((32, 64), np.uint8)).save(os.path.join(lab, f"{ids[2]}.png"))  # 2:1, image 1:1
     open(os.path.join(lab, f"{ids[3]}.png"), "w").write("not a png")                      # unreadable
     Image.fromarray(good).save(os.path.join(lab, "someone_else.png"))                     # extra
-    # ids[4] and ids[5]: missing
+    dark = np.zeros((32, 32, 3), np.uint8)
+    dark[8:20, 8:20], dark[20:24, 20:24] = (100, 0, 0), (0, 90, 0)
+    Image.fromarray(dark).save(os.path.join(lab, f"{ids[4]}.png"))                       # two dark colours
+    # ids[5]: missing
     before, config = sorted(os.listdir(run)), open(os.path.join(run, "config.json")).read()
     out = run_script("example_tta.py", "--resume", run, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     msg = out.stderr
     assert "6 problem(s)" in msg and lab in msg
-    for line in (f"missing: {ids[4]}.png", f"missing: {ids[5]}.png", "extra (not asked this round): someone_else.png",
-                 f"not binary: {ids[1]}.png", f"another aspect ratio: {ids[2]}.png", f"unreadable: {ids[3]}.png"):
+    for line in (f"not binary: {ids[4]}.png (a colour mask with 3 colours", f"missing: {ids[5]}.png",
+                 "extra (not asked this round): someone_else.png", f"not binary: {ids[1]}.png",
+                 f"another aspect ratio: {ids[2]}.png", f"unreadable: {ids[3]}.png (unreadable image file"):
         assert line in msg, line
     assert f"{ids[0]}.png" not in msg.replace(f"{ids[0]}.png'", "")
     assert sorted(os.listdir(run)) == before and not os.path.isfile(os.path.join(run, "rounds.csv"))
