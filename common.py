@@ -266,6 +266,10 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     run.update_config(args)
     run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved))
     run.write_json("splits.json", split_ids)
+    plan = (f"all {len(ids[0])} labelled (the ceiling)" if args.strategy == "full" else
+            f"{args.initial} labelled, then {args.rounds} rounds of +{args.query}")
+    print(f"run: {run.dir} on {run.device}: pool {len(ids[0])}, validation {len(ids[1])}, test {len(ids[2])}; "
+          f"{plan}", flush=True)  # the folder and the plan, before a first epoch that may take minutes
     return ids
 
 

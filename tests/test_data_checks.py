@@ -186,7 +186,7 @@ def test_every_training_mask_empty_stops_with_a_clear_message(tmp_path):
 
 def fake_run(tmp_path):
     args = types.SimpleNamespace(resume=None, out=str(tmp_path), data="folder", strategy="x", seed=0, split=None,
-                                 initial=None, query=None, data_dir=str(tmp_path / "data"))
+                                 initial=None, query=None, rounds=3, data_dir=str(tmp_path / "data"))
     return common.Run("check.py", args, common.torch.device("cpu")), args
 
 
@@ -202,6 +202,17 @@ def test_mostly_empty_masks_warn_with_the_count(tmp_path, capsys):
     common.split_data(run, common.make_synthetic(60, 16), fake_run(tmp_path)[1], 10, 5, 100)
     common.check_foreground(d, np.r_[np.flatnonzero(d.positive), np.flatnonzero(~d.positive)[:5]])
     assert "warning" not in capsys.readouterr().out
+
+
+def test_the_split_line_names_the_run_folder_and_the_plan(tmp_path, capsys):
+    """Printed before the first epoch (minutes at a paper's size on a CPU): where the run is, and what it does."""
+    run, args = fake_run(tmp_path)
+    common.split_data(run, common.make_synthetic(60, 16), args, 10, 5, 100, split=[40, 0, 20])
+    args.strategy = "full"
+    common.split_data(run, common.make_synthetic(60, 16), args, 10, 5, 100, split=[40, 0, 20])
+    assert capsys.readouterr().out.splitlines() == [
+        f"run: {run.dir} on cpu: pool 40, validation 0, test 20; 4 labelled, then 3 rounds of +2",
+        f"run: {run.dir} on cpu: pool 40, validation 0, test 20; all 40 labelled (the ceiling)"]
 
 
 def test_inverted_masks_warn_and_real_ones_do_not(tmp_path, capsys):

@@ -91,7 +91,8 @@ def test_ceiling_epochs_round_up():  # M14, M15
 
 
 def _args(**kw):
-    base = dict(resume=None, out=None, data="synthetic", strategy="s", seed=0, device="cpu", workers=0, amp=False)
+    base = dict(resume=None, out=None, data="synthetic", strategy="s", seed=0, device="cpu", workers=0, amp=False,
+                rounds=2)
     return argparse.Namespace(**dict(base, **kw))
 
 

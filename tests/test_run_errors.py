@@ -81,6 +81,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "example_tta.py"), "--device", "cpu", "--image-size",
                           "32", "--width", "4", "--epochs-initial", "200", "--out", str(tmp_path)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    first = p.stdout.readline()  # before the first epoch, which may take minutes: the run folder and the plan
     for line in p.stdout:  # the first epoch line: the run folder exists and training is under way
         if "epoch" in line:
             break
@@ -88,6 +89,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     _, err = p.communicate(timeout=60)
     run_dir = os.path.join(tmp_path, os.listdir(tmp_path)[0])
     assert p.returncode == 130 and err.strip().endswith(f"continue with --resume {run_dir}"), err
+    assert first == f"run: {run_dir} on cpu: pool 300, validation 60, test 100; 30 labelled, then 4 rounds of +15\n"
 
 
 @pytest.mark.parametrize("flags, message", [
