@@ -357,10 +357,13 @@ def pretrain(run, x, pool, pool_ids, args, device):
         losses_now.append(loss)
         torch.save(state, saved + ".tmp")
         os.replace(saved + ".tmp", saved)  # whole or absent
+        ends.append(time.time())  # the first epoch (set-up, warm-up, cuDNN's search) is left out once others ended
+        each = (ends[-1] - ends[1]) / (len(ends) - 2) if len(ends) > 2 else ends[1] - ends[0]
         print(f"  ssl epoch {state['epoch']}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
-              f"{common.fmt_s(run.elapsed())} elapsed", flush=True)
+              f"{common.fmt_s(run.elapsed())} elapsed, pre-training ETA "
+              f"{common.fmt_s(each * (args.ssl_epochs - state['epoch']))}", flush=True)
 
-    losses_now = []  # for ssl_pretrain.pt
+    losses_now, ends = [], [t0]  # for ssl_pretrain.pt; when each epoch of this process ended, its save included
     losses = done["losses"] + common.train(
         model, opt, x, x, pool, args.ssl_epochs - done["epoch"], args.ssl_batch_size, device=device, amp=args.amp,
         loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
