@@ -683,6 +683,8 @@ def pretrain_or_load(run, data, x, train_ids, args, device):
         return pretrain(run, x, train_ids, pool_ids, args, device)
     ssl_state, ssl_losses, seconds = load_ssl_weights(saved, args, pool_ids)
     print(f"ssl: weights from {saved}")
+    if not args.ssl_weights and os.path.isfile(run.path("ssl_pretrain.pt")):
+        os.remove(run.path("ssl_pretrain.pt"))  # a run stopped after writing ssl_weights.pt, before removing it
     return ssl_state, ssl_losses, seconds if seconds is not None and not args.ssl_weights else time.time() - t0
 
 

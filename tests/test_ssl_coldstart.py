@@ -376,8 +376,10 @@ def test_end_to_end_pipeline_and_resume(base):
     out = run_script("ssl_coldstart.py", *TINY, "--out", tmp / "b", check=False, env_extra={"ALSEG_STOP_AFTER_ROUND": "1"})
     assert out.returncode == 3
     part = os.path.join(tmp / "b", os.listdir(tmp / "b")[0])
+    open(os.path.join(part, "ssl_pretrain.pt"), "w").write("a stale pre-training state")  # stopped before its removal
     resumed = run_dir_from(run_script("ssl_coldstart.py", "--resume", part))
     assert resumed == part and read(resumed, "queried.csv") == q
+    assert not os.path.exists(os.path.join(part, "ssl_pretrain.pt"))  # ssl_weights.pt holds the pre-training
     seconds = torch.load(os.path.join(part, "ssl_weights.pt"), weights_only=False)["seconds"]
     assert json.load(open(os.path.join(part, "summary.json")))["ssl_s"] == seconds > 0  # the pre-training's, not the load's
     interface.assert_interface("ssl_coldstart.py", resumed, help=False)
