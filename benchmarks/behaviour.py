@@ -51,10 +51,9 @@ def runs():
 
 
 def record_of(run_dir):
-    rows = csv.DictReader(open(os.path.join(run_dir, "queried.csv")))
-    queried = [[r["round"], r["sample_id"], r["how"]] for r in rows]
-    rows = list(csv.DictReader(open(os.path.join(run_dir, "rounds.csv"))))
-    return {"queried": queried, "dice": [r["dice_mean"] for r in rows]}
+    picks = csv.DictReader(open(os.path.join(run_dir, "queried.csv")))
+    rows = csv.DictReader(open(os.path.join(run_dir, "rounds.csv")))
+    return {"queried": [[r["round"], r["sample_id"], r["how"]] for r in picks], "dice": [r["dice_mean"] for r in rows]}
 
 
 def run_once(name, script, flags, tmp, env, note=""):
