@@ -82,7 +82,8 @@ def parse_args(argv=None):
                    "silent; the CEAL reference code of [24] uses 0.5 there), 0 for every other strategy (the paper's "
                    "network has none)")
     p.add_argument("--partial", action="store_true", help="Sec. III-B: the oracle labels only the uncertain pixels "
-                   "of a queried image, the binarised prediction the rest (--rounds then defaults to 20 on isic2018)")
+                   "of a queried image, the binarised prediction the rest (--rounds then defaults to 20 on isic2018 "
+                   "and other data, 8 on synthetic)")
     p.add_argument("--tau-u", type=float, default=0.25, help="uncertainty threshold: a pixel is uncertain where "
                    "|0.5 - y| < tau_u (Sec. III-B; the paper tries 0.125, 0.25, 0.375; default 0.25)")
     p.add_argument("--tau-b", type=float, default=0.5, help="binarisation threshold of the model's labels "
