@@ -378,7 +378,7 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
     losses = []
     for epoch in range(epochs):
-        t0 = time.time()
+        t0 = shown = time.time()
         model.train()  # every epoch: an on_epoch that predicts (CEAL's validation) leaves the model in eval mode
         order = idx[torch.randperm(len(idx), generator=generator).to(device)]
         total = torch.zeros((), device=device)
@@ -396,6 +396,10 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
             loss.backward()
             opt.step()
             total += loss.detach() * len(b)
+            now = time.time()
+            if now - shown >= 60:  # an epoch of minutes (a paper's size on a CPU) shows that it is under way
+                shown = now
+                print(f"    {s + len(b)}/{len(order)} images of this epoch, {fmt_s(now - t0)}", flush=True)
         losses.append(total.item() / max(1, len(order)))
         if on_epoch is not None:
             on_epoch(epoch, losses[-1], time.time() - t0)

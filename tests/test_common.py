@@ -1,6 +1,7 @@
 """common.py: metrics, losses, splits, cache, loaders (real sample files and official-layout fixtures),
 bad input, MC dropout."""
 import os
+import types
 
 import numpy as np
 import pytest
@@ -69,6 +70,19 @@ def test_train_trains_every_epoch_in_train_mode():
     on_epoch = lambda *_: common.predict(model, x, [0, 1], 2, torch.device("cpu"))
     common.train(model, opt, x, y, np.arange(10), 3, 4, device=torch.device("cpu"), on_epoch=on_epoch)
     assert int(model.enc[0].bn1.num_batches_tracked) == 3 * 3  # 3 epochs of 3 batches
+
+
+def test_a_long_epoch_prints_a_line_every_minute(monkeypatch, capsys):
+    """An epoch of minutes (a paper's size on a CPU) says how far it got once a minute; a short one prints nothing."""
+    model, x = UNet(3, 1, 4), torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    y, opt = (x[:, 0] > 127).to(torch.uint8), torch.optim.SGD(model.parameters(), lr=0.1)
+    common.train(model, opt, x, y, np.arange(10), 1, 4, device=torch.device("cpu"))
+    assert capsys.readouterr().out == ""
+    clock = iter(range(0, 10000, 35))  # 35 s from one reading of the clock to the next
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    common.train(model, opt, x, y, np.arange(10), 1, 4, device=torch.device("cpu"))
+    # the clock at the start 0, after the batches 35, 70 (a line: 60 s since the start), 105, then 140 at the end
+    assert capsys.readouterr().out.splitlines() == ["    8/10 images of this epoch, 1m10s"]
 
 
 def test_train_adds_extra_loss_every_step():
