@@ -188,15 +188,17 @@ def _boxes(H, W, y0, x0, h, w):
 
 
 def flip(x, gen, p=FLIP_P, times=FLIP_TIMES):
-    """Flip along a random axis (H or W), repeated while rand < p, at most `times` times (the reference code's
-    3-D loop with one axis dropped; the authors' 2-D port draws among 3 axes of a (1, H, W) array, one of them
-    the channel, a flip that does nothing). Only the parity of flips per axis matters."""
+    """Flip along an axis drawn among three, repeated while rand < p, at most `times` times: the reference
+    code's data_augmentation, np.flip(x, axis=random.choice([0, 1, 2])) on one image of shape (1, rows, cols)
+    in the 2-D port, (1, rows, cols, deps) in the 3-D code (generate_pair). Axis 0 is the single channel: one
+    draw in three flips nothing, kept as the reference does it. The axis the 2-D variant drops (PROTOCOLS.md)
+    is depth, which the 3-D code never flips either. Only the parity of flips per axis matters."""
     B, dev = len(x), x.device
     go = (_rand((B, times), gen, dev) < p).int().cumprod(1).bool()  # the loop stops at the first failed draw
-    axis = torch.randint(0, 2, (B, times), generator=gen, device=dev)
+    axis = torch.randint(0, 3, (B, times), generator=gen, device=dev)  # 0: the channel, 1: rows (H), 2: cols (W)
     odd = lambda a: ((go & (axis == a)).sum(1) % 2 == 1).view(B, 1, 1, 1)
-    x = torch.where(odd(0), x.flip(-2), x)
-    return torch.where(odd(1), x.flip(-1), x)
+    x = torch.where(odd(1), x.flip(-2), x)
+    return torch.where(odd(2), x.flip(-1), x)
 
 
 def local_pixel_shuffling(x, gen, p=SHUFFLE_P, n_blocks=10000):

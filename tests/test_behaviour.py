@@ -5,7 +5,8 @@ long enough that the test Dice is not the same constant for every script and rou
 predicted almost nothing: 0.0833 everywhere, so a changed threshold went unseen); at 7e6620b its `how` labels
 were renamed to queried.csv's one vocabulary, ids and Dice untouched; at 318f6b0 the ssl_coldstart and
 dsal_fingerbones entries were re-recorded after two fidelity changes (a new Adam each round, as the SSL authors'
-train.py; DSAL's bottleneck dropout), the others unchanged. A change that alters which samples a
+train.py; DSAL's bottleneck dropout), the others unchanged; the ssl_coldstart entry again after the Models Genesis
+flip became the reference code's (one of three axes, one of them the channel). A change that alters which samples a
 script picks, or what it trains, fails here. The full-size record (the no-flag runs) is
 benchmarks/behaviour.json, checked by `python benchmarks/behaviour.py --check benchmarks/behaviour.json`.
 

@@ -26,8 +26,9 @@ def has(got, **want):
 
 def test_ceal_isic2017_and_lgg():
     has(flags(ceal, "--data", "isic2017"), split=[1600, 400, 600], initial=600, query=35, rounds=10,
-        epochs_initial=20, epochs=5, mc_passes=20, pseudo_step=20, dropout_at="every", strategy="ceal")
-    has(flags(ceal, "--data", "lgg"), split=[878, 220, 275], initial=329, query=35, all_slices=False)
+        epochs_initial=20, epochs=5, mc_passes=20, pseudo_step=20, dropout_at="every", strategy="ceal",
+        width=64)  # Sec. 1.2: about 31 M parameters
+    has(flags(ceal, "--data", "lgg"), split=[878, 220, 275], initial=329, query=35, all_slices=False, width=64)
 
 
 def test_ceal_dropout_between_the_convolutions_of_every_block():
@@ -63,7 +64,7 @@ def test_ceal_splits_35_into_10_10_15_and_pseudo_labels_20_per_iteration(monkeyp
 def test_ssl_isic2017_and_models_genesis():
     has(flags(ssl, "--data", "isic2017"), split=[1600, 0, 400], initial=300, query=35, rounds=9, epochs_initial=10,
         epochs=2, image_size=256, channels=1, clusters=10, aap_grid=2, ssl_init=True, cold_start="cluster",
-        shuffle_blocks=10000)
+        shuffle_blocks=10000, width=32)  # width 32: the last encoder stage is 512 x 16 x 16 (Sec. IV-A)
     # the public 2D port of Models Genesis: flip 0.4 (up to 3 times), shuffle 0.5, Bezier 0.9, painting 0.9 of
     # which out-painting 0.8 and in-painting 0.2
     assert (ssl.FLIP_P, ssl.FLIP_TIMES, ssl.SHUFFLE_P, ssl.NONLINEAR_P, ssl.PAINT_P, ssl.OUTPAINT_P) == \
@@ -74,7 +75,8 @@ def test_ssl_isic2017_and_models_genesis():
 def test_region_isic2018_and_augmentation():
     got = flags(region, "--data", "isic2018")
     has(got, split=[2594, 100, 1000], image_size=512, batch_size=32, initial=128, query=32, rounds=40,
-        epochs=10, lr=0.01, momentum=0.9, weight_decay=1e-4, entropy="printed", no_augment=False, partial=False)
+        epochs=10, lr=0.01, momentum=0.9, weight_decay=1e-4, entropy="printed", no_augment=False, partial=False,
+        width=64)  # ResNet-18: 64 ... 512 channels
     has(flags(region, "--data", "isic2018", "--partial"), rounds=20, tau_u=0.25, tau_b=0.5)
     aug = inspect.signature(region.make_augment).parameters
     assert {k: p.default for k, p in aug.items()} == dict(rotation=30.0, flip=0.5, jitter=0.2, blur_sigma=(0.01, 0.2),
@@ -84,7 +86,7 @@ def test_region_isic2018_and_augmentation():
 
 def test_polyp_cvc_clinicdb():
     has(flags(pwc, "--data", "cvc-clinicdb"), split=[550, 0, 62], image_size=352, batch_size=16, lr=1e-4, epochs=5,
-        rounds=5, query=30, initial=30, delta=0.2, lam=0.1, strategy="ours")
+        rounds=5, query=30, initial=30, delta=0.2, lam=0.1, strategy="ours", width=64)
 
 
 def test_dsal_heads_weights_and_rule():

@@ -41,22 +41,27 @@ def test_transform_shape_range_change_and_seed(name):
     a, b, c = f(x, gen(1), p=1.0), f(x, gen(1), p=1.0), f(x, gen(2), p=1.0)
     assert a.shape == x.shape and a.dtype == x.dtype
     assert a.min() >= 0 and a.max() <= 1
-    assert all(not torch.equal(a[i], x[i]) for i in range(len(x)))   # p = 1: every image changes
+    if name != "flip":  # p = 1: every image changes (a flip may draw the channel axis: test_flip_draws_...)
+        assert all(not torch.equal(a[i], x[i]) for i in range(len(x)))
+    assert not torch.equal(a, x)
     assert torch.equal(a, b) and not torch.equal(a, c)               # reproducible under a seed
     assert torch.equal(f(x, gen(1), p=0.0), x)                        # p = 0: untouched
 
 
-def test_flip_gives_one_of_the_four_flips_both_axes_seen():
+def test_flip_draws_among_three_axes_one_of_them_the_channel():
+    """The reference code's np.flip(x, axis=random.choice([0, 1, 2])) on a (1, rows, cols) image: axis 0 flips
+    nothing. Three flips (p = 1) end in each of the four results: untouched (7 of the 27 axis sequences), H, W
+    (7 each) or both (6); with two axes only, three flips would never leave an image untouched."""
     x = ramp(64)
-    out = S.flip(x, gen(0), p=1.0)  # 3 flips on 2 axes: odd on exactly one axis
+    out = S.flip(x, gen(0), p=1.0)
     kinds = []
     for i in range(len(x)):
-        options = [x[i].flip(-2), x[i].flip(-1)]
+        options = [x[i], x[i].flip(-2), x[i].flip(-1), x[i].flip(-2).flip(-1)]
         kinds.append([torch.equal(out[i], o) for o in options].index(True))
-    assert set(kinds) == {0, 1}
-    # default p = 0.4: unchanged after no flip (0.6) or two flips on one axis (0.4 x 0.4 x 0.6 x 1/2) = 0.648
+    assert set(kinds) == {0, 1, 2, 3}
+    # default p = 0.4: no flip 0.6; one 0.24 x 1/3; two 0.096 x 1/3; three 0.064 x 7/27: untouched 0.7286
     untouched = (S.flip(ramp(2000, 16), gen(0)) == ramp(2000, 16)).flatten(1).all(1).float().mean().item()
-    assert 0.62 < untouched < 0.68  # +-2.5 standard deviations
+    assert 0.70 < untouched < 0.76  # +-3 standard deviations; two axes: 0.648
 
 
 def test_shuffle_windows_by_hand():
@@ -151,6 +156,32 @@ def test_painting_block_sides(monkeypatch):
     (h_in, w_in), (h_out, w_out) = sides
     for t, lo, hi in ((h_in, 10, 21), (w_in, 10, 21), (h_out, 28, 37), (w_out, 28, 37)):
         assert t.min() == lo and t.max() == hi   # 320 draws: every end reached
+
+
+def test_painting_block_counts(monkeypatch):
+    """The reference loops: in-painting `cnt = 5; while cnt > 0 and random.random() < 0.95` (0 to 5 blocks, the
+    first one too only with 0.95); out-painting one window, then up to 4 more under the same loop. Box k is
+    replaced by row k of the image, so the rows painted (in) or kept (out) show which boxes were drawn."""
+    monkeypatch.setattr(S, "_boxes", lambda H, W, y0, x0, h, w: (
+        torch.arange(H).view(1, 1, H, 1) == torch.arange(y0.shape[1]).view(1, -1, 1, 1)).expand(len(y0), -1, H, W))
+    x = torch.full((4000, 1, 16, 16), 2.0)  # a value noise cannot take
+    for p_out, changed, p_all, lo in ((0.0, lambda t: t != 2.0, 0.95 ** 5, 0), (1.0, lambda t: t == 2.0, 0.95 ** 4, 1)):
+        rows = changed(S.image_painting(x, gen(0), p=1.0, p_out=p_out))[:, 0].all(2)  # (B, H): row painted / kept
+        n = rows.sum(1)
+        assert torch.equal(rows, torch.arange(16).view(1, 16) < n.view(-1, 1))  # boxes 0..n-1: the loop's order
+        counts = torch.bincount(n, minlength=6)
+        assert counts.nonzero().flatten().tolist() == list(range(lo, 6))
+        assert abs(counts[5].item() / 4000 - p_all) < 0.02  # +-3 standard deviations
+    assert abs(counts[1].item() / 4000 - 0.05) < 0.011     # out-painting: one window alone with 0.05
+
+
+def test_models_genesis_order(monkeypatch):
+    """Flip, local pixel shuffling, non-linear intensity, painting: the reference generate_pair's order."""
+    calls = []
+    for name in ("flip", "local_pixel_shuffling", "nonlinear_transformation", "image_painting"):
+        monkeypatch.setattr(S, name, lambda x, *a, name=name, **k: calls.append(name) or x)
+    S.models_genesis(ramp(2), gen(0))
+    assert calls == ["flip", "local_pixel_shuffling", "nonlinear_transformation", "image_painting"]
 
 
 def test_models_genesis_target_is_the_flipped_clean_image():
@@ -790,6 +821,36 @@ def test_comparator_rules_pick_by_their_own_score(monkeypatch):
         assert len(picks["pseudo"]) == 2 and sum(len(picks[h]) for h in picks if h != "pseudo") == 4
         every = np.concatenate(list(picks.values()))
         assert len(set(every.tolist())) == len(every)
+
+
+def test_facility_location_greedy_by_hand():
+    """F(S) = sum over the pool of max_{s in S} cos(f_s, f_u), greedy. Pool: 8 along [1, 0], 2 along [0, 1];
+    candidates [1, 1]/sqrt 2, [0, 1], [1, 0]. First pick: [1, 0] (gain 8 x 2 + 2 x 1 = 18 over 17.07 and 12,
+    each pool sample starting at cos -1); then [0, 1] (gain 2 x 1) over the diagonal (2 x 0.71: its cos to the
+    8 is below their 1 now)."""
+    pool = np.array([[1., 0.]] * 8 + [[0., 1.]] * 2)
+    cand = np.array([[1., 1.], [0., 1.], [1., 0.]])
+    assert S.facility_location(cand, pool, 2).tolist() == [2, 1]
+    assert S.facility_location(cand, pool, 3).tolist() == [2, 1, 0]
+
+
+def test_suggestive_annotation_picks_the_representative_candidates(monkeypatch):
+    """Suggestive Annotation: among the K = 2k most variable pool samples (positions 0-7 here, variance falling
+    with the position), the k chosen by facility location over the pool. Positions 0-3 have features of their
+    own (outliers); 4-7 each have three near copies among the other pool samples: facility location takes 4-7,
+    the top-k by variance would take 0-3."""
+    args = S.parse_args([*map(str, TINY)])  # --query 4
+    pool, x = np.arange(100, 120), torch.zeros(120, 1, 8, 8, dtype=torch.uint8)
+    eye = np.eye(8)
+    feats = np.array([eye[p] if p < 8 else eye[4 + (p - 8) % 4] + 0.1 * eye[(p - 8) % 4] for p in range(20)])
+    e = {"entropy": np.zeros(20), "js": np.zeros(20), "variance": np.arange(20, 0, -1.0)}
+    monkeypatch.setattr(S, "ensemble_scores", lambda members, x, pool, args, device: e)
+    monkeypatch.setattr(S, "pooled_features", lambda m, x, idx, *a, **k: torch.as_tensor(
+        feats[np.asarray(idx) - 100], dtype=torch.float32))
+    picks, cols = S.query("suggestive", 1, None, [None, None], x, pool, args, torch.device("cpu"),
+                          np.random.default_rng(0))[:2]
+    assert np.flatnonzero(cols["sa_candidate"]).tolist() == list(range(8))
+    assert sorted(picks["oracle-suggestive"].tolist()) == [4, 5, 6, 7]  # positions into the pool
 
 
 def test_tables_keep_base_set_and_schedule_apart(tmp_path):
