@@ -10,6 +10,9 @@ flip became the reference code's (one of three axes, one of them the channel). A
 script picks, or what it trains, fails here. The full-size record (the no-flag runs) is
 benchmarks/behaviour.json, checked by `python benchmarks/behaviour.py --check benchmarks/behaviour.json`.
 
+test_each_round_fine_tunes_the_last_rounds_model checks the schedule itself (epochs per round, weights and
+optimiser carried over), which a re-record would otherwise accept unseen.
+
 Recorded in-process on one thread (conftest) on x86-64 with torch 2.13.0 (CPU); ALSEG_RECORD=1 rewrites it."""
 import csv
 import importlib
@@ -18,6 +21,7 @@ import os
 import time
 
 import pytest
+import torch
 
 import common
 import oracle
@@ -77,3 +81,28 @@ def test_queried_ids_and_dice_as_recorded(script, folder, tmp_path, monkeypatch)
     want = json.load(open(RECORD))[script]
     assert got["queried"] == want["queried"], f"{script}: the queried ids changed"
     assert got["dice"] == want["dice"], f"{script}: the test Dice changed"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_round_fine_tunes_the_last_rounds_model(script, folder, tmp_path, monkeypatch):
+    """Every paper fine-tunes one model (CEAL Sec. 5: 20 epochs in initial learning, 5 in each iteration; region
+    Sec. IV-E: "the model weights adjusted in the prior AL iteration are reused"; DSAL: "continuously
+    fine-tuned"): round 0 trains --epochs-initial, each later round --epochs, starting from the weights the last
+    round ended with, by the same optimiser (its moments carry over), except ssl_coldstart's, a new Adam each
+    round (the authors' train.py). common.train is wrapped: the weights at entry and exit of each call."""
+    mod, train, calls = importlib.import_module(script), common.train, []
+
+    def spy(model, opt, x, target, idx, epochs, *a, **k):
+        weights = lambda: [t.detach().clone() for t in model.state_dict().values()]
+        calls.append(dict(model=model, opt=opt, epochs=epochs, entry=weights()))
+        out = train(model, opt, x, target, idx, epochs, *a, **k)
+        calls[-1]["exit"] = weights()
+        return out
+    monkeypatch.setattr(common, "train", spy)
+    mod.main([*map(str, TINY + METHOD.get(script, [])), "--data", "folder", "--data-dir", folder, "--out", str(tmp_path)])
+    main = [c for c in calls if c["model"] is calls[-1]["model"]]  # SSL's pre-training model trains once, first
+    assert [c["epochs"] for c in main] == [8, 3, 3]  # TINY: --epochs-initial 8, --epochs 3, --rounds 2
+    for before, after in zip(main, main[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(before["exit"], after["entry"])), f"{script}: weights reset"
+        assert (after["opt"] is before["opt"]) == (script != "ssl_coldstart"), f"{script}: optimiser"
+    assert not all(torch.equal(a, b) for a, b in zip(main[0]["entry"], main[0]["exit"]))  # it trained

@@ -6,6 +6,8 @@ torchvision weights' layout. Each test was written for a mutant of its rule that
 through or caught only by the behaviour record (2026-11-27), and was run once against it and failed."""
 import math
 
+import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -187,6 +189,24 @@ def test_blur_sigma_at_most_0_2_is_nearly_identity():
     x = ((torch.arange(16)[:, None] + torch.arange(16)[None]) % 2).float().expand(32, 3, 16, 16).contiguous()
     xa, _ = ru.make_augment(rotation=0, flip=0.0, jitter=0)(x, torch.zeros(32, 16, 16))
     assert (xa - x).abs().max() < 1e-4
+
+
+def test_blur_is_a_separable_gaussian_with_reflect_padding():
+    """The blur itself, at a sigma where it shows (sigma 1, kernel 5): an impulse spreads as the outer product of
+    the 5 taps exp(-r^2 / 2) / sum, r = -2..2; one row from the border, reflect padding folds the tap that falls
+    outside back in (torchvision's gaussian_blur), where zero padding would lose it."""
+    x = torch.zeros(1, 3, 9, 9)
+    x[:, :, 4, 4] = 1.0
+    x[:, :, 1, 6] = 1.0
+    xa, _ = ru.make_augment(rotation=0, flip=0.0, jitter=0, blur_sigma=(1.0, 1.0))(x, torch.zeros(1, 9, 9))
+    k = np.exp(-np.arange(-2, 3) ** 2 / 2.0)
+    k /= k.sum()
+    padded = np.pad(x[0, 0].numpy().astype(np.float64), 2, mode="reflect")
+    rows = np.stack([padded[i:i + 9] for i in range(5)], 0)                      # (5, 9, 13): row shifts
+    h = np.tensordot(k, rows, 1)
+    want = np.tensordot(k, np.stack([h[:, j:j + 9] for j in range(5)], 0), 1)     # then column shifts
+    assert want[0, 6] == pytest.approx(2 * k[1] * k[2])                           # the folded tap
+    assert np.allclose(xa[0].numpy(), want[None], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ dropout placement, folding
