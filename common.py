@@ -226,7 +226,7 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
                             f"label them yourself: --oracle folder")
         given, args.split = args.split, [len(unlabelled), 0, len(data) - len(unlabelled)]
         print(f"data: {len(unlabelled)} images to label (the pool), {args.split[2]} with masks (the test set); no "
-              f"validation set (val_dice nan){'; --split set from the folder, not ' + str(given) if given else ''}"
+              f"validation set (val_dice nan){'; --split set from the folder, not ' + str(given) if given and list(given) != args.split else ''}"
               + ("" if args.split[2] else "; no test set: the Dice columns of rounds.csv stay nan (not measured)"))
         data.official["train"] = unlabelled
     recorded, old = run.path("splits.json"), None
@@ -267,7 +267,7 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved))
     run.write_json("splits.json", split_ids)
     plan = (f"all {len(ids[0])} labelled (the ceiling)" if args.strategy == "full" else
-            f"{args.initial} labelled, then {args.rounds} rounds of +{args.query}")
+            f"{args.initial} labelled, then {args.rounds} round{'s' * (args.rounds != 1)} of +{args.query}")
     print(f"run: {run.dir} on {run.device}: pool {len(ids[0])}, validation {len(ids[1])}, test {len(ids[2])}; "
           f"{plan}", flush=True)  # the folder and the plan, before a first epoch that may take minutes
     return ids
@@ -401,6 +401,11 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
                 shown = now
                 print(f"    {s + len(b)}/{len(order)} images of this epoch, {fmt_s(now - t0)}", flush=True)
         losses.append(total.item() / max(1, len(order)))
+        if not math.isfinite(losses[-1]):  # diverged: every later score would be NaN, every query arbitrary
+            raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {losses[-1]} (lr "
+                            f"{opt.param_groups[0]['lr']:g}{', --amp' if amp else ''}); start a new run with a lower "
+                            f"--lr{' or without --amp' if amp else ''} (--resume keeps the run's flags: it would "
+                            "diverge again)")
         if on_epoch is not None:
             on_epoch(epoch, losses[-1], time.time() - t0)
     return losses

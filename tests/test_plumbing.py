@@ -65,6 +65,23 @@ def test_epoch_loss_is_the_mean_over_samples():  # M10
         assert losses == [pytest.approx(2.0)]
 
 
+def test_a_diverged_epoch_stops_the_run_with_a_clear_error():
+    """A NaN (or inf) epoch loss: every later score would be NaN and every query arbitrary (CEAL's histogram and
+    K-means would die of it with a traceback); train stops with a UserError naming the epoch, the lr and the fix,
+    before the epoch is reported."""
+    x, t = torch.zeros(3, 3, 1, 1, dtype=torch.uint8), torch.zeros(3, 1, 1, dtype=torch.uint8)
+    seen = []
+    for bad in (float("nan"), float("inf")):
+        model = W()
+        with pytest.raises(common.UserError, match=r"training diverged: epoch 2's mean loss is (nan|inf) \(lr 0\.5\); "
+                           r"start a new run with a lower --lr"):
+            common.train(model, torch.optim.SGD(model.parameters(), lr=0.5), x, t, np.arange(3), 3, 2, device=CPU,
+                         loss_fn=lambda out, tb: out.sum() * 0 + (bad if len(seen) >= 1 else 1.0),
+                         on_epoch=lambda e, loss, s: seen.append(loss))
+        assert seen == [1.0]
+        seen.clear()
+
+
 def test_batch_order_and_partial_epoch_come_from_the_generator():  # M08 (and M11 for whole epochs)
     """The run's generator alone decides the batch order and the ceiling's partial-epoch subset: the global
     torch seed changes nothing (a full run repeats from its --seed)."""

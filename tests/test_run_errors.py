@@ -252,6 +252,10 @@ def test_images_without_masks_say_that_split_and_validation_come_from_the_folder
         example_tta.main(TINY + ["--data-dir", root, "--oracle", "folder", "--out", str(tmp_path / "runs")])
     assert ("data: 8 images to label (the pool), 4 with masks (the test set); no validation set (val_dice nan); "
             "--split set from the folder, not [6, 3, 3]") in capsys.readouterr().out
+    run = os.path.join(tmp_path, "runs", os.listdir(tmp_path / "runs")[0])
+    with pytest.raises(common.UserError, match="folder not found"):  # --resume, no labels yet: the run's split is
+        example_tta.main(["--resume", run, "--data-dir", root])  # the folder's: no note that contradicts itself
+    assert "(val_dice nan)\n" in capsys.readouterr().out
 
 
 def test_an_image_size_below_the_smallest_names_the_smallest():
