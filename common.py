@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -50,7 +51,7 @@ def run_main(main):
         kept = [n for n in sorted(os.listdir(Run.used)) if n.endswith(".pt")] if Run.used and not saved else []
         done = "finished rounds are saved" if saved else "no round finished yet: round 0 starts again" + (
             f" ({', '.join(kept)} kept: --resume goes on from it)" if kept else "")  # e.g. SSL's pre-training
-        print("interrupted" + (f": {done}; continue with --resume {Run.used}" if Run.used else ""), file=sys.stderr)
+        print("interrupted" + (f": {done}; continue with --resume {shlex.quote(Run.used)}" if Run.used else ""), file=sys.stderr)
         sys.exit(130)
 
 
@@ -954,7 +955,7 @@ class Run:
         os.replace(tmp, self.path("checkpoint.pt"))
         stop = os.environ.get("ALSEG_STOP_AFTER_ROUND")  # tests: simulate a run killed after this round
         if stop is not None and int(stop) == state["round"]:
-            print(f"stopping after round {stop} (ALSEG_STOP_AFTER_ROUND); continue with --resume {self.dir}")
+            print(f"stopping after round {stop} (ALSEG_STOP_AFTER_ROUND); continue with --resume {shlex.quote(self.dir)}")
             sys.exit(3)
 
     def load_checkpoint(self):

@@ -3,6 +3,7 @@
 """
 import csv
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -71,7 +72,7 @@ def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, 
         return
     write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide)
     print(f"stopped: round {rnd} asks for {len(ids)} labels; follow {os.path.join(ask_dir, 'README.txt')}, then "
-          f"go on with: python {run.script}.py --resume {run.dir}")
+          f"go on with: python {run.script}.py --resume {shlex.quote(run.dir)}")
     sys.exit(0)
 
 
@@ -210,7 +211,8 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
              f"Round {last} asks again (unless the pool runs out); then" if rnd + 1 == last else
              f"Rounds {rnd + 1} to {last} ask again (fewer if the pool runs out); then")
     with open(os.path.join(ask_dir, "README.txt"), "w") as f:
-        f.write(LABEL_README.format(rnd=rnd, script=run.script, n=len(rows), run_dir=os.path.abspath(run.dir),
+        f.write(LABEL_README.format(rnd=rnd, script=run.script, n=len(rows),
+                                    run_dir=shlex.quote(os.path.abspath(run.dir)),  # a path with spaces pastes whole
                                     decide=decide_text, model=model_text, after=after,
                                     predicted=os.path.abspath(run.path("predicted")),
                                     what="object to segment (lesion, polyp, bone, tumour)",

@@ -7,6 +7,7 @@ import csv
 import importlib
 import json
 import os
+import shlex
 import shutil
 import warnings
 
@@ -53,6 +54,25 @@ def annotate(run, folder):
         shutil.copy(os.path.join(folder, "masks", f"{r['sample_id']}_mask.png"),
                     os.path.join(run, "labels", rnd, f"{r['sample_id']}.png"))
     return len(rows)
+
+
+def test_the_resume_command_printed_and_in_the_readme_pastes_whole(folder, tmp_path, capsys):
+    """A run folder whose path holds a space (--out "my runs"): the command the stop prints and README.txt's
+    are quoted, so that pasted into a shell (shlex.split) they resume the run."""
+    out = tmp_path / "my runs"
+    with pytest.raises(SystemExit):
+        example_tta.main([*map(str, TINY), "--data", "folder", "--data-dir", folder, "--out", str(out),
+                          "--oracle", "folder"])
+    run = str(next(out.iterdir()))
+    printed = capsys.readouterr().out.strip().splitlines()[-1].split("go on with: ")[1]
+    readme = open(os.path.join(run, "to_label", "round_0", "README.txt")).read()
+    pasted = [line.strip() for line in readme.splitlines() if "--resume" in line][0]
+    for command in (printed, pasted):
+        assert shlex.split(command) == ["python", "example_tta.py", "--resume", run], command  # run: absolute
+    annotate(run, folder)
+    with pytest.raises(SystemExit):  # round 1 asks again
+        example_tta.main(shlex.split(pasted)[2:])
+    assert os.path.isdir(os.path.join(run, "to_label", "round_1"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

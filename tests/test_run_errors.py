@@ -57,9 +57,10 @@ def test_a_rejected_new_run_leaves_no_folder_but_a_started_one_is_kept(tmp_path,
 def test_ctrl_c_names_the_run_folder(tmp_path, capsys):
     """The line says whether a round is saved (checkpoint.pt, what --resume reads): before the first one
     finished, it does not claim finished rounds, and says round 0 starts again, as --resume then does, and which
-    state saved before round 0 is kept (ssl_coldstart.py's pre-training, saved each epoch)."""
+    state saved before round 0 is kept (ssl_coldstart.py's pre-training, saved each epoch). A folder with a space
+    is quoted, so that the command pastes whole."""
     def interrupted(finished):
-        run = common.Run("x.py", _args(out=str(tmp_path / str(finished))), torch.device("cpu"))
+        run = common.Run("x.py", _args(out=str(tmp_path / f"my runs {finished}")), torch.device("cpu"))
         if finished:
             run.save_checkpoint({"round": 0})
         if finished is None:
@@ -70,9 +71,9 @@ def test_ctrl_c_names_the_run_folder(tmp_path, capsys):
                                   "on from it)")):
         with pytest.raises(SystemExit) as e:
             common.run_main(lambda: interrupted(finished))
-        run_dir = os.path.join(tmp_path, str(finished), os.listdir(tmp_path / str(finished))[0])
+        run_dir = os.path.join(tmp_path, f"my runs {finished}", os.listdir(tmp_path / f"my runs {finished}")[0])
         assert e.value.code == 130 and capsys.readouterr().err == (
-            f"interrupted: {said}; continue with --resume {run_dir}\n")
+            f"interrupted: {said}; continue with --resume '{run_dir}'\n")
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
