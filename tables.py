@@ -75,7 +75,8 @@ def collect_runs(paths):
     return rows
 
 
-# flags that say where or how a run ran, not its setting (ssl_weights: a cached pre-training of the same protocol)
+# flags that say where or how a run ran, not its setting (ssl_weights: a cached pre-training of the same protocol;
+# data_dir: where a named dataset lies, but for --data folder it is the dataset: summarise compares it there)
 SAME_SETTING = {"seed", "out", "resume", "tables", "data_dir", "device", "workers", "compile", "amp", "deterministic",
                 "ssl_weights"}
 
@@ -84,7 +85,8 @@ def summarise(rows, by, values=("dice_mean",)):
     """Group rows by the keys `by` and give n, the mean and the sample standard deviation (ddof = 1) over the
     runs in each group (normally seeds) of each value: v and v_std. A group of one run has std NaN (not 0:
     one run says nothing about the spread), which markdown_table prints as the mean alone. Runs (collect_runs)
-    whose flags differ beyond the seed and where or how they ran (SAME_SETTING) are never pooled: UserError.
+    whose flags differ beyond the seed and where or how they ran (SAME_SETTING) are never pooled: UserError;
+    nor are --data folder runs on two --data-dir folders (two datasets under one name).
     Runs of one script and seed in one cell are pooled as any others, with a note line on stderr naming them."""
     groups = {}
     for r in rows:
@@ -92,6 +94,8 @@ def summarise(rows, by, values=("dice_mean",)):
     for key, g in groups.items():
         flags = {r["run"]: r["flags"] for r in g if "flags" in r}
         names = set().union(*flags.values()) - set(by) - SAME_SETTING
+        if any(f.get("data") == "folder" for f in flags.values()) and "data_dir" not in by:
+            names.add("data_dir")  # every user's dataset is "folder": two folders are two datasets
         differ = [k for k in sorted(names) if len({repr(f.get(k)) for f in flags.values()}) > 1]
         if differ:  # the reason first, then each setting with a few of its runs (hundreds would hide the reason)
             setting = {}

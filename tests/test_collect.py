@@ -213,6 +213,21 @@ def test_runs_of_other_settings_are_never_pooled(tmp_path):
     assert [r["n"] for r in collect.collect([str(tmp_path)], by=collect.KEYS + ["lr"])] == [6, 1] * 3
 
 
+def test_folder_runs_on_two_data_folders_are_two_datasets(tmp_path):
+    """Every user's dataset is --data folder: two --data-dir folders are two datasets, never pooled as seeds
+    (a named dataset's --data-dir only says where it lies: pooled)."""
+    for data in ("folder", "kvasir-seg"):
+        for seed, where in ((0, "/data/bones"), (1, "/data/bones"), (2, "/data/polyps")):
+            d = fake_run(tmp_path / data, f"r{seed}", "x", "rule", seed, [0.5, 0.6, 0.7], data=data)
+            cfg = json.load(open(d / "config.json"))
+            cfg["args"]["data_dir"] = where if data == "folder" or seed < 2 else "/moved/kvasir"
+            json.dump(cfg, open(d / "config.json", "w"))
+    assert [r["n"] for r in collect.collect([str(tmp_path / "kvasir-seg")])] == [3, 3, 3]
+    with pytest.raises(common.UserError, match="ran with other --data-dir;"):
+        collect.collect([str(tmp_path / "folder")])
+    assert [r["n"] for r in collect.collect([str(tmp_path / "folder")], by=collect.KEYS + ["data_dir"])] == [2, 1] * 3
+
+
 def _exit(argv, capsys):
     """collect.py's command line as a user runs it: the exit status and stderr."""
     with pytest.raises(SystemExit) as e:
