@@ -342,7 +342,9 @@ def colour_mask(im, path):
     """A palette or colour mask, as annotation tools write them (a palette index, or a colour, per class): with
     black and one other colour, that colour is the object (0/255), whatever its brightness (red is 76 in grey).
     A grey one (a JPEG's chroma noise included), or one of more colours bright enough, stays as it is, for
-    binarise_mask; one of more colours, all dark, is an error that says so."""
+    binarise_mask; a dark one whose pixels are all shades of one colour (a drawing's soft edges, a JPEG's
+    noise) becomes that shade, 0..255, for binarise_mask; one of more colours, all dark, is an error that
+    says so."""
     rgb = np.asarray(im.convert("RGB"))
     if int((rgb.max(-1) - rgb.min(-1)).max()) <= 64:
         return im
@@ -351,6 +353,11 @@ def colour_mask(im, path):
         return Image.fromarray(np.where(rgb.any(-1), 255, 0).astype(np.uint8))
     if np.asarray(im.convert("L")).max() >= 128:  # e.g. a bright JPEG one: its grey values, as before
         return im
+    flat = rgb.reshape(-1, 3).astype(np.float64)  # dark: one colour c on black, with soft edges or JPEG noise?
+    c = flat[flat.sum(1).argmax()]
+    t = np.clip(flat @ c / (c @ c), 0, 1)  # each pixel's shade of c: the object where it is at least half
+    if np.abs(flat - t[:, None] * c).max() <= 64:
+        return Image.fromarray(np.round(t * 255).reshape(rgb.shape[:2]).astype(np.uint8))
     raise UserError(f"{path}: a colour mask with {len(colours)} colours"
                     f"{'' if colours[0] == 0 else ', none of them black'}; expected one object colour on black (or "
                     f"a white object on black, or 0/1 values)")

@@ -36,8 +36,9 @@ def test_grey_and_label_map_masks_are_refused():
 
 def test_palette_and_colour_masks_read_their_object_colour(tmp_path):
     """An annotation tool's mask: palette indices 0/1 (index 1 red or dark blue, 76 and 15 in grey) or a red object
-    on black is the object, whatever its grey value; a dark colour mask of many colours (a JPEG's) is refused,
-    saying so; a grey JPEG mask is read by its grey values, as before."""
+    on black is the object, whatever its grey value; so is a red one with soft edges or a JPEG's noise (every
+    pixel a shade of red); a dark mask of two colours is refused, saying so; a grey JPEG mask is read by its grey
+    values, as before."""
     m = np.zeros((20, 30), np.uint8)
     m[5:10, 5:20] = 1
     for name, colour in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 128))):
@@ -50,10 +51,18 @@ def test_palette_and_colour_masks_read_their_object_colour(tmp_path):
     rgb[m == 1] = (255, 0, 0)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     assert (np.asarray(loaders.read_image(tmp_path / "rgb.png", "L", mask=True)) == m * 255).all()
-    Image.fromarray(rgb).save(tmp_path / "red.jpg", quality=90)
-    with pytest.raises(loaders.UserError, match=r"red.jpg: a colour mask with \d+ colours; expected one object colour "
+    big = np.kron(m, np.ones((10, 10), np.uint8))  # 200 x 300: a JPEG's chroma is blurred over 2 px at each edge
+    Image.fromarray(np.kron(rgb, np.ones((10, 10, 1), np.uint8))).save(tmp_path / "red.jpg", quality=90)
+    soft = Image.fromarray(rgb).resize((1200, 800), Image.NEAREST).resize((300, 200), Image.BILINEAR)
+    soft.save(tmp_path / "soft.png")  # a drawing's antialiased edge: a few dark reds
+    for name in ("red.jpg", "soft.png"):
+        read = np.asarray(loaders.read_image(tmp_path / name, "L", mask=True))
+        assert len(np.unique(read)) > 2 and loaders.binarise_mask(read, name).tolist() == big.tolist(), name
+    rgb[0:3, 0:3] = (0, 0, 120)  # a second, dark blue class
+    Image.fromarray(rgb).save(tmp_path / "two.png")
+    with pytest.raises(loaders.UserError, match=r"two.png: a colour mask with 3 colours; expected one object colour "
                                                 r"on black"):
-        loaders.read_image(tmp_path / "red.jpg", "L", mask=True)
+        loaders.read_image(tmp_path / "two.png", "L", mask=True)
     Image.fromarray(np.repeat(m[..., None] * 255, 3, -1)).save(tmp_path / "grey.jpg", quality=90)
     grey = np.asarray(loaders.read_image(tmp_path / "grey.jpg", "L", mask=True))
     assert 2 < len(np.unique(grey)) and loaders.binarise_mask(grey, "grey.jpg").tolist() == m.tolist()
