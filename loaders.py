@@ -166,9 +166,10 @@ MASK_SUFFIXES = ("_mask", "_segmentation", "_lesion", "_manual1")
 
 
 def _mask_stem(path):
+    """The image stem a mask file names: its stem less a MASK_SUFFIXES suffix, in any letter case (a_MASK.png)."""
     s = _stem(path)
     for suf in MASK_SUFFIXES:
-        if s.endswith(suf):
+        if s.lower().endswith(suf):
             return s[: -len(suf)]
     return s
 

@@ -108,11 +108,12 @@ def test_every_mask_suffix_pairs(tmp_path):
     os.makedirs(tmp_path / "images"), os.makedirs(tmp_path / "masks")
     m = np.zeros((16, 16), np.uint8)
     m[4:9, 4:9] = 255
-    for k, suffix in enumerate(["", "_mask", "_segmentation", "_lesion", "_manual1"]):
+    suffixes = ["", "_mask", "_segmentation", "_lesion", "_manual1", "_MASK", "_Segmentation"]  # in any letter case
+    for k, suffix in enumerate(suffixes):
         Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "images" / f"case{k}.png")
         Image.fromarray(m).save(tmp_path / "masks" / f"case{k}{suffix}.png")
     d = loaders.load_data("folder", str(tmp_path), 16, quiet=True)
-    assert d.ids == [f"case{k}" for k in range(5)] and d.y.reshape(5, -1).any(1).all()
+    assert d.ids == [f"case{k}" for k in range(7)] and d.y.reshape(7, -1).any(1).all()
 
 
 def test_lgg_slices_in_numeric_order(tmp_path):
