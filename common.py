@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -258,6 +259,13 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     split_ids = {k: [data.ids[i] for i in v] for k, v in zip(("train", "val", "test"), ids)}
     if old is not None and old != split_ids:  # samples added: the same seed splits them otherwise
         raise changed
+    # the images as decoded: other pixels under the same sample names (another dataset, edited files) are
+    # another dataset, whose rounds would not continue this run's
+    crc, cfg = f"{zlib.crc32(np.ascontiguousarray(data.x)):08x}", read_json(run.path("config.json"))
+    if args.resume and cfg.get("images_crc32") not in (None, crc):
+        raise UserError(f"{args.data_dir or data.name}: the images differ from the run's (the same sample names, "
+                        f"other pixels: crc32 {crc}, the run's {cfg['images_crc32']} in its config.json): the data "
+                        f"changed since the run started; put it back as it was, or start a new run")
     if args.initial is None:
         args.initial = pool_share(len(ids[0]), initial, paper_pool)
     if args.query is None:
@@ -265,7 +273,7 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     if pseudo is not None and args.pseudo_step is None:
         args.pseudo_step = pool_share(len(ids[0]), pseudo, paper_pool)
     run.update_config(args)
-    run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved))
+    run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved, images_crc32=crc))
     run.write_json("splits.json", split_ids)
     plan = (f"all {len(ids[0])} labelled (the ceiling)" if args.strategy == "full" else
             f"{args.initial} labelled, then {args.rounds} round{'s' * (args.rounds != 1)} of +{args.query}")

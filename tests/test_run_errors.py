@@ -168,6 +168,15 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
     for sub in ("images", "masks"):
         name = next(n for n in os.listdir(tmp_path) if n.startswith(f"{sub}-"))
         os.rename(tmp_path / name, os.path.join(root, sub, name[len(sub) + 1:]))
+    # other pixels under the same names (another dataset in the same layout, an edited image): not the run's data
+    image = os.path.join(root, "images", sorted(os.listdir(os.path.join(root, "images")))[0])
+    original = open(image, "rb").read()
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    with pytest.raises(common.UserError, match=r"the images differ from the run's \(the same sample names, other "
+                                               r"pixels: crc32 [0-9a-f]{8}, the run's [0-9a-f]{8} in its config.json\)"):
+        example_tta.main(["--resume", run_dir])
+    with open(image, "wb") as f:
+        f.write(original)
     queried = open(path("queried.csv")).read()
     for cut in ("", queried[:queried.rindex("\n", 0, -1) + 1]):  # deleted, or its last row gone: whose labels?
         with open(path("queried.csv"), "w") as f:
