@@ -52,7 +52,8 @@ def run_main(main):
         kept = [n for n in sorted(os.listdir(Run.used)) if n.endswith(".pt")] if Run.used and not saved else []
         done = "finished rounds are saved" if saved else "no round finished yet: round 0 starts again" + (
             f" ({', '.join(kept)} kept: --resume goes on from it)" if kept else "")  # e.g. SSL's pre-training
-        print("interrupted" + (f": {done}; continue with --resume {shlex.quote(Run.used)}" if Run.used else ""), file=sys.stderr)
+        print("interrupted" + (f": {done}; continue with --resume {shlex.quote(Run.used)}" if Run.used else ""),
+              file=sys.stderr)
         sys.exit(130)
 
 
@@ -227,8 +228,9 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
                             f"(expected masks/<stem>[_mask].<ext>); {len(unlabelled)} image(s) have no mask. To "
                             f"label them yourself: --oracle folder")
         given, args.split = args.split, [len(unlabelled), 0, len(data) - len(unlabelled)]
+        other = given and list(given) != args.split  # (on --resume, given is the run's: the folder's)
         print(f"data: {len(unlabelled)} images to label (the pool), {args.split[2]} with masks (the test set); no "
-              f"validation set (val_dice nan){'; --split set from the folder, not ' + str(given) if given and list(given) != args.split else ''}"
+              f"validation set (val_dice nan){'; --split set from the folder, not ' + str(given) if other else ''}"
               + ("" if args.split[2] else "; no test set: the Dice columns of rounds.csv stay nan (not measured)"))
         data.official["train"] = unlabelled
     recorded, old = run.path("splits.json"), None
@@ -273,7 +275,8 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     if pseudo is not None and args.pseudo_step is None:
         args.pseudo_step = pool_share(len(ids[0]), pseudo, paper_pool)
     run.update_config(args)
-    run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved, images_crc32=crc))
+    run.write_json("config.json", dict(read_json(run.path("config.json")), split_achieved=achieved,
+                                       images_crc32=crc))
     run.write_json("splits.json", split_ids)
     plan = (f"all {len(ids[0])} labelled (the ceiling)" if args.strategy == "full" else
             f"{args.initial} labelled, then {args.rounds} round{'s' * (args.rounds != 1)} of +{args.query}")
@@ -963,7 +966,8 @@ class Run:
         os.replace(tmp, self.path("checkpoint.pt"))
         stop = os.environ.get("ALSEG_STOP_AFTER_ROUND")  # tests: simulate a run killed after this round
         if stop is not None and int(stop) == state["round"]:
-            print(f"stopping after round {stop} (ALSEG_STOP_AFTER_ROUND); continue with --resume {shlex.quote(self.dir)}")
+            print(f"stopping after round {stop} (ALSEG_STOP_AFTER_ROUND); continue with --resume "
+                  f"{shlex.quote(self.dir)}")
             sys.exit(3)
 
     def load_checkpoint(self):

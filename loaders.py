@@ -64,7 +64,8 @@ IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", "
 
 def _files(folder, patterns, what):
     if not os.path.isdir(folder):
-        raise UserError(f"{folder}: folder not found; expected {what}")
+        raise UserError(f"{folder}: {'a file, not a folder' if os.path.exists(folder) else 'folder not found'}; "
+                        f"expected {what}")
     found = glob_files(folder, patterns)
     if not found:
         raise UserError(f"no files found under {folder}: expected {what}")
@@ -188,6 +189,8 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
     glob_files(root, [])  # a folder that cannot be listed: one line, not a traceback from os.listdir
     img_dir, mask_dir = _subfolder(root, "images"), _subfolder(root, "masks")
     if not os.path.isdir(img_dir):
+        if os.path.exists(img_dir):
+            raise UserError(f"{img_dir}: a file, not a folder; expected the folder of the images")
         if os.path.basename(root).lower() in ("images", "masks"):
             raise UserError(f"{root} is itself the {os.path.basename(root)} folder: point --data-dir at its parent "
                             f"{os.path.dirname(root)}")
@@ -196,8 +199,14 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
         raise UserError(f"{root}: expected {what} (found: {sorted(os.listdir(root))[:8]}){down}")
     pats = ["*" + e for e in IMAGE_EXT]
     images = _files(img_dir, pats, "image files")
+    if os.path.exists(mask_dir) and not os.path.isdir(mask_dir):
+        raise UserError(f"{mask_dir}: a file, not a folder; expected the folder of the masks")
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
     stems = _keyed(images, _stem)
+    strays = [i for i in images if _mask_stem(i) != _stem(i) and _mask_stem(i) in stems]
+    if strays:  # images/a.png and images/a_mask.png: a mask copied beside its image, not a second image
+        raise UserError(f"{strays[0]}: a mask among the images? its name adds a mask suffix to the image "
+                        f"{stems[_mask_stem(strays[0])]}; expected masks in {mask_dir} ({len(strays)} such file(s))")
     mask_key = lambda m: _stem(m) if _stem(m) in stems else _mask_stem(m)  # a_lesion.png's mask may be a_lesion.png
     by_key = _keyed(masks, mask_key)
     for sub in (img_dir, mask_dir):
@@ -466,7 +475,8 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
     if not data_dir:
         raise UserError(f"--data {name} needs --data-dir (the folder of the archive as downloaded)")
     if not os.path.isdir(data_dir):
-        raise UserError(f"--data-dir {data_dir}: folder not found")
+        found = "a file, not a folder" if os.path.exists(data_dir) else "folder not found"
+        raise UserError(f"--data-dir {data_dir}: {found}; expected the folder of the {name} archive")
     entries = LISTERS[name](os.path.abspath(data_dir))
     for p in (p for e in entries for p in e[1:3] if p is not None):
         if not os.path.exists(p):

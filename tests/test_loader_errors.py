@@ -4,6 +4,7 @@ Small fixtures written to tmp_path; nothing here needs ../shared."""
 import glob
 import os
 import re
+import shutil
 import time
 import warnings
 
@@ -141,6 +142,32 @@ def test_the_images_folder_given_points_at_its_parent(tmp_path):
     with pytest.raises(loaders.UserError, match=r"expected images/ and masks/.* \(found: \['data'\]\); the layout is "
                                                 + re.escape(f"one folder down: --data-dir {root}?") + "$"):
         loaders.load_data("folder", str(tmp_path), 16, quiet=True)
+
+
+def test_a_file_for_a_folder_and_a_mask_among_the_images_are_named_as_such(tmp_path):
+    root = folder(tmp_path / "data")
+    with pytest.raises(loaders.UserError, match=re.escape(f"--data-dir {root}/images/img0.png: a file, not a folder; "
+                                                          "expected the folder of the folder archive")):
+        loaders.load_data("folder", os.path.join(root, "images", "img0.png"), 16, quiet=True)
+    os.rename(os.path.join(root, "images"), os.path.join(root, "x"))
+    open(os.path.join(root, "images"), "w").close()
+    with pytest.raises(loaders.UserError, match=re.escape(f"{root}/images: a file, not a folder; expected the folder "
+                                                          "of the images")):
+        loaders.load_data("folder", root, 16, quiet=True)
+    os.remove(os.path.join(root, "images"))
+    os.rename(os.path.join(root, "x"), os.path.join(root, "images"))
+    os.rename(os.path.join(root, "masks"), os.path.join(root, "x"))
+    open(os.path.join(root, "masks"), "w").close()
+    with pytest.raises(loaders.UserError, match=re.escape(f"{root}/masks: a file, not a folder; expected the folder "
+                                                          "of the masks")):
+        loaders.load_data("folder", root, 16, quiet=True)
+    os.remove(os.path.join(root, "masks"))
+    os.rename(os.path.join(root, "x"), os.path.join(root, "masks"))
+    shutil.copy(os.path.join(root, "masks", "img3_mask.png"), os.path.join(root, "images"))  # a mask in images/
+    with pytest.raises(loaders.UserError, match=re.escape(f"{root}/images/img3_mask.png: a mask among the images? its "
+                                                          f"name adds a mask suffix to the image {root}/images/img3.png; "
+                                                          f"expected masks in {root}/masks (1 such file(s))")):
+        loaders.load_data("folder", root, 16, quiet=True)
 
 
 @pytest.mark.parametrize("names", [("Images", "Masks"), ("IMAGES", "masks"), ("images", "Masks")])
