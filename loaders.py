@@ -342,7 +342,9 @@ def read_image(path, mode, size=None, with_size=False, mask=False):
         try:
             a = read_raw_tiff(path)
         except Exception:
-            raise UserError(f"{path}: unreadable image file ({type(e).__name__}: {e})")
+            empty = os.path.isfile(path) and os.path.getsize(path) == 0  # a copy or a save cut short
+            why = "an empty file, 0 bytes" if empty else f"{type(e).__name__}: {e}"
+            raise UserError(f"{path}: unreadable image file ({why})")
         stored = (a.shape[1], a.shape[0])
         out = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a[..., :3]).convert(mode)
     return (out, stored) if with_size else out

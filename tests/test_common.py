@@ -322,7 +322,10 @@ def test_bad_inputs_name_the_path(tmp_path):
 
     root = folder_fixture(tmp_path / "broken")
     (root / "images" / "case1.png").write_bytes(b"not an image at all")
-    with pytest.raises(common.UserError, match=r"case1\.png: unreadable image file"):
+    with pytest.raises(common.UserError, match=r"case1\.png: unreadable image file \(UnidentifiedImageError"):
+        common.load_data("folder", str(root), 32)
+    (root / "images" / "case1.png").write_bytes(b"")  # a copy cut short
+    with pytest.raises(common.UserError, match=r"case1\.png: unreadable image file \(an empty file, 0 bytes\)$"):
         common.load_data("folder", str(root), 32)
 
     root = folder_fixture(tmp_path / "gray")
