@@ -446,6 +446,18 @@ def test_tables_from_runs(runs, tmp_path):
     err = run_script("polyp_weighted_cluster.py", "--tables", tmp_path, check=False)
     assert err.returncode == 2 and "Traceback" not in err.stderr and "ran with other --lam" in err.stderr
     assert str(other) in err.stderr and "expected one setting per cell" in err.stderr
+    # the same run as another schedule (--query 5, the default --lam; labelled counts that no cell of the others
+    # holds, so that summarise alone would let it through): not side by side with them in one row
+    with open(other / "rounds.csv", "w") as f:
+        lines = open(os.path.join(runs["ours"], "rounds.csv")).read().splitlines()
+        col = lines[0].split(",").index("labeled")
+        f.write("\n".join([lines[0]] + [",".join(str(int(v) + 1) if i == col else v for i, v in enumerate(l.split(",")))
+                                        for l in lines[1:]]) + "\n")
+    json.dump(dict(cfg, args=dict(cfg["args"], lam=pwc.parse_args([]).lam, query=5)), open(other / "config.json", "w"))
+    err = run_script("polyp_weighted_cluster.py", "--tables", tmp_path, check=False)
+    assert err.returncode == 2 and "Traceback" not in err.stderr, err.stderr
+    assert "the synthetic runs follow 2 schedules; a table compares the methods under one" in err.stderr
+    assert f"--query 5: e.g. {other}" in err.stderr
 
 
 # ---- the real CVC-ClinicDB and Kvasir-SEG samples --------------------------------------------------------------
