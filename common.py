@@ -24,6 +24,7 @@ import time
 import zlib
 
 import numpy as np
+import PIL
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -265,9 +266,11 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     # another dataset, whose rounds would not continue this run's
     crc, cfg = f"{zlib.crc32(np.ascontiguousarray(data.x)):08x}", read_json(run.path("config.json"))
     if args.resume and cfg.get("images_crc32") not in (None, crc):
+        pil = "" if cfg.get("pillow", PIL.__version__) == PIL.__version__ else (
+            f"; or Pillow {PIL.__version__} decodes or resizes them otherwise than the run's {cfg['pillow']} did")
         raise UserError(f"{args.data_dir or data.name}: the images differ from the run's (the same sample names, "
                         f"other pixels: crc32 {crc}, the run's {cfg['images_crc32']} in its config.json): the data "
-                        f"changed since the run started; put it back as it was, or start a new run")
+                        f"changed since the run started{pil}; put it back as it was, or start a new run")
     if args.initial is None:
         args.initial = pool_share(len(ids[0]), initial, paper_pool)
     if args.query is None:
@@ -370,15 +373,18 @@ def to_device(data, device):
 
 
 def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, loss_fn=bce_dice_loss,
-          augment=None, extra_loss=None, generator=None, log=None, on_epoch=None, steps=None):
+          augment=None, extra_loss=None, generator=None, log=None, on_epoch=None, steps=None, lr_flag="--lr"):
     """Train on x[idx] with target[idx] (both uint8 on the device; gathered by index each step).
     augment(xb, yb) -> (xb, yb) runs on device batches; extra_loss(model) -> tensor is added each step (e.g.
     a loss on unlabelled data). The running loss stays on the device: one host sync per epoch. Returns
     the list of epoch mean losses.
     steps: instead of `epochs`, exactly this many optimiser steps: whole epochs, then one partial epoch on a
     random subset of idx (drawn with generator). The ceiling of every script (--strategy full) trains so,
-    for the active-learning run's step count (ceiling), not more epochs of a larger set."""
-    kw = dict(device=device, amp=amp, loss_fn=loss_fn, augment=augment, extra_loss=extra_loss, generator=generator)
+    for the active-learning run's step count (ceiling), not more epochs of a larger set.
+    A NaN or inf epoch loss (diverged) stops the run with a UserError that names lr_flag, the flag that sets
+    this training's learning rate."""
+    kw = dict(device=device, amp=amp, loss_fn=loss_fn, augment=augment, extra_loss=extra_loss, generator=generator,
+              lr_flag=lr_flag)
     if steps is not None:
         epochs, rest = divmod(steps, math.ceil(len(idx) / batch_size))
         losses = train(model, opt, x, target, idx, epochs, batch_size, on_epoch=on_epoch, **kw)
@@ -414,9 +420,9 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
                 print(f"    {s + len(b)}/{len(order)} images of this epoch, {fmt_s(now - t0)}", flush=True)
         losses.append(total.item() / max(1, len(order)))
         if not math.isfinite(losses[-1]):  # diverged: every later score would be NaN, every query arbitrary
-            raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {losses[-1]} (lr "
+            raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {losses[-1]} (lr now "
                             f"{opt.param_groups[0]['lr']:g}{', --amp' if amp else ''}); start a new run with a lower "
-                            f"--lr{' or without --amp' if amp else ''} (--resume keeps the run's flags: it would "
+                            f"{lr_flag}{' or without --amp' if amp else ''} (--resume keeps the run's flags: it would "
                             "diverge again)")
         if on_epoch is not None:
             on_epoch(epoch, losses[-1], time.time() - t0)
@@ -827,7 +833,8 @@ class Run:
             cfg = {"script": self.script, "args": vars(args), "command": " ".join(sys.argv), "commit": git_commit(),
                    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                    "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
-                   "numpy": np.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds")}
+                   "numpy": np.__version__, "pillow": PIL.__version__,  # Pillow decodes and resizes the images
+                   "started": datetime.datetime.now().isoformat(timespec="seconds")}
             self.write_json("config.json", cfg)
         self.args, self.device, self.t0, self.offset_s = args, device, time.time(), 0.0
         Run.used = self.dir

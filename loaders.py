@@ -4,6 +4,7 @@ turns into one line and exit status 2 (common.run_main). common.py re-exports wh
 (common.load_data, common.make_splits, ...).
 """
 import concurrent.futures
+import filecmp
 import fnmatch
 import glob
 import hashlib
@@ -203,8 +204,12 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
         raise UserError(f"{mask_dir}: a file, not a folder; expected the folder of the masks")
     masks = glob_files(mask_dir, pats) if os.path.isdir(mask_dir) else []
     stems = _keyed(images, _stem)
-    strays = [i for i in images if _mask_stem(i) != _stem(i) and _mask_stem(i) in stems]
-    if strays:  # images/a.png and images/a_mask.png: a mask copied beside its image, not a second image
+    # images/a_mask.png beside images/a.png, the very file masks/a_mask.png: a's mask copied among the images (an
+    # image named so, with a mask of its own, is an image: Kvasir's p0.png and p0_lesion.png side by side)
+    named = {os.path.basename(m): m for m in masks}
+    strays = [i for i in images if _mask_stem(i) != _stem(i) and _mask_stem(i) in stems
+              and os.path.basename(i) in named and filecmp.cmp(i, named[os.path.basename(i)], shallow=False)]
+    if strays:
         raise UserError(f"{strays[0]}: a mask among the images? its name adds a mask suffix to the image "
                         f"{stems[_mask_stem(strays[0])]}; expected masks in {mask_dir} ({len(strays)} such file(s))")
     mask_key = lambda m: _stem(m) if _stem(m) in stems else _mask_stem(m)  # a_lesion.png's mask may be a_lesion.png
@@ -354,9 +359,9 @@ def colour_mask(im, path):
     """A palette or colour mask, as annotation tools write them (a palette index, or a colour, per class): with
     black and one other colour, that colour is the object (0/255), whatever its brightness (red is 76 in grey).
     A grey one (a JPEG's chroma noise included), or one of more colours bright enough, stays as it is, for
-    binarise_mask; a dark one whose pixels are all shades of one colour (a drawing's soft edges, a JPEG's
-    noise) becomes that shade, 0..255, for binarise_mask; one of more colours, all dark, is an error that
-    says so."""
+    binarise_mask; a dark one whose pixels are all shades of one colour, the half shades only where the object
+    meets black (a drawing's soft edges, a JPEG's noise), becomes that shade, 0..255, for binarise_mask; one of
+    more colours, all dark, is an error that says so (a class map: dark red and dark olive, say)."""
     rgb = np.asarray(im.convert("RGB"))
     if int((rgb.max(-1) - rgb.min(-1)).max()) <= 64:
         return im
@@ -365,14 +370,28 @@ def colour_mask(im, path):
         return Image.fromarray(np.where(rgb.any(-1), 255, 0).astype(np.uint8))
     if np.asarray(im.convert("L")).max() >= 128:  # e.g. a bright JPEG one: its grey values, as before
         return im
-    flat = rgb.reshape(-1, 3).astype(np.float64)  # dark: one colour c on black, with soft edges or JPEG noise?
+    flat = rgb.reshape(-1, 3).astype(np.float32)  # dark: one colour c on black, with soft edges or JPEG noise?
     c = flat[flat.sum(1).argmax()]
     t = np.clip(flat @ c / (c @ c), 0, 1)  # each pixel's shade of c: the object where it is at least half
-    if np.abs(flat - t[:, None] * c).max() <= 64:
-        return Image.fromarray(np.round(t * 255).reshape(rgb.shape[:2]).astype(np.uint8))
+    t = t.reshape(rgb.shape[:2])
+    mid = (t > 0.25) & (t < 0.75)  # an edge's shades lie between the object and black; a second class's do not
+    if np.abs(flat - t.reshape(-1, 1) * c).max() <= 64 and not (mid & ~(_near(t >= 0.75) & _near(t <= 0.25))).any():
+        return Image.fromarray(np.round(t * 255).astype(np.uint8))
     raise UserError(f"{path}: a colour mask with {len(colours)} colours"
                     f"{'' if colours[0] == 0 else ', none of them black'}; expected one object colour on black (or "
                     f"a white object on black, or 0/1 values)")
+
+
+def _near(b, r=2):
+    """Pixels within r of a True pixel of the 2-D bool b (a (2r + 1)^2 square)."""
+    p, (h, w) = np.pad(b, r), b.shape
+    rows = np.zeros((h + 2 * r, w), bool)
+    for d in range(2 * r + 1):
+        rows |= p[:, d:d + w]
+    out = np.zeros((h, w), bool)
+    for d in range(2 * r + 1):
+        out |= rows[d:d + h]
+    return out
 
 
 def binarise_mask(m, path):

@@ -369,7 +369,8 @@ def pretrain(run, x, pool, pool_ids, args, device):
     losses = done["losses"] + common.train(
         model, opt, x, x, pool, args.ssl_epochs - done["epoch"], args.ssl_batch_size, device=device, amp=args.amp,
         loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
-        augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks), generator=order, on_epoch=on_epoch)
+        augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks), generator=order, on_epoch=on_epoch,
+        lr_flag="--ssl-lr")
     state, seconds = {k: v.cpu() for k, v in model.state_dict().items()}, done["seconds"] + time.time() - t0
     torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
                 "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim, "pool": list(pool_ids),

@@ -65,7 +65,8 @@ def collect_runs(paths):
                     print(f"warning: {rounds}: a line without the header's {len(r) - (None in r)} fields (cut short?) "
                           "is not a finished round; left out", file=sys.stderr)
                     continue
-                row = dict(cfg["args"], script=cfg["script"], run=run_dir, finished=finished, flags=cfg["args"])
+                row = dict(cfg["args"], script=cfg["script"], run=run_dir, finished=finished, flags=cfg["args"],
+                           images_crc32=cfg.get("images_crc32"))
                 for k, v in r.items():
                     try:
                         row[k] = float(v)
@@ -76,7 +77,7 @@ def collect_runs(paths):
 
 
 # flags that say where or how a run ran, not its setting (ssl_weights: a cached pre-training of the same protocol;
-# data_dir: where a named dataset lies, but for --data folder it is the dataset: summarise compares it there)
+# data_dir: where a named dataset lies; for --data folder, summarise compares the images' crc32 instead)
 SAME_SETTING = {"seed", "out", "resume", "tables", "data_dir", "device", "workers", "compile", "amp", "deterministic",
                 "ssl_weights"}
 
@@ -86,7 +87,8 @@ def summarise(rows, by, values=("dice_mean",)):
     runs in each group (normally seeds) of each value: v and v_std. A group of one run has std NaN (not 0:
     one run says nothing about the spread), which markdown_table prints as the mean alone. Runs (collect_runs)
     whose flags differ beyond the seed and where or how they ran (SAME_SETTING) are never pooled: UserError;
-    nor are --data folder runs on two --data-dir folders (two datasets under one name).
+    nor are --data folder runs on two datasets (two --data-dir folders whose images differ: config.json's
+    images_crc32).
     Runs of one script and seed in one cell are pooled as any others, with a note line on stderr naming them."""
     groups = {}
     for r in rows:
@@ -94,13 +96,20 @@ def summarise(rows, by, values=("dice_mean",)):
     for key, g in groups.items():
         flags = {r["run"]: r["flags"] for r in g if "flags" in r}
         names = set().union(*flags.values()) - set(by) - SAME_SETTING
-        if any(f.get("data") == "folder" for f in flags.values()) and "data_dir" not in by:
-            names.add("data_dir")  # every user's dataset is "folder": two folders are two datasets
         differ = [k for k in sorted(names) if len({repr(f.get(k)) for f in flags.values()}) > 1]
+        if any(f.get("data") == "folder" for f in flags.values()) and "data_dir" not in by:
+            # every user's dataset is "folder": which one, its images' crc32 says (the same set moved or copied
+            # pools); where a run has none (written before it), its folder
+            crcs = [r.get("images_crc32") for r in g if "flags" in r]
+            which = crcs if all(crcs) else [r["flags"].get("data_dir") for r in g if "flags" in r]
+            if len(set(which)) > 1:
+                differ.append("data_dir")
         if differ:  # the reason first, then each setting with a few of its runs (hundreds would hide the reason)
-            setting = {}
+            setting, crc = {}, {r["run"]: r.get("images_crc32") for r in g}
+            shown = lambda run, f, k: f"--{k.replace('_', '-')} {f.get(k)!r}" + (
+                f" (images crc32 {crc[run]})" if k == "data_dir" and crc.get(run) else "")
             for run, f in sorted(flags.items()):
-                setting.setdefault(" ".join(f"--{k.replace('_', '-')} {f.get(k)!r}" for k in differ), []).append(run)
+                setting.setdefault(" ".join(shown(run, f, k) for k in differ), []).append(run)
             lines = [f"{s}: {len(runs)} run(s): {', '.join(runs[:3])}" + f" and {len(runs) - 3} more" * (len(runs) > 3)
                      for s, runs in sorted(setting.items())]
             lines = lines[:10] + [f"and {len(lines) - 10} more setting(s)"] * (len(lines) > 10)

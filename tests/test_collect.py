@@ -214,18 +214,27 @@ def test_runs_of_other_settings_are_never_pooled(tmp_path):
 
 
 def test_folder_runs_on_two_data_folders_are_two_datasets(tmp_path):
-    """Every user's dataset is --data folder: two --data-dir folders are two datasets, never pooled as seeds
-    (a named dataset's --data-dir only says where it lies: pooled)."""
-    for data in ("folder", "kvasir-seg"):
-        for seed, where in ((0, "/data/bones"), (1, "/data/bones"), (2, "/data/polyps")):
-            d = fake_run(tmp_path / data, f"r{seed}", "x", "rule", seed, [0.5, 0.6, 0.7], data=data)
+    """Every user's dataset is --data folder: two datasets (their images' crc32 in config.json differ) are never
+    pooled as seeds; the same images in two folders (moved, copied to a cluster) are; runs of which one has no
+    crc32 (written before it) are told by their --data-dir. A named dataset's --data-dir only says where it lies."""
+    def runs(sub, where, data="folder"):
+        for seed, (data_dir, crc) in enumerate(where):
+            d = fake_run(tmp_path / sub, f"r{seed}", "x", "rule", seed, [0.5, 0.6, 0.7], data=data)
             cfg = json.load(open(d / "config.json"))
-            cfg["args"]["data_dir"] = where if data == "folder" or seed < 2 else "/moved/kvasir"
-            json.dump(cfg, open(d / "config.json", "w"))
-    assert [r["n"] for r in collect.collect([str(tmp_path / "kvasir-seg")])] == [3, 3, 3]
+            cfg["args"]["data_dir"] = data_dir
+            json.dump(dict(cfg, images_crc32=crc) if crc else cfg, open(d / "config.json", "w"))
+        return str(tmp_path / sub)
+    n = lambda path, **k: [r["n"] for r in collect.collect([path], **k)]
+    assert n(runs("named", [("/data/kvasir", "1"), ("/data/kvasir", "2"), ("/moved/kvasir", None)], "kvasir-seg")) \
+        == [3] * 3
+    assert n(runs("moved", [("/data/bones", "aa"), ("/scratch/bones", "aa")])) == [2] * 3
+    other = runs("other", [("/data/bones", "aa"), ("/data/bones", "aa"), ("/data/polyps", "bb")])
+    with pytest.raises(common.UserError, match="ran with other --data-dir;") as e:
+        collect.collect([other])
+    assert "  --data-dir '/data/polyps' (images crc32 bb): 1 run(s)" in str(e.value)
+    assert n(other, by=collect.KEYS + ["data_dir"]) == [2, 1] * 3
     with pytest.raises(common.UserError, match="ran with other --data-dir;"):
-        collect.collect([str(tmp_path / "folder")])
-    assert [r["n"] for r in collect.collect([str(tmp_path / "folder")], by=collect.KEYS + ["data_dir"])] == [2, 1] * 3
+        collect.collect([runs("older", [("/data/bones", "aa"), ("/data/polyps", None)])])
 
 
 def _exit(argv, capsys):

@@ -168,6 +168,13 @@ def test_a_file_for_a_folder_and_a_mask_among_the_images_are_named_as_such(tmp_p
                                                           f"name adds a mask suffix to the image {root}/images/img3.png; "
                                                           f"expected masks in {root}/masks (1 such file(s))")):
         loaders.load_data("folder", root, 16, quiet=True)
+    # but an image whose name ends in a mask suffix and that has a mask of its very name is an image (Kvasir's
+    # p0_lesion.png convention): img3.png and img3_lesion.png, each with its own mask
+    os.remove(os.path.join(root, "images", "img3_mask.png"))
+    for sub in ("images", "masks"):
+        src = os.path.join(root, sub, "img3.png" if sub == "images" else "img3_mask.png")
+        shutil.copy(src, os.path.join(root, sub, "img3_lesion.png"))
+    assert "img3_lesion" in loaders.load_data("folder", root, 16, quiet=True).ids
 
 
 @pytest.mark.parametrize("names", [("Images", "Masks"), ("IMAGES", "masks"), ("images", "Masks")])

@@ -60,9 +60,15 @@ def test_palette_and_colour_masks_read_their_object_colour(tmp_path):
         assert len(np.unique(read)) > 2 and loaders.binarise_mask(read, name).tolist() == big.tolist(), name
     rgb[0:3, 0:3] = (0, 0, 120)  # a second, dark blue class
     Image.fromarray(rgb).save(tmp_path / "two.png")
-    with pytest.raises(loaders.UserError, match=r"two.png: a colour mask with 3 colours; expected one object colour "
-                                                r"on black"):
-        loaders.read_image(tmp_path / "two.png", "L", mask=True)
+    voc = np.zeros((100, 100), np.uint8)  # a VOC palette's classes 3 (128, 128, 0) and 1 (128, 0, 0): one of them
+    voc[20:70, 20:70], voc[80:85, 80:90] = 3, 1  # a half shade of the other, but not at its edge
+    im = Image.fromarray(voc, "P")
+    im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0] * 756)
+    im.save(tmp_path / "voc.png")
+    for name in ("two.png", "voc.png"):
+        with pytest.raises(loaders.UserError, match=name + r": a colour mask with 3 colours; expected one object "
+                                                           r"colour on black"):
+            loaders.read_image(tmp_path / name, "L", mask=True)
     Image.fromarray(np.repeat(m[..., None] * 255, 3, -1)).save(tmp_path / "grey.jpg", quality=90)
     grey = np.asarray(loaders.read_image(tmp_path / "grey.jpg", "L", mask=True))
     assert 2 < len(np.unique(grey)) and loaders.binarise_mask(grey, "grey.jpg").tolist() == m.tolist()

@@ -91,7 +91,7 @@ def test_pwc_table1_keeps_the_requested_counts_and_the_papers_cvc_cells(monkeypa
     90 random 0.8388 / 0.8225, 90 ours 0.8561 / 0.8466, 180 random 0.8709 / 0.8636, 180 ours 0.8922 / 0.8891."""
     stats = [_stat(c, s, 0.5, 0.4) for c in (180, 30, 90) for s in ("ours", "random")]
     monkeypatch.setattr(common, "collect_runs", lambda paths: [
-        dict(script="polyp_weighted_cluster", finished=True, data="cvc-clinicdb")])
+        dict(script="polyp_weighted_cluster", finished=True, data="cvc-clinicdb", run="r", flags={})])
     monkeypatch.setattr(common, "summarise", lambda rows, keys, cols: [dict(s) for s in stats])
     seen = []
     monkeypatch.setattr(common, "markdown_table", lambda rows, *a, **k: seen.append(rows) or "")

@@ -173,8 +173,17 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
     original = open(image, "rb").read()
     Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
     with pytest.raises(common.UserError, match=r"the images differ from the run's \(the same sample names, other "
-                                               r"pixels: crc32 [0-9a-f]{8}, the run's [0-9a-f]{8} in its config.json\)"):
+                                               r"pixels: crc32 [0-9a-f]{8}, the run's [0-9a-f]{8} in its config.json\): "
+                                               r"the data changed since the run started; put it back"):
         example_tta.main(["--resume", run_dir])
+    config = open(path("config.json")).read()
+    with open(path("config.json"), "w") as f:  # the run started under another Pillow: named as a possible cause
+        json.dump(dict(json.loads(config), pillow="9.0.0"), f)
+    with pytest.raises(common.UserError, match=r"the data changed since the run started; or Pillow \S+ decodes or "
+                                               r"resizes them otherwise than the run's 9.0.0 did; put it back"):
+        example_tta.main(["--resume", run_dir])
+    with open(path("config.json"), "w") as f:
+        f.write(config)
     with open(image, "wb") as f:
         f.write(original)
     queried = open(path("queried.csv")).read()

@@ -176,12 +176,14 @@ def test_painting_block_counts(monkeypatch):
 
 
 def test_models_genesis_order(monkeypatch):
-    """Flip, local pixel shuffling, non-linear intensity, painting: the reference generate_pair's order."""
-    calls = []
-    for name in ("flip", "local_pixel_shuffling", "nonlinear_transformation", "image_painting"):
-        monkeypatch.setattr(S, name, lambda x, *a, name=name, **k: calls.append(name) or x)
-    S.models_genesis(ramp(2), gen(0))
-    assert calls == ["flip", "local_pixel_shuffling", "nonlinear_transformation", "image_painting"]
+    """Flip, local pixel shuffling, non-linear intensity, painting: the reference generate_pair's order, each
+    on the one before's output; the target is the flipped image alone. Transform k adds 10^k here."""
+    calls, names = [], ["flip", "local_pixel_shuffling", "nonlinear_transformation", "image_painting"]
+    for k, name in enumerate(names):
+        monkeypatch.setattr(S, name, lambda x, *a, name=name, k=k, **kw: calls.append(name) or x + 10 ** k)
+    x = ramp(2)
+    inp, target = S.models_genesis(x, gen(0))
+    assert calls == names and torch.equal(target, x + 1) and torch.allclose(inp, x + 1111)
 
 
 def test_models_genesis_target_is_the_flipped_clean_image():
