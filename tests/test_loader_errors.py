@@ -149,26 +149,20 @@ def test_a_file_for_a_folder_and_a_mask_among_the_images_are_named_as_such(tmp_p
     with pytest.raises(loaders.UserError, match=re.escape(f"--data-dir {root}/images/img0.png: a file, not a folder; "
                                                           "expected the folder of the folder archive")):
         loaders.load_data("folder", os.path.join(root, "images", "img0.png"), 16, quiet=True)
-    os.rename(os.path.join(root, "images"), os.path.join(root, "x"))
-    open(os.path.join(root, "images"), "w").close()
-    with pytest.raises(loaders.UserError, match=re.escape(f"{root}/images: a file, not a folder; expected the folder "
-                                                          "of the images")):
-        loaders.load_data("folder", root, 16, quiet=True)
-    os.remove(os.path.join(root, "images"))
-    os.rename(os.path.join(root, "x"), os.path.join(root, "images"))
-    os.rename(os.path.join(root, "masks"), os.path.join(root, "x"))
-    open(os.path.join(root, "masks"), "w").close()
-    with pytest.raises(loaders.UserError, match=re.escape(f"{root}/masks: a file, not a folder; expected the folder "
-                                                          "of the masks")):
-        loaders.load_data("folder", root, 16, quiet=True)
-    os.remove(os.path.join(root, "masks"))
-    os.rename(os.path.join(root, "x"), os.path.join(root, "masks"))
+    for sub in ("images", "masks"):
+        os.rename(os.path.join(root, sub), os.path.join(root, "x"))
+        open(os.path.join(root, sub), "w").close()
+        with pytest.raises(loaders.UserError, match=re.escape(f"{root}/{sub}: a file, not a folder; expected the "
+                                                              f"folder of the {sub}")):
+            loaders.load_data("folder", root, 16, quiet=True)
+        os.remove(os.path.join(root, sub))
+        os.rename(os.path.join(root, "x"), os.path.join(root, sub))
     shutil.copy(os.path.join(root, "masks", "img3_mask.png"), os.path.join(root, "images"))  # a mask in images/
     with pytest.raises(loaders.UserError, match=re.escape(f"{root}/images/img3_mask.png: a mask among the images? its "
                                                           f"name adds a mask suffix to the image {root}/images/img3.png; "
                                                           f"expected masks in {root}/masks (1 such file(s))")):
         loaders.load_data("folder", root, 16, quiet=True)
-    # but an image whose name ends in a mask suffix and that has a mask of its very name is an image (Kvasir's
+    # but an image whose name ends in a mask suffix and is not a copy of the mask of that name is an image (Kvasir's
     # p0_lesion.png convention): img3.png and img3_lesion.png, each with its own mask
     os.remove(os.path.join(root, "images", "img3_mask.png"))
     for sub in ("images", "masks"):
