@@ -32,7 +32,8 @@ import torch.nn.functional as F
 # Data (loaders.py) and figures (plots.py) live in their own files; the scripts reach them through common
 from loaders import Data, UserError, default_split, load_data, make_splits, make_synthetic, write_folder  # noqa: F401
 from plots import COLOURS, learning_curve, picks_sheet, plot, plot_hist, save_panel  # noqa: F401
-from tables import collect_runs, markdown_table, read_config, read_json, read_rows, summarise  # noqa: F401
+from tables import (collect_runs, markdown_table, one_schedule, read_config, read_json, read_rows,  # noqa: F401
+                    summarise)
 from progress import Progress, fmt_s  # noqa: F401
 
 
@@ -60,7 +61,6 @@ def run_main(main):
 
 # ---- Flags shared by every script, in the agreed order, and per-dataset defaults ---------------------------
 DATASETS = ["synthetic", "isic2017", "isic2018", "ph2", "cvc-clinicdb", "kvasir-seg", "lgg", "folder"]
-PROTOCOL_FLAGS = ["initial", "query", "rounds", "epochs_initial", "epochs", "batch_size", "lr", "width"]
 
 
 class Parser(argparse.ArgumentParser):

@@ -521,6 +521,8 @@ def tables(args):
     for r in rows:
         r["method"] = f"dsal-{r['select']}" if r["strategy"] == "dsal" else r["strategy"]
         r["training_set"] = r["split"][0] if r.get("split") else None
+    for data in sorted({(r["data"], r["training_set"]) for r in rows}, key=repr):  # one schedule per curve
+        common.one_schedule([r for r in rows if (r["data"], r["training_set"]) == data], data[0])
     curve = common.summarise(rows, ("data", "training_set", "method", "labeled"), ("dice_mean", "rho_mean"))
     full = {(r["data"], r["training_set"]): r for r in curve if r["method"] == "full"}
     reach = []

@@ -517,14 +517,7 @@ def tables(paths, budgets):
         raise common.UserError(f"--tables {' '.join(paths)}: no finished polyp_weighted_cluster run folders there")
     for data in sorted({r["data"] for r in rows}):
         mine = [r for r in rows if r["data"] == data]
-        # one schedule per table: summarise keeps two settings out of one cell, this out of one row as well
-        differ = [k for k in common.PROTOCOL_FLAGS + ["image_size", "split"]
-                  if len({repr(r["flags"].get(k)) for r in mine}) > 1]
-        if differ:
-            runs = {" ".join(f"--{k.replace('_', '-')} {r['flags'].get(k)}" for k in differ): r["run"] for r in mine}
-            raise common.UserError(f"--tables: the {data} runs follow {len(runs)} schedules; a table compares the "
-                                   "methods under one: give the folders of one schedule"
-                                   + "".join(f"\n  {s}: e.g. {run}" for s, run in sorted(runs.items())))
+        common.one_schedule(mine, data)
         stats = common.summarise(mine, ("labeled", "strategy"), ("miou_mean", "dice_mean"))
         cvc = data == "cvc-clinicdb"
         t1 = [s for s in stats if s["strategy"] in ("random", "entropy", "asa", "coreset", "ours")]

@@ -142,6 +142,23 @@ def summarise(rows, by, values=("dice_mean",)):
     return out
 
 
+# the flags that make a protocol: one_schedule
+SCHEDULE = ["initial", "query", "rounds", "epochs_initial", "epochs", "batch_size", "lr", "width", "image_size",
+            "split"]
+
+
+def one_schedule(rows, what):
+    """A table that compares methods under one protocol (a paper's Table 1, a Fig. 4 curve): every run of `rows`
+    with the same SCHEDULE flags, or a UserError naming each schedule and one of its runs. summarise keeps two
+    settings out of one cell; this keeps them out of one row or curve, where their cells sit at other counts."""
+    differ = [k for k in SCHEDULE if len({repr(r["flags"].get(k)) for r in rows}) > 1]
+    if differ:
+        runs = {" ".join(f"--{k.replace('_', '-')} {r['flags'].get(k)}" for k in differ): r["run"] for r in rows}
+        raise UserError(f"--tables: the {what} runs follow {len(runs)} schedules; a table compares the methods under "
+                        "one: give the folders of one schedule" + "".join(f"\n  {s}: e.g. {run}"
+                                                                          for s, run in sorted(runs.items())))
+
+
 def _key(v):
     return tuple(v) if isinstance(v, list) else (int(v) if isinstance(v, float) and v.is_integer() else v)
 

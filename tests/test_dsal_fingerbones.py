@@ -203,10 +203,10 @@ def test_default_ds_weights_weigh_lower_middle_final_as_eq_2(monkeypatch):
 
 
 # ------------------------------------------------------------------------------- Fig. 4 table, hand-made runs
-def fake_run(root, name, strategy, select, seed, curve, split=(100, 10, 10), finished=True):
+def fake_run(root, name, strategy, select, seed, curve, split=(100, 10, 10), finished=True, **flags):
     run = root / name
     run.mkdir(parents=True)
-    args = {"data": "synthetic", "strategy": strategy, "select": select, "seed": seed, "split": list(split)}
+    args = {"data": "synthetic", "strategy": strategy, "select": select, "seed": seed, "split": list(split), **flags}
     (run / "config.json").write_text(json.dumps({"script": "dsal_fingerbones", "args": args}))
     if finished:
         (run / "summary.json").write_text("{}")
@@ -248,6 +248,11 @@ def test_tables_on_hand_made_runs(tmp_path, capsys):
         dsal.main(["--tables", str(tmp_path / "nowhere")])
     with pytest.raises(common.UserError, match="no finished dsal_fingerbones runs"):
         dsal.main(["--tables", str(tmp_path / "other")])
+    # a run of another schedule, at counts no other run has: not one more point of the dsal-highest curve
+    fake_run(runs, "q5", "dsal", "highest", 2, [(15, 0.6), (25, 0.9)], query=5)
+    with pytest.raises(common.UserError, match=r"the synthetic runs follow 2 schedules; a table compares the methods "
+                                               r"under one: give the folders of one schedule\n  --query 5: e\.g\. "):
+        dsal.main(["--tables", str(runs), "--out", str(tmp_path / "q")])
 
 
 # ------------------------------------------------------------------------------------------------ end to end
