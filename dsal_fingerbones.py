@@ -509,8 +509,8 @@ def tables(args):
     """Fig. 4: test Dice against the number of annotations per method (mean ± std over seeds), and the fraction
     of the training set at which each method first reaches the full-annotation Dice (paper: 60 of 139,
     43.16 %, "comparable results"): the first labelled count whose mean Dice is at least the full-annotation
-    mean minus --reach-tolerance. Built only from common.collect_runs / summarise / markdown_table / plot;
-    trains nothing."""
+    mean minus --reach-tolerance. Built only from common.collect_runs / one_schedule / summarise / markdown_table /
+    plot; trains nothing."""
     for p in args.tables:
         if not os.path.exists(p):
             raise common.UserError(f"--tables {p}: no such folder; expected run folders (or their parents)")

@@ -509,7 +509,7 @@ def panel(run, model, data, x, ids, args, device, n=4):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tables 1-2 from finished runs (common.collect_runs / summarise / markdown_table)
+# Tables 1-2 from finished runs (common.collect_runs / one_schedule / summarise / markdown_table)
 # ----------------------------------------------------------------------------------------------------------
 def tables(paths, budgets):
     rows = [r for r in common.collect_runs(paths) if r["script"] == "polyp_weighted_cluster" and r["finished"]]
