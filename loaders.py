@@ -384,14 +384,7 @@ def colour_mask(im, path):
 
 def _near(b, r=2):
     """Pixels within r of a True pixel of the 2-D bool b (a (2r + 1)^2 square)."""
-    p, (h, w) = np.pad(b, r), b.shape
-    rows = np.zeros((h + 2 * r, w), bool)
-    for d in range(2 * r + 1):
-        rows |= p[:, d:d + w]
-    out = np.zeros((h, w), bool)
-    for d in range(2 * r + 1):
-        out |= rows[d:d + h]
-    return out
+    return np.lib.stride_tricks.sliding_window_view(np.pad(b, r), (2 * r + 1, 2 * r + 1)).any((-2, -1))
 
 
 def binarise_mask(m, path):
