@@ -10,6 +10,7 @@ never imports a script.
 import argparse
 import csv
 import datetime
+import errno
 import json
 import math
 import os
@@ -22,6 +23,11 @@ import subprocess
 import sys
 import time
 import zlib
+
+try:
+    import fcntl  # run.lock (Run.take_lock); absent on Windows, where a run folder is not locked
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import PIL
@@ -46,7 +52,7 @@ def run_main(main):
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        if Run.made and set(os.listdir(Run.made)) <= {"config.json", "splits.json"}:
+        if Run.made and set(os.listdir(Run.made)) <= {"config.json", "splits.json", "run.lock"}:
             shutil.rmtree(Run.made)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -775,6 +781,7 @@ class Run:
     finished round), queried.csv (round, sample id, how it was labelled), epochs.csv, summary.json,
     checkpoint.pt (everything --resume needs) and the figures."""
     made = used = None  # the folder this process made, the one it writes (run_main's messages)
+    lock = None  # the open run.lock of the run this process writes (take_lock)
 
     def __init__(self, script, args, device):
         self.script = os.path.splitext(os.path.basename(script))[0]
@@ -794,6 +801,7 @@ class Run:
                                 f"in it); expected a run folder this script wrote")
             if cfg.get("script") != self.script:
                 raise UserError(f"--resume {self.dir}: the run was made by {cfg.get('script')}, not {self.script}")
+            self.take_lock()  # before anything of the run is read further or changed
             # the run's own flags win, --amp included (the rest of a run computes as its start did), and its
             # thread count (CPU sums depend on it); only --resume, --device, --workers and --data-dir (the data
             # moved: split_data checks it holds the run's samples) may change
@@ -821,15 +829,16 @@ class Run:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             name = f"{self.script}__{args.data}__{args.strategy}__s{args.seed}__{stamp}"
             self.dir = os.path.join(args.out, name)
-            k = 1
-            while os.path.exists(self.dir):
-                k += 1
-                self.dir = os.path.join(args.out, f"{name}-{k}")
-            try:
-                os.makedirs(self.dir)
-            except OSError as e:
-                raise UserError(f"--out {args.out}: cannot make the run folder {self.dir} ({e.strerror})")
+            for k in range(2, 10 ** 6):  # -2, -3, ...: another run of these flags started in the same second
+                try:
+                    os.makedirs(self.dir)
+                    break
+                except FileExistsError:  # made between a check and makedirs too (a job array starting at once)
+                    self.dir = os.path.join(args.out, f"{name}-{k}")
+                except OSError as e:
+                    raise UserError(f"--out {args.out}: cannot make the run folder {self.dir} ({e.strerror})")
             Run.made = self.dir
+            self.take_lock()
             cfg = {"script": self.script, "args": vars(args), "command": " ".join(sys.argv), "commit": git_commit(),
                    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                    "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
@@ -838,6 +847,44 @@ class Run:
             self.write_json("config.json", cfg)
         self.args, self.device, self.t0, self.offset_s = args, device, time.time(), 0.0
         Run.used = self.dir
+
+    def take_lock(self):
+        """run.lock: one process writes a run folder at a time. A --resume of a folder that a live process is still
+        writing (a requeued cluster job beside the old one, a second terminal) stops here, instead of two processes
+        mixing their rounds in one rounds.csv. The lock is the OS's (flock, held while the process lives), so a
+        process that ended in any way, SIGKILL included, leaves no stale lock; the file's text only names who
+        holds it. A Run of the same process takes it over (tests run several Runs in one process)."""
+        Run.release_lock()  # this process's previous run
+        if fcntl is None:
+            return
+        path = self.path("run.lock")
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # a file system without locks
+                print(f"note: {path} cannot be locked ({e.strerror}): nothing stops a second process from "
+                      f"writing this run folder at the same time")
+                return
+            with open(path) as g:
+                holder = g.read().strip() or "a process"
+            raise UserError(f"--resume {self.dir}: {holder} is writing this run now (run.lock); two processes on one "
+                            f"run folder would mix their rounds. Wait for it to end, or stop it, then --resume again")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node() or 'this machine'}, started "
+                f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        f.flush()
+        Run.lock = f
+
+    @staticmethod
+    def release_lock():
+        """Free run.lock where this process stops writing its run (the run finished, or stopped to be resumed):
+        a test that ran a script in its own process can then --resume it in another."""
+        if Run.lock is not None:
+            Run.lock.close()
+            Run.lock = None
 
     # ---- the round loop's plumbing, called by every script in the same place and the same words ----
     @classmethod
@@ -887,6 +934,7 @@ class Run:
             "final_iou": float(last["iou_mean"]), "labeled": int(last["labeled"]), "pseudo": int(last["pseudo"]),
             "rounds": len(rows) - 1, **(summary or {}), "wall_s": self.elapsed(), **gpu})
         print(f"done: test dice {float(last['dice_mean']):.4f}{line} with {last['labeled']} labelled; {self.dir}")
+        self.release_lock()
         return self.dir
 
     def update_config(self, args):
@@ -975,6 +1023,7 @@ class Run:
         if stop is not None and int(stop) == state["round"]:
             print(f"stopping after round {stop} (ALSEG_STOP_AFTER_ROUND); continue with --resume "
                   f"{shlex.quote(self.dir)}")
+            self.release_lock()
             sys.exit(3)
 
     def load_checkpoint(self):

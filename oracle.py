@@ -73,6 +73,7 @@ def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, 
     write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide)
     print(f"stopped: round {rnd} asks for {len(ids)} labels; follow {os.path.join(ask_dir, 'README.txt')}, then "
           f"go on with: python {run.script}.py --resume {shlex.quote(run.dir)}")
+    run.release_lock()
     sys.exit(0)
 
 

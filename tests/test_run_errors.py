@@ -93,6 +93,39 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     assert first == f"run: {run_dir} on cpu: pool 300, validation 60, test 100; 30 labelled, then 4 rounds of +15\n"
 
 
+def test_a_run_a_live_process_writes_is_not_resumed_beside_it(tmp_path, capsys):
+    """run.lock: a --resume of a run that a live process is still writing (a requeued cluster job beside the old
+    one, a second terminal) stops with one line naming the holder, instead of two processes mixing their rounds
+    in one rounds.csv. The lock is the OS's: once the holder is gone, even by SIGKILL (no chance to clean up), the
+    resume goes on; a later Run of the same process takes its own lock over."""
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "example_tta.py"), "--device", "cpu", "--image-size",
+                          "32", "--width", "4", "--epochs-initial", "200", "--out", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        p.stdout.readline()  # "run: RUN_DIR on cpu ...": the folder is made and locked
+        run_dir = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+        err = one_line_error(capsys, lambda: common.Run("example_tta.py", _args(resume=run_dir), torch.device("cpu")))
+        assert err.startswith(f"error: --resume {run_dir}: pid {p.pid} on ") and "is writing this run now" in err, err
+    finally:
+        p.kill()
+        p.wait()
+    assert not os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))  # the holder was stopped mid-round 0
+    common.Run("example_tta.py", _args(resume=run_dir), torch.device("cpu"))  # SIGKILL left no stale lock
+    common.Run("example_tta.py", _args(resume=run_dir), torch.device("cpu"))  # this process's own lock, taken over
+    assert open(os.path.join(run_dir, "run.lock")).read().startswith(f"pid {os.getpid()} on ")
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """A job array starts the same flags at once: the second folder is -2, the third -3 (makedirs decides, so a
+    folder made by another process between a check and the making is not shared)."""
+    now = common.datetime.datetime(2026, 11, 27, 16, 30, 0)
+    monkeypatch.setattr(common, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: now)))
+    dirs = [common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu")).dir for _ in range(3)]
+    name = os.path.join(tmp_path, "x__synthetic__x__s0__20261127-163000")
+    assert dirs == [name, name + "-2", name + "-3"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "nan"], "--lr nan: expected a finite learning rate above 0"),
     (["--lr", "inf"], "--lr inf: expected a finite learning rate above 0"),
