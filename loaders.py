@@ -182,7 +182,8 @@ def _subfolder(root, name):
     found = sorted(d for d in os.listdir(root) if d.lower() == name and os.path.isdir(os.path.join(root, d)))
     if len(found) > 1:
         raise UserError(f"{root}: found {'/, '.join(found)}/: keep one {name}/ folder")
-    return os.path.join(root, found[0] if found else name)
+    files = sorted(d for d in os.listdir(root) if d.lower() == name)  # else a file of that name (Images): named
+    return os.path.join(root, found[0] if found else files[0] if files else name)
 
 
 def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem may add _mask, _segmentation, "
@@ -214,6 +215,14 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
                         f"{stems[_mask_stem(strays[0])]}; expected masks in {mask_dir} ({len(strays)} such file(s))")
     mask_key = lambda m: _stem(m) if _stem(m) in stems else _mask_stem(m)  # a_lesion.png's mask may be a_lesion.png
     by_key = _keyed(masks, mask_key)
+    # ... or moved there (not copied): neither it nor the image its name points to has a mask, and it holds two
+    # values at most, as a mask does (a photo named a_mask.png does not)
+    moved = [i for i in images if _mask_stem(i) != _stem(i) and _mask_stem(i) in stems
+             and not {_stem(i), _mask_stem(i)} & by_key.keys() and _two_valued(i)]
+    if moved:
+        raise UserError(f"{moved[0]}: a mask among the images? its name adds a mask suffix to the image "
+                        f"{stems[_mask_stem(moved[0])]}, which has no mask, and it holds two values at most; expected "
+                        f"masks in {mask_dir} ({len(moved)} such file(s))")
     for sub in (img_dir, mask_dir):
         nested = [f for f in glob.glob(os.path.join(glob.escape(sub), "*", "**", "*"), recursive=True)
                   if f.lower().endswith(IMAGE_EXT)]
@@ -230,6 +239,16 @@ def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem 
                 for i in sorted(images, key=_stem)]
     pairs = _pair(images, masks, _stem, mask_key, img_dir, mask_dir, "masks/<stem>[_mask].<ext>")
     return [(k, i, m, None, None) for k, i, m in pairs]
+
+
+def _two_valued(path):
+    """True where the image file holds two grey values at most (a binary mask); False for anything else, an
+    unreadable file included (the loader names that one when it decodes it)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("L").getcolors(2) is not None
+    except Exception:
+        return False
 
 
 def glob_files(folder, patterns):

@@ -150,13 +150,14 @@ def test_a_file_for_a_folder_and_a_mask_among_the_images_are_named_as_such(tmp_p
                                                           "expected the folder of the folder archive")):
         loaders.load_data("folder", os.path.join(root, "images", "img0.png"), 16, quiet=True)
     for sub in ("images", "masks"):
-        os.rename(os.path.join(root, sub), os.path.join(root, "x"))
-        open(os.path.join(root, sub), "w").close()
-        with pytest.raises(loaders.UserError, match=re.escape(f"{root}/{sub}: a file, not a folder; expected the "
-                                                              f"folder of the {sub}")):
-            loaders.load_data("folder", root, 16, quiet=True)
-        os.remove(os.path.join(root, sub))
-        os.rename(os.path.join(root, "x"), os.path.join(root, sub))
+        for name in (sub, sub.capitalize()):  # Images: the folder's name is read in any case, so is the file's
+            os.rename(os.path.join(root, sub), os.path.join(root, "x"))
+            open(os.path.join(root, name), "w").close()
+            with pytest.raises(loaders.UserError, match=re.escape(f"{root}/{name}: a file, not a folder; expected "
+                                                                  f"the folder of the {sub}")):
+                loaders.load_data("folder", root, 16, quiet=True)
+            os.remove(os.path.join(root, name))
+            os.rename(os.path.join(root, "x"), os.path.join(root, sub))
     shutil.copy(os.path.join(root, "masks", "img3_mask.png"), os.path.join(root, "images"))  # a mask in images/
     with pytest.raises(loaders.UserError, match=re.escape(f"{root}/images/img3_mask.png: a mask among the images? its "
                                                           f"name adds a mask suffix to the image {root}/images/img3.png; "
@@ -169,6 +170,18 @@ def test_a_file_for_a_folder_and_a_mask_among_the_images_are_named_as_such(tmp_p
         src = os.path.join(root, sub, "img3.png" if sub == "images" else "img3_mask.png")
         shutil.copy(src, os.path.join(root, sub, "img3_lesion.png"))
     assert "img3_lesion" in loaders.load_data("folder", root, 16, quiet=True).ids
+    # a mask moved (not copied) among the images: neither it nor img5 has a mask, and it holds two values
+    shutil.move(os.path.join(root, "masks", "img5_mask.png"), os.path.join(root, "images"))
+    with pytest.raises(loaders.UserError, match=re.escape(f"{root}/images/img5_mask.png: a mask among the images? its "
+                                                          f"name adds a mask suffix to the image {root}/images/img5.png, "
+                                                          f"which has no mask, and it holds two values at most; expected "
+                                                          f"masks in {root}/masks (1 such file(s))")):
+        loaders.load_data("folder", root, 16, quiet=True)
+    # a photo so named is two images to label (split_data names them), not a mask
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(os.path.join(root, "images", "img5_mask.png"))
+    d = loaders.load_data("folder", root, 16, quiet=True)
+    assert [d.ids[i] for i in d.official["unlabelled"]] == ["img5", "img5_mask"]
 
 
 @pytest.mark.parametrize("names", [("Images", "Masks"), ("IMAGES", "masks"), ("images", "Masks")])
