@@ -849,30 +849,28 @@ class Run:
         Run.used = self.dir
 
     def take_lock(self):
-        """run.lock: one process writes a run folder at a time. A --resume of a folder that a live process is still
-        writing (a requeued cluster job beside the old one, a second terminal) stops here, instead of two processes
-        mixing their rounds in one rounds.csv. The lock is the OS's (flock, held while the process lives), so a
-        process that ended in any way, SIGKILL included, leaves no stale lock; the file's text only names who
-        holds it. A Run of the same process takes it over (tests run several Runs in one process)."""
-        Run.release_lock()  # this process's previous run
+        """run.lock: one process writes a run folder at a time, so a --resume beside a live process still writing
+        the run (a requeued cluster job beside the old one) stops instead of mixing two runs' rounds. The lock is
+        the OS's (flock), freed however the process ends, SIGKILL included; the file's text names the holder."""
+        Run.release_lock()  # this process's previous run: a Run of the same process takes its own lock over
         if fcntl is None:
             return
-        path = self.path("run.lock")
-        f = open(path, "a+")
+        path, f = self.path("run.lock"), None
         try:
+            f = open(path, "a+")
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if f is None:
+                raise UserError(f"{path}: cannot write in the run folder ({e.strerror})")
             f.close()
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # a file system without locks
-                print(f"note: {path} cannot be locked ({e.strerror}): nothing stops a second process from "
-                      f"writing this run folder at the same time")
+                print(f"note: {path}: no lock on this file system ({e.strerror}); run one process per run folder")
                 return
             with open(path) as g:
                 holder = g.read().strip() or "a process"
             raise UserError(f"--resume {self.dir}: {holder} is writing this run now (run.lock); two processes on one "
                             f"run folder would mix their rounds. Wait for it to end, or stop it, then --resume again")
-        f.seek(0)
-        f.truncate()
+        f.truncate(0)
         f.write(f"pid {os.getpid()} on {platform.node() or 'this machine'}, started "
                 f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
         f.flush()
@@ -880,8 +878,7 @@ class Run:
 
     @staticmethod
     def release_lock():
-        """Free run.lock where this process stops writing its run (the run finished, or stopped to be resumed):
-        a test that ran a script in its own process can then --resume it in another."""
+        """Free run.lock where this process stops writing its run (finished, or stopped to be resumed)."""
         if Run.lock is not None:
             Run.lock.close()
             Run.lock = None

@@ -116,6 +116,20 @@ def test_a_run_a_live_process_writes_is_not_resumed_beside_it(tmp_path, capsys):
     assert open(os.path.join(run_dir, "run.lock")).read().startswith(f"pid {os.getpid()} on ")
 
 
+def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """A run folder on a read-only mount (checked with open failing: this machine's tests run as root)."""
+    run_dir = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu")).dir
+    real_open = open
+
+    def read_only(path, mode="r", *a, **kw):
+        if mode != "r":
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, mode, *a, **kw)
+    monkeypatch.setattr(common, "open", read_only, raising=False)
+    err = one_line_error(capsys, lambda: common.Run("x.py", _args(resume=run_dir), torch.device("cpu")))
+    assert err == f"error: {run_dir}/run.lock: cannot write in the run folder (Permission denied)"
+
+
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     """A job array starts the same flags at once: the second folder is -2, the third -3 (makedirs decides, so a
     folder made by another process between a check and the making is not shared)."""
