@@ -81,7 +81,10 @@ def parse_args(argv=None):
                    help="paper silent; the reference code trains on soft Dice (default: bce+dice)")
     p.add_argument("--all-slices", action="store_true",
                    help="lgg: keep slices without tumour (the paper keeps the 1373 with tumour)")
-    return common.resolve(p.parse_args(argv), DEFAULTS)
+    args = common.resolve(p.parse_args(argv), DEFAULTS)
+    if args.strategy == "ceal" and args.dropout == 0:
+        raise common.UserError("--strategy ceal needs --dropout > 0 (MC dropout: with none, every pass is the same)")
+    return args
 
 
 def ceal_budget(args, n_train):

@@ -122,15 +122,18 @@ def shared_parser(doc, strategies, defaults):
 
 
 # the smallest value of each count flag (a variance needs 2 passes); a script passes its own to resolve()
-AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0, batch_size=1, width=1, workers=0,
+AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=1, epochs=1, batch_size=1, width=1, workers=0,
                 mc_passes=2, pseudo_step=0)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_IMAGE_SIZE = 4096  # the papers use 128 to 512; 4096 px images of 1000 samples hold 50 GB
 
 
 def resolve(args, defaults, size=(16, 32), **at_least):
     """Fill every flag left at None from the script's table row for --data (or its "other" row), then check
-    the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr above 0, every float finite,
+    the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr above 0, every float finite and
+    within float32's range,
     --seed below 2^32, no --data-dir for synthetic data, --split not negative, --dropout in [0, 1), --image-size
-    a multiple of size[0] and at least size[1] (unet.UNet halves it 4 times; at 16 px its 1x1 bottleneck cannot
+    a multiple of size[0], at least size[1] and at most MAX_IMAGE_SIZE (unet.UNet halves it 4 times; at 16 px its 1x1 bottleneck cannot
     train BatchNorm on a batch of one image; region's ResNet-18 U-Net passes (32, 64))."""
     row = defaults.get(args.data, defaults.get("other", {}))
     vars(args).update({key: value for key, value in row.items() if getattr(args, key, None) is None})
@@ -149,12 +152,17 @@ def resolve(args, defaults, size=(16, 32), **at_least):
                          (args.image_size < low or args.image_size % step, f"--image-size {args.image_size}: expected "
                           f"a multiple of {step}, at least {low} (the U-Net's poolings); the nearest "
                           + (f"are {args.image_size // step * step} and {args.image_size // step * step + step}"
-                             if args.image_size > low else f"is {low}"))):
+                             if args.image_size > low else f"is {low}")),
+                         (args.image_size > MAX_IMAGE_SIZE, f"--image-size {args.image_size}: expected at most "
+                          f"{MAX_IMAGE_SIZE} (every image is kept in memory at this size: a typo?)")):
         if bad:
             raise UserError(message)
     for key, value in vars(args).items():  # every float flag (or list of them) finite: a nan or inf is a typo
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        floats = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, float)]
+        if not all(math.isfinite(v) for v in floats):
             raise UserError(f"--{key.replace('_', '-')} {value}: expected a finite number")
+        if any(abs(v) > FLOAT32_MAX for v in floats):  # torch stores an lr, a weight, in float32: it would overflow
+            raise UserError(f"--{key.replace('_', '-')} {value}: expected at most {FLOAT32_MAX:.3g} in size (float32)")
     return args
 
 
@@ -425,8 +433,10 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
                 shown = now
                 print(f"    {s + len(b)}/{len(order)} images of this epoch, {fmt_s(now - t0)}", flush=True)
         losses.append(total.item() / max(1, len(order)))
-        if not math.isfinite(losses[-1]):  # diverged: every later score would be NaN, every query arbitrary
-            raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {losses[-1]} (lr now "
+        weights = sum(v.float().sum() for v in model.state_dict().values() if v.is_floating_point())  # the last step's
+        if not (math.isfinite(losses[-1]) and math.isfinite(weights)):  # diverged: every later score NaN, queries arbitrary
+            raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {losses[-1]}"
+                            f"{'' if math.isfinite(weights) else ', its weights not finite'} (lr now "
                             f"{opt.param_groups[0]['lr']:g}{', --amp' if amp else ''}); start a new run with a lower "
                             f"{lr_flag}{' or without --amp' if amp else ''} (--resume keeps the run's flags: it would "
                             "diverge again)")
@@ -491,12 +501,28 @@ def forward_batches(model, x, idx, batch_size, device, amp=False, view=None, fn=
     model(xb) where a script needs more than the output (e.g. the encoder's features)."""
     model.eval()
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
     for b in batches(idx, batch_size):
         xb = to_input(x[b]) if view is None else view(to_input(x[b]))
         xb = xb.contiguous(memory_format=memory_format(device))
         with autocast(device, amp):
             out = model(xb) if fn is None else fn(model, xb)
+        bad |= not_finite(out)
         yield b, out  # outside autocast: the caller's own arithmetic runs as it would without the helper
+    if bad:  # one host sync, once the last batch is out (before a caller selects on or reports its outputs)
+        raise UserError(DIVERGED)
+
+
+DIVERGED = ("the model's outputs hold NaN or inf: its training diverged (weights finite, activations not); start a "
+            "new run with a lower --lr, or a smaller loss weight if you raised one (--resume keeps the run's flags)")
+
+
+def not_finite(out):
+    """A device bool: does any tensor in out (nested tuples and lists too) hold a NaN or inf?"""
+    if isinstance(out, torch.Tensor):
+        return ~torch.isfinite(out).all()
+    parts = [not_finite(o) for o in out] if isinstance(out, (tuple, list)) else []
+    return torch.stack(parts).any() if parts else False
 
 
 @torch.inference_mode()
@@ -537,6 +563,7 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
     batched = device.type == "cuda" if batched is None else batched
     passes_of = mc_passes(model, device, encoder_once)
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
     for b in batches(idx, batch_size):
         xb = to_input(x[b]).contiguous(memory_format=memory_format(device))
         # sums of d = p - p0, p0 the first pass (the shifted-data form of Welford's method): E[p^2] - E[p]^2 in
@@ -565,8 +592,11 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
                     s1 += d.sum(0)
                     s2 += (d * d).sum(0)
         m1 = s1 / T
+        bad |= not_finite((p0, s2))
         yield b, p0 + m1, (s2 / T - m1 * m1).clamp_(min=0)
     model.eval()
+    if bad:  # as forward_batches
+        raise UserError(DIVERGED)
 
 
 def mc_variance(model, x, idx, T, batch_size, device, amp=False):
@@ -788,6 +818,8 @@ class Run:
         typed = vars(args).pop("_typed", [])
         if getattr(args, "data_dir", None):  # absolute, so that --resume works from any folder
             args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+        if args.resume == "":  # an empty $R: not a new run in the current folder
+            raise UserError("--resume '': expected a run folder (an empty shell variable?)")
         if args.resume:
             self.dir = args.resume
             cfg_path = os.path.join(self.dir, "config.json")
@@ -1027,6 +1059,11 @@ class Run:
         path = self.path("checkpoint.pt")
         if not (self.args.resume and os.path.isfile(path)):
             if self.args.resume:
+                later = [r for r in self.read_csv("rounds.csv") if None not in r.values() and r["round"] != "0"]
+                if later or os.path.isfile(self.path("summary.json")):  # a kill before it leaves a round 0 row only
+                    raise UserError(f"{path}: not found, but {self.dir} finished "
+                                    + (f"{len(later) + 1} rounds (rounds.csv)" if later else "(summary.json)")
+                                    + "; --resume goes on from checkpoint.pt: restore it, or start a new run")
                 print(f"resume: {self.dir} has no finished round yet (no checkpoint.pt): round 0 starts again")
                 for name in sorted(os.listdir(self.dir)):  # rows of the unfinished round 0 (e.g. an oracle stop)
                     if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:

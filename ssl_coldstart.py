@@ -148,11 +148,14 @@ def parse_args(argv=None):
     p.add_argument("--tables", nargs="+", metavar="RUN_DIR", help="print Table I / II (and the Fig. 2 "
                    "comparison) from finished run folders, write them to OUT/ssl_coldstart_tables.md, and exit")
     args = common.resolve(p.parse_args(argv), DEFAULTS, ssl_epochs=0, ssl_batch_size=1, shuffle_blocks=0, clusters=1,
-                          ensemble_size=2)
+                          ensemble_size=2, dsal_pseudo_from=0)
     if args.cold_start == "auto":
         args.cold_start = "cluster" if args.strategy == "cluster" else "random"
     if args.dropout is None:
         args.dropout = 0.5 if args.strategy in ("mc-dropout", "ceal") else 0.0
+    if args.strategy in ("mc-dropout", "ceal") and args.dropout == 0:
+        raise common.UserError(f"--strategy {args.strategy} needs --dropout > 0 (MC dropout: with none, every pass "
+                               f"is the same)")
     if args.ssl_lr is None:
         args.ssl_lr = 0.01 if args.ssl_optim == "sgd" else 1e-3
     if not args.ssl_lr > 0:

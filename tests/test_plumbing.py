@@ -82,6 +82,53 @@ def test_a_diverged_epoch_stops_the_run_with_a_clear_error():
         seen.clear()
 
 
+def test_weights_made_not_finite_by_an_epochs_last_step_stop_the_run_too():
+    """An epoch's mean loss is measured before each step: its last step can leave the weights NaN with the loss
+    still finite (a labelled set of one batch does so at a high --lr), and the round would then score the pool
+    and report a Dice on NaN. The weights are checked with the loss."""
+    x, t = torch.zeros(3, 3, 1, 1, dtype=torch.uint8), torch.zeros(3, 1, 1, dtype=torch.uint8)
+    model, steps = W(), []
+
+    class Blows(torch.optim.SGD):  # the 4th step, epoch 2's last (two batches an epoch), leaves w NaN
+        def step(self, closure=None):
+            steps.append(super().step(closure))
+            if len(steps) == 4:
+                model.w.data.fill_(float("nan"))
+
+    with pytest.raises(common.UserError, match=r"training diverged: epoch 2's mean loss is 1\.0, its weights not "
+                                               r"finite \(lr now 0\.5\); start a new run with a lower --lr"):
+        common.train(model, Blows(model.parameters(), lr=0.5), x, t, np.arange(3), 3, 2, device=CPU,
+                     loss_fn=lambda out, tb: out.sum() * 0 + 1.0)
+
+
+def test_outputs_not_finite_stop_before_anything_selects_on_them():
+    """Weights can stay finite while the activations overflow (CEAL at --lr 10 on a labelled set of one batch):
+    the pool's scores, the test Dice were NaN, and CEAL's histogram and polyp's K-means died of a traceback. Every
+    prediction loop (forward_batches, under predict and evaluate, and mc_dropout) stops with one line once its
+    last batch is out, whatever the batch that held the NaN; a finite model passes."""
+    class Blown(torch.nn.Module):
+        def __init__(self, bad_row):
+            super().__init__()
+            self.bad_row, self.drop = bad_row, torch.nn.Dropout(0.5)
+
+        def forward(self, xb):
+            out = self.drop(xb[:, :1].float() + 1)
+            return torch.where((xb[:, :1] * 255).round() == self.bad_row, float("nan"), out)  # to_input: x / 255
+
+    x = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 2, 2).contiguous()
+    y = torch.zeros(5, 2, 2, dtype=torch.uint8)
+    for bad_row in (0, 4):  # in the first batch, in the last
+        model = Blown(bad_row)
+        for loop in (lambda: common.predict(model, x, np.arange(5), 2, CPU),
+                     lambda: common.evaluate(model, x, y, np.arange(5), 2, CPU),
+                     lambda: common.mc_variance(model, x, np.arange(5), 3, 2, CPU)):
+            with pytest.raises(common.UserError, match="the model's outputs hold NaN or inf: its training diverged"):
+                loop()
+    fine = Blown(9)
+    assert common.predict(fine, x, np.arange(5), 2, CPU).shape == (5, 2, 2)
+    assert common.mc_variance(fine, x, np.arange(5), 3, 2, CPU)[0].shape == (5,)
+
+
 def test_batch_order_and_partial_epoch_come_from_the_generator():  # M08 (and M11 for whole epochs)
     """The run's generator alone decides the batch order and the ceiling's partial-epoch subset: the global
     torch seed changes nothing (a full run repeats from its --seed)."""

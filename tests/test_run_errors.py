@@ -243,10 +243,20 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
             example_tta.main(["--resume", run_dir])
     with open(path("queried.csv"), "w") as f:
         f.write(queried)
+    rounds = open(path("rounds.csv")).read()
     os.remove(path("rounds.csv"))
     with pytest.raises(common.UserError, match=f"{path('rounds.csv')}: no row of round 1, which checkpoint.pt "
                                                f"finished"):
         example_tta.main(["--resume", run_dir])
+    with open(path("rounds.csv"), "w") as f:
+        f.write(rounds)
+    os.remove(path("checkpoint.pt"))  # was: round 0 started again, and rounds.csv lost its two finished rounds
+    with pytest.raises(common.UserError, match=f"{path('checkpoint.pt')}: not found, but {run_dir} finished 2 rounds "
+                                               r"\(rounds.csv\); --resume goes on from checkpoint.pt: restore it"):
+        example_tta.main(["--resume", run_dir])
+    assert open(path("rounds.csv")).read() == rounds
+    with pytest.raises(common.UserError, match=r"--resume '': expected a run folder \(an empty shell variable\?\)"):
+        example_tta.main(["--resume", ""])  # was: a new run of the default flags
 
 
 def test_ceal_says_which_iterations_got_fewer_labels(tmp_path, capsys):
