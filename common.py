@@ -122,7 +122,7 @@ def shared_parser(doc, strategies, defaults):
 
 
 # the smallest value of each count flag (a variance needs 2 passes); a script passes its own to resolve()
-AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=1, epochs=1, batch_size=1, width=1, workers=0,
+AT_LEAST = dict(seed=0, initial=1, query=1, rounds=0, epochs_initial=0, epochs=0, batch_size=1, width=1, workers=0,
                 mc_passes=2, pseudo_step=0)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_IMAGE_SIZE = 4096  # the papers use 128 to 512; 4096 px images of 1000 samples hold 50 GB
@@ -509,7 +509,8 @@ def forward_batches(model, x, idx, batch_size, device, amp=False, view=None, fn=
             out = model(xb) if fn is None else fn(model, xb)
         bad |= not_finite(out)
         yield b, out  # outside autocast: the caller's own arithmetic runs as it would without the helper
-    if bad:  # one host sync, once the last batch is out (before a caller selects on or reports its outputs)
+    if bad.device.type != "meta" and bad:  # one host sync, once the last batch is out (before a caller selects on
+        # or reports its outputs); meta: benchmarks/speed.py counts FLOPs on tensors without data
         raise UserError(DIVERGED)
 
 
@@ -595,7 +596,7 @@ def mc_dropout(model, x, idx, T, batch_size, device, amp=False, batched=None, en
         bad |= not_finite((p0, s2))
         yield b, p0 + m1, (s2 / T - m1 * m1).clamp_(min=0)
     model.eval()
-    if bad:  # as forward_batches
+    if bad.device.type != "meta" and bad:  # as forward_batches
         raise UserError(DIVERGED)
 
 

@@ -91,8 +91,7 @@ def parse_args(argv=None):
                    "(or their parents) and exit without training")
     p.add_argument("--table-labeled", type=int, nargs="+", default=[90, 120, 180],
                    help="labelled counts of Table 1 (default: 90 120 180; all counts if none of these is present)")
-    args = common.resolve(p.parse_args(argv), DEFAULTS, kmeans_init=1, asa_members=2, asa_candidates=1, lam=0,
-                          delta=0)
+    args = common.resolve(p.parse_args(argv), DEFAULTS, kmeans_init=1, asa_members=2, asa_candidates=1, lam=0)
     return args
 
 

@@ -374,7 +374,7 @@ def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
     ("example_tta", ["--query", "-3"], "--query -3: expected at least 1"),
     ("example_tta", ["--initial", "0"], "--initial 0: expected at least 1"),
     ("example_tta", ["--rounds", "-1"], "--rounds -1: expected at least 0"),
-    ("example_tta", ["--epochs", "-1"], "--epochs -1: expected at least 1"),
+    ("example_tta", ["--epochs", "-1"], "--epochs -1: expected at least 0"),
     ("example_tta", ["--batch-size", "0"], "--batch-size 0: expected at least 1"),
     ("example_tta", ["--width", "0"], "--width 0: expected at least 1"),
     ("example_tta", ["--seed", "-1"], "--seed -1: expected at least 0"),
@@ -410,19 +410,17 @@ def test_a_cut_file_is_one_line_without_pillows_warnings(tmp_path):
     ("example_claspe", ["--beta-start", "inf"], "--beta-start inf: expected a finite number$"),
     ("dsal_fingerbones", ["--ds-weights", "1", "nan", "1"], r"--ds-weights \[1.0, nan, 1.0\]: expected a finite"),
     ("dsal_fingerbones", ["--reach-tolerance", "-0.5"], "--reach-tolerance -0.5: expected at least 0$"),
-    # the fuzz of 2026-11-27: a float torch cannot hold in float32 (a traceback from the optimiser), no training at
-    # all (an untrained model reported as a result, even as the ceiling), MC dropout without dropout (every
-    # uncertainty 0, the picks arbitrary), an image size no memory holds, a negative margin or iteration
+    # the fuzz of 2026-11-27: a float torch cannot hold in float32 (a traceback from the optimiser),
+    # MC dropout without dropout (every uncertainty 0, the picks arbitrary), an image size no memory holds, a
+    # negative iteration (--epochs 0 stays: the SSL tests score with the pre-trained model alone; polyp's --delta -1
+    # keeps the hinge always on, as its tests use it)
     ("region_uncertainty", ["--lr", "1e39"], r"--lr 1e\+39: expected at most 3.4e\+38 in size \(float32\)$"),
     ("ssl_coldstart", ["--ssl-lr", "1e39"], r"--ssl-lr 1e\+39: expected at most 3.4e\+38 in size"),
     ("dsal_fingerbones", ["--ds-weights", "1", "1e39", "1"], r"--ds-weights \[1.0, 1e\+39, 1.0\]: expected at most"),
-    ("example_tta", ["--epochs", "0"], "--epochs 0: expected at least 1$"),
-    ("ceal_mcdropout", ["--epochs-initial", "0"], "--epochs-initial 0: expected at least 1$"),
     ("ceal_mcdropout", ["--dropout", "0"], r"--strategy ceal needs --dropout > 0 \(MC dropout: with none, every pass "),
     ("ssl_coldstart", ["--strategy", "mc-dropout", "--dropout", "0"], r"--strategy mc-dropout needs --dropout > 0"),
     ("ssl_coldstart", ["--strategy", "ceal", "--dropout", "0"], r"--strategy ceal needs --dropout > 0"),
     ("example_tta", ["--image-size", "4112"], r"--image-size 4112: expected at most 4096 \(every image is kept in "),
-    ("polyp_weighted_cluster", ["--delta", "-1"], "--delta -1.0: expected at least 0$"),
     ("ssl_coldstart", ["--dsal-pseudo-from", "-1"], "--dsal-pseudo-from -1: expected at least 0$")])
 def test_numbers_out_of_range_stop_at_the_flags(script, flags, message):
     with pytest.raises(common.UserError, match=message):
