@@ -343,8 +343,8 @@ def to_8bit(im):
 def read_image(path, mode, size=None, with_size=False, mask=False):
     """Decode with Pillow (falling back to the raw TIFF reader); mode 'RGB' or 'L'. With `size`, a JPEG is
     decoded at the smallest DCT scale that is still at least size x size (much faster for ISIC's photos).
-    An image of more than 8 bits per pixel is scaled to 8 by its own range (to_8bit); a mask (mask=True) is
-    not: 0/1 and 0/65535 stay binary under Pillow's clipping, and binarise_mask checks the rest. A mask's
+    An image of more than 8 bits per pixel is scaled to 8 by its own range (to_8bit); a mask (mask=True) by
+    mask_8bit, so that binarise_mask sees its middle values. A mask's
     transparent pixels are black (a drawing on a transparent layer).
     with_size: return (image, (width, height) as stored in the file, before any draft scaling)."""
     try:
@@ -355,6 +355,8 @@ def read_image(path, mode, size=None, with_size=False, mask=False):
             im.load()
             if not mask and (im.mode in ("I", "F") or im.mode.startswith("I;16")):
                 im = to_8bit(im)
+            if mask and (im.mode == "I" or im.mode.startswith("I;16")):
+                im = Image.fromarray(mask_8bit(np.asarray(im)))
             if mask and (im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info):  # transparent: black
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
             if mask and im.mode in ("P", "RGB", "RGBA"):
@@ -372,6 +374,14 @@ def read_image(path, mode, size=None, with_size=False, mask=False):
         stored = (a.shape[1], a.shape[0])
         out = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a[..., :3]).convert(mode)
     return (out, stored) if with_size else out
+
+
+def mask_8bit(a):
+    """A 16-bit (or 32-bit integer) mask as 8 bits: values up to 255 as they are (0/1, 0/255 saved in 16 bits),
+    else scaled by 255/65535 (0/65535 -> 0/255, soft edges to their halves). Pillow's own conversion clips every
+    value above 255 to 255, so a 16-bit photo saved as a mask read as 93 % foreground, not as "not binary"."""
+    top = int(a.max()) if a.size else 0
+    return a.astype(np.uint8) if top <= 255 else np.round(a * (255 / max(top, 65535))).astype(np.uint8)
 
 
 def colour_mask(im, path):

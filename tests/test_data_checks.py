@@ -285,6 +285,26 @@ def test_images_of_more_than_8_bits_keep_their_contrast(tmp_path):
             assert np.abs(d.x[k].astype(float) - want)[..., 1:, 2:].max() <= 1, d.ids[k]  # the corner: resizing
 
 
+def test_a_16_bit_mask_is_read_at_its_own_scale(tmp_path):
+    """Pillow's conversion of a 16-bit mask clipped every value above 255 to 255: a 16-bit photo saved as a mask
+    read as 93 % foreground and trained on (the fuzz of 2026-11-27). Now scaled by 255/65535 (loaders.mask_8bit):
+    the photo is refused as not binary, 0/65535 and 0/1 stay binary, soft 16-bit edges are cut at half."""
+    yy, xx = np.mgrid[:32, :32]
+    photo = (np.random.default_rng(0).integers(0, 256, (32, 32)) * 257).astype(np.uint16)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    with pytest.raises(common.UserError, match=r"photo.png: mask is not binary \(\d+% of pixels between 50 and 205\)"):
+        loaders.binarise_mask(np.asarray(loaders.read_image(str(tmp_path / "photo.png"), "L", mask=True)),
+                              str(tmp_path / "photo.png"))
+    disc = np.hypot(yy - 16, xx - 16) < 8
+    for top in (1, 65535):
+        Image.fromarray(disc.astype(np.uint16) * top).save(tmp_path / f"m{top}.png")
+        m = loaders.read_image(str(tmp_path / f"m{top}.png"), "L", mask=True)
+        assert (loaders.binarise_mask(np.asarray(m), "m") == disc).all()
+    ramp = (xx * 65535 // 31).astype(np.uint16)  # 0 .. 65535 left to right: columns 16 on are above half
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert (np.asarray(loaders.read_image(str(tmp_path / "ramp.png"), "L", mask=True)) > 127).argmax(1).tolist() == [16] * 32
+
+
 def one_line_error(capsys, fn):
     """fn() through common.run_main: exit status 2 and the single stderr line, returned."""
     with pytest.raises(SystemExit) as e:
