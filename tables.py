@@ -37,10 +37,11 @@ def collect_runs(paths):
     """One dict per finished round of every run folder under `paths` (run folders or their parents):
     the run's flags (config.json "args"), its script, folder, whether the run finished (`finished`: it
     wrote summary.json; False while it runs or after a crash), and the round's rounds.csv columns (numbers
-    as floats). A run with a missing or empty rounds.csv contributes nothing; one whose config.json is not a
-    run's config (cut short by a crash, say) is left out with a warning line, so that it does not stop the
-    table of the others, and so is a rounds.csv line cut short. A run named twice (`runs runs/` or
-    `runs runs/RUN`) counts once."""
+    as floats; an empty cell stays ""). A run with a missing or empty rounds.csv contributes nothing; one whose
+    config.json is not a run's config (cut short by a crash, say), or whose rounds.csv is not a
+    script's (not UTF-8 text, no round and labeled columns), is left out with a warning line, so that it does not
+    stop the table of the others, and so are the rounds.csv lines cut short or with a cell that is not a number
+    (one warning line per file). A run named twice (`runs runs/` or `runs runs/RUN`) counts once."""
     rows, seen = [], set()
     for p in paths:
         cfgs = [os.path.join(p, "config.json")] if os.path.isfile(os.path.join(p, "config.json")) else \
@@ -56,23 +57,44 @@ def collect_runs(paths):
                 print(f"warning: {cfg_path}: not a run's config (unreadable JSON, or no script and flags in it); "
                       "expected the config.json a script writes; this run is left out", file=sys.stderr)
                 continue
+            try:
+                lines = read_rows(rounds)
+            except (OSError, UnicodeDecodeError, csv.Error) as e:  # a damaged disk, another file under its name
+                print(f"warning: {rounds}: not readable as CSV text ({type(e).__name__}); expected the rounds.csv a "
+                      "script writes; this run is left out", file=sys.stderr)
+                continue
+            if lines and not {"round", "labeled"} <= set(lines[0]):
+                print(f"warning: {rounds}: no round and labeled columns in its header line; expected the rounds.csv a "
+                      "script writes; this run is left out", file=sys.stderr)
+                continue
             try:  # a summary.json that does not parse (a damaged disk, a hand edit) does not finish its run
                 finished = isinstance(read_json(os.path.join(run_dir, "summary.json")), dict)
             except (OSError, ValueError):
                 finished = False
-            for r in read_rows(rounds):
+            short, not_number = 0, []
+            for r in lines:
                 if None in r or None in r.values():  # csv.DictReader: a short line's missing fields are None
-                    print(f"warning: {rounds}: a line without the header's {len(r) - (None in r)} fields (cut short?) "
-                          "is not a finished round; left out", file=sys.stderr)
+                    short += 1
+                    continue
+                values, bad = {}, None
+                for k, v in r.items():  # every rounds.csv column is a number, or empty where not measured
+                    try:
+                        values[k] = v if v == "" else float(v)
+                    except ValueError:
+                        bad = bad or f"{k} = {v!r}"
+                if bad:
+                    not_number.append(bad)
                     continue
                 row = dict(cfg["args"], script=cfg["script"], run=run_dir, finished=finished, flags=cfg["args"],
                            images_crc32=cfg.get("images_crc32"))
-                for k, v in r.items():
-                    try:
-                        row[k] = float(v)
-                    except (TypeError, ValueError):
-                        row[k] = v
+                row.update(values)
                 rows.append(row)
+            if short:
+                print(f"warning: {rounds}: {short} line(s) without the header's {len(lines[0]) - (None in lines[0])} "
+                      "fields (cut short?) are not finished rounds; left out", file=sys.stderr)
+            if not_number:
+                print(f"warning: {rounds}: {len(not_number)} line(s) with a cell that is not a number (first: "
+                      f"{not_number[0]}); expected numbers; those lines are left out", file=sys.stderr)
     return rows
 
 

@@ -293,7 +293,7 @@ def test_a_cut_rounds_line_and_a_damaged_summary_do_not_count(tmp_path, capsys):
     final = collect.collect([str(tmp_path)], by=["script"], final=True)
     assert [(r["n"], r["dice_mean"]) for r in final] == [(2, pytest.approx(0.65))]  # r0 and r1 only
     err = capsys.readouterr().err
-    assert f"warning: {cut}: a line without the header's {len(COLS)} fields" in err
+    assert f"warning: {cut}: 1 line(s) without the header's {len(COLS)} fields" in err
 
 
 def test_a_run_named_twice_counts_once(tmp_path):
@@ -467,3 +467,31 @@ def test_chart_ticks_colours_and_the_dashed_ceiling(tmp_path):
     on = (np.abs(a[rows[0]] - colour) < 3).all(1)
     along = on[np.flatnonzero(on)[0]: np.flatnonzero(on)[-1]]
     assert along.mean() < 0.9 and (np.diff(along.astype(int)) == 1).sum() > 10  # broken into many dashes
+
+
+def test_a_rounds_csv_that_is_not_numbers_leaves_out_its_lines_or_its_run(tmp_path, capsys):
+    """A cell that is not a number leaves its line out (as a line cut short does), a rounds.csv that is not
+    UTF-8 text or has no round and labeled columns its run, each with one warning line naming the file; the
+    table of the others is printed, and every value collect_runs gives is a float (or "", not measured)."""
+    for seed in (0, 1):
+        fake_run(tmp_path, f"r{seed}", "x", "rule", seed, [0.5 + seed / 5, 0.6 + seed / 5])
+    cell = fake_run(tmp_path, "cell", "x", "rule", 2, [0.1, 0.2, 0.3]) / "rounds.csv"
+    lines = cell.read_text().splitlines(keepends=True)
+    cell.write_text(lines[0] + lines[1] + lines[2].replace(",0.2,", ",abc,") + lines[3].replace(",0.3,", ",,"))
+    garbage = fake_run(tmp_path, "garbage", "x", "rule", 3, [0.9]) / "rounds.csv"
+    garbage.write_bytes(bytes(range(128, 256)) * 3)  # not UTF-8
+    other = fake_run(tmp_path, "other", "x", "rule", 4, [0.9]) / "rounds.csv"
+    other.write_text("a,b\n1,2\n")
+    summary = collect.main([str(tmp_path), "--by", "labeled"])
+    err = capsys.readouterr().err.splitlines()
+    # 10: r0, r1 and cell (0.5, 0.7, 0.1); 20: r0 and r1 (cell's line left out); 30: cell's empty Dice (nan)
+    assert [(r["labeled"], r["n"]) for r in summary] == [(10, 3), (20, 2), (30, 1)]
+    assert math.isnan(summary[2]["dice_mean"])
+    assert summary[0]["dice_mean"] == pytest.approx(1.3 / 3) and summary[1]["dice_mean"] == pytest.approx(0.7)
+    assert len(err) == 3 and all(line.startswith("warning: ") for line in err)
+    assert f"{cell}: 1 line(s) with a cell that is not a number (first: dice_mean = 'abc')" in err[0]
+    assert f"{garbage}: not readable as CSV text" in err[1] and f"{other}: no round and labeled columns" in err[2]
+    rows = common.collect_runs([str(tmp_path)])
+    assert {type(r[c]) for r in rows for c in COLS if r[c] != ""} == {float}
+    assert [r["dice_mean"] for r in rows if r["run"].endswith("cell")] == [0.1, ""]  # an empty cell: not measured
+
