@@ -2,10 +2,11 @@
 
 Groups the finished rounds of every run by script, strategy, dataset and labelled count, and writes Dice
 and IoU as mean ± sample std (ddof = 1) over the n runs in each group (normally seeds): results.md,
-results.csv and curves.png (test Dice against labelled samples, ±1 std bands). A run without summary.json
-(still running, or crashed) is unfinished: its rounds count in the per-round table, which says how many
-runs of each row are unfinished, and --final leaves it out (its last round is not a final result). The paper-specific tables of each script
-(`SCRIPT.py --tables RUN_DIR ...`) are views of the same collector (common.collect_runs / summarise).
+results.csv and curves.png (test Dice against labelled samples, ±1 std bands). A run without a readable
+summary.json (still running, or crashed) is unfinished: its rounds count in the per-round table, which says how
+many runs of each row are unfinished, and --final leaves it out (its last round is not a final result). The
+paper-specific tables of each script (`SCRIPT.py --tables RUN_DIR ...`) are views of the same collector
+(common.collect_runs / summarise).
 
   python collect.py runs/                                    # print the table of every run under runs/
   python collect.py runs/ --out results/synthetic            # also write results.md, results.csv, curves.png
@@ -30,8 +31,8 @@ KEYS = ["script", "strategy", "data", "labeled"]
 
 def collect(paths, by=KEYS, data=None, final=False):
     """summarise's rows (n, mean and sample std of Dice and IoU per group), each with `unfinished`: how many
-    of its runs have no summary.json. final: only the last round of each finished run; the unfinished runs
-    are left out (and counted on stderr)."""
+    of its runs have no readable summary.json. final: only the last round of each finished run; the unfinished
+    runs are left out (and counted on stderr)."""
     rows = common.collect_runs(paths)
     keys = set().union(*rows) - {"flags"}  # a flag of the runs or a rounds.csv column ("flags" is their dict)
     bad = [k for k in by if k not in keys]
@@ -43,8 +44,8 @@ def collect(paths, by=KEYS, data=None, final=False):
     if final:  # only the last round of each finished run
         left_out = sorted({r["run"] for r in rows if not r["finished"]})
         if left_out:
-            print(f"--final: left out {len(left_out)} unfinished run(s) (no summary.json: still running or crashed): "
-                  + ", ".join(left_out), file=sys.stderr)
+            print(f"--final: left out {len(left_out)} unfinished run(s) (no readable summary.json: still running or "
+                  "crashed): " + ", ".join(left_out), file=sys.stderr)
         last = {}
         for r in rows:
             if r["finished"]:
@@ -134,7 +135,7 @@ def main(argv=None):
     p.add_argument("--by", nargs="+", default=KEYS, help=f"grouping keys (default: {' '.join(KEYS)})")
     p.add_argument("--data", help="only runs on this dataset")
     p.add_argument("--final", action="store_true", help="only the last round of each finished run (runs without "
-                   "summary.json are left out and counted)")
+                   "a readable summary.json are left out and counted)")
     p.add_argument("--out", help="folder for results.md, results.csv and curves.png")
     p.add_argument("--vs-random", action="store_true", help="with --out: also vs_random.md and curves_by_script.png "
                    "(each rule against its own script's random, and the ceiling)")
@@ -148,15 +149,16 @@ def main(argv=None):
                                f"curves.png")
     summary = collect(args.paths, args.by, args.data, args.final)
     if not summary:
-        raise common.UserError(f"no finished rounds (rounds.csv) under {' '.join(args.paths)}")
+        raise common.UserError(f"no finished rounds under {' '.join(args.paths)}: expected run folders with "
+                               "config.json and rounds.csv")
     cols = args.by + ["n", "dice_mean", "iou_mean"]
     heads = args.by + ["runs (n)", "Dice (mean ± sample std)", "IoU (mean ± sample std)"]
     if any(s["unfinished"] for s in summary):  # only the per-round table can hold unfinished runs
         cols, heads = cols + ["unfinished"], heads + ["of which unfinished"]
     table = common.markdown_table(summary, cols, heads)
     if "unfinished" in cols:
-        table += ("\n\nunfinished: runs without summary.json (still running, or crashed); their finished rounds "
-                  "are in the rows above, and `--final` leaves them out.")
+        table += ("\n\nunfinished: runs without a readable summary.json (still running, or crashed); their finished "
+                  "rounds are in the rows above, and `--final` leaves them out.")
     print(table)
     if args.out:
         try:

@@ -38,14 +38,23 @@ def collect_runs(paths):
     the run's flags (config.json "args"), its script, folder, whether the run finished (`finished`: it
     wrote summary.json; False while it runs or after a crash), and the round's rounds.csv columns (numbers
     as floats; an empty cell stays ""). A run with a missing or empty rounds.csv contributes nothing; one whose
-    config.json is not a run's config (cut short by a crash, say), or whose rounds.csv is not a
+    config.json is missing or not a run's config (cut short by a crash, say), or whose rounds.csv is not a
     script's (not UTF-8 text, no round and labeled columns), is left out with a warning line, so that it does not
     stop the table of the others, and so are the rounds.csv lines cut short or with a cell that is not a number
-    (one warning line per file). A run named twice (`runs runs/` or `runs runs/RUN`) counts once."""
+    (one warning line per file). A summary.json that cannot be read leaves its run unfinished, with a
+    warning line. A run named twice (`runs runs/` or `runs runs/RUN`) counts once."""
     rows, seen = [], set()
     for p in paths:
-        cfgs = [os.path.join(p, "config.json")] if os.path.isfile(os.path.join(p, "config.json")) else \
-            sorted(glob.glob(os.path.join(glob.escape(p), "**", "config.json"), recursive=True))
+        if os.path.isfile(os.path.join(p, "config.json")):
+            cfgs = [os.path.join(p, "config.json")]
+        else:
+            cfgs = sorted(glob.glob(os.path.join(glob.escape(p), "**", "config.json"), recursive=True))
+            for rounds in sorted(glob.glob(os.path.join(glob.escape(p), "**", "rounds.csv"), recursive=True)):
+                run_dir = os.path.dirname(rounds)
+                if not os.path.isfile(os.path.join(run_dir, "config.json")) and os.path.realpath(run_dir) not in seen:
+                    seen.add(os.path.realpath(run_dir))
+                    print(f"warning: {run_dir}: rounds.csv without config.json; expected the config.json its script "
+                          "writes beside it; this run is left out", file=sys.stderr)
         for cfg_path in cfgs:
             run_dir = os.path.dirname(cfg_path)
             rounds = os.path.join(run_dir, "rounds.csv")
@@ -67,10 +76,14 @@ def collect_runs(paths):
                 print(f"warning: {rounds}: no round and labeled columns in its header line; expected the rounds.csv a "
                       "script writes; this run is left out", file=sys.stderr)
                 continue
+            summary = os.path.join(run_dir, "summary.json")
             try:  # a summary.json that does not parse (a damaged disk, a hand edit) does not finish its run
-                finished = isinstance(read_json(os.path.join(run_dir, "summary.json")), dict)
+                finished = isinstance(read_json(summary), dict)
             except (OSError, ValueError):
                 finished = False
+                if os.path.exists(summary):
+                    print(f"warning: {summary}: unreadable (not JSON: cut short?); expected the summary.json a script "
+                          "writes at its end; the run counts as unfinished", file=sys.stderr)
             short, not_number = 0, []
             for r in lines:
                 if None in r or None in r.values():  # csv.DictReader: a short line's missing fields are None

@@ -84,7 +84,7 @@ def test_unfinished_runs_out_of_final_and_marked_per_round(tmp_path, capsys):
     out = capsys.readouterr().out
     assert {r["labeled"]: r["unfinished"] for r in per_round} == {10: 1, 20: 1, 30: 0}
     assert "of which unfinished" in out and "| example_tta | tta | synthetic | 20 | 3 | 0.4333 ± 0.2887 |" in out
-    assert "runs without summary.json" in out
+    assert "runs without a readable summary.json" in out
 
 
 def _args(**kw):
@@ -495,3 +495,37 @@ def test_a_rounds_csv_that_is_not_numbers_leaves_out_its_lines_or_its_run(tmp_pa
     assert {type(r[c]) for r in rows for c in COLS if r[c] != ""} == {float}
     assert [r["dice_mean"] for r in rows if r["run"].endswith("cell")] == [0.1, ""]  # an empty cell: not measured
 
+
+def test_a_run_without_config_json_is_named(tmp_path, capsys):
+    """A folder with rounds.csv and no config.json: named on its own, the error says config.json is missing; in a
+    parent folder (even named twice) one warning line per such run, and the table of the others."""
+    bare = fake_run(tmp_path, "bare", "x", "rule", 0, [0.5])
+    (bare / "config.json").unlink()
+    with pytest.raises(common.UserError, match=f"^no finished rounds under {bare}: expected run folders with "
+                                               "config.json and rounds.csv"):
+        collect.main([str(bare)])
+    assert capsys.readouterr().err == (f"warning: {bare}: rounds.csv without config.json; expected the config.json "
+                                       "its script writes beside it; this run is left out\n")
+    fake_run(tmp_path, "ok", "x", "rule", 1, [0.7])
+    for paths in ([tmp_path], [tmp_path, bare]):  # in its parent folder; named twice: once
+        summary = collect.main([*map(str, paths), "--by", "script"])
+        assert [(r["n"], r["dice_mean"]) for r in summary] == [(1, pytest.approx(0.7))]
+        assert capsys.readouterr().err.count(f"warning: {bare}: rounds.csv without config.json") == 1
+
+
+def test_an_unreadable_summary_and_cut_lines_are_named_once_per_file(tmp_path, capsys):
+    """A summary.json that does not parse is named as unreadable (not as missing), and three lines cut short in
+    one rounds.csv make one warning line that counts them."""
+    fake_run(tmp_path, "ok", "x", "rule", 0, [0.5, 0.6])
+    damaged = fake_run(tmp_path, "damaged", "x", "rule", 1, [0.5, 0.9]) / "summary.json"
+    damaged.write_text('{"final_di')
+    cut = fake_run(tmp_path, "cut", "x", "rule", 2, [0.5, 0.6, 0.7]) / "rounds.csv"
+    cut.write_text("".join(line.rsplit(",", 2)[0] + "\n" if k else line
+                           for k, line in enumerate(cut.read_text().splitlines(keepends=True))))
+    collect.main([str(tmp_path), "--final"])
+    err = capsys.readouterr().err.splitlines()
+    assert f"warning: {damaged}: unreadable (not JSON: cut short?)" in err[1] and "no summary.json" not in "".join(err)
+    assert [line for line in err if str(cut) in line] == [
+        f"warning: {cut}: 3 line(s) without the header's {len(COLS)} fields (cut short?) are not finished rounds; "
+        "left out"]
+    assert "left out 1 unfinished run(s) (no readable summary.json" in err[-1]
