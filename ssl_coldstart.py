@@ -927,12 +927,18 @@ def panel(run, model, data, x, ids, args, device, n=4):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tables I and II (and the Fig. 2 comparison) from run folders: a view of common.collect_runs / summarise
+# Tables I and II (and the Fig. 2 comparison) from finished run folders: a view of common.collect_runs / summarise
 # ----------------------------------------------------------------------------------------------------------
 def tables(args):
     rows = [r for r in common.collect_runs(args.tables) if r["script"] == "ssl_coldstart"]
     if not rows:
         raise common.UserError(f"--tables {' '.join(args.tables)}: no ssl_coldstart run folder with a rounds.csv there")
+    unfinished = sorted({r["run"] for r in rows if not r["finished"]})  # no summary.json: its last round is no result
+    rows = [r for r in rows if r["finished"]]
+    if not rows:
+        raise common.UserError(f"--tables {' '.join(args.tables)}: no finished ssl_coldstart runs there ("
+                               f"{len(unfinished)} unfinished: no readable summary.json, still running or stopped); "
+                               "expected runs that ended")
     for r in rows:
         r["method"], r["init"], r["start"] = method(r), "w/ SSL" if r["ssl_init"] else "w/o SSL", r["cold_start"]
         auto = "cluster" if r["strategy"] == "cluster" else "random"  # --cold-start auto
@@ -978,6 +984,9 @@ def tables(args):
                 common.markdown_table(common.summarise(f2, ("method", "init", "start", "labeled")),
                                       ["method", "init", "start", "labeled", "n", "dice_mean"],
                                       ["method", "segmentation", "base set", "labelled", "runs", "test Dice"]), ""]
+    if unfinished:
+        out.append(f"({len(unfinished)} unfinished run(s) left out: no readable summary.json, still running or "
+                   "stopped)\n")
     text = "\n".join(out)
     print(text)
     os.makedirs(args.out, exist_ok=True)

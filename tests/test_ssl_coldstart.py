@@ -866,6 +866,7 @@ def test_tables_keep_base_set_and_schedule_apart(tmp_path):
         with open(d / "rounds.csv", "w") as f:
             f.write("round,labeled,pseudo,dice_mean,dice_std,iou_mean,train_s,select_s\n")
             f.write(f"0,40,0,{dice},0,0,0,0\n")
+        json.dump({"final_dice": dice}, open(d / "summary.json", "w"))  # finished: the tables leave out others
     fake_run("a", 0.5, cold_start="random")
     fake_run("b", 0.7, cold_start="random", seed=1)
     fake_run("c", 0.1, cold_start="cluster")
@@ -989,3 +990,30 @@ def test_pre_training_stopped_on_another_device_goes_on_with_fresh_corruptions(t
     assert "note: pre-training started on cuda, goes on on cpu: its corruptions from epoch 2 on are drawn afresh" \
         in capsys.readouterr().out
     assert len(read(run, "ssl_epochs.csv")) == 3
+
+
+def test_tables_leave_out_unfinished_runs(tmp_path):
+    """A run without summary.json (stopped by ALSEG_STOP_AFTER_ROUND, crashed, still running) is no final
+    result: its rounds are in none of the tables (Fig. 2 would show its last round as "after the last
+    iteration"), and a line counts it; with no finished run at all, one line says so."""
+    def fake_run(name, dices, seed, finished):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        a = dict(vars(S.parse_args(["--strategy", "random", "--seed", str(seed)])))
+        json.dump({"script": "ssl_coldstart", "args": a}, open(d / "config.json", "w"))
+        with open(d / "rounds.csv", "w") as f:
+            f.write("round,labeled,pseudo,dice_mean,dice_std,iou_mean,train_s,select_s\n")
+            f.writelines(f"{k},{40 + 10 * k},0,{dice},0,0,0,0\n" for k, dice in enumerate(dices))
+        if finished:
+            json.dump({"final_dice": dices[-1]}, open(d / "summary.json", "w"))
+    fake_run("stopped", [0.3, 0.9], 1, finished=False)
+    args = S.parse_args(["--tables", str(tmp_path / "runs"), "--out", str(tmp_path / "t")])
+    with pytest.raises(common.UserError, match="no finished ssl_coldstart runs there \\(1 unfinished: no readable "
+                                               "summary.json"):
+        S.tables(args)
+    fake_run("done", [0.5, 0.6, 0.7], 0, finished=True)
+    text = open(S.tables(args)).read()
+    assert "| 50 | 0.6000 |" in text and "| 50 | 0.6000 ±" not in text  # Table I: the finished run alone (n = 1)
+    assert "| random | w/ SSL | random | 60 | 1 | 0.7000 |" in text     # Fig. 2: its last round
+    assert "0.9000" not in text and "0.3000" not in text  # the stopped run's rounds, in no table
+    assert "(1 unfinished run(s) left out: no readable summary.json" in text
