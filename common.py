@@ -254,6 +254,10 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
             old = read_json(recorded)
         except ValueError as e:
             raise UserError(f"{recorded}: unreadable ({e}); expected the run's split as it was written at its start")
+        if not (isinstance(old, dict) and all(isinstance(v, list) and all(isinstance(i, str) for i in v)
+                                              for v in old.values())):  # a hand edit, another file under its name
+            raise UserError(f"{recorded}: not a split; expected the run's split as it was written at its start "
+                            f"({{set name: [sample ids]}})")
     gone = set(sum(old.values(), [])) - set(data.ids) if old is not None else set()
     changed = UserError(f"{recorded}: the split made from {args.data_dir or data.name} now differs from the run's "
                         f"({len(gone)} of its samples gone from the data, {len(data)} samples there now): the data "
@@ -344,7 +348,8 @@ def check_budget(n_pool, initial, query, rounds, what="--initial + --query x --r
     need = initial + query * rounds
     if initial < 1 or need > n_pool:
         raise UserError(f"labelling budget {need} ({what} = {initial} + {query} x {rounds}) exceeds the training "
-                        f"pool of {n_pool} samples; lower the budget or raise the first --split size")
+                        f"pool of {n_pool} samples; lower the budget, or give the pool more samples (the first --split "
+                        f"size; with --oracle folder, more images without masks)")
 
 
 # ---- Metrics and losses ------------------------------------------------------------------------------------

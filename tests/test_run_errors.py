@@ -202,6 +202,11 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
         f.write(splits[:40])  # cut short
     with pytest.raises(common.UserError, match=f"{path('splits.json')}: unreadable"):
         example_tta.main(["--resume", run_dir])
+    for shape in ("[]", '{"train": 5}', '{"train": [1, 2]}'):  # JSON, but not a split: was an AttributeError
+        with open(path("splits.json"), "w") as f:
+            f.write(shape)
+        with pytest.raises(common.UserError, match=f"{path('splits.json')}: not a split; expected the run's split"):
+            example_tta.main(["--resume", run_dir])
     with open(path("splits.json"), "w") as f:
         f.write(splits)
     # a training sample gone (its image and mask): the data changed, not "lower --split"
