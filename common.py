@@ -44,17 +44,22 @@ from progress import Progress, fmt_s  # noqa: F401
 
 
 def run_main(main):
-    """Run a script's main(); a UserError is one line on stderr and exit status 2 (a new run folder holding only
-    its config and split is removed); Ctrl-C or SIGTERM (a cluster's time limit) names the folder to --resume."""
+    """Run a script's main(); a UserError is one line on stderr and exit status 2, running out of memory one
+    line and status 1 (a new run folder holding only its config and split is removed); Ctrl-C or SIGTERM (a
+    cluster's time limit) names the folder to --resume."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM raises KeyboardInterrupt, as Ctrl-C
     Run.made = Run.used = None  # set by this main()'s Run
     try:
         main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, MemoryError, torch.OutOfMemoryError) as e:
+        if isinstance(e, UserError):
+            print(f"error: {e}", file=sys.stderr)
+        else:  # the data at --image-size, or a batch, beyond this machine's memory or the GPU's
+            print(f"error: out of memory ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); start a "
+                  "new run with a lower --batch-size or --image-size (--resume keeps the run's)", file=sys.stderr)
         if Run.made and set(os.listdir(Run.made)) <= {"config.json", "splits.json", "run.lock"}:
             shutil.rmtree(Run.made)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, UserError) else 1)
     except KeyboardInterrupt:
         saved = Run.used and os.path.isfile(os.path.join(Run.used, "checkpoint.pt"))  # what --resume continues from
         kept = [n for n in sorted(os.listdir(Run.used)) if n.endswith(".pt")] if Run.used and not saved else []
@@ -443,8 +448,8 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
             raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {losses[-1]}"
                             f"{'' if math.isfinite(weights) else ', its weights not finite'} (lr now "
                             f"{opt.param_groups[0]['lr']:g}{', --amp' if amp else ''}); start a new run with a lower "
-                            f"{lr_flag}{' or without --amp' if amp else ''} (--resume keeps the run's flags: it would "
-                            "diverge again)")
+                            f"{lr_flag}{' or without --amp' if amp else ''}, or a smaller loss weight if you raised one "
+                            "(--resume keeps the run's flags: it would diverge again)")
         if on_epoch is not None:
             on_epoch(epoch, losses[-1], time.time() - t0)
     return losses

@@ -54,6 +54,21 @@ def test_a_rejected_new_run_leaves_no_folder_but_a_started_one_is_kept(tmp_path,
     assert len(os.listdir(tmp_path)) == 1
 
 
+def test_out_of_memory_is_one_line_and_leaves_no_empty_folder(tmp_path, capsys):
+    """--image-size 1000000 asked numpy for 14.6 TiB: a MemoryError traceback, and the new run folder stayed
+    (the fuzz of 2026-11-27); a GPU's OutOfMemoryError the same."""
+    for error in (MemoryError("Unable to allocate 14.6 TiB for an array"), torch.OutOfMemoryError("CUDA out of memory")):
+        def big():
+            common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu")).write_json("splits.json", {})
+            raise error
+        with pytest.raises(SystemExit) as e:
+            common.run_main(big)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err == (f"error: out of memory ({type(error).__name__}: {error}); start a new run "
+                                             "with a lower --batch-size or --image-size (--resume keeps the run's)\n")
+        assert os.listdir(tmp_path) == []
+
+
 def test_ctrl_c_names_the_run_folder(tmp_path, capsys):
     """The line says whether a round is saved (checkpoint.pt, what --resume reads): before the first one
     finished, it does not claim finished rounds, and says round 0 starts again, as --resume then does, and which
