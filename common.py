@@ -1095,9 +1095,16 @@ class Run:
         for name in sorted(os.listdir(self.dir)):  # every per-round CSV loses the rows of the unfinished round,
             if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:  # and a row cut short
                 self.truncate_csv(name, lambda r: None not in r.values() and int(r["round"]) <= done)
-        if str(done) not in [r["round"] for r in self.read_csv("rounds.csv")]:  # its row is written before it
+        rows = self.read_csv("rounds.csv")
+        if str(done) not in [r["round"] for r in rows]:  # its row is written before it
             raise UserError(f"{self.path('rounds.csv')}: no row of round {done}, which checkpoint.pt finished; restore "
                             f"the file, or remove checkpoint.pt to start {self.dir} again")
+        for line, r in enumerate(rows, 2):  # the progress line, the curve and the tables read these as numbers
+            bad = next((c for c in ROUND_COLUMNS if not _number(r.get(c))), None)
+            if bad:
+                raise UserError(f"{self.path('rounds.csv')}: line {line}: {bad} " + (f"= {r[bad]!r}, not a number"
+                                if bad in r else "column missing") + "; expected the rows the run wrote (a hand "
+                                "edit, a copy cut short?): restore the file")
         if len(self.read_csv("queried.csv")) < state.get("queried_rows", 0):  # the record of who labelled what
             raise UserError(f"{self.path('queried.csv')}: {len(self.read_csv('queried.csv'))} rows, but the rounds "
                             f"checkpoint.pt finished wrote {state['queried_rows']}; restore the file, or start a new run")
@@ -1111,6 +1118,14 @@ def _finite(o):
         return o if math.isfinite(o) else None
     return {k: _finite(v) for k, v in o.items()} if isinstance(o, dict) else \
         [_finite(v) for v in o] if isinstance(o, (list, tuple)) else o
+
+
+def _number(v):
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _plain(v):

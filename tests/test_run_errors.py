@@ -268,6 +268,12 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
     with pytest.raises(common.UserError, match=f"{path('rounds.csv')}: no row of round 1, which checkpoint.pt "
                                                f"finished"):
         example_tta.main(["--resume", run_dir])
+    for damaged, why in ((rounds[:rounds.rstrip().rindex(",") + 1] + "\n", "line 3: select_s = '', not a number"),
+                         (rounds.replace("dice_mean", "dice", 1), "line 2: dice_mean column missing")):
+        with open(path("rounds.csv"), "w") as f:  # the last finished round's row cut short; the header edited
+            f.write(damaged)
+        with pytest.raises(common.UserError, match=f"{path('rounds.csv')}: {why}; expected the rows the run wrote"):
+            example_tta.main(["--resume", run_dir])  # was: a ValueError or KeyError in the progress line
     with open(path("rounds.csv"), "w") as f:
         f.write(rounds)
     os.remove(path("checkpoint.pt"))  # was: round 0 started again, and rounds.csv lost its two finished rounds
