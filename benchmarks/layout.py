@@ -69,12 +69,14 @@ def main():
     common = open(os.path.join(ROOT, "common.py")).read()
     print(f"common.py: {len(common.splitlines())} lines (target <= 1100); beside it: "
           + ", ".join(f"{m} {len(open(os.path.join(ROOT, m)).read().splitlines())}"
-                      for m in ("loaders.py", "plots.py", "tables.py", "oracle.py", "progress.py", "unet.py")))
-    names = [n.name for n in ast.parse(common).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-    inside = {n: len(re.findall(rf"\b{n}\(", common)) - 1 for n in names}  # calls within common.py itself
+                      for m in ("runfolder.py", "loaders.py", "plots.py", "tables.py", "oracle.py", "progress.py",
+                                "unet.py")))
+    both = common + open(os.path.join(ROOT, "runfolder.py")).read()  # runfolder.py: common re-exports it
+    names = [n.name for n in ast.parse(both).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    inside = {n: len(re.findall(rf"\b{n}\(", both)) - 1 for n in names}  # calls within the two files themselves
     single = [(n, [s for s in SCRIPTS if f"common.{n}" in src[s]]) for n in names]
     single = [(n, users[0]) for n, users in single if len(users) == 1 and not inside[n]]
-    print(f"functions of common.py used by one script only (and not by common.py): {len(single)}"
+    print(f"functions of common.py and runfolder.py used by one script only (and not by the two): {len(single)}"
           + "".join(f"\n  {n}: {user}" for n, user in single))
 
 

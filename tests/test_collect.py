@@ -14,6 +14,7 @@ import torch
 
 import collect
 import common
+import runfolder
 import example_tta
 
 COLS = common.ROUND_COLUMNS
@@ -130,11 +131,11 @@ def test_resume_drops_an_unfinished_rounds_rows_whole_or_not_at_all(tmp_path, mo
     run.append_csv("a.csv", [{"round": r, "v": r / 2} for r in range(3)])
     before = open(run.path("a.csv"), "rb").read()
 
-    class Killed(common.csv.DictWriter):
+    class Killed(runfolder.csv.DictWriter):
         def writerows(self, rows):
             raise KeyboardInterrupt  # the kill, halfway through the rewrite
 
-    monkeypatch.setattr(common.csv, "DictWriter", Killed)
+    monkeypatch.setattr(runfolder.csv, "DictWriter", Killed)
     run.truncate_csv("a.csv", lambda r: True)  # nothing to drop: the file is not touched
     with pytest.raises(KeyboardInterrupt):
         run.truncate_csv("a.csv", lambda r: int(r["round"]) <= 1)
@@ -146,7 +147,7 @@ def test_resume_drops_an_unfinished_rounds_rows_whole_or_not_at_all(tmp_path, mo
     run.append_csv("b.csv", [{"round": r, "v": r / 2} for r in range(12)])
     with open(run.path("b.csv"), "a") as f:
         f.write("1")
-    run.append_csv("rounds.csv", [{"round": r} for r in range(12)])  # the checkpoint's round has its row
+    run.append_csv("rounds.csv", [dict({c: 0 for c in COLS}, round=r) for r in range(12)])  # the checkpoint's round's row
     torch.save({"rng_python": random.getstate(), "rng_numpy": np.random.get_state(), "rng_torch": torch.get_rng_state(),
                 "round": 11}, run.path("checkpoint.pt"))
     common.Run("x.py", _args(resume=run.dir), torch.device("cpu")).load_checkpoint()

@@ -179,7 +179,7 @@ def test_resume_restores_every_rng_state(tmp_path):  # M22, M23, M24, M25
 
 def test_resume_drops_whole_rows_of_the_unfinished_round(tmp_path):  # M27
     run = common.Run("x.py", _args(out=str(tmp_path)), CPU)
-    run.append_csv("rounds.csv", [{"round": r} for r in range(3)])
+    run.append_csv("rounds.csv", [dict({c: 0 for c in common.ROUND_COLUMNS}, round=r) for r in range(3)])
     run.append_csv("epochs.csv", [{"round": r, "epoch": 1, "loss": 0.5} for r in range(4)])  # round 3 unfinished
     torch.save({"rng_python": random.getstate(), "rng_numpy": np.random.get_state(), "rng_torch": torch.get_rng_state(),
                 "round": 2}, run.path("checkpoint.pt"))

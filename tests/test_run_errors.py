@@ -17,6 +17,7 @@ from PIL import Image
 
 import ceal_mcdropout
 import common
+import runfolder
 import example_tta
 import oracle
 import region_uncertainty
@@ -140,7 +141,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monke
         if mode != "r":
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, mode, *a, **kw)
-    monkeypatch.setattr(common, "open", read_only, raising=False)
+    monkeypatch.setattr(runfolder, "open", read_only, raising=False)
     err = one_line_error(capsys, lambda: common.Run("x.py", _args(resume=run_dir), torch.device("cpu")))
     assert err == f"error: {run_dir}/run.lock: cannot write in the run folder (Permission denied)"
 
@@ -148,8 +149,8 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monke
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     """A job array starts the same flags at once: the second folder is -2, the third -3 (makedirs decides, so a
     folder made by another process between a check and the making is not shared)."""
-    now = common.datetime.datetime(2026, 11, 27, 16, 30, 0)
-    monkeypatch.setattr(common, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: now)))
+    now = runfolder.datetime.datetime(2026, 11, 27, 16, 30, 0)
+    monkeypatch.setattr(runfolder, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: now)))
     dirs = [common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu")).dir for _ in range(3)]
     name = os.path.join(tmp_path, "x__synthetic__x__s0__20261127-163000")
     assert dirs == [name, name + "-2", name + "-3"]
