@@ -96,10 +96,10 @@ MAX_IMAGE_SIZE = 4096  # the papers use 128 to 512; 4096 px images of 1000 sampl
 def resolve(args, defaults, size=(16, 32), **at_least):
     """Fill every flag left at None from the script's table row for --data (or its "other" row), then check
     the numbers: each count at least its AT_LEAST (or `at_least`) value, --lr above 0, every float finite and
-    within float32's range,
-    --seed below 2^32, no --data-dir for synthetic data, --split not negative, --dropout in [0, 1), --image-size
-    a multiple of size[0], at least size[1] and at most MAX_IMAGE_SIZE (unet.UNet halves it 4 times; at 16 px its 1x1 bottleneck cannot
-    train BatchNorm on a batch of one image; region's ResNet-18 U-Net passes (32, 64))."""
+    within float32's range, --seed below 2^32, no --data-dir for synthetic data, --split not negative, --dropout
+    in [0, 1), --image-size a multiple of size[0], at least size[1] and at most MAX_IMAGE_SIZE (unet.UNet halves
+    it 4 times; at 16 px its 1x1 bottleneck cannot train BatchNorm on a batch of one image; region's ResNet-18
+    U-Net passes (32, 64))."""
     row = defaults.get(args.data, defaults.get("other", {}))
     vars(args).update({key: value for key, value in row.items() if getattr(args, key, None) is None})
     for key, low in {**AT_LEAST, **at_least}.items():
@@ -184,6 +184,9 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
               f"validation set (val_dice nan){'; --split set from the folder, not ' + str(given) if other else ''}"
               + ("" if args.split[2] else "; no test set: the Dice columns of rounds.csv stay nan (not measured)"))
         data.official["train"] = unlabelled
+    elif getattr(args, "oracle", "simulated") == "folder" and not args.resume:  # nothing in the folder to label
+        print("note: --oracle folder, and every image has a mask: the usual split; you label the pool's queries "
+              "(their masks unused), the test set's masks score the model")
     recorded, old = run.path("splits.json"), None
     if args.resume and os.path.isfile(recorded):  # the data must still hold the run's samples, before any split
         try:

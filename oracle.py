@@ -239,6 +239,9 @@ def read_labels(lab_dir, ids, data, size):
         if name not in want:
             continue
         path = os.path.join(lab_dir, name)
+        if os.path.islink(path) and not os.path.exists(path):  # as the loader says it of a data folder's file
+            problems.append(f"broken symbolic link: {name} (its target {os.path.realpath(path)} is missing)")
+            continue
         try:
             m = np.asarray(read_image(path, "L", mask=True))
         except UserError as e:  # a file Pillow cannot read, or a colour mask that is not one colour on black

@@ -64,7 +64,9 @@ def test_the_resume_command_printed_and_in_the_readme_pastes_whole(folder, tmp_p
         example_tta.main([*map(str, TINY), "--data", "folder", "--data-dir", folder, "--out", str(out),
                           "--oracle", "folder"])
     run = str(next(out.iterdir()))
-    printed = capsys.readouterr().out.strip().splitlines()[-1].split("go on with: ")[1]
+    said = capsys.readouterr().out
+    assert "note: --oracle folder, and every image has a mask: the usual split; you label" in said  # not silent
+    printed = said.strip().splitlines()[-1].split("go on with: ")[1]
     readme = open(os.path.join(run, "to_label", "round_0", "README.txt")).read()
     pasted = [line.strip() for line in readme.splitlines() if "--resume" in line][0]
     for command in (printed, pasted):
@@ -244,6 +246,11 @@ def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
     assert f"{ids[0]}.png" not in msg.replace(f"{ids[0]}.png'", "")
     assert sorted(os.listdir(run)) == before and not os.path.isfile(os.path.join(run, "rounds.csv"))
     assert open(os.path.join(run, "config.json")).read() == config
+    os.remove(os.path.join(lab, f"{ids[3]}.png"))  # a link whose target went: named so, as the loader names it
+    os.symlink(os.path.join(tmp_path, "gone.png"), os.path.join(lab, f"{ids[3]}.png"))
+    out = run_script("example_tta.py", "--resume", run, check=False)
+    assert out.returncode == 2 and f"broken symbolic link: {ids[3]}.png (its target {tmp_path}/gone.png is " \
+        "missing)" in out.stderr, out.stderr
     # a resume before any label was drawn: says where the labels go
     shutil.rmtree(lab)
     out = run_script("example_tta.py", "--resume", run, check=False)
