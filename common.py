@@ -377,7 +377,7 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
                 shown = now
                 print(f"    {s + len(b)}/{len(order)} images of this epoch, {fmt_s(now - t0)}", flush=True)
         losses.append(total.item() / max(1, len(order)))
-        weights = sum(v.float().sum() for v in model.state_dict().values() if v.is_floating_point())  # the last step's
+        weights = sum(p.detach().float().sum() for p in model.parameters())  # after the epoch's last step
         if not (math.isfinite(losses[-1]) and math.isfinite(weights)):  # diverged: every later score NaN, queries arbitrary
             raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {losses[-1]}"
                             f"{'' if math.isfinite(weights) else ', its weights not finite'} (lr now "
@@ -463,11 +463,14 @@ DIVERGED = ("the model's outputs hold NaN or inf: its training diverged (weights
 
 
 def not_finite(out):
-    """A device bool: does any tensor in out (nested tuples and lists too) hold a NaN or inf?"""
+    """Does any floating tensor in out (nested tuples, lists and dicts too) hold a NaN or inf? A device bool
+    (no host sync), or False where out holds no such tensor (None, an int: an optional head's output)."""
     if isinstance(out, torch.Tensor):
-        return ~torch.isfinite(out).all()
-    parts = [not_finite(o) for o in out] if isinstance(out, (tuple, list)) else []
-    return torch.stack(parts).any() if parts else False
+        return ~torch.isfinite(out).all() if out.is_floating_point() else False
+    bad = False
+    for o in (out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()):
+        bad = bad | not_finite(o)
+    return bad
 
 
 @torch.inference_mode()

@@ -378,10 +378,12 @@ def read_image(path, mode, size=None, with_size=False, mask=False):
 
 def mask_8bit(a):
     """A 16-bit (or 32-bit integer) mask as 8 bits: values up to 255 as they are (0/1, 0/255 saved in 16 bits),
-    else scaled by 255/65535 (0/65535 -> 0/255, soft edges to their halves). Pillow's own conversion clips every
-    value above 255 to 255, so a 16-bit photo saved as a mask read as 93 % foreground, not as "not binary"."""
+    else scaled by its own maximum (0/1000, 0/4095, 0/65535 -> 0/255; soft edges to their halves). Pillow's own
+    conversion clips every value above 255 to 255, so a 16-bit photo saved as a mask read as 93 % foreground,
+    not as "not binary"; scaled, its middle values stay in the middle. Negative values count as 0."""
+    a = np.clip(a, 0, None)
     top = int(a.max()) if a.size else 0
-    return a.astype(np.uint8) if top <= 255 else np.round(a * (255 / max(top, 65535))).astype(np.uint8)
+    return a.astype(np.uint8) if top <= 255 else np.round(a * (255 / top)).astype(np.uint8)
 
 
 def colour_mask(im, path):

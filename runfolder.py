@@ -87,6 +87,8 @@ def run_main(main):
         print("interrupted" + (f": {done}; continue with --resume {shlex.quote(Run.used)}" if Run.used else ""),
               file=sys.stderr)
         sys.exit(130)
+    finally:  # the process may live on (a notebook catches SystemExit): a later --resume must find it free
+        Run.release_lock()
 
 
 def git_commit():
@@ -197,7 +199,8 @@ class Run:
             with open(path) as g:
                 holder = g.read().strip() or "a process"
             raise UserError(f"--resume {self.dir}: {holder} is writing this run now (run.lock); two processes on one "
-                            f"run folder would mix their rounds. Wait for it to end, or stop it, then --resume again")
+                            f"run folder would mix their rounds. Wait for it to end, or stop it, then --resume again "
+                            f"(a process on a machine that crashed: wait a minute, or remove run.lock)")
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {platform.node() or 'this machine'}, started "
                 f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
@@ -355,7 +358,7 @@ class Run:
         path = self.path("checkpoint.pt")
         if not (self.args.resume and os.path.isfile(path)):
             if self.args.resume:
-                later = [r for r in self.read_csv("rounds.csv") if None not in r.values() and r["round"] != "0"]
+                later = [r for r in self.read_csv("rounds.csv") if None not in r.values() and r.get("round") not in (None, "0")]
                 if later or os.path.isfile(self.path("summary.json")):  # a kill before it leaves a round 0 row only
                     raise UserError(f"{path}: not found, but {self.dir} finished "
                                     + (f"{len(later) + 1} rounds (rounds.csv)" if later else "(summary.json)")
@@ -369,7 +372,7 @@ class Run:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
-                            f"a copy cut short? Restore it, or remove it to start {self.dir} again")
+                            f"a copy cut short? Restore it, or start a new run")
         random.setstate(state["rng_python"])
         np.random.set_state(state["rng_numpy"])
         torch.set_rng_state(state["rng_torch"])
@@ -383,7 +386,7 @@ class Run:
         rows = self.read_csv("rounds.csv")
         if str(done) not in [r["round"] for r in rows]:  # its row is written before it
             raise UserError(f"{self.path('rounds.csv')}: no row of round {done}, which checkpoint.pt finished; restore "
-                            f"the file, or remove checkpoint.pt to start {self.dir} again")
+                            f"the file, or start a new run")
         for line, r in enumerate(rows, 2):  # the progress line, the curve and the tables read these as numbers
             bad = next((c for c in ROUND_COLUMNS if not _number(r.get(c))), None)
             if bad:

@@ -287,8 +287,9 @@ def test_images_of_more_than_8_bits_keep_their_contrast(tmp_path):
 
 def test_a_16_bit_mask_is_read_at_its_own_scale(tmp_path):
     """Pillow's conversion of a 16-bit mask clipped every value above 255 to 255: a 16-bit photo saved as a mask
-    read as 93 % foreground and trained on (the fuzz of 2026-11-27). Now scaled by 255/65535 (loaders.mask_8bit):
-    the photo is refused as not binary, 0/65535 and 0/1 stay binary, soft 16-bit edges are cut at half."""
+    read as 93 % foreground and trained on (the fuzz of 2026-11-27). Now scaled by its own maximum
+    (loaders.mask_8bit): the photo is refused as not binary, 0/k stays binary for every k, soft 16-bit edges are
+    cut at half."""
     yy, xx = np.mgrid[:32, :32]
     photo = (np.random.default_rng(0).integers(0, 256, (32, 32)) * 257).astype(np.uint16)
     Image.fromarray(photo).save(tmp_path / "photo.png")
@@ -296,7 +297,7 @@ def test_a_16_bit_mask_is_read_at_its_own_scale(tmp_path):
         loaders.binarise_mask(np.asarray(loaders.read_image(str(tmp_path / "photo.png"), "L", mask=True)),
                               str(tmp_path / "photo.png"))
     disc = np.hypot(yy - 16, xx - 16) < 8
-    for top in (1, 65535):
+    for top in (1, 255, 1000, 4095, 65535):  # 0/1000, a 12-bit 0/4095: scaled by their own maximum
         Image.fromarray(disc.astype(np.uint16) * top).save(tmp_path / f"m{top}.png")
         m = loaders.read_image(str(tmp_path / f"m{top}.png"), "L", mask=True)
         assert (loaders.binarise_mask(np.asarray(m), "m") == disc).all()

@@ -126,6 +126,9 @@ def test_outputs_not_finite_stop_before_anything_selects_on_them():
                 loop()
     fine = Blown(9)
     assert common.predict(fine, x, np.arange(5), 2, CPU).shape == (5, 2, 2)
+    t, nan = torch.ones(2), torch.tensor([1.0, float("nan")])  # an optional head's None, an int: not checked
+    assert [bool(common.not_finite(o)) for o in ((t, None), (t, 3), [t, "x"], {"a": t}, torch.arange(3))] == [False] * 5
+    assert [bool(common.not_finite(o)) for o in ((t, None, nan), {"a": (t, nan)})] == [True, True]
     assert common.mc_variance(fine, x, np.arange(5), 3, 2, CPU)[0].shape == (5,)
 
 

@@ -154,6 +154,15 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
     dirs = [common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu")).dir for _ in range(3)]
     name = os.path.join(tmp_path, "x__synthetic__x__s0__20261127-163000")
     assert dirs == [name, name + "-2", name + "-3"]
+    makedirs = os.makedirs
+    makedirs(tmp_path / "b")
+
+    def other_process_first(path, *a, **k):  # another process makes the first folder between a check and this call
+        if not os.listdir(tmp_path / "b"):
+            os.mkdir(path)
+        return makedirs(path, *a, **k)
+    monkeypatch.setattr(runfolder.os, "makedirs", other_process_first)
+    assert common.Run("x.py", _args(out=str(tmp_path / "b")), torch.device("cpu")).dir.endswith("163000-2")
 
 
 @pytest.mark.parametrize("flags, message", [
