@@ -63,8 +63,9 @@ def get_device(name="auto"):
 
 
 def run_main(main):
-    """Run a script's main(); a UserError is one line on stderr and exit status 2, running out of memory one
-    line and status 1 (a new run folder holding only its config and split is removed); Ctrl-C or SIGTERM (a
+    """Run a script's main(); a UserError is one line on stderr and exit status 2, running out of memory or
+    a run folder that cannot be written one line and status 1 (a new run folder holding only its config and split
+    is removed); Ctrl-C or SIGTERM (a
     cluster's time limit) names the folder to --resume."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM raises KeyboardInterrupt, as Ctrl-C
     Run.made = Run.used = None  # set by this main()'s Run
@@ -79,6 +80,15 @@ def run_main(main):
         if Run.made and set(os.listdir(Run.made)) <= {"config.json", "splits.json", "run.lock"}:
             shutil.rmtree(Run.made)
         sys.exit(2 if isinstance(e, UserError) else 1)
+    except OSError as e:  # the run folder cannot be written: a full disk or quota, a read-only file
+        inside = os.path.abspath(str(e.filename or "/")).startswith(os.path.abspath(Run.used or "/") + os.sep)
+        if not (Run.used and (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or inside)):
+            raise
+        saved = os.path.isfile(os.path.join(Run.used, "checkpoint.pt"))
+        print(f"error: cannot write {e.filename or 'in ' + Run.used} ({e.strerror}); "
+              + ("finished rounds are saved" if saved else "no round finished yet")
+              + f": make room or allow writing, then --resume {shlex.quote(Run.used)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         saved = Run.used and os.path.isfile(os.path.join(Run.used, "checkpoint.pt"))  # what --resume continues from
         kept = [n for n in sorted(os.listdir(Run.used)) if n.endswith(".pt")] if Run.used and not saved else []
@@ -358,7 +368,8 @@ class Run:
         path = self.path("checkpoint.pt")
         if not (self.args.resume and os.path.isfile(path)):
             if self.args.resume:
-                later = [r for r in self.read_csv("rounds.csv") if None not in r.values() and r.get("round") not in (None, "0")]
+                later = [r for r in self.read_csv("rounds.csv")
+                         if None not in r.values() and r.get("round") not in (None, "0")]
                 if later or os.path.isfile(self.path("summary.json")):  # a kill before it leaves a round 0 row only
                     raise UserError(f"{path}: not found, but {self.dir} finished "
                                     + (f"{len(later) + 1} rounds (rounds.csv)" if later else "(summary.json)")

@@ -2,6 +2,7 @@
 leaves no empty folder, Ctrl-C and SIGTERM name the folder to resume, flags that would crash later are refused
 at the start, a damaged run folder or changed data is one clear line, --resume works from any folder, CEAL says
 which iterations got fewer labels, and SSL refuses too many clusters before pre-training."""
+import errno
 import json
 import os
 import signal
@@ -68,6 +69,33 @@ def test_out_of_memory_is_one_line_and_leaves_no_empty_folder(tmp_path, capsys):
         assert e.value.code == 1 and err == (f"error: out of memory ({type(error).__name__}: {error}); start a new run "
                                              "with a lower --batch-size or --image-size (--resume keeps the run's)\n")
         assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_or_a_read_only_file_in_the_run_folder_is_one_line(tmp_path, capsys):
+    """A write into the run folder that fails (a full disk or quota; rounds.csv made read-only) was a traceback;
+    now one line naming the file, whether rounds are saved and the --resume command, exit status 1. An OSError
+    elsewhere (a data file) is not this, and stays what it was."""
+    run_dir = []
+
+    def writes(error):
+        def main():
+            run = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
+            run_dir.append(run.dir)
+            run.append_csv("rounds.csv", {"round": 0})
+            open(run.path("checkpoint.pt"), "w").close()
+            raise error(run)
+        return main
+    for error, said in ((lambda run: OSError(errno.ENOSPC, "No space left on device"), "in {d} (No space left on device)"),
+                        (lambda run: PermissionError(13, "Permission denied", run.path("rounds.csv")),
+                         "{d}/rounds.csv (Permission denied)")):
+        with pytest.raises(SystemExit) as e:
+            common.run_main(writes(error))
+        d = run_dir[-1]
+        assert e.value.code == 1 and capsys.readouterr().err == (f"error: cannot write {said.format(d=d)}; finished "
+                                                                 f"rounds are saved: make room or allow writing, then "
+                                                                 f"--resume {d}\n")
+    with pytest.raises(FileNotFoundError):
+        common.run_main(writes(lambda run: FileNotFoundError(2, "No such file", "/elsewhere/data.png")))
 
 
 def test_ctrl_c_names_the_run_folder(tmp_path, capsys):
