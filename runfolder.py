@@ -63,10 +63,9 @@ def get_device(name="auto"):
 
 
 def run_main(main):
-    """Run a script's main(); a UserError is one line on stderr and exit status 2, running out of memory or
-    a run folder that cannot be written one line and status 1 (a new run folder holding only its config and split
-    is removed); Ctrl-C or SIGTERM (a
-    cluster's time limit) names the folder to --resume."""
+    """Run a script's main(); a UserError is one line on stderr and exit status 2, running out of memory or a
+    run folder that cannot be written one line and status 1 (a new run folder holding only its config and split
+    is removed); Ctrl-C or SIGTERM (a cluster's time limit) names the folder to --resume."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM raises KeyboardInterrupt, as Ctrl-C
     Run.made = Run.used = None  # set by this main()'s Run
     try:
@@ -82,7 +81,8 @@ def run_main(main):
         sys.exit(2 if isinstance(e, UserError) else 1)
     except OSError as e:  # the run folder cannot be written: a full disk or quota, a read-only file
         inside = os.path.abspath(str(e.filename or "/")).startswith(os.path.abspath(Run.used or "/") + os.sep)
-        if not (Run.used and (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or inside)):
+        if not (Run.used and (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+                              or inside and e.errno in (errno.EACCES, errno.EPERM))):
             raise
         saved = os.path.isfile(os.path.join(Run.used, "checkpoint.pt"))
         print(f"error: cannot write {e.filename or 'in ' + Run.used} ({e.strerror}); "
