@@ -374,7 +374,9 @@ class Run:
                     raise UserError(f"{path}: not found, but {self.dir} finished "
                                     + (f"{len(later) + 1} rounds (rounds.csv)" if later else "(summary.json)")
                                     + "; --resume goes on from checkpoint.pt: restore it, or start a new run")
-                print(f"resume: {self.dir} has no finished round yet (no checkpoint.pt): round 0 starts again")
+                asked = os.path.isdir(self.path(os.path.join("to_label", "round_0")))  # --oracle folder's first stop
+                print(f"resume: {self.dir} " + ("round 0 runs, with the labels to_label/round_0 asked for" if asked
+                      else "has no finished round yet (no checkpoint.pt): round 0 starts again"))
                 for name in sorted(os.listdir(self.dir)):  # rows of the unfinished round 0 (e.g. an oracle stop)
                     if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:
                         self.truncate_csv(name, lambda r: False)

@@ -255,7 +255,7 @@ def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
     shutil.rmtree(lab)
     out = run_script("example_tta.py", "--resume", run, check=False)
     assert out.returncode == 2 and "labels/round_0: folder not found" in out.stderr
-    assert f"resume: {run} has no finished round yet (no checkpoint.pt): round 0 starts again" in out.stdout
+    assert f"resume: {run} round 0 runs, with the labels to_label/round_0 asked for" in out.stdout  # the usual step
 
 
 def test_images_without_masks_are_the_pool_and_masked_ones_the_test_set(folder, tmp_path):
