@@ -82,8 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--all-slices", action="store_true",
                    help="lgg: keep slices without tumour (the paper keeps the 1373 with tumour)")
     args = common.resolve(p.parse_args(argv), DEFAULTS)
-    if args.strategy == "ceal" and args.dropout == 0:
-        raise common.UserError("--strategy ceal needs --dropout > 0 (MC dropout: with none, every pass is the same)")
+    common.check_mc_dropout(args, "ceal")
     return args
 
 

@@ -131,6 +131,14 @@ def resolve(args, defaults, size=(16, 32), **at_least):
     return args
 
 
+def check_mc_dropout(args, *strategies):
+    """The MC-dropout strategies need dropout: at --dropout 0 every pass is the same, every uncertainty 0 and the
+    picks arbitrary (CEAL, SSL's comparators, region's baseline)."""
+    if args.strategy in strategies and args.dropout == 0:
+        raise UserError(f"--strategy {args.strategy} needs --dropout > 0 (MC dropout: with none, every pass is the "
+                        f"same)")
+
+
 # ---- Device and mixed precision (seeding and the device flag: runfolder.py) -------------------------------
 def autocast(device, amp):
     """bf16 autocast when --amp (no GradScaler needed for bf16)."""

@@ -113,8 +113,7 @@ def parse_args(argv=None):
         return args
     if not 0 <= args.dropout < 1:
         raise common.UserError(f"--dropout {args.dropout}: expected a value in [0, 1)")
-    if args.strategy == "mc-dropout" and args.dropout == 0:
-        raise common.UserError("--strategy mc-dropout needs --dropout > 0 (with no dropout every pass is the same)")
+    common.check_mc_dropout(args, "mc-dropout")
     if args.partial and args.strategy == "full":
         raise common.UserError("--partial needs an active-learning strategy, not --strategy full")
     if not 0 < args.tau_u <= 0.5:

@@ -153,9 +153,7 @@ def parse_args(argv=None):
         args.cold_start = "cluster" if args.strategy == "cluster" else "random"
     if args.dropout is None:
         args.dropout = 0.5 if args.strategy in ("mc-dropout", "ceal") else 0.0
-    if args.strategy in ("mc-dropout", "ceal") and args.dropout == 0:
-        raise common.UserError(f"--strategy {args.strategy} needs --dropout > 0 (MC dropout: with none, every pass "
-                               f"is the same)")
+    common.check_mc_dropout(args, "mc-dropout", "ceal")
     if args.ssl_lr is None:
         args.ssl_lr = 0.01 if args.ssl_optim == "sgd" else 1e-3
     if not args.ssl_lr > 0:
