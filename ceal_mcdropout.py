@@ -229,15 +229,14 @@ def main(argv=None):
         # 20 epochs initially, then 5 per iteration (Sec. 5), fine-tuning the same model (paper silent; Sec. 4.3:
         # "the model is again trained on D^L"; the reference code continues from its weights)
         epochs, vals = epochs0 if rnd == 0 else args.epochs, [np.nan]  # vals[-1]: the round's val_dice
-
-        def on_epoch(e, loss, _s):  # Figs. 7-10: validation Dice per epoch
+        loss_fn = common.bce_dice_loss if args.loss == "bce+dice" else common.soft_dice_loss
+        for e, loss, _ in common.train_epochs(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs,
+                                              args.batch_size, device=device, amp=args.amp, loss_fn=loss_fn,
+                                              generator=gen, steps=steps):
+            # Figs. 7-10: validation Dice per epoch
             vd = float(common.evaluate(model, x, y, val_ids, args.batch_size, device, args.amp)[0].mean()) if len(val_ids) else None
             vals.append(np.nan if vd is None else vd)
             progress.epoch(rnd, e, epochs, loss, val_dice=vd)
-
-        common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device,
-                     amp=args.amp, loss_fn=common.bce_dice_loss if args.loss == "bce+dice" else common.soft_dice_loss,
-                     generator=gen, steps=steps, on_epoch=on_epoch)
         train_s = time.time() - t0
 
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)

@@ -338,12 +338,13 @@ def to_device(data, device):
     return x, y
 
 
-def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, loss_fn=bce_dice_loss,
-          augment=None, extra_loss=None, generator=None, log=None, on_epoch=None, steps=None, lr_flag="--lr"):
-    """Train on x[idx] with target[idx] (both uint8 on the device; gathered by index each step).
+def train_epochs(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, loss_fn=bce_dice_loss,
+                 augment=None, extra_loss=None, generator=None, steps=None, lr_flag="--lr"):
+    """Train on x[idx] with target[idx] (both uint8 on the device; gathered by index each step), yielding
+    (epoch, its mean loss, its seconds) after each epoch: the caller's loop body logs, validates or saves between
+    epochs (no callbacks), and the training goes on when the loop asks for the next epoch.
     augment(xb, yb) -> (xb, yb) runs on device batches; extra_loss(model) -> tensor is added each step (e.g.
-    a loss on unlabelled data). The running loss stays on the device: one host sync per epoch. Returns
-    the list of epoch mean losses.
+    a loss on unlabelled data). The running loss stays on the device: one host sync per epoch.
     steps: instead of `epochs`, exactly this many optimiser steps: whole epochs, then one partial epoch on a
     random subset of idx (drawn with generator). The ceiling of every script (--strategy full) trains so,
     for the active-learning run's step count (ceiling), not more epochs of a larger set.
@@ -353,17 +354,16 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
               lr_flag=lr_flag)
     if steps is not None:
         epochs, rest = divmod(steps, math.ceil(len(idx) / batch_size))
-        losses = train(model, opt, x, target, idx, epochs, batch_size, on_epoch=on_epoch, **kw)
+        yield from train_epochs(model, opt, x, target, idx, epochs, batch_size, **kw)
         if rest:
             part = np.asarray(idx)[torch.randperm(len(idx), generator=generator)[:rest * batch_size].numpy()]
-            losses += train(model, opt, x, target, part, 1, batch_size, **kw,
-                            on_epoch=None if on_epoch is None else lambda e, *a: on_epoch(epochs, *a))
-        return losses
+            for _, loss, seconds in train_epochs(model, opt, x, target, part, 1, batch_size, **kw):
+                yield epochs, loss, seconds
+        return
     idx = torch.as_tensor(np.asarray(idx), device=device, dtype=torch.long)
-    losses = []
     for epoch in range(epochs):
         t0 = shown = time.time()
-        model.train()  # every epoch: an on_epoch that predicts (CEAL's validation) leaves the model in eval mode
+        model.train()  # every epoch: a loop body that predicts (CEAL's validation) leaves the model in eval mode
         order = idx[torch.randperm(len(idx), generator=generator).to(device)]
         total = torch.zeros((), device=device)
         for s in range(0, len(order), batch_size):
@@ -384,17 +384,21 @@ def train(model, opt, x, target, idx, epochs, batch_size, *, device, amp=False, 
             if now - shown >= 60:  # an epoch of minutes (a paper's size on a CPU) shows that it is under way
                 shown = now
                 print(f"    {s + len(b)}/{len(order)} images of this epoch, {fmt_s(now - t0)}", flush=True)
-        losses.append(total.item() / max(1, len(order)))
+        loss = total.item() / max(1, len(order))
         weights = sum(p.detach().float().sum() for p in model.parameters())  # after the epoch's last step
-        if not (math.isfinite(losses[-1]) and math.isfinite(weights)):  # diverged: every later score NaN, queries arbitrary
-            raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {losses[-1]}"
+        if not (math.isfinite(loss) and math.isfinite(weights)):  # diverged: every later score NaN, queries arbitrary
+            raise UserError(f"training diverged: epoch {epoch + 1}'s mean loss is {loss}"
                             f"{'' if math.isfinite(weights) else ', its weights not finite'} (lr now "
                             f"{opt.param_groups[0]['lr']:g}{', --amp' if amp else ''}); start a new run with a lower "
                             f"{lr_flag}{' or without --amp' if amp else ''}, or a smaller loss weight if you raised one "
                             "(--resume keeps the run's flags: it would diverge again)")
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1], time.time() - t0)
-    return losses
+        yield epoch, loss, time.time() - t0
+
+
+def train(*args, **kw):
+    """train_epochs run to its end, for a caller with nothing to do between epochs (an ensemble's members):
+    the list of epoch mean losses."""
+    return [loss for _, loss, _ in train_epochs(*args, **kw)]
 
 
 def al_steps(plan, batch_size):

@@ -93,8 +93,9 @@ def main(argv=None):
         oracle.ask(run, rnd, new if rnd > 0 else labeled, data, y, model, x, args.batch_size, device, args.amp)
         t0 = time.time()
         epochs = epochs0 if rnd == 0 else args.epochs
-        common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp, generator=gen,
-                     steps=steps, on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
+        for e, loss, _ in common.train_epochs(model, opt, x, y, labeled, epochs, args.batch_size, device=device,
+                                              amp=args.amp, generator=gen, steps=steps):
+            progress.epoch(rnd, e, epochs, loss)
         train_s = time.time() - t0
 
         dice, iou = common.evaluate(model, x, y, test_ids, args.batch_size, device, args.amp)

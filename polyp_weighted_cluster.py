@@ -356,11 +356,11 @@ def select(args, model, x, y, labeled, pool, device, rng):
 # ----------------------------------------------------------------------------------------------------------
 # The active-learning loop
 # ----------------------------------------------------------------------------------------------------------
-def fdl_training(run, progress, rnd, epochs, args, x, pool, gen_u, device):
+def fdl_training(rnd, args, x, pool, gen_u, device):
     """Training with L = L_seg + lambda_c L_fdl (Eq. 5-7, Sec. 2.2-2.3): L_fdl on unlabelled batches of the pool,
     drawn with gen_u, one of --batch-size per labelled step (paper silent), for the strategies that use it
-    (FDL_STRATEGIES) after the initial training (--fdl-initial: also in it). Returns common.train's extra_loss
-    (None: L_seg alone) and on_epoch, which writes each epoch's loss and mean L_fdl to epochs.csv."""
+    (FDL_STRATEGIES) after the initial training (--fdl-initial: also in it). Returns common.train_epochs's
+    extra_loss (None: L_seg alone) and fdl_of_epoch(), the mean L_fdl of the steps since it was last called."""
     use_fdl = (args.strategy in FDL_STRATEGIES and (rnd > 0 or args.fdl_initial) and len(pool) > 0
                and args.lam > 0)  # --lam 0 trains exactly as w/o DIS (no extra forward through BatchNorm)
     fdl_log = []
@@ -373,12 +373,12 @@ def fdl_training(run, progress, rnd, epochs, args, x, pool, gen_u, device):
         fdl_log.append(loss.detach())
         return args.lam * loss  # Eq. 7
 
-    def on_epoch(e, loss, _s):
+    def fdl_of_epoch():
         fdl = torch.stack(fdl_log).mean().item() if fdl_log else 0.0
         fdl_log.clear()
-        progress.epoch(rnd, e, epochs, loss, fdl=fdl)
+        return fdl
 
-    return extra_loss if use_fdl else None, on_epoch
+    return extra_loss if use_fdl else None, fdl_of_epoch
 
 
 def summary(run, args):
@@ -451,10 +451,12 @@ def main(argv=None):
 
         # ---- training: L = L_seg + lambda_c L_fdl (Eq. 5-7), fine-tuning after each query (Sec. 2) ----
         epochs = epochs0 if rnd == 0 else args.epochs
-        extra_loss, on_epoch = fdl_training(run, progress, rnd, epochs, args, x, pool, gen_u, device)
+        extra_loss, fdl_of_epoch = fdl_training(rnd, args, x, pool, gen_u, device)
         # the ceiling (steps): no pool left, so no L_fdl: the U-Net on the whole pool with L_seg alone
-        common.train(model, opt, x, y, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=common.bce_dice_loss, extra_loss=extra_loss, generator=gen, steps=steps, on_epoch=on_epoch)
+        for e, loss, _ in common.train_epochs(model, opt, x, y, labeled, epochs, args.batch_size, device=device,
+                                              amp=args.amp, loss_fn=common.bce_dice_loss, extra_loss=extra_loss,
+                                              generator=gen, steps=steps):
+            progress.epoch(rnd, e, epochs, loss, fdl=fdl_of_epoch())  # epochs.csv: the loss and the mean L_fdl
         train_s = time.time() - t0
 
         # ---- evaluation on the test set (mIoU and Dice, Table 1); the round is written first ----

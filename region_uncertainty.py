@@ -362,9 +362,10 @@ def main(argv=None):
         # ---- training: fine-tune on all labelled images, 10 epochs per iteration (Sec. IV-D, V-A) ----
         epochs = epochs0 if rnd == 0 else args.epochs
 
-        common.train(model, opt, x, target, labeled, epochs, args.batch_size, device=device, amp=args.amp,
-                     loss_fn=loss_fn, augment=augment, generator=gen, steps=steps,
-                     on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
+        for e, loss, _ in common.train_epochs(model, opt, x, target, labeled, epochs, args.batch_size, device=device,
+                                              amp=args.amp, loss_fn=loss_fn, augment=augment, generator=gen,
+                                              steps=steps):
+            progress.epoch(rnd, e, epochs, loss)
         steps_done += steps or epochs * math.ceil(len(labeled) / args.batch_size)
         train_s = time.time() - t0
 

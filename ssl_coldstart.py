@@ -349,15 +349,18 @@ def pretrain(run, x, pool, pool_ids, args, device):
         print(f"resume: pre-training after epoch {done['epoch']} of {args.ssl_epochs}")
     run.truncate_csv("ssl_epochs.csv", lambda r: None not in r.values() and int(r["epoch"]) <= done["epoch"])
 
-    def on_epoch(e, loss, s):
+    losses, ends = list(done["losses"]), [t0]  # ends: when each epoch of this process ended, its save included
+    for e, loss, s in common.train_epochs(
+            model, opt, x, x, pool, args.ssl_epochs - done["epoch"], args.ssl_batch_size, device=device, amp=args.amp,
+            loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
+            augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks), generator=order, lr_flag="--ssl-lr"):
         run.append_csv("ssl_epochs.csv", {"epoch": done["epoch"] + e + 1, "loss": loss, "seconds": s})
         if sched is not None:
             sched.step()
-        state = dict(epoch=done["epoch"] + e + 1, losses=done["losses"] + losses_now + [loss],
-                     seconds=done["seconds"] + time.time() - t0, model=model.state_dict(), opt=opt.state_dict(),
-                     sched=sched and sched.state_dict(), gen=gen.get_state(), order=order.get_state(),
-                     device=device.type)
-        losses_now.append(loss)
+        losses.append(loss)
+        state = dict(epoch=done["epoch"] + e + 1, losses=losses, seconds=done["seconds"] + time.time() - t0,
+                     model=model.state_dict(), opt=opt.state_dict(), sched=sched and sched.state_dict(),
+                     gen=gen.get_state(), order=order.get_state(), device=device.type)
         torch.save(state, saved + ".tmp")
         os.replace(saved + ".tmp", saved)  # whole or absent
         ends.append(time.time())  # the first epoch (set-up, warm-up, cuDNN's search) is left out once others ended
@@ -365,13 +368,6 @@ def pretrain(run, x, pool, pool_ids, args, device):
         print(f"  ssl epoch {state['epoch']}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
               f"{common.fmt_s(run.elapsed())} elapsed, pre-training ETA "
               f"{common.fmt_s(each * (args.ssl_epochs - state['epoch']))}", flush=True)
-
-    losses_now, ends = [], [t0]  # for ssl_pretrain.pt; when each epoch of this process ended, its save included
-    losses = done["losses"] + common.train(
-        model, opt, x, x, pool, args.ssl_epochs - done["epoch"], args.ssl_batch_size, device=device, amp=args.amp,
-        loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
-        augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks), generator=order, on_epoch=on_epoch,
-        lr_flag="--ssl-lr")
     state, seconds = {k: v.cpu() for k, v in model.state_dict().items()}, done["seconds"] + time.time() - t0
     torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
                 "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim, "pool": list(pool_ids),
@@ -842,10 +838,10 @@ def main(argv=None):
 
         # ---- training: fine-tuned, 10 epochs then 2 per iteration, a new Adam each round (authors' train.py) ----
         epochs, opt = epochs0 if rnd == 0 else args.epochs, torch.optim.Adam(model.parameters(), lr=args.lr)
-
-        common.train(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs, args.batch_size, device=device,
-                     amp=args.amp, loss_fn=loss_fn, generator=gen, steps=steps,
-                     on_epoch=lambda e, loss, _: progress.epoch(rnd, e, epochs, loss))
+        for e, loss, _ in common.train_epochs(model, opt, x, target, np.concatenate([labeled, pseudo]), epochs,
+                                              args.batch_size, device=device, amp=args.amp, loss_fn=loss_fn,
+                                              generator=gen, steps=steps):
+            progress.epoch(rnd, e, epochs, loss)
         train_members(members, opts, x, target, labeled, epochs, loss_fn, args, device, rng, gen)
         train_s = time.time() - t0
 

@@ -89,16 +89,16 @@ def test_each_round_fine_tunes_the_last_rounds_model(script, folder, tmp_path, m
     Sec. IV-E: "the model weights adjusted in the prior AL iteration are reused"; DSAL: "continuously
     fine-tuned"): round 0 trains --epochs-initial, each later round --epochs, starting from the weights the last
     round ended with, by the same optimiser (its moments carry over), except ssl_coldstart's, a new Adam each
-    round (the authors' train.py). common.train is wrapped: the weights at entry and exit of each call."""
-    mod, train, calls = importlib.import_module(script), common.train, []
+    round (the authors' train.py). common.train_epochs is wrapped: the weights at entry and exit of each call."""
+    mod, train, calls = importlib.import_module(script), common.train_epochs, []
 
     def spy(model, opt, x, target, idx, epochs, *a, **k):
         weights = lambda: [t.detach().clone() for t in model.state_dict().values()]
-        calls.append(dict(model=model, opt=opt, epochs=epochs, entry=weights()))
-        out = train(model, opt, x, target, idx, epochs, *a, **k)
-        calls[-1]["exit"] = weights()
-        return out
-    monkeypatch.setattr(common, "train", spy)
+        call = dict(model=model, opt=opt, epochs=epochs, entry=weights())
+        calls.append(call)
+        yield from train(model, opt, x, target, idx, epochs, *a, **k)
+        call["exit"] = weights()
+    monkeypatch.setattr(common, "train_epochs", spy)
     mod.main([*map(str, TINY + METHOD.get(script, [])), "--data", "folder", "--data-dir", folder, "--out", str(tmp_path)])
     main = [c for c in calls if c["model"] is calls[-1]["model"]]  # SSL's pre-training model trains once, first
     assert [c["epochs"] for c in main] == [8, 3, 3]  # TINY: --epochs-initial 8, --epochs 3, --rounds 2

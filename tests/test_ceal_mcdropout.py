@@ -269,7 +269,7 @@ def run_known(tmp_path, monkeypatch, *flags):
     """main() in-process with score_pool replaced by known_score and pseudo-masks that are NOT the ground truth
     (the inverted mask), recording the data and every training call's (indices, targets)."""
     seen = {}
-    load, train = common.load_data, common.train
+    load, train = common.load_data, common.train_epochs
 
     def load_data(*a, **k):
         seen["data"] = load(*a, **k)
@@ -285,7 +285,7 @@ def run_known(tmp_path, monkeypatch, *flags):
         return train(model, opt, x, target, idx, *a, **k)
 
     monkeypatch.setattr(common, "load_data", load_data)
-    monkeypatch.setattr(common, "train", record_train)
+    monkeypatch.setattr(common, "train_epochs", record_train)
     monkeypatch.setattr(ceal_mcdropout, "score_pool", score_pool)
     run = ceal_mcdropout.main([*map(str, KNOWN), "--out", str(tmp_path), *flags])
     return run, seen

@@ -61,14 +61,14 @@ def test_soft_dice_and_bce_dice_losses():
 
 
 def test_train_trains_every_epoch_in_train_mode():
-    """An on_epoch that predicts (forward_batches: eval mode, as CEAL's per-epoch validation) does not leave
-    the next epoch training in eval mode: BatchNorm counts a batch only in train mode."""
+    """A loop body that predicts between epochs (forward_batches: eval mode, as CEAL's per-epoch validation) does
+    not leave the next epoch training in eval mode: BatchNorm counts a batch only in train mode."""
     torch.manual_seed(0)
     model, x = UNet(3, 1, 4), torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     y = (x[:, 0] > 127).to(torch.uint8)
     opt = torch.optim.Adam(model.parameters())
-    on_epoch = lambda *_: common.predict(model, x, [0, 1], 2, torch.device("cpu"))
-    common.train(model, opt, x, y, np.arange(10), 3, 4, device=torch.device("cpu"), on_epoch=on_epoch)
+    for _ in common.train_epochs(model, opt, x, y, np.arange(10), 3, 4, device=torch.device("cpu")):
+        common.predict(model, x, [0, 1], 2, torch.device("cpu"))
     assert int(model.enc[0].bn1.num_batches_tracked) == 3 * 3  # 3 epochs of 3 batches
 
 

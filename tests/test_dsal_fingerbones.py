@@ -172,9 +172,9 @@ def test_main_fine_tunes_one_model_with_the_weighted_heads(monkeypatch, tmp_path
 
     def train(model, opt, x, y, idx, epochs, batch_size, *, loss_fn, **k):
         calls.append((model, opt, len(idx), loss_fn))
-        return [0.0] * epochs
+        return [(e, 0.0, 0.0) for e in range(epochs)]
 
-    monkeypatch.setattr(common, "train", train)
+    monkeypatch.setattr(common, "train_epochs", train)
     dsal.main(["--device", "cpu", *map(str, TINY), "--ds-weights", "0.2", "0.5", "0.9", "--out", str(tmp_path)])
     assert [n for *_, n, _ in calls] == [10, 20, 30]
     assert all(m is calls[0][0] and o is calls[0][1] for m, o, _, _ in calls)  # never rebuilt

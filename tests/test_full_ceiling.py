@@ -1,6 +1,6 @@
 """The ceiling, --strategy full, in every script: the same model on the whole training pool for the optimiser
 steps of the active-learning run with the same flags (common.ceiling, common.al_steps of the run's plan,
-common.train(steps=))."""
+common.train_epochs(steps=))."""
 import csv
 import importlib
 import os
@@ -21,11 +21,11 @@ def test_train_takes_exactly_the_steps_asked():
     model = torch.nn.Conv2d(3, 1, 1)
     for steps in (1, 5, 6, 13, 30):  # 6 steps an epoch (23 / 4): partial, whole, whole + partial
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        taken, epochs = [], []
+        taken = []
         opt.step = lambda *a, **k: taken.append(1)
-        losses = common.train(model, opt, x, y, np.arange(23), 99, 4, device=torch.device("cpu"), steps=steps,
-                              generator=torch.Generator().manual_seed(0), on_epoch=lambda e, loss, s: epochs.append(e))
-        assert len(taken) == steps and epochs == list(range(len(losses))) and len(losses) == -(-steps // 6)
+        epochs = [e for e, _, _ in common.train_epochs(model, opt, x, y, np.arange(23), 99, 4, device=torch.device("cpu"),
+                                                       steps=steps, generator=torch.Generator().manual_seed(0))]
+        assert len(taken) == steps and epochs == list(range(-(-steps // 6)))
 
 
 def test_al_steps_counts_the_plan():
@@ -41,16 +41,16 @@ def test_al_steps_counts_the_plan():
 def test_ceal_ceiling_matches_its_al_run_when_the_pool_runs_short(tmp_path, monkeypatch, mode):
     """CEAL's pseudo-labels in a pool too small for them (30 after round 0: 7 queried and 4, 8, 12 pseudo-labels
     asked per round): the ceiling's steps are those the active-learning run takes, counted from its own calls
-    of common.train (each mode takes fewer pseudo-labels than asked in a different round; redraw's stay in the
+    of common.train_epochs (each mode takes fewer pseudo-labels than asked in a different round; redraw's stay in the
     pool)."""
     calls = []
-    train = common.train
+    train = common.train_epochs
 
     def spy(model, opt, x, target, idx, epochs, batch_size, **k):
         calls.append((len(idx), epochs, batch_size, k.get("steps")))
         return train(model, opt, x, target, idx, epochs, batch_size, **k)
 
-    monkeypatch.setattr(common, "train", spy)
+    monkeypatch.setattr(common, "train_epochs", spy)
     ceal = importlib.import_module("ceal_mcdropout")
     flags = [*map(str, TINY), "--rounds", "3", "--pseudo-step", "4", "--mc-passes", "2", "--pseudo-mode", mode]
     ceal.main([*flags, "--out", str(tmp_path / "al")])
@@ -66,8 +66,8 @@ def test_ceal_ceiling_matches_its_al_run_when_the_pool_runs_short(tmp_path, monk
     ("ceal_mcdropout", ["--pseudo-step", 2, "--mc-passes", 2], 2 * 3 + 5 + 7)])  # 10, 19, 28 (2 + 2 x 2 pseudo)
 def test_full_trains_the_al_runs_steps_on_the_whole_pool(tmp_path, monkeypatch, script, extra, steps):
     asked = []
-    train = common.train
-    monkeypatch.setattr(common, "train", lambda *a, **k: asked.append(k.get("steps")) or train(*a, **k))
+    train = common.train_epochs
+    monkeypatch.setattr(common, "train_epochs", lambda *a, **k: asked.append(k.get("steps")) or train(*a, **k))
     run = importlib.import_module(script).main([*map(str, TINY + extra), "--strategy", "full", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(os.path.join(run, "rounds.csv"))))
     assert [int(r["labeled"]) for r in rows] == [40]  # the whole pool, one round

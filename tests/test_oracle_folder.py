@@ -198,9 +198,9 @@ def test_resume_trains_on_the_persons_labels_of_every_finished_round(script, fol
             raise Trained
         return real_train(model, opt, x, target, idx, *a, **k)
 
-    real_train = common.train
+    real_train = common.train_epochs
     monkeypatch.setattr(oracle, "ask", ask)
-    monkeypatch.setattr(common, "train", train)
+    monkeypatch.setattr(common, "train_epochs", train)
     with pytest.raises(Trained):
         main(["--resume", run])  # round 1 trains: on the labels of round 0 and of round 1
     at = [seen["ids"].index(sid) for sid in asked]

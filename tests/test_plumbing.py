@@ -75,9 +75,10 @@ def test_a_diverged_epoch_stops_the_run_with_a_clear_error():
         model = W()
         with pytest.raises(common.UserError, match=r"training diverged: epoch 2's mean loss is (nan|inf) \(lr now 0\.5\); "
                            r"start a new run with a lower --lr"):
-            common.train(model, torch.optim.SGD(model.parameters(), lr=0.5), x, t, np.arange(3), 3, 2, device=CPU,
-                         loss_fn=lambda out, tb: out.sum() * 0 + (bad if len(seen) >= 1 else 1.0),
-                         on_epoch=lambda e, loss, s: seen.append(loss))
+            for _, loss, _ in common.train_epochs(model, torch.optim.SGD(model.parameters(), lr=0.5), x, t, np.arange(3),
+                                                  3, 2, device=CPU,
+                                                  loss_fn=lambda out, tb: out.sum() * 0 + (bad if seen else 1.0)):
+                seen.append(loss)
         assert seen == [1.0]
         seen.clear()
 

@@ -177,7 +177,7 @@ def test_training_hook_detaches_the_mask_unless_the_flag_says():
     decoder, cpu = [p for m in (model.ups, model.dec, model.head) for p in m.parameters()], torch.device("cpu")
     for flags, reaches_decoder in (([], False), (["--fdl-grad-through-mask"], True)):
         args = pwc.parse_args(["--strategy", "ours", "--delta", "-1", *flags])
-        extra_loss = pwc.fdl_training(None, None, 1, 1, args, x, np.arange(5), torch.Generator(), cpu)[0]
+        extra_loss = pwc.fdl_training(1, args, x, np.arange(5), torch.Generator(), cpu)[0]
         model.zero_grad(set_to_none=True)
         extra_loss(model).backward()
         assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.enc.parameters())
@@ -254,10 +254,10 @@ def known_scorer(monkeypatch):
     def train(model, opt, x, y, idx, epochs, batch_size, *, extra_loss=None, **kw):
         if extra_loss is not None:
             hooks.append((model, extra_loss))
-        return [0.0] * epochs
+        return [(e, 0.0, 0.0) for e in range(epochs)]
 
     monkeypatch.setattr(pwc, "score", score)
-    monkeypatch.setattr(common, "train", train)
+    monkeypatch.setattr(common, "train_epochs", train)
     out = os.environ["ALSEG_CACHE"]
 
     def run(strategy, *flags, gaussian=False):
@@ -597,9 +597,9 @@ def test_l_fdl_draws_leave_the_labelled_batches_alone(known_scorer, monkeypatch)
             if extra_loss is not None:
                 extra_loss(model)
             draws.append(torch.randperm(len(idx), generator=generator).tolist())
-        return [0.0] * epochs
+        return [(e, 0.0, 0.0) for e in range(epochs)]
 
-    monkeypatch.setattr(common, "train", train)
+    monkeypatch.setattr(common, "train_epochs", train)
     known_scorer("ours")
     with_fdl = list(draws)
     draws.clear()
@@ -612,8 +612,7 @@ def test_l_fdl_in_the_rounds_of_ours_wo_unc_and_wo_clu_only():
     train with it after the initial training (--fdl-initial: in it too); --lam 0 is L_seg alone. Written out
     here, not read from pwc.FDL_STRATEGIES, which test_every_strategy_end_to_end takes as its reference."""
     x, pool, cpu = torch.zeros(5, 3, 32, 32, dtype=torch.uint8), np.arange(5), torch.device("cpu")
-    hook = lambda rnd, *flags: pwc.fdl_training(None, None, rnd, 1, pwc.parse_args(list(flags)), x, pool,
-                                                torch.Generator(), cpu)[0]
+    hook = lambda rnd, *flags: pwc.fdl_training(rnd, pwc.parse_args(list(flags)), x, pool, torch.Generator(), cpu)[0]
     with_fdl = {s for s in pwc.STRATEGIES if hook(1, "--strategy", s) is not None}
     assert with_fdl == {"ours", "wo-unc", "wo-clu"}
     assert hook(0, "--strategy", "ours") is None and hook(0, "--strategy", "ours", "--fdl-initial") is not None

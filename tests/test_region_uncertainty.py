@@ -312,7 +312,7 @@ def test_main_trains_with_sgd_and_the_augmentation(tmp_path, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(torch.optim, "SGD", sgd)
-    monkeypatch.setattr(ru.common, "train", train)
+    monkeypatch.setattr(ru.common, "train_epochs", train)
     for flags, augmented in (([], True), (["--lr", "0.05", "--momentum", "0.5", "--weight-decay", "0.003",
                                            "--no-augment"], False)):
         with pytest.raises(Stop):
@@ -358,7 +358,7 @@ def test_full_baseline_trains_the_papers_8140_steps_on_isic2018():
 
 
 def test_full_baseline_asks_train_for_the_al_runs_steps(tmp_path, monkeypatch):
-    """Sec. V-A: the full baseline gets the AL run's optimisation steps. common.train is asked for exactly those
+    """Sec. V-A: the full baseline gets the AL run's optimisation steps. common.train_epochs is asked for exactly those
     steps (TINY with --epochs 2: 1 epoch of 8 images, then 2 epochs of 12 and of 16, batches of 8: 1 + 4 + 4)
     on the whole training pool, not for whole epochs of it (2 x 5 = 10 steps). rounds.csv's step count is
     computed beside the call, so test_full_baseline_trains_the_al_step_count alone would not see the difference.
@@ -367,9 +367,9 @@ def test_full_baseline_asks_train_for_the_al_runs_steps(tmp_path, monkeypatch):
 
     def train(model, opt, x, target, idx, epochs, batch_size, **kw):  # training skipped
         calls.append((len(idx), kw.get("steps")))
-        return [0.0] * epochs
+        return [(e, 0.0, 0.0) for e in range(epochs)]
 
-    monkeypatch.setattr(ru.common, "train", train)
+    monkeypatch.setattr(ru.common, "train_epochs", train)
     ru.main(["--device", "cpu", *map(str, TINY), "--epochs", "2", "--strategy", "full", "--out", str(tmp_path)])
     ru.main(["--device", "cpu", *map(str, TINY), "--strategy", "full", "--full-steps", "7", "--out", str(tmp_path)])
     assert calls == [(40, 1 + 2 * 2 + 2 * 2), (40, 7)]
@@ -560,8 +560,8 @@ def fake_mc(std):
 
 
 def recording_train(log):
-    """common.train that first records what it is given: a copy of the whole target tensor and the indices."""
-    real = ru.common.train
+    """common.train_epochs that first records what it is given: a copy of the whole target tensor and the indices."""
+    real = ru.common.train_epochs
 
     def train(model, opt, x, target, idx, *a, **kw):
         log.append((target.clone(), np.asarray(idx).copy()))
@@ -573,7 +573,7 @@ def test_main_breaks_ties_with_the_runs_generator(tmp_path, monkeypatch):
     """Equal scores (a saturated cold-start model) are drawn in the order of the run's seeded generator, which
     drew the cold start before (Sec. IV-D), not taken in pool order (the lowest ids)."""
     monkeypatch.setattr(ru, "score_pool", lambda model, x, pool, args, device: np.ones(len(pool)))
-    monkeypatch.setattr(ru.common, "train", lambda *a, **k: [0.0])
+    monkeypatch.setattr(ru.common, "train_epochs", lambda *a, **k: [])  # no training
     run = ru.main(["--device", "cpu", *map(str, TINY), "--rounds", "1", "--out", str(tmp_path)])
     train = [int(sid[3:]) for sid in json.load(open(os.path.join(run, "splits.json")))["train"]]
     rng = np.random.default_rng([0, 1])
@@ -627,7 +627,7 @@ def test_main_partial_targets_keep_the_model_labels(tmp_path, monkeypatch):
     p = torch.rand(N_DATA, 64, 64, generator=torch.Generator().manual_seed(5))
     monkeypatch.setattr(ru.common, "predict_batches", fake_predict(p))
     log = []
-    monkeypatch.setattr(ru.common, "train", recording_train(log))
+    monkeypatch.setattr(ru.common, "train_epochs", recording_train(log))
     run = ru.main(["--device", "cpu", *map(str, TINY), "--partial", "--tau-u", "0.2", "--tau-b", "0.6",
                    "--out", str(tmp_path)])
     y = torch.as_tensor(ru.common.load_data("synthetic", None, 64, 3, 0, n=N_DATA, quiet=True).y)

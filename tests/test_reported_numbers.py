@@ -205,7 +205,7 @@ def test_dsal_main_normalises_the_images_before_splitting(monkeypatch, tmp_path)
 # ---- ssl_coldstart: the pre-trained weights that are returned and saved; the per-image min-max input -----------
 def test_ssl_pretrain_returns_and_saves_the_trained_weights(monkeypatch, tmp_path):
     """pretrain() must return and write (ssl_weights.pt) the state of the network it trained: with
-    common.train replaced by one that sets every float parameter to 0.25, every saved float tensor of the
+    common.train_epochs replaced by one that sets every float parameter to 0.25, every saved float tensor of the
     parameters is 0.25 (a fresh U-Net's random weights are not)."""
     args = S.parse_args(["--width", "4", "--image-size", "32", "--batch-size", "2", "--ssl-epochs", "1",
                          "--device", "cpu", "--out", str(tmp_path)])
@@ -215,9 +215,9 @@ def test_ssl_pretrain_returns_and_saves_the_trained_weights(monkeypatch, tmp_pat
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(0.25)
-        return [0.125]
+        return [(0, 0.125, 0.0)]  # one epoch
 
-    monkeypatch.setattr(common, "train", train)
+    monkeypatch.setattr(common, "train_epochs", train)
     x = torch.randint(0, 255, (6, 1, 32, 32), dtype=torch.uint8)
     state, losses, _ = S.pretrain(run, x, np.arange(4), [f"s{i}" for i in range(4)], args, torch.device("cpu"))
     names = {n for n, _ in S.ssl_unet(args).named_parameters()}

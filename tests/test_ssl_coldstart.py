@@ -520,7 +520,7 @@ def test_pretraining_reconstructs_the_clean_pool_images(monkeypatch, tmp_path):
         raise StopIteration
 
     monkeypatch.setattr(common, "load_data", keep)
-    monkeypatch.setattr(common, "train", train)
+    monkeypatch.setattr(common, "train_epochs", train)
     with pytest.raises(StopIteration):
         main("--out", tmp_path)
     run = str(next(tmp_path.iterdir()))
@@ -543,14 +543,17 @@ def test_pretraining_eta_leaves_out_the_first_epoch(monkeypatch, tmp_path, capsy
     clock = [100.0]
     monkeypatch.setattr(S, "time", types.SimpleNamespace(time=lambda: clock[0]))
 
-    def train(model, opt, x, target, idx, epochs, batch_size, *, on_epoch, **k):
+    class Stop(Exception):
+        pass
+
+    def train(model, opt, x, target, idx, epochs, batch_size, **k):
         for e, end in enumerate([110.0, 113.0, 116.0, 119.0][:epochs]):
             clock[0] = end
-            on_epoch(e, 0.5, 1.0)
-        raise StopIteration
+            yield e, 0.5, 1.0
+        raise Stop
 
-    monkeypatch.setattr(common, "train", train)
-    with pytest.raises(StopIteration):
+    monkeypatch.setattr(common, "train_epochs", train)
+    with pytest.raises(Stop):
         main("--out", tmp_path, "--ssl-epochs", 4)
     etas = [line.split("pre-training ETA ")[1] for line in capsys.readouterr().out.splitlines() if "ssl epoch" in line]
     assert etas == ["0m30s", "0m06s", "0m03s", "0m00s"]
@@ -917,9 +920,9 @@ def test_a_new_adam_each_round_and_the_authors_batch(tmp_path, monkeypatch):
     def train(model, opt, x, target, idx, epochs, batch_size, **kw):
         seen.append((model, opt, len(opt.state), opt.param_groups[0]["lr"]))
         opt.state[next(iter(model.parameters()))] = {"step": torch.tensor(1.0)}  # as if it had stepped
-        return [0.0] * epochs
+        return [(e, 0.0, 0.0) for e in range(epochs)]
 
-    monkeypatch.setattr(S.common, "train", train)
+    monkeypatch.setattr(S.common, "train_epochs", train)
     S.main(["--device", "cpu", *map(str, TINY), "--strategy", "ens-s", "--lr", "0.003", "--out", str(tmp_path)])
     seen = [s for s in seen if s[3] != 1e-3]  # not the self-supervised pre-training (--ssl-lr 1e-3)
     mains = [s for s in seen if s[0] is seen[0][0]]  # the segmentation model trains first in each round
@@ -938,19 +941,18 @@ def test_a_run_stopped_while_pre_training_goes_on_from_its_last_epoch(tmp_path, 
     losses, ssl_epochs.csv and the run's picks equal those of a run never stopped."""
     flags = ("--ssl-epochs", 4, "--ssl-optim", optim, "--rounds", 1)
     whole = main(*flags, "--out", tmp_path / "whole")
-    train = common.train
+    train = common.train_epochs
 
-    def stopped(*a, on_epoch=None, **k):  # a kill after the second epoch's end
-        def then_stop(e, *b):
-            on_epoch(e, *b)
-            if e == 1:
+    def stopped(*a, **k):  # a kill after the second epoch's end (its loop body, the save, ran)
+        for e, *b in train(*a, **k):
+            yield e, *b
+            if e == 1 and a[5] == 4:  # a[5]: the epochs asked for
                 raise KeyboardInterrupt
-        return train(*a, on_epoch=then_stop if a[5] == 4 else on_epoch, **k)  # a[5]: the epochs asked for
 
-    monkeypatch.setattr(S.common, "train", stopped)
+    monkeypatch.setattr(S.common, "train_epochs", stopped)
     with pytest.raises(KeyboardInterrupt):
         main(*flags, "--out", tmp_path / "cut")
-    monkeypatch.setattr(S.common, "train", train)
+    monkeypatch.setattr(S.common, "train_epochs", train)
     cut = str(next((tmp_path / "cut").iterdir()))
     state = torch.load(os.path.join(cut, "ssl_pretrain.pt"), weights_only=False)
     assert state["epoch"] == 2
@@ -970,18 +972,18 @@ def test_a_run_stopped_while_pre_training_goes_on_from_its_last_epoch(tmp_path, 
 def test_pre_training_stopped_on_another_device_goes_on_with_fresh_corruptions(tmp_path, monkeypatch, capsys):
     """--resume may change --device: a CUDA generator's state cannot be set on the CPU (nor the reverse), so
     the corruptions are drawn afresh from the next epoch, said in a note; model, optimiser and order carry on."""
-    train = common.train
+    train = common.train_epochs
 
-    def stopped(*a, on_epoch=None, **k):
-        def then_stop(e, *b):
-            on_epoch(e, *b)
-            raise KeyboardInterrupt
-        return train(*a, on_epoch=then_stop if a[5] == 3 else on_epoch, **k)
+    def stopped(*a, **k):  # a kill after the first epoch's end (its loop body, the save, ran)
+        for e, *b in train(*a, **k):
+            yield e, *b
+            if a[5] == 3:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(S.common, "train", stopped)
+    monkeypatch.setattr(S.common, "train_epochs", stopped)
     with pytest.raises(KeyboardInterrupt):
         main("--ssl-epochs", 3, "--rounds", 1, "--out", tmp_path)
-    monkeypatch.setattr(S.common, "train", train)
+    monkeypatch.setattr(S.common, "train_epochs", train)
     run = str(next(tmp_path.iterdir()))
     path = os.path.join(run, "ssl_pretrain.pt")
     state = torch.load(path, weights_only=False)
