@@ -166,7 +166,7 @@ def panel(run, model, data, x, ids, args, device, n=4):
 
 def main(argv=None):
     args = parse_args(argv)
-    run, device = common.Run.start(__file__, args)
+    run, device = common.Run.start(__file__, args, parse_args)
 
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)

@@ -35,7 +35,10 @@ DATASETS = ["synthetic", "isic2017", "isic2018", "ph2", "cvc-clinicdb", "kvasir-
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that also records the flags typed (args._typed): --resume names those it does not apply."""
+    """argparse that also records the flags typed (args._typed: --resume names those it does not apply) and
+    itself (args._parser: --resume turns the run's own flags back into a command line, argv, which the script's
+    parse_args checks as it checks a new run's)."""
+    strict = False  # argv(): a value argparse refuses is a UserError (one line), not a usage message
 
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, namespace)
@@ -43,7 +46,40 @@ class Parser(argparse.ArgumentParser):
         words = [str(w).split("=")[0] for w in (sys.argv[1:] if args is None else args) if str(w).startswith("--")]
         ns._typed = sorted({dest.get(w) or next((d for o, d in dest.items() if o.startswith(w)), None)
                             for w in words} - {None})  # an unambiguous prefix is a flag too, as argparse takes it
+        ns._parser = self
         return ns
+
+    def error(self, message):
+        if self.strict:
+            raise UserError(message)
+        super().error(message)
+
+    def argv(self, values):
+        """The command line that sets these flags ({dest: value}, a run's config.json args) to these values; None
+        and keys that name no flag are left out. A value argparse refuses (not a number, not one of the choices,
+        a list of another length) is a UserError with argparse's message."""
+        out = []
+        for a in self._actions:
+            v = values.get(a.dest)
+            if v is None or not a.option_strings or a.dest == "help":
+                continue
+            if a.nargs == 0:  # a switch: store_true, or --x / --no-x
+                if not isinstance(v, bool):
+                    raise UserError(f"argument {a.option_strings[0]}: expected true or false, not {v!r}")
+                if isinstance(a, argparse.BooleanOptionalAction):
+                    out.append(a.option_strings[0 if v else 1])
+                elif v == a.const:
+                    out.append(a.option_strings[0])
+            elif a.nargs is not None and isinstance(v, list):  # --split 40 8 12
+                out += [a.option_strings[0], *map(str, v)]
+            else:  # "--lr=-1": a value that starts with "-" is not taken for a flag
+                out.append(f"{a.option_strings[0]}={v}")
+        self.strict = True
+        try:
+            self.parse_args(out)
+        finally:
+            self.strict = False
+        return out
 
 
 def shared_parser(doc, strategies, defaults):

@@ -383,7 +383,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.tables:
         return tables(args)
-    run, device = common.Run.start(__file__, args)
+    run, device = common.Run.start(__file__, args, parse_args)
 
     # ---- data: folder layout (or synthetic) -> uint8 cache -> intensity normalisation -> seeded split ----
     in_ch = 1 if args.data in ("folder", "synthetic") else 3  # the radiographs are grayscale

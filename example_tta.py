@@ -45,7 +45,7 @@ def tta_variance(model, x, pool, batch_size, device, amp=False):
 
 def main(argv=None):
     args = parse_args(argv)
-    run, device = common.Run.start(__file__, args)
+    run, device = common.Run.start(__file__, args, parse_args)
 
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,
                             n=sum(args.split) if args.split else None, workers=args.workers)

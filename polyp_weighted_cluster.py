@@ -396,7 +396,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.tables:
         return tables(args.tables, args.table_labeled)
-    run, device = common.Run.start(__file__, args)
+    run, device = common.Run.start(__file__, args, parse_args)
 
     # ---- data: official layout -> uint8 cache -> seeded split, all of it on the device as uint8 ----
     data = common.load_data(args.data, args.data_dir, args.image_size, 3, args.seed,

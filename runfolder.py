@@ -121,9 +121,9 @@ class Run:
     made = used = None  # the folder this process made, the one it writes (run_main's messages)
     lock = None  # the open run.lock of the run this process writes (take_lock)
 
-    def __init__(self, script, args, device):
+    def __init__(self, script, args, device, parse_args=None):
         self.script = os.path.splitext(os.path.basename(script))[0]
-        typed = vars(args).pop("_typed", [])
+        typed, parser = vars(args).pop("_typed", []), vars(args).pop("_parser", None)
         if getattr(args, "data_dir", None):  # absolute, so that --resume works from any folder
             args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
         if args.resume == "":  # an empty $R: not a new run in the current folder
@@ -163,6 +163,18 @@ class Run:
             for k, v in cfg["args"].items():
                 if k not in free:
                     setattr(args, k, v)
+            if parse_args and parser:  # the run's flags pass the checks a new run's pass (a hand edit, a damaged file)
+                given = {k: v for k, v in vars(args).items() if k in cfg["args"] or k in free or k in typed}
+                try:
+                    checked = vars(parse_args(parser.argv(given)))
+                except UserError as e:
+                    raise UserError(f"{cfg_path}: {e} (the run's own flags, its \"args\": a hand edit? correct it, or "
+                                    f"start a new run)")
+                missing = [k for k in checked if k not in cfg["args"] and not k.startswith("_")]
+                if missing:  # a flag added since the run started: as a new run gets it (or as typed now)
+                    print(f"note: {cfg_path} has no {', '.join(missing)} (a run of an older version?): "
+                          + ", ".join(f"{k} {checked[k]!r}" for k in missing))
+                vars(args).update({k: v for k, v in checked.items() if not k.startswith("_")})
         else:
             if not args.out.strip():  # "" would put the run in the current folder, often the project's clone
                 raise UserError(f"--out {args.out!r}: expected a folder to hold the run folder (default: runs)")
@@ -226,10 +238,11 @@ class Run:
 
     # ---- the round loop's plumbing, called by every script in the same place and the same words ----
     @classmethod
-    def start(cls, script, args):
-        """Run start: the device, the seeds, the run folder (a new one, or --resume's). Returns (run, device)."""
+    def start(cls, script, args, parse_args=None):
+        """Run start: the device, the seeds, the run folder (a new one, or --resume's: its config.json's flags,
+        checked again by the script's parse_args). Returns (run, device)."""
         device = get_device(args.device)
-        run = cls(script, args, device)
+        run = cls(script, args, device, parse_args)
         seed_everything(args.seed, args.deterministic)  # after Run: on --resume, the run's own seed and flags
         return run, device
 

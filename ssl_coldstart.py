@@ -774,7 +774,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.tables:
         return tables(args)
-    run, device = common.Run.start(__file__, args)
+    run, device = common.Run.start(__file__, args, parse_args)
 
     # ---- data: grayscale (Sec. IV-A; --channels 3 for RGB), min-max normalised; ISIC 2017: pool and test from the
     # 2000 training images ----

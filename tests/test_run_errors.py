@@ -18,9 +18,12 @@ from PIL import Image
 
 import ceal_mcdropout
 import common
+import dsal_fingerbones
+import example_claspe
 import runfolder
 import example_tta
 import oracle
+import polyp_weighted_cluster
 import region_uncertainty
 import ssl_coldstart
 from conftest import ROOT, THREADS
@@ -321,6 +324,56 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
     assert open(path("rounds.csv")).read() == rounds
     with pytest.raises(common.UserError, match=r"--resume '': expected a run folder \(an empty shell variable\?\)"):
         example_tta.main(["--resume", ""])  # was: a new run of the default flags
+
+
+def test_a_resumed_runs_own_flags_pass_the_checks_a_new_runs_do(tmp_path, monkeypatch, capsys):
+    """--resume takes the run's flags from its config.json, after parse_args checked the ones typed: a hand-edited
+    or damaged value there used to reach torch or numpy (a traceback later). Now it goes through the same
+    argparse types and resolve checks, one line naming the file; a flag the file lacks (added by a newer
+    version) gets its default, with a note."""
+    monkeypatch.setenv("ALSEG_STOP_AFTER_ROUND", "1")
+    with pytest.raises(SystemExit):
+        example_tta.main(TINY + ["--data-dir", folder(tmp_path / "d"), "--out", str(tmp_path / "runs")])
+    monkeypatch.delenv("ALSEG_STOP_AFTER_ROUND")
+    run_dir = str(tmp_path / "runs" / os.listdir(tmp_path / "runs")[0])
+    path, cfg = os.path.join(run_dir, "config.json"), json.load(open(os.path.join(run_dir, "config.json")))
+    for key, value, says in (("lr", -1, "--lr -1.0: expected a finite learning rate above 0"),
+                             ("lr", "abc", "argument --lr: invalid float value: 'abc'"),
+                             ("batch_size", 0, "--batch-size 0: expected at least 1"),
+                             ("image_size", 30, "--image-size 30: expected a multiple of 16, at least 32"),
+                             ("split", [6, 3], "argument --split: expected 3 arguments"),
+                             ("strategy", "best", "argument --strategy: invalid choice: 'best'"),
+                             ("amp", "yes", "argument --amp: expected true or false, not 'yes'")):
+        with open(path, "w") as f:
+            json.dump(dict(cfg, args=dict(cfg["args"], **{key: value})), f)
+        err = one_line_error(capsys, lambda: example_tta.main(["--resume", run_dir]))
+        assert err.startswith(f"error: {path}: {says}") and "a hand edit?" in err, err
+    with open(path, "w") as f:  # --compile is newer than this run: its default, said
+        json.dump(dict(cfg, args={k: v for k, v in cfg["args"].items() if k != "compile"}), f)
+    example_tta.main(["--resume", run_dir])
+    assert f"note: {path} has no compile (a run of an older version?): compile False" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(run_dir, "summary.json"))
+
+
+@pytest.mark.parametrize("script, key, value, says", [  # each script's own checks, after resolve's
+    (ceal_mcdropout, "dropout", 0.0, "--strategy ceal needs --dropout > 0"),
+    (ssl_coldstart, "ssl_lr", 0.0, "--ssl-lr 0.0: expected a learning rate above 0"),
+    (region_uncertainty, "image_size", 32, "--image-size 32: expected a multiple of 32, at least 64"),
+    (polyp_weighted_cluster, "kmeans_init", 0, "--kmeans-init 0: expected at least 1"),
+    (dsal_fingerbones, "ds_stages", [1, 1], "--ds-stages 1 1: expected two different decoder stages"),
+    (example_tta, "batch_size", 0, "--batch-size 0: expected at least 1"),
+    (example_claspe, "fg_share", 2.0, "need --beta-start > 0, --beta-end > 0 and 0 <= --fg-share <= 1")])
+def test_every_script_checks_a_resumed_runs_flags_with_its_own_parse_args(script, key, value, says, tmp_path,
+                                                                          monkeypatch):
+    def unchecked(*a):  # the next step of Run.start: reached, the run would go on with the bad value
+        raise AssertionError(f"{key} {value!r} not refused")
+    monkeypatch.setattr(runfolder, "seed_everything", unchecked)
+    args = {k: v for k, v in vars(script.parse_args(["--device", "cpu"])).items() if not k.startswith("_")}
+    name = script.__name__
+    with open(tmp_path / "config.json", "w") as f:  # the run stops before its data is read
+        json.dump({"script": name, "args": dict(args, **{key: value})}, f)
+    with pytest.raises(common.UserError, match=f"{tmp_path / 'config.json'}: {says}".replace("(", r"\(")):
+        script.main(["--resume", str(tmp_path)])
 
 
 def test_ceal_says_which_iterations_got_fewer_labels(tmp_path, capsys):
