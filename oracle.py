@@ -95,9 +95,11 @@ def restore(run, start, data, y):
                                 f"{os.path.dirname(manifest)} back: it says which label files the run trained on")
             continue
         ids, lab_dir = [r["sample_id"] for r in read_rows(manifest)], run.path(f"labels/round_{rnd}")
-        if not os.path.isdir(lab_dir):
+        if not os.path.isdir(lab_dir):  # a finished run (summary.json) trains no more: a resume only ends it again
             raise UserError(f"{lab_dir}: folder not found; expected the {len(ids)} label files of round {rnd}, which "
-                            f"the run trained on and trains on again from here")
+                            f"the run trained on" + ("; it has finished (summary.json): a --resume trains nothing, it "
+                            "writes predicted/ and summary.json again from the final model; put the folder back first"
+                            if os.path.isfile(run.path("summary.json")) else " and trains on again from here"))
         masks = read_labels(lab_dir, ids, data, y.shape[-1])
         y[torch.as_tensor([where[s] for s in ids], device=y.device)] = torch.as_tensor(masks, device=y.device)
 

@@ -399,3 +399,34 @@ def test_a_deleted_to_label_round_or_changed_data_stop_the_resume(tmp_path):
     with pytest.raises(SystemExit):  # as it was: round 1 trains, round 2 asks
         example_tta.main(["--resume", run])
     assert os.path.isdir(os.path.join(run, "to_label", "round_2"))
+
+
+def test_a_deleted_labels_round_says_whether_the_run_would_train_on_it(tmp_path):
+    """labels/round_0 gone: a run with rounds to go stops, as it would train on them again; a finished run
+    stops too, but its message said it "trains on again from here", and a resume of it trains nothing."""
+    data = common.write_folder(common.make_synthetic(60, 32, 3, seed=0), str(tmp_path / "data"))
+    pattern = np.ones((32, 32), np.uint8)
+    flags = [*map(str, TINY), "--rounds", "1", "--epochs-initial", "1", "--epochs", "1", "--data", "folder",
+             "--data-dir", data, "--out", str(tmp_path / "runs"), "--oracle", "folder"]
+    with pytest.raises(SystemExit):
+        example_tta.main(flags)
+    run = str(next((tmp_path / "runs").iterdir()))
+    labels = os.path.join(run, "labels", "round_0")
+    draw(run, 0, pattern)
+    with pytest.raises(SystemExit):
+        example_tta.main(["--resume", run])  # round 0 trains, round 1 asks
+    draw(run, 1, pattern)
+    os.rename(labels, labels + ".moved")
+    with pytest.raises(common.UserError, match=r"label files of round 0, which the run trained on and trains on "
+                                               r"again from here$"):
+        example_tta.main(["--resume", run])
+    os.rename(labels + ".moved", labels)
+    example_tta.main(["--resume", run])  # round 1 trains: the run is done
+    summary = open(os.path.join(run, "summary.json")).read()
+    shutil.rmtree(labels)
+    with pytest.raises(common.UserError) as e:
+        example_tta.main(["--resume", run])
+    assert str(e.value) == (f"{labels}: folder not found; expected the 6 label files of round 0, which the run "
+                            f"trained on; it has finished (summary.json): a --resume trains nothing, it writes "
+                            f"predicted/ and summary.json again from the final model; put the folder back first")
+    assert open(os.path.join(run, "summary.json")).read() == summary
