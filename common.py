@@ -35,18 +35,18 @@ DATASETS = ["synthetic", "isic2017", "isic2018", "ph2", "cvc-clinicdb", "kvasir-
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that also records the flags typed (args._typed: --resume names those it does not apply) and
-    itself (args._parser: --resume turns the run's own flags back into a command line, argv, which the script's
-    parse_args checks as it checks a new run's)."""
-    strict = False  # argv(): a value argparse refuses is a UserError (one line), not a usage message
+    """argparse that also records the flags typed (args._typed): --resume names those it does not apply. It also
+    parses a dict of flag values (a run's config.json args: Run checks them on --resume as a new run's flags)."""
+    strict = False  # parsing such a dict: a value argparse refuses is a UserError (one line), not a usage message
 
     def parse_args(self, args=None, namespace=None):
+        self.strict = isinstance(args, dict)
+        args = self.argv(args) if self.strict else args
         ns = super().parse_args(args, namespace)
         dest = {o: a.dest for a in self._actions for o in a.option_strings}
         words = [str(w).split("=")[0] for w in (sys.argv[1:] if args is None else args) if str(w).startswith("--")]
         ns._typed = sorted({dest.get(w) or next((d for o, d in dest.items() if o.startswith(w)), None)
                             for w in words} - {None})  # an unambiguous prefix is a flag too, as argparse takes it
-        ns._parser = self
         return ns
 
     def error(self, message):
@@ -55,9 +55,8 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
     def argv(self, values):
-        """The command line that sets these flags ({dest: value}, a run's config.json args) to these values; None
-        and keys that name no flag are left out. A value argparse refuses (not a number, not one of the choices,
-        a list of another length) is a UserError with argparse's message."""
+        """The command line that sets the flags to these values ({dest: value}); None and keys that name no flag
+        are left out."""
         out = []
         for a in self._actions:
             v = values.get(a.dest)
@@ -74,11 +73,6 @@ class Parser(argparse.ArgumentParser):
                 out += [a.option_strings[0], *map(str, v)]
             else:  # "--lr=-1": a value that starts with "-" is not taken for a flag
                 out.append(f"{a.option_strings[0]}={v}")
-        self.strict = True
-        try:
-            self.parse_args(out)
-        finally:
-            self.strict = False
         return out
 
 

@@ -123,7 +123,7 @@ class Run:
 
     def __init__(self, script, args, device, parse_args=None):
         self.script = os.path.splitext(os.path.basename(script))[0]
-        typed, parser = vars(args).pop("_typed", []), vars(args).pop("_parser", None)
+        typed = vars(args).pop("_typed", [])
         if getattr(args, "data_dir", None):  # absolute, so that --resume works from any folder
             args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
         if args.resume == "":  # an empty $R: not a new run in the current folder
@@ -163,10 +163,10 @@ class Run:
             for k, v in cfg["args"].items():
                 if k not in free:
                     setattr(args, k, v)
-            if parse_args and parser:  # the run's flags pass the checks a new run's pass (a hand edit, a damaged file)
+            if parse_args:  # the run's flags pass the checks a new run's pass (a hand edit, a damaged file)
                 given = {k: v for k, v in vars(args).items() if k in cfg["args"] or k in free or k in typed}
                 try:
-                    checked = vars(parse_args(parser.argv(given)))
+                    checked = vars(parse_args(given))  # common.Parser takes a dict of values
                 except UserError as e:
                     raise UserError(f"{cfg_path}: {e} (the run's own flags, its \"args\": a hand edit? correct it, or "
                                     f"start a new run)")
