@@ -320,11 +320,21 @@ class Run:
     def read_csv(self, name):
         return read_rows(self.path(name)) if os.path.isfile(self.path(name)) else []
 
-    def truncate_csv(self, name, keep):
-        """Keep only rows with keep(row) true (on resume: drop rows of a round that did not finish). The file is
-        replaced whole (a copy, then os.replace), so a kill meanwhile loses no finished row."""
-        rows = self.read_csv(name)
-        kept = [r for r in rows if keep(r)]
+    def truncate_csv(self, name, last, column="round"):
+        """On resume: keep only the whole rows whose column is at most last (drop the rows of a round, or SSL's
+        epoch, that did not finish, and a row cut short); last None keeps none. The file is replaced whole (a copy,
+        then os.replace), so a kill meanwhile loses no finished row."""
+        rows, kept = self.read_csv(name), []
+        for line, r in enumerate(rows, 2):
+            if last is None or None in r.values():  # None: a field missing, or one too many (a row cut short)
+                continue
+            try:
+                n = int(r.get(column))
+            except (TypeError, ValueError):  # a hand edit: say so, rather than a traceback
+                raise UserError(f"{self.path(name)}: line {line}: {column} = {r.get(column)!r}, not a whole number; "
+                                f"expected the rows the run wrote (a hand edit?): restore the file") from None
+            if n <= last:
+                kept.append(r)
         if len(kept) == len(rows):
             return
         tmp = self.path(name + ".tmp")
@@ -392,7 +402,7 @@ class Run:
                       else "has no finished round yet (no checkpoint.pt): round 0 starts again"))
                 for name in sorted(os.listdir(self.dir)):  # rows of the unfinished round 0 (e.g. an oracle stop)
                     if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:
-                        self.truncate_csv(name, lambda r: False)
+                        self.truncate_csv(name, None)
             return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -408,7 +418,7 @@ class Run:
         done = state["round"]
         for name in sorted(os.listdir(self.dir)):  # every per-round CSV loses the rows of the unfinished round,
             if name.endswith(".csv") and "round" in (self.read_csv(name)[:1] or [{}])[0]:  # and a row cut short
-                self.truncate_csv(name, lambda r: None not in r.values() and int(r["round"]) <= done)
+                self.truncate_csv(name, done)
         rows = self.read_csv("rounds.csv")
         if str(done) not in [r["round"] for r in rows]:  # its row is written before it
             raise UserError(f"{self.path('rounds.csv')}: no row of round {done}, which checkpoint.pt finished; restore "

@@ -347,7 +347,7 @@ def pretrain(run, x, pool, pool_ids, args, device):
                   f"from epoch {done['epoch'] + 1} on are drawn afresh, not as a run that never stopped would")
         run.offset_s = done["seconds"]  # the elapsed time counts the stopped process's pre-training
         print(f"resume: pre-training after epoch {done['epoch']} of {args.ssl_epochs}")
-    run.truncate_csv("ssl_epochs.csv", lambda r: None not in r.values() and int(r["epoch"]) <= done["epoch"])
+    run.truncate_csv("ssl_epochs.csv", done["epoch"], "epoch")
 
     losses, ends = list(done["losses"]), [t0]  # ends: when each epoch of this process ended, its save included
     for e, loss, s in common.train_epochs(

@@ -97,7 +97,7 @@ def test_run_csv_line_ends_and_resume_keeps_the_runs_amp(tmp_path, capsys, monke
     run = common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu"))
     run.append_csv("a.csv", [{"round": 0, "v": 1.5}, {"round": 1, "v": 2.0}])
     run.append_csv("a.csv", {"round": 2, "v": 3})
-    run.truncate_csv("a.csv", lambda r: int(r["round"]) <= 1)  # what --resume does to an unfinished round
+    run.truncate_csv("a.csv", 1)  # what --resume does to an unfinished round
     run.append_csv("a.csv", {"round": 2, "v": 4})
     raw = open(run.path("a.csv"), "rb").read()
     assert raw == b"round,v\n0,1.5\n1,2\n2,4\n"  # "\n" everywhere, never csv's default "\r\n"
@@ -136,12 +136,12 @@ def test_resume_drops_an_unfinished_rounds_rows_whole_or_not_at_all(tmp_path, mo
             raise KeyboardInterrupt  # the kill, halfway through the rewrite
 
     monkeypatch.setattr(runfolder.csv, "DictWriter", Killed)
-    run.truncate_csv("a.csv", lambda r: True)  # nothing to drop: the file is not touched
+    run.truncate_csv("a.csv", 2)  # nothing to drop: the file is not touched
     with pytest.raises(KeyboardInterrupt):
-        run.truncate_csv("a.csv", lambda r: int(r["round"]) <= 1)
+        run.truncate_csv("a.csv", 1)
     assert open(run.path("a.csv"), "rb").read() == before
     monkeypatch.undo()
-    run.truncate_csv("a.csv", lambda r: int(r["round"]) <= 1)
+    run.truncate_csv("a.csv", 1)
     assert open(run.path("a.csv"), "rb").read() == b"round,v\n0,0\n1,0.5\n"
     # a kill inside an append: round 12's row "12,6.0" cut to "1", which must not pass for a row of round 1
     run.append_csv("b.csv", [{"round": r, "v": r / 2} for r in range(12)])

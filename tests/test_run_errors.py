@@ -302,6 +302,12 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
         with pytest.raises(common.UserError, match=f"{path('queried.csv')}: {rows(cut)} rows, but the rounds "
                                                    f"checkpoint.pt finished wrote {rows(queried)}"):
             example_tta.main(["--resume", run_dir])
+    line = queried[:queried.index("\n1,")].count("\n") + 2  # the first row of round 1, written as 1.5 by hand
+    with open(path("queried.csv"), "w") as f:
+        f.write(queried.replace("\n1,", "\n1.5,", 1))
+    with pytest.raises(common.UserError, match=f"{path('queried.csv')}: line {line}: round = '1.5', not a whole "
+                                               f"number; expected the rows the run wrote"):
+        example_tta.main(["--resume", run_dir])  # was: a ValueError traceback from int()
     with open(path("queried.csv"), "w") as f:
         f.write(queried)
     rounds = open(path("rounds.csv")).read()
