@@ -13,9 +13,13 @@ class Progress:
       selection: selection seconds / pool images scored            x  pool images still to score
       the rest:  seconds per round outside both (test, checkpoint, figures)  x  rounds still to finish
     so it counts the selection time and the labelled set growing from round to round, which epochs alone do
-    not. Until some round has scored its pool, scoring an image is taken to cost one training image-epoch;
-    in a round that scores, the time from the last round's end to its first epoch, less that epoch at the
-    measured training cost, stands in for its selection time until the round reports select_s.
+    not. The first epoch of a run has no ETA (None, printed `ETA --`): its time holds the set-up and the
+    warm-up (on a GPU, CUDA's kernels and cuDNN's search: 18 s against 0.1 s for each later epoch of the
+    polyp protocol's round 0 on an H100); the run's first round measures training by its epochs after the
+    first, and a resumed run starts from the costs of its finished rounds. Until some round has scored its
+    pool, scoring an image is taken to cost one training image-epoch; in a round that scores, the time from
+    the last round's end to its first epoch, less that epoch at the measured training cost, stands in for its
+    selection time until the round reports select_s.
     Without a plan: the epochs still planned at the mean epoch time so far (selection time unseen)."""
 
     def __init__(self, run, total_epochs=1, done_epochs=0, plan=None):
@@ -59,7 +63,7 @@ class Progress:
         self.finished = max(self.finished, int(row["round"]))
 
     def eta_s(self, now=None):
-        """Seconds still to go (see the class doc)."""
+        """Seconds still to go (see the class doc); None after the first epoch of a run, with nothing measured."""
         now = time.time() if now is None else now
         if not self.work:
             return (now - self.t_start) / max(1, self.done - self.done_start) * max(0, self.total - self.done)
@@ -72,9 +76,9 @@ class Progress:
             if k >= 2:  # its epochs after the first: training only
                 ts, tie = ts + t_last - t_first, tie + (k - 1) * n
             gap = t_first - self.t_round  # its selection and its first epoch
-            if not tie and n:
-                ts, tie = gap, n
-            elif s and tie:
+            if not tie:  # the run's first epoch alone: warm-up, not a rate
+                return None
+            if s:
                 ss, sn = ss + max(0.0, gap - ts / tie * n), sn + s
             left_ie, first = max(0, epochs - k) * n, rnd + 1
         for n, e, s in self.work[first:]:
@@ -86,7 +90,8 @@ class Progress:
         return rate_train * left_ie + rate_select * left_n + other * rounds_left
 
     def _eta(self):
-        return fmt_s(self.eta_s())
+        eta = self.eta_s()
+        return "--" if eta is None else fmt_s(eta)
 
     def epoch(self, rnd, epoch, epochs, loss, **cols):
         """A finished epoch: its row of epochs.csv (round, epoch, loss, and the script's own columns cols, e.g.
@@ -105,7 +110,11 @@ class Progress:
     def round(self, row):
         now = time.time()
         if self.work:
+            first = self.cur if not self.train_ie and self.cur and self.cur[1] >= 2 else None
             self._measured(row, now - self.t_round)
+            if first:  # the run's first round: the rate of its epochs after the first, without the warm-up
+                rnd, k, _, t_first, t_last = first
+                self.train_s, self.train_ie = t_last - t_first, (k - 1) * self._work(rnd)[0]
         self.t_round, self.cur = now, None
         extra = f" pseudo {row['pseudo']}" if row.get("pseudo") else ""
         print(f"round {row['round']}: labelled {row['labeled']}{extra} test dice {row['dice_mean']:.4f} "

@@ -363,11 +363,11 @@ def pretrain(run, x, pool, pool_ids, args, device):
                      gen=gen.get_state(), order=order.get_state(), device=device.type)
         torch.save(state, saved + ".tmp")
         os.replace(saved + ".tmp", saved)  # whole or absent
-        ends.append(time.time())  # the first epoch (set-up, warm-up, cuDNN's search) is left out once others ended
-        each = (ends[-1] - ends[1]) / (len(ends) - 2) if len(ends) > 2 else ends[1] - ends[0]
+        ends.append(time.time())  # the first epoch (set-up, warm-up, cuDNN's search) gives no rate: no ETA yet
+        each = (ends[-1] - ends[1]) / (len(ends) - 2) if len(ends) > 2 else None
         print(f"  ssl epoch {state['epoch']}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
               f"{common.fmt_s(run.elapsed())} elapsed, pre-training ETA "
-              f"{common.fmt_s(each * (args.ssl_epochs - state['epoch']))}", flush=True)
+              f"{'--' if each is None else common.fmt_s(each * (args.ssl_epochs - state['epoch']))}", flush=True)
     state, seconds = {k: v.cpu() for k, v in model.state_dict().items()}, done["seconds"] + time.time() - t0
     torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
                 "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim, "pool": list(pool_ids),

@@ -46,18 +46,21 @@ PLAN = [(10, 2, 0), (20, 1, 90), (30, 1, 70)]
 
 def test_eta_counts_training_per_image_epoch_selection_per_image_and_the_rest(clock, capsys):
     p = common.Progress(FakeRun(clock), 4, plan=PLAN)
-    # round 0, epoch 1 of 2 ends after 10 s on 10 images: 1 s per image-epoch. Left: 1 x 10 + 20 + 30
-    # image-epochs, 90 + 70 images to score at (nothing measured yet) the training cost, no round finished.
-    clock.t += 10
+    # round 0, epoch 1 of 2 ends after 25 s: set-up and warm-up (a GPU's first epoch), not a rate: no ETA
+    clock.t += 25
     p.epoch(0, 0, 2, 0.5)
-    assert p.eta_s() == pytest.approx(60 + 160)
+    assert p.eta_s() is None
+    assert "epoch 1/2 loss 0.5000 | 0m25s elapsed, ETA --" in capsys.readouterr().out
+    # epoch 2 takes 10 s on 10 images: 1 s per image-epoch. Left: 20 + 30 image-epochs, 90 + 70 images to
+    # score at (nothing measured yet) the training cost, no round finished.
     clock.t += 10
     p.epoch(0, 1, 2, 0.4)
     assert p.eta_s() == pytest.approx(50 + 160)
     assert "ETA 3m30s" in capsys.readouterr().out
-    # round 0 ends 5 s later (test set, checkpoint: 5 s outside training and selection)
+    # round 0 ends 5 s later (test set, checkpoint: 5 s outside training and selection). Its train_s, 35 s,
+    # holds the warm-up: the rate stays that of its epochs after the first, 1 s per image-epoch, not 1.75 s.
     clock.t += 5
-    p.round(row(0, 20.0, 0.0))
+    p.round(row(0, 35.0, 0.0))
     assert p.eta_s() == pytest.approx(50 * 1 + 160 * 1 + 2 * 5)
     # round 1: scoring 90 images takes 45 s, then an epoch of 20 images at 1.5 s each (30 s). Until the round
     # reports select_s, its selection is the gap (75 s) less one epoch at the cost so far (20 x 1 s): 55 s.
@@ -66,10 +69,11 @@ def test_eta_counts_training_per_image_epoch_selection_per_image_and_the_rest(cl
     assert p.eta_s() == pytest.approx(30 * 1 + 70 * 55 / 90 + 2 * 5)
     clock.t += 2
     p.round(row(1, 30.0, 45.0, 20))
-    # measured: training 50 s / 40 image-epochs, selection 45 s / 90 images, the rest (5 + 2) / 2 per round
-    assert p.eta_s() == pytest.approx(30 * 50 / 40 + 70 * 45 / 90 + 1 * 3.5)
+    # measured: training (10 + 30) s / (10 + 20) image-epochs, selection 45 s / 90 images, the rest (5 + 2) / 2
+    # per round
+    assert p.eta_s() == pytest.approx(30 * 40 / 30 + 70 * 45 / 90 + 1 * 3.5)
     out = capsys.readouterr().out
-    assert "round 1: labelled 20" in out and "ETA 1m16s" in out
+    assert "round 1: labelled 20" in out and "ETA 1m18s" in out
     # the last round: nothing left
     clock.t += 35 + 45
     p.epoch(2, 0, 1, 0.2)
