@@ -11,7 +11,7 @@
 # STEPs (default: all, in this order): polyp speed ceal deterministic cuda-tests resume ssl; ssl-resume, only
 # when named, goes on with the ssl step's run: SSL_LIMIT_S=N stops ssl with SIGINT after N seconds, and both
 # calls need the same RUNS_DIR (default: a new temporary folder), e.g. RUNS_DIR=runs/gpu.
-# The first three took 470 s on an H100; on an H200, deterministic 156 s, cuda-tests 21 s, polyp 70 s, speed
+# The first three took 470 s on an H100 (526 s at 9b41510); on an H200, deterministic 156 s, cuda-tests 21 s, polyp 70 s, speed
 # 153 s, and ceal cut off by the command's 600 s limit after about 200 s, in round 8 of 10 (4 min 03 s on the
 # H100); at 04ae9b6 on an H200, resume 312 s, ssl 4.0 s per pre-training epoch (about 7 minutes for the 100).
 # Name fewer to fit one command into a time limit.
