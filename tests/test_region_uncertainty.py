@@ -219,9 +219,12 @@ def test_resnet_unet_interface_for_common_helpers():
         feats = model.encode(x.float() / 255)
     assert [f.shape[-1] for f in feats] == [64, 32, 16, 8, 4, 2] and feats[-1].shape == (3, 64, 2, 2)
     assert ssl_coldstart.pooled_features(model, x, np.arange(3), 2, torch.device("cpu")).shape == (3, 64)
-    # MC dropout: encoder once + decoder T times gives a positive variance; BatchNorm stays in eval mode
+    # MC dropout: encoder once + decoder T times gives a positive variance; BatchNorm stays in eval mode (its
+    # running statistics untouched: in train mode each pass would update them)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     (_, mean, var), = list(common.mc_dropout(model, x, np.arange(3), 4, 3, torch.device("cpu")))
     assert mean.shape == (3, 64, 64) and float(var.sum()) > 0
+    assert stats and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
     # ImageNet normalisation lives in the model: the same input gives the same output however it is called
     with torch.no_grad():
         assert torch.allclose(common.predict(model, x, np.arange(3), 3, torch.device("cpu")),
