@@ -15,6 +15,7 @@ import ceal_mcdropout
 import common
 import interface
 from conftest import REAL, run_dir_from, run_script
+from unet import UNet
 
 TINY = ["--split", 40, 10, 10, "--image-size", 32, "--width", 4, "--initial", 10, "--query", 7, "--rounds", 2,
         "--epochs-initial", 1, "--epochs", 1, "--batch-size", 8, "--mc-passes", 3, "--pseudo-step", 2]
@@ -125,6 +126,29 @@ def test_score_pool_runs_the_mc_passes_asked_for(monkeypatch):
         args = ceal_mcdropout.parse_args(["--data", "isic2017", "--data-dir", ".", *flags])
         ceal_mcdropout.score_pool(None, torch.zeros(3, 3, 4, 4), None, np.arange(3), args, torch.device("cpu"))
         assert seen[-1] == T
+
+
+def test_score_pool_scores_and_pseudo_labels_come_from_the_model_not_the_masks():
+    """Sec. 4.1 and 4.3: the score (the MC variance summed per image) and the pseudo-label masks (the MC mean
+    thresholded) are the model's, whatever the hidden masks hold; only Fig. 5's Dice reads them."""
+    torch.manual_seed(0)
+    model = UNet(3, 1, 4, dropout=0.5, dropout_at="every")  # CEAL's placement
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    pool, cpu = np.array([1, 3, 4, 5]), torch.device("cpu")
+    args = ceal_mcdropout.parse_args(["--mc-passes", "3", "--batch-size", "3"])
+    torch.manual_seed(1)
+    want_scores, want_masks = common.mc_variance(model, x, pool, 3, 3, cpu)
+    for y in (torch.randint(0, 2, (6, 16, 16), dtype=torch.uint8), None):
+        y_pool = None if y is None else y[torch.as_tensor(pool)]
+        if y is not None:  # masks unlike the model's prediction: a score or a mask read from them would differ
+            assert not torch.equal(y_pool, want_masks)
+        torch.manual_seed(1)
+        scores, masks, dice = ceal_mcdropout.score_pool(model, x, y, pool, args, cpu)
+        assert np.array_equal(scores, want_scores) and torch.equal(masks, want_masks)
+        if y is None:
+            assert np.isnan(dice).all() and len(dice) == len(pool)
+        else:  # Fig. 5: the Dice of the pseudo-label against the hidden mask, per pool image
+            assert np.allclose(dice, common.dice_iou(want_masks > 0, y_pool > 0)[0].numpy())
 
 
 @pytest.mark.parametrize("query, split", [(35, (10, 10, 15)), (10, (3, 3, 4)), (7, (2, 2, 3))])
