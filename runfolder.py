@@ -57,8 +57,13 @@ def get_device(name="auto"):
         dev = torch.device(name)
     except RuntimeError as e:
         raise UserError(f"--device {name}: {e}")
-    if not works.get(dev.type, True):
+    if dev.type not in works:  # xpu, hip, meta...: types torch names, which this code never runs on
+        raise UserError(f"--device {name}: expected auto, cuda (or cuda:N), mps or cpu")
+    if not works[dev.type]:
         raise UserError(f"--device {name}: {dev.type.upper()} is not available on this machine (try --device cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -70,7 +75,9 @@ def run_main(main):
     Run.made = Run.used = None  # set by this main()'s Run
     try:
         main()
-    except (UserError, MemoryError, torch.OutOfMemoryError) as e:
+    except (UserError, MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, (UserError, MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise  # (the last: the CPU allocator's plain RuntimeError, "DefaultCPUAllocator: can't allocate memory")
         if isinstance(e, UserError):
             print(f"error: {e}", file=sys.stderr)
         else:  # the data at --image-size, or a batch, beyond this machine's memory or the GPU's
@@ -152,6 +159,9 @@ class Run:
                 print(f"resume: {' '.join('--' + k.replace('_', '-') for k in ignored)} ignored: {self.dir} keeps the "
                       f"flags it started with (its config.json), and a run keeps its numerics")
             threads = cfg.get("threads")
+            if threads is not None and not (type(threads) is int and threads >= 1):
+                raise UserError(f"{cfg_path}: \"threads\": {threads!r}, expected a whole number of threads >= 1 (a "
+                                f"hand edit? correct it, or start a new run)")
             if threads and threads != torch.get_num_threads() and cfg.get("device") == "cpu" and device.type == "cpu":
                 if threads <= (os.cpu_count() or 1):
                     print(f"resume: {threads} threads, as the run started with (not {torch.get_num_threads()}): the "
@@ -253,8 +263,13 @@ class Run:
         state = self.load_checkpoint()
         if state is None:
             return 0, None
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. size mismatch for up.0.weight
+            raise UserError(f"{self.path('checkpoint.pt')}: does not fit the model its config.json builds "
+                            f"({(str(e).splitlines() or [''])[-1].strip()[:160]}); config.json edited, or checkpoint.pt "
+                            f"from another run? Restore them, or start a new run")
         rng.bit_generator.state = state["rng_select"]
         gen.set_state(state["rng_batches"])
         return state["round"] + 1, state
@@ -374,7 +389,7 @@ class Run:
 
     def save_checkpoint(self, state):
         """Everything --resume needs, written atomically: model, optimiser, RNG states, the sets."""
-        state = dict(state, rng_python=random.getstate(), rng_numpy=np.random.get_state(),
+        state = dict(state, script=self.script, rng_python=random.getstate(), rng_numpy=np.random.get_state(),
                      rng_torch=torch.get_rng_state(), elapsed_s=self.elapsed(),
                      rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         tmp = self.path("checkpoint.pt.tmp")
@@ -409,6 +424,13 @@ class Run:
         except Exception as e:
             raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
                             f"a copy cut short? Restore it, or start a new run")
+        need = {"round", "model", "opt", "rng_python", "rng_numpy", "rng_torch", "rng_select", "rng_batches"}
+        why = (f"a {type(state).__name__}, not the dict a round's end saves" if not isinstance(state, dict) else
+               f"no {', '.join(sorted(need - set(state)))} in it" if not need <= set(state) else
+               f"it is {state['script']}'s" if state.get("script", self.script) != self.script else None)
+        if why:  # e.g. a bare state_dict saved over it, another script's checkpoint copied in
+            raise UserError(f"{path}: not a checkpoint {self.script} wrote ({why}); restore the run's own, or start a "
+                            f"new run")
         random.setstate(state["rng_python"])
         np.random.set_state(state["rng_numpy"])
         torch.set_rng_state(state["rng_torch"])

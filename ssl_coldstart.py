@@ -329,16 +329,17 @@ def pretrain(run, x, pool, pool_ids, args, device):
     saved = run.path("ssl_pretrain.pt")
     done = dict(epoch=0, losses=[], seconds=0.0)
     if args.resume and os.path.isfile(saved):  # a run stopped while pre-training: on from its last epoch
-        try:
+        try:  # a file cut short, or one that does not fit (config.json's width edited, another run's file)
             state = torch.load(saved, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            if sched is not None:
+                sched.load_state_dict(state["sched"])
+            order.set_state(state["order"])
+            done = {k: state[k] for k in done}
         except Exception as e:
-            raise common.UserError(f"{saved}: unreadable ({type(e).__name__}); remove it to pre-train from the start")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if sched is not None:
-            sched.load_state_dict(state["sched"])
-        order.set_state(state["order"])
-        done = {k: state[k] for k in done}
+            raise common.UserError(f"{saved}: unreadable, or not this run's ({type(e).__name__}); remove it to "
+                                   "pre-train from the start")
         if state.get("device") == device.type:
             gen.set_state(state["gen"])
         else:  # a resume may change --device; a generator's state does not carry from one device type to another

@@ -62,7 +62,9 @@ def test_a_rejected_new_run_leaves_no_folder_but_a_started_one_is_kept(tmp_path,
 def test_out_of_memory_is_one_line_and_leaves_no_empty_folder(tmp_path, capsys):
     """--image-size 1000000 asked numpy for 14.6 TiB: a MemoryError traceback, and the new run folder stayed
     (the fuzz of 2026-11-27); a GPU's OutOfMemoryError the same."""
-    for error in (MemoryError("Unable to allocate 14.6 TiB for an array"), torch.OutOfMemoryError("CUDA out of memory")):
+    for error in (MemoryError("Unable to allocate 14.6 TiB for an array"), torch.OutOfMemoryError("CUDA out of memory"),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 360000000000 bytes.")):  # torch's CPU allocator (--width 100000)
         def big():
             common.Run("x.py", _args(out=str(tmp_path)), torch.device("cpu")).write_json("splits.json", {})
             raise error
@@ -72,6 +74,8 @@ def test_out_of_memory_is_one_line_and_leaves_no_empty_folder(tmp_path, capsys):
         assert e.value.code == 1 and err == (f"error: out of memory ({type(error).__name__}: {error}); start a new run "
                                              "with a lower --batch-size or --image-size (--resume keeps the run's)\n")
         assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError is a bug: its traceback, as it was
+        common.run_main(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
 
 
 def test_a_full_disk_or_a_read_only_file_in_the_run_folder_is_one_line(tmp_path, capsys):
@@ -212,6 +216,13 @@ def test_flags_that_would_fail_later_are_refused_at_the_start(flags, message):
 def test_a_device_this_machine_lacks_is_a_clear_error():
     with pytest.raises(common.UserError, match="--device mps: MPS is not available on this machine"):
         common.get_device("mps")
+    for name in ("xpu", "hip", "meta"):  # types torch names but this code never runs on: were tracebacks later
+        with pytest.raises(common.UserError, match=f"--device {name}: expected auto, cuda \\(or cuda:N\\), mps or cpu"):
+            common.get_device(name)
+    n = torch.cuda.device_count()
+    if n:  # an index past the machine's GPUs: was "invalid device ordinal" at the first tensor
+        with pytest.raises(common.UserError, match=f"--device cuda:{n}: this machine has {n} CUDA device"):
+            common.get_device(f"cuda:{n}")
 
 
 def test_resume_of_a_folder_that_is_not_there(tmp_path):
@@ -330,6 +341,41 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
     assert open(path("rounds.csv")).read() == rounds
     with pytest.raises(common.UserError, match=r"--resume '': expected a run folder \(an empty shell variable\?\)"):
         example_tta.main(["--resume", ""])  # was: a new run of the default flags
+
+
+def test_a_checkpoint_or_config_that_does_not_fit_the_run_is_one_clear_line(tmp_path, monkeypatch):
+    """checkpoint.pt replaced by a bare state_dict or another script's, config.json's width or threads edited:
+    were a KeyError, a 112-line size-mismatch RuntimeError, a TypeError (the audit of 2026-11-27)."""
+    monkeypatch.setenv("ALSEG_STOP_AFTER_ROUND", "0")
+    with pytest.raises(SystemExit):
+        example_tta.main(TINY + ["--data-dir", folder(tmp_path / "d"), "--out", str(tmp_path / "runs")])
+    monkeypatch.delenv("ALSEG_STOP_AFTER_ROUND")
+    run_dir = str(tmp_path / "runs" / os.listdir(tmp_path / "runs")[0])
+    path = lambda name: os.path.join(run_dir, name)
+    state, config = torch.load(path("checkpoint.pt"), weights_only=False), open(path("config.json")).read()
+    assert state["script"] == "example_tta"
+    for other, says in ((state["model"], "no model, opt, rng_batches, .*, round in it"),
+                        ([1, 2], "a list, not the dict a round's end saves"),
+                        (dict(state, script="ceal_mcdropout"), r"\(it is ceal_mcdropout's\)")):
+        torch.save(other, path("checkpoint.pt"))
+        with pytest.raises(common.UserError, match=f"{path('checkpoint.pt')}: not a checkpoint example_tta wrote .*"
+                                                   f"{says}"):
+            example_tta.main(["--resume", run_dir])
+    torch.save(state, path("checkpoint.pt"))
+    for key, value, says in (("width", 8, f"{path('checkpoint.pt')}: does not fit the model its config.json builds "
+                                          r"\(size mismatch for .*config.json edited, or checkpoint.pt from another run"),
+                             ("threads", "4", f"{path('config.json')}: \"threads\": '4', expected a whole number"),
+                             ("threads", 0, f"{path('config.json')}: \"threads\": 0, expected a whole number")):
+        cfg = json.loads(config)
+        (cfg["args"] if key == "width" else cfg)[key] = value
+        with open(path("config.json"), "w") as f:
+            json.dump(cfg, f)
+        with pytest.raises(common.UserError, match=says):
+            example_tta.main(["--resume", run_dir])
+    with open(path("config.json"), "w") as f:
+        f.write(config)
+    example_tta.main(["--resume", run_dir])  # put back, the run goes on
+    assert os.path.isfile(path("summary.json"))
 
 
 def test_a_resumed_runs_own_flags_pass_the_checks_a_new_runs_do(tmp_path, monkeypatch, capsys):

@@ -987,6 +987,10 @@ def test_pre_training_stopped_on_another_device_goes_on_with_fresh_corruptions(t
     run = str(next(tmp_path.iterdir()))
     path = os.path.join(run, "ssl_pretrain.pt")
     state = torch.load(path, weights_only=False)
+    first = next(iter(state["model"]))  # another run's file (another width): was a size-mismatch traceback
+    torch.save(dict(state, model=dict(state["model"], **{first: torch.zeros(1)})), path)
+    with pytest.raises(common.UserError, match=f"{path}: unreadable, or not this run's \\(RuntimeError\\); remove it"):
+        S.main(["--resume", run])
     torch.save(dict(state, device="cuda", gen=torch.zeros(16, dtype=torch.uint8)), path)  # as a GPU run saves it
     assert S.main(["--resume", run]) == run
     assert "note: pre-training started on cuda, goes on on cpu: its corruptions from epoch 2 on are drawn afresh" \
