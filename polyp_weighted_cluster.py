@@ -239,10 +239,13 @@ def use_test_list(data, args):
     """--test-list FILE: the named samples become the dataset's official test set (common.make_splits then takes
     all of them; validation and the training pool are drawn, seeded, from the rest) and --split's TEST its
     length. Names are sample ids (file stems); a line may keep its extension or folder; '#' starts a comment."""
-    try:
-        lines = open(args.test_list).read().splitlines()
-    except OSError as e:
-        raise common.UserError(f"--test-list {args.test_list}: cannot read it ({e.strerror})")
+    try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first name
+        lines = open(args.test_list, encoding="utf-8-sig").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise common.UserError(f"--test-list {args.test_list}: cannot read it (" + (
+            e.strerror if isinstance(e, OSError) else "not UTF-8 text: save it as UTF-8, one sample id per line") + ")"
+            + (" (the run's own, from its config.json: put the file back there, or correct the path in config.json)"
+               if args.resume else ""))
     names = [l.split("#", 1)[0].strip() for l in lines]
     names = [n for n in names if n]
     where = {sid: i for i, sid in enumerate(data.ids)}

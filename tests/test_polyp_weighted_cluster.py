@@ -351,6 +351,12 @@ def test_test_list_fixes_the_test_set(known_scorer, tmp_path):
     names.write_text("syn00003\nsyn00999\nnope\n")
     with pytest.raises(common.UserError, match="2 of its 3 names.*syn00999, nope"):
         known_scorer("random", "--test-list", names)
+    names.write_text("\ufeffsyn00003\nsyn00011\n", encoding="utf-8")  # a byte-order mark (Windows editors)
+    assert sorted(json.load(open(os.path.join(known_scorer("random", "--test-list", names)[0], "splits.json")))["test"]
+                  ) == ["syn00003", "syn00011"]
+    names.write_text("syn00003\nsyn00011\n", encoding="utf-16")  # Notepad's "Unicode": was a UnicodeDecodeError
+    with pytest.raises(common.UserError, match=f"--test-list {names}: cannot read it \\(not UTF-8 text"):
+        known_scorer("random", "--test-list", names)
 
 
 # ---- end to end: every strategy on tiny synthetic data -----------------------------------------------------
