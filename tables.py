@@ -166,7 +166,8 @@ def summarise(rows, by, values=("dice_mean",)):
               f"each run counts in n and the std of the {n} table cell(s) they share (on a CPU a repeated seed "
               "gives the same numbers; on a GPU only its nondeterminism differs)", file=sys.stderr)
     out = []
-    for key in sorted(groups, key=lambda t: tuple((x is None, x if not isinstance(x, str) else str(x)) for x in t)):
+    number = lambda x: isinstance(x, (int, float))  # numbers by value, the rest (a hand-edited seed "1") as text
+    for key in sorted(groups, key=lambda t: tuple((x is None, not number(x), x if number(x) else str(x)) for x in t)):
         g = groups[key]
         row = dict(zip(by, key), n=len(g))
         for v in values:

@@ -60,6 +60,15 @@ def test_grouping_mean_std_and_missing_rounds(tmp_path):
     assert "| ceal_mcdropout | ceal | 30 | 1 | 0.7000 |" in table  # one run: the mean alone
 
 
+def test_a_key_of_mixed_types_groups_without_a_crash(tmp_path):
+    """A seed written "1" by hand beside runs of seed 0 and 2: was a TypeError ('<' between str and int) in the
+    sort of the groups; numbers come first, by value, then the rest as text."""
+    for name, seed in (("a", 2), ("b", "1"), ("c", 0)):
+        fake_run(tmp_path, name, "example_tta", "tta", seed, [0.5, 0.6, 0.7])
+    s = collect.collect([str(tmp_path)], by=["seed"], final=True)
+    assert [r["seed"] for r in s] == [0, 2, "1"]
+
+
 def test_cli_writes_table_csv_and_figure(tmp_path, capsys):
     for seed, dices in enumerate(([0.5, 0.6, 0.7], [0.6, 0.65, 0.8])):
         fake_run(tmp_path / "runs", f"r{seed}", "polyp_weighted_cluster", "method", seed, dices)
