@@ -233,9 +233,10 @@ def read_labels(lab_dir, ids, data, size):
     stems = {k: n for n in present if n not in want for k in (os.path.splitext(n)[0], _mask_stem(n))}
     found = lambda n, name: (f" (found {n}: rename it {name})" if n.lower().endswith(".png") else
                              f" (found {n}: save it as PNG)")
-    problems = [f"missing: {name}" + (found(stems[name[:-4]], name) if name[:-4] in stems else "")
-                for name in want if name not in present]
-    problems += [f"extra (not asked this round): {name}" for name in present if name not in want]
+    missing = [name for name in want if name not in present]
+    problems = [f"missing: {name}" + (found(stems[name[:-4]], name) if name[:-4] in stems else "") for name in missing]
+    hinted = {stems[name[:-4]] for name in missing if name[:-4] in stems}  # named once, in its missing line
+    problems += [f"extra (not asked this round): {name}" for name in present if name not in want and name not in hinted]
     masks, where = {}, {sid: k for k, sid in enumerate(data.ids)}
     for name in present:
         if name not in want:
