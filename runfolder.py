@@ -260,7 +260,7 @@ class Run:
         """--resume: the model, optimiser and RNG states of the last finished round are restored. Returns
         (the first round still to run, the checkpoint) - the script takes its own sets from the checkpoint -
         or (0, None) for a new run."""
-        state = self.load_checkpoint()
+        state = self.load_checkpoint(reads=("model", "opt", "rng_select", "rng_batches"))
         if state is None:
             return 0, None
         try:
@@ -402,7 +402,10 @@ class Run:
             self.release_lock()
             sys.exit(3)
 
-    def load_checkpoint(self):
+    def load_checkpoint(self, reads=()):
+        """checkpoint.pt of the last finished round, checked (a dict this script wrote, holding the keys read here
+        and those in reads), the RNG states restored and the unfinished round's CSV rows dropped; None for a new
+        run or a --resume before any round finished."""
         path = self.path("checkpoint.pt")
         if not (self.args.resume and os.path.isfile(path)):
             if self.args.resume:
@@ -424,7 +427,7 @@ class Run:
         except Exception as e:
             raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
                             f"a copy cut short? Restore it, or start a new run")
-        need = {"round", "model", "opt", "rng_python", "rng_numpy", "rng_torch", "rng_select", "rng_batches"}
+        need = {"round", "rng_python", "rng_numpy", "rng_torch", *reads}
         why = (f"a {type(state).__name__}, not the dict a round's end saves" if not isinstance(state, dict) else
                f"no {', '.join(sorted(need - set(state)))} in it" if not need <= set(state) else
                f"it is {state['script']}'s" if state.get("script", self.script) != self.script else None)
