@@ -238,7 +238,8 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     gone = set(sum(old.values(), [])) - set(data.ids) if old is not None else set()
     changed = UserError(f"{recorded}: the split made from {args.data_dir or data.name} now differs from the run's "
                         f"({len(gone)} of its samples gone from the data, {len(data)} samples there now): the data "
-                        f"changed since the run started; put it back as it was, or start a new run")
+                        f"changed since the run started, or this file was edited; put it back as it was, or start a "
+                        f"new run")
     if gone:
         raise changed
     if args.split is None:

@@ -274,6 +274,14 @@ def test_a_damaged_run_folder_or_changed_data_is_one_clear_line(tmp_path, monkey
             f.write(shape)
         with pytest.raises(common.UserError, match=f"{path('splits.json')}: not a split; expected the run's split"):
             example_tta.main(["--resume", run_dir])
+    edited = json.loads(splits)
+    edited["test"][0] = edited["train"][0]  # a hand edit: one sample in two sets
+    with open(path("splits.json"), "w") as f:
+        json.dump(edited, f)
+    with pytest.raises(common.UserError, match=r"splits.json: the split made from .* now differs from the run's \(0 of "
+                                               r"its samples gone .*\): the data changed since the run started, or "
+                                               r"this file was edited; put it back"):
+        example_tta.main(["--resume", run_dir])
     with open(path("splits.json"), "w") as f:
         f.write(splits)
     # a training sample gone (its image and mask): the data changed, not "lower --split"
