@@ -123,7 +123,7 @@ def parse_args(argv=None):
                    "adam, 1 with sgd)")
     p.add_argument("--shuffle-blocks", type=int, help="local pixel shuffling: blocks per image (Models Genesis "
                    "reference code: 10000; default per --data: isic2017 and other 10000, synthetic 1000; 0 turns "
-                   "it off)")
+                   "it off; at most 100000)")
     p.add_argument("--clusters", type=int, help="k of K-means (Sec. IV-A: 10; Table II: 5 or 10; default 10)")
     p.add_argument("--aap-grid", type=int, choices=[1, 2], help="adaptive average pooling of the last encoder "
                    "stage to grid x grid: 2 -> 512x2x2 = 2048-d at width 32 (Sec. IV-A), 1 -> 512-d (Table II) "
@@ -160,6 +160,9 @@ def parse_args(argv=None):
         raise common.UserError(f"--ssl-lr {args.ssl_lr}: expected a learning rate above 0")
     if args.ssl_batch_size is None:
         args.ssl_batch_size = 1 if args.ssl_optim == "sgd" else args.batch_size
+    if args.shuffle_blocks > 100000:  # its draws grow with it: 10^8 took all 24 GB of a machine, and the kernel's kill
+        raise common.UserError(f"--shuffle-blocks {args.shuffle_blocks}: expected at most 100000 (10 times the "
+                               "reference code's 10000: a typo?)")
     if args.transfer_head and args.channels != 1:
         raise common.UserError("--transfer-head with --channels 3: the reconstruction head outputs 3 channels, "
                                "the segmentation head 1; it cannot be copied")
@@ -218,33 +221,55 @@ def local_pixel_shuffling(x, gen, p=SHUFFLE_P, n_blocks=10000):
     return out
 
 
-def shuffle_windows(x, y0, x0, bh, bw, gen):
+def shuffle_windows(x, y0, x0, bh, bw, gen, budget=2 ** 26):
     """x (n, C, H, W); window j of image i: rows y0[i, j] + [0, bh), columns x0[i, j] + [0, bw). As in the
     reference code every window reads the original image and later windows overwrite earlier ones where they
     overlap, so only the last window over each pixel matters: all windows are painted at once to find it
     (a scatter-max of window numbers), and only the windows still visible draw their permutation (argsort of
-    random keys, padding last). The same permutation serves every channel."""
+    random keys, padding last). The same permutation serves every channel.
+    Memory: a few tensors of n x windows x slots. Beyond `budget` slots (the paper's size, a batch of 10 at
+    256 px with 10,000 windows, holds 62.5 M), one image at a time, its windows in ranges, in the same order: on
+    the CPU the same keys are drawn, so the same output."""
     n, C, H, W = x.shape
-    dev, S = x.device, int(bh.max() * bw.max())
-    k = torch.arange(S, device=dev)                          # slot k of a window: row k // bw, column k % bw
-    keep = k < (bh * bw)[..., None]                          # (n, windows, slots)
-    at = lambda s, i: (y0[i][..., None] + s // bw[i][..., None]) * W + x0[i][..., None] + s % bw[i][..., None]
-    img = torch.arange(n, device=dev).view(n, 1, 1) * (H * W)
-    flat = torch.where(keep, img + at(k, ...), 0)            # image-major pixel index of every window slot
-    block = torch.arange(y0.shape[1], device=dev).view(1, -1, 1).expand_as(flat)
-    last = torch.full((n * H * W,), -1, dtype=torch.long, device=dev)
-    last.scatter_reduce_(0, flat[keep], block[keep], "amax")  # the last window over each pixel
-    shows = keep & (last[flat] == block)
-    wi = torch.nonzero(shows.any(-1), as_tuple=True)          # windows still visible somewhere
-    keys = torch.where(keep[wi], _rand((len(wi[0]), S), gen, dev), 2.0)
-    perm = torch.argsort(keys, dim=-1)                       # first bh x bw entries: a random permutation
-    m = shows[wi]
-    dst, src = (flat[wi] % (H * W))[m], at(perm, wi)[m]
-    im = wi[0][:, None].expand_as(m)[m]
+    dev, S, nb = x.device, int(bh.max() * bw.max()), y0.shape[1]
+    step = nb if n * nb * S <= budget else max(1, budget // S)
     xs = x.flatten(2)
     o = xs.clone()
-    o[im, :, dst] = xs[im, :, src]
+    for imgs in [slice(0, n)] if step == nb else [slice(i, i + 1) for i in range(n)]:
+        ranges = [slice(j, min(j + step, nb)) for j in range(0, nb, step)]
+        slots = lambda r: _window_slots(y0[imgs, r], x0[imgs, r], bh[imgs, r], bw[imgs, r], S, H, W, imgs.start,
+                                        r.start)
+        one = slots(ranges[0]) if len(ranges) == 1 else None  # computed once where the windows are one range
+        last = torch.full((n * H * W,), -1, dtype=torch.long, device=dev)
+        for r in ranges:  # the last window over each pixel
+            keep, flat, block, _ = one or slots(r)
+            last.scatter_reduce_(0, flat[keep], block[keep], "amax")
+        for r in ranges:
+            keep, flat, block, at = one or slots(r)
+            shows = keep & (last[flat] == block)
+            wi = torch.nonzero(shows.any(-1), as_tuple=True)  # windows still visible somewhere
+            keys = torch.where(keep[wi], _rand((len(wi[0]), S), gen, dev), 2.0)
+            perm = torch.argsort(keys, dim=-1)               # first bh x bw entries: a random permutation
+            m = shows[wi]
+            dst, src = (flat[wi] % (H * W))[m], at(perm, wi)[m]
+            im = (wi[0] + imgs.start)[:, None].expand_as(m)[m]
+            o[im, :, dst] = xs[im, :, src]
     return o.view(n, C, H, W)
+
+
+def _window_slots(y0, x0, bh, bw, S, H, W, first_image, first_window):
+    """The S slots of each window (images, windows) of shuffle_windows, slot k at row k // bw, column k % bw:
+    keep (the slot inside its window), flat (image-major pixel index, images numbered from first_image),
+    block (the window's number, from first_window), and at(s, i): the pixel within its image of slots s of
+    the windows i."""
+    dev = y0.device
+    k = torch.arange(S, device=dev)
+    keep = k < (bh * bw)[..., None]                          # (images, windows, slots)
+    at = lambda s, i: (y0[i][..., None] + s // bw[i][..., None]) * W + x0[i][..., None] + s % bw[i][..., None]
+    img = (first_image + torch.arange(len(y0), device=dev)).view(-1, 1, 1) * (H * W)
+    flat = torch.where(keep, img + at(k, ...), 0)
+    block = (first_window + torch.arange(y0.shape[1], device=dev)).view(1, -1, 1).expand_as(flat)
+    return keep, flat, block, at
 
 
 def _interp(v, xp, fp):

@@ -85,6 +85,29 @@ def test_shuffle_windows_by_hand():
     vis = out[0, 0][a & ~b].tolist()
     assert len(set(vis)) == len(vis) and set(vis) <= set(x[0, 0][a].tolist())
     assert not torch.equal(out, x)
+    # beyond its memory budget: one image at a time, its windows in ranges; the same keys drawn, the same output
+    for budget in (36, 1):  # one range per image; one window per range (the overlap spans two ranges)
+        assert torch.equal(S.shuffle_windows(x, y0, x0, bh, bw, gen(0), budget=budget), out)
+
+
+def test_shuffle_windows_in_parts_draws_and_paints_as_in_one():
+    """The paper's size fits in one part (batch 10, 256 px, 10,000 windows: 62.5 M slots); 512 px took 5.5 GB
+    of memory in one, 1.6 GB in parts (the audit of 2026-11-27). Parts must give the same pixels and leave the
+    generator where one part does."""
+    x, whole = ramp(5, 64), []
+    for budget in (2 ** 26, 100000, 1000, 37):  # one part; one range per image; several ranges; tiny ranges
+        g = gen(7)
+        out = S.shuffle_windows(x, *_windows_of(x, g, 1000), g, budget=budget)
+        whole = whole or [out, g.get_state()]
+        assert torch.equal(out, whole[0]) and torch.equal(g.get_state(), whole[1]), budget
+    assert not torch.equal(whole[0], x)
+
+
+def _windows_of(x, g, n_blocks):
+    """local_pixel_shuffling's windows for every image of x (p = 1)."""
+    B, _, H, W = x.shape
+    bh, bw = S._randint(1, H // 10, (B, n_blocks), g, x.device), S._randint(1, W // 10, (B, n_blocks), g, x.device)
+    return S._randint(0, H - bh, (B, n_blocks), g, x.device), S._randint(0, W - bw, (B, n_blocks), g, x.device), bh, bw
 
 
 def test_local_pixel_shuffling_moves_pixels_only_within_a_window():
@@ -96,6 +119,13 @@ def test_local_pixel_shuffling_moves_pixels_only_within_a_window():
         for k, v in enumerate(out[i, 0].flatten().tolist()):
             (r0, c0), (r1, c1) = src[v], divmod(k, H)
             assert abs(r0 - r1) < H // 10 and abs(c0 - c1) < H // 10
+
+
+def test_shuffle_blocks_past_ten_times_the_reference_codes_are_refused():
+    """--shuffle-blocks 100000000 grew to 24 GB and was killed by the kernel, no message (the audit of 2026-11-27)."""
+    assert S.parse_args(["--shuffle-blocks", "100000"]).shuffle_blocks == 100000
+    with pytest.raises(common.UserError, match="--shuffle-blocks 100001: expected at most 100000"):
+        S.parse_args(["--shuffle-blocks", "100001"])
 
 
 def test_zero_shuffle_blocks_leave_the_image_unchanged():
