@@ -161,11 +161,7 @@ def main(argv=None):
                   "rounds are in the rows above, and `--final` leaves them out.")
     print(table)
     if args.out:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:  # a file of that name, or no permission
-            raise common.UserError(f"--out {args.out}: cannot make the folder for results.md, results.csv and "
-                                   f"curves.png ({e.strerror}); expected a folder, or a path where one can be made")
+        common.out_folder(args.out, "results.md, results.csv and curves.png")
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(table + "\n")
         with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:

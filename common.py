@@ -24,8 +24,8 @@ import torch.nn.functional as F
 # reach them through common
 from loaders import Data, UserError, default_split, load_data, make_splits, make_synthetic, write_folder  # noqa: F401
 from plots import COLOURS, learning_curve, picks_sheet, plot, plot_hist, save_panel  # noqa: F401
-from tables import (collect_runs, markdown_table, one_schedule, read_config, read_json, read_rows,  # noqa: F401
-                    summarise)
+from tables import (collect_runs, markdown_table, one_schedule, out_folder, read_config, read_json,  # noqa: F401
+                    read_rows, summarise)
 from progress import Progress, fmt_s  # noqa: F401
 from runfolder import ROUND_COLUMNS, Run, get_device, run_main, seed_everything  # noqa: F401
 

@@ -544,8 +544,7 @@ def tables(args):
                                           "best_dice"],
                                   ["data", "method", "runs", "full-annotation Dice", "labelled",
                                    "fraction of training set", "best Dice"]) + "\n")
-    out = os.path.join(args.out, "dsal_fingerbones_tables")
-    os.makedirs(out, exist_ok=True)
+    out = common.out_folder(os.path.join(args.out, "dsal_fingerbones_tables"), "fig4.md and its figures")
     with open(os.path.join(out, "fig4.md"), "w") as fh:
         fh.write(text)
     series, several = {}, len({(r["data"], r["training_set"]) for r in curve}) > 1

@@ -1009,8 +1009,7 @@ def tables(args):
                    "stopped)\n")
     text = "\n".join(out)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "ssl_coldstart_tables.md")
+    path = os.path.join(common.out_folder(args.out, "ssl_coldstart_tables.md"), "ssl_coldstart_tables.md")
     with open(path, "w") as f:
         f.write(text)
     print(f"done: tables from {len({r['run'] for r in rows})} runs; {path}")

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -16,6 +17,19 @@ from loaders import UserError
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def out_folder(path, what):
+    """--out of collect.py and of a script's --tables: the folder made if missing and tried with a file, so a
+    path that cannot hold `what` (a file of that name, no permission, a read-only disk) is one line, before any
+    is written. Returns path."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write {what} there ({e.strerror}); expected a folder you can write "
+                        f"to, or a path where one can be made")
+    return path
 
 
 def read_config(path):

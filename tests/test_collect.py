@@ -262,7 +262,8 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
                                 f"results.csv and curves.png\n"
     assert capsys.readouterr().out == ""  # said before the table, not after it
     code, err = _exit([str(tmp_path / "runs"), "--out", str(tmp_path / "file" / "sub")], capsys)
-    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'file' / 'sub'}: cannot make the folder")
+    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'file' / 'sub'}: cannot write results.md, "
+                                        f"results.csv and curves.png there (Not a directory)")
     assert "expected a folder" in err and "Traceback" not in err
 
 

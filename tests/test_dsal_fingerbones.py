@@ -244,6 +244,10 @@ def test_tables_on_hand_made_runs(tmp_path, capsys):
                                           str(tmp_path / "s")]), "fig4.md")).read()
     assert "| synthetic | random | 1 | 0.8000 | not reached | - | 0.7950 |" in strict
     assert "| synthetic | dsal-lowest | 1 | 0.8000 | 30 | 30.00% | 0.8000 |" in strict
+    (tmp_path / "file").write_text("")  # --out a file: was a NotADirectoryError traceback
+    with pytest.raises(common.UserError, match=f"--out {tmp_path / 'file' / 'dsal_fingerbones_tables'}: cannot "
+                                               f"write fig4.md and its figures there"):
+        dsal.main(["--tables", str(runs), "--out", str(tmp_path / "file")])
     with pytest.raises(common.UserError, match="nowhere: no such folder"):
         dsal.main(["--tables", str(tmp_path / "nowhere")])
     with pytest.raises(common.UserError, match="no finished dsal_fingerbones runs"):

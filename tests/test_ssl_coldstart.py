@@ -496,6 +496,10 @@ def test_tables_command(base, tmp_path):
     out = run_script("ssl_coldstart.py", "--tables", full, tmp_path / "runs", "--out", tmp_path / "t", device=False)
     text = open(tmp_path / "t" / "ssl_coldstart_tables.md").read()
     assert os.listdir(tmp_path / "t") == ["ssl_coldstart_tables.md"] and text.strip() in out.stdout
+    bad = run_script("ssl_coldstart.py", "--tables", full, "--out", tmp_path / "t" / "ssl_coldstart_tables.md",
+                     device=False, check=False)  # --out a file: was a FileExistsError traceback
+    assert bad.returncode == 2 and bad.stderr.startswith(f"error: --out {tmp_path / 't' / 'ssl_coldstart_tables.md'}: "
+                                                         "cannot write ssl_coldstart_tables.md there")
     assert "Table I" in text and "Table II" in text and "Fig. 2" in text
     # Table II: the two cluster runs (seeds 0 and 1) are one column, mean ± std over the seeds per iteration
     d = np.array([[float(r["dice_mean"]) for r in read(run, "rounds.csv")] for run in (full, other)])
