@@ -266,4 +266,7 @@ def read_labels(lab_dir, ids, data, size):
                         + "\n  ".join(problems))
     labels = np.stack([masks[sid] for sid in ids])
     check_inverted(labels, lab_dir)  # the loader's warning for --data folder, on this round's labels
+    if len(ids) > 1 and not labels.any():  # one empty label may be right (no object); all of them seldom are
+        print(f"warning: all {len(ids)} labels in {lab_dir} are empty (black): the model learns background only "
+              f"from them; expected the object white on black (saved from the right layer?)")
     return labels

@@ -487,6 +487,13 @@ def test_labels_drawn_inverted_get_the_loaders_warning(tmp_path, capsys):
     Image.fromarray(255 - m).save(tmp_path / "b.png")
     oracle.read_labels(str(tmp_path), data.ids, data, 32)
     assert "warning" not in capsys.readouterr().out
+    Image.fromarray(np.zeros_like(m)).save(tmp_path / "a.png")  # one empty label: may be right (no object)
+    oracle.read_labels(str(tmp_path), data.ids, data, 32)
+    assert "warning" not in capsys.readouterr().out
+    Image.fromarray(np.zeros_like(m)).save(tmp_path / "b.png")  # all of a round's: was accepted without a word
+    oracle.read_labels(str(tmp_path), data.ids, data, 32)
+    assert capsys.readouterr().out == f"warning: all 2 labels in {tmp_path} are empty (black): the model learns " \
+        "background only from them; expected the object white on black (saved from the right layer?)\n"
 
 
 def test_a_label_named_like_the_masks_folder_gets_a_rename_hint(tmp_path):
