@@ -232,11 +232,12 @@ def shuffle_windows(x, y0, x0, bh, bw, gen, budget=2 ** 26):
     the CPU the same keys are drawn, so the same output."""
     n, C, H, W = x.shape
     dev, S, nb = x.device, int(bh.max() * bw.max()), y0.shape[1]
-    step = nb if n * nb * S <= budget else max(1, budget // S)
+    whole = n * nb * S <= budget
+    step = nb if whole else min(nb, max(1, budget // S))  # windows per range
     xs = x.flatten(2)
     o = xs.clone()
-    for imgs in [slice(0, n)] if step == nb else [slice(i, i + 1) for i in range(n)]:
-        ranges = [slice(j, min(j + step, nb)) for j in range(0, nb, step)]
+    for imgs in [slice(0, n)] if whole else [slice(i, i + 1) for i in range(n)]:
+        ranges = [slice(j, j + step) for j in range(0, nb, step)]
         slots = lambda r: _window_slots(y0[imgs, r], x0[imgs, r], bh[imgs, r], bw[imgs, r], S, H, W, imgs.start,
                                         r.start)
         one = slots(ranges[0]) if len(ranges) == 1 else None  # computed once where the windows are one range
