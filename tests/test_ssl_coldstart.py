@@ -66,10 +66,29 @@ def test_flip_draws_among_three_axes_one_of_them_the_channel():
 
 def test_shuffle_windows_by_hand():
     """Two overlapping windows on image 0, the second written last; two identical windows on image 1."""
-    x = torch.arange(2 * 20 * 20, dtype=torch.float32).view(2, 1, 20, 20)
-    y0, x0 = torch.tensor([[0, 3], [5, 5]]), torch.tensor([[0, 3], [5, 5]])
-    bh, bw = torch.tensor([[6, 6], [2, 2]]), torch.tensor([[6, 6], [3, 3]])
-    out = S.shuffle_windows(x, y0, x0, bh, bw, gen(0))
+    out, x, y0, x0, bh, bw = _by_hand(torch.device("cpu"))
+    # beyond its memory budget: one image at a time, its windows in ranges; the same keys drawn, the same output
+    for budget in (36, 1):  # one range per image; one window per range (the overlap spans two ranges)
+        assert torch.equal(S.shuffle_windows(x, y0, x0, bh, bw, gen(0), budget=budget), out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shuffle_windows_on_cuda_whole_and_in_parts():
+    """On CUDA a draw's numbers depend on its shape, so parts draw other permutations than one whole: each must
+    still paint only the last window over a pixel, with its own window's original pixels."""
+    for budget in (2 ** 26, 36, 1):
+        _by_hand(torch.device("cuda"), budget)
+
+
+def _by_hand(dev, budget=2 ** 26):
+    x = torch.arange(2 * 20 * 20, dtype=torch.float32, device=dev).view(2, 1, 20, 20)
+    y0, x0 = torch.tensor([[0, 3], [5, 5]], device=dev), torch.tensor([[0, 3], [5, 5]], device=dev)
+    bh, bw = torch.tensor([[6, 6], [2, 2]], device=dev), torch.tensor([[6, 6], [3, 3]], device=dev)
+    g = torch.Generator(device=dev)
+    g.manual_seed(0)
+    out = S.shuffle_windows(x, y0, x0, bh, bw, g, budget=budget)
+    assert out.device.type == dev.type
+    out, x, y0, x0, bh, bw = (t.cpu() for t in (out, x, y0, x0, bh, bw))
     inside = torch.zeros(2, 20, 20, dtype=torch.bool)
     a = torch.zeros(20, 20, dtype=torch.bool)
     a[0:6, 0:6] = True
@@ -85,9 +104,7 @@ def test_shuffle_windows_by_hand():
     vis = out[0, 0][a & ~b].tolist()
     assert len(set(vis)) == len(vis) and set(vis) <= set(x[0, 0][a].tolist())
     assert not torch.equal(out, x)
-    # beyond its memory budget: one image at a time, its windows in ranges; the same keys drawn, the same output
-    for budget in (36, 1):  # one range per image; one window per range (the overlap spans two ranges)
-        assert torch.equal(S.shuffle_windows(x, y0, x0, bh, bw, gen(0), budget=budget), out)
+    return out, x, y0, x0, bh, bw
 
 
 def test_shuffle_windows_in_parts_draws_and_paints_as_in_one():
