@@ -514,7 +514,7 @@ def _read_cache(path, shapes):
 
 def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=0, quiet=False):
     """Load a dataset as uint8 arrays resized to size x size, through a cache keyed by everything that
-    changes its content (dataset, folder, each file's size and mtime, image size, channels, version)."""
+    changes its content (dataset, folder, each file's size, mtime and ctime, image size, channels, version)."""
     if name == "synthetic":
         return make_synthetic(n or 400, size, channels, seed)
     if not data_dir:
@@ -528,8 +528,9 @@ def load_data(name, data_dir=None, size=64, channels=3, seed=0, n=None, workers=
             raise UserError(f"{p}: broken symbolic link (its target {os.path.realpath(p)} is missing)")
         if not os.path.isfile(p):  # a pipe would block the decoding threads for ever
             raise UserError(f"{p}: not a regular file (a folder, a pipe or a device); expected an image file")
-    stats = [(os.path.relpath(p, data_dir), os.stat(p).st_size, os.stat(p).st_mtime_ns) for e in entries for p in e[1:3]
-             if p is not None]
+    # ctime too: a rewrite that keeps the size and sets the old mtime back (cp -p, rsync -t, unzip) still changes it
+    stats = [(os.path.relpath(p, data_dir), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+             for st, p in ((os.stat(p), p) for e in entries for p in e[1:3] if p is not None)]
     key = hashlib.sha1(json.dumps([CACHE_VERSION, name, os.path.abspath(data_dir), size, channels, stats]).encode()).hexdigest()
     path = os.path.join(cache_dir(), f"{name}-{size}px-{channels}ch-{key[:16]}.npz")
     k = len(entries)

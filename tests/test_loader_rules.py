@@ -3,6 +3,8 @@ images are resized, the cache key, mask suffixes, LGG slice order, the default s
 label checks (aspect ratio, the manifest, resizing as the loader does). Each test was written for a mutant of
 its rule that the rest of the suite let through (2026-11-27), and was run once against it and failed."""
 import os
+import sys
+import time
 import types
 
 import numpy as np
@@ -105,6 +107,27 @@ def test_cache_key_holds_the_modification_time(tmp_path, capsys):
     Image.fromarray(np.roll(m, 8, 1)).save(path, compress_level=0)
     os.utime(path, ns=(10 ** 18, 10 ** 18))
     assert os.path.getsize(path) == size
+    capsys.readouterr()
+    again = loaders.load_data("folder", str(tmp_path), 16)
+    assert "decoded" in capsys.readouterr().out and not (again.y == first).all()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="st_ctime is the creation time on Windows")
+def test_cache_key_holds_the_change_time(tmp_path, capsys):
+    """A mask rewritten to a file of the same size with its old modification time put back (cp -p, rsync -t,
+    unzip over the folder) is decoded again: the inode's change time moved."""
+    os.makedirs(tmp_path / "images"), os.makedirs(tmp_path / "masks")
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    m = np.zeros((16, 16), np.uint8)
+    m[2:6, 2:6] = 255
+    path = tmp_path / "masks" / "a.png"
+    Image.fromarray(m).save(path, compress_level=0)
+    before = os.stat(path)
+    first = loaders.load_data("folder", str(tmp_path), 16).y
+    time.sleep(0.05)  # a change time later than the first's, on file systems that keep whole milliseconds
+    Image.fromarray(np.roll(m, 8, 1)).save(path, compress_level=0)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.path.getsize(path), os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     capsys.readouterr()
     again = loaders.load_data("folder", str(tmp_path), 16)
     assert "decoded" in capsys.readouterr().out and not (again.y == first).all()
