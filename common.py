@@ -209,7 +209,25 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     with the sizes achieved as "split_achieved": a split by patient, lgg, is approximate and also prints
     requested vs achieved), checks the training pool's masks (check_foreground); on --resume, that the data
     still gives the run's split. Returns the train, validation and test indices."""
+    recorded, old = run.path("splits.json"), None
+    if args.resume and os.path.isfile(recorded):  # the data must still hold the run's samples, before any split
+        try:
+            old = read_json(recorded)
+        except ValueError as e:
+            raise UserError(f"{recorded}: unreadable ({e}); expected the run's split as it was written at its start")
+        if not (isinstance(old, dict) and all(isinstance(v, list) and all(isinstance(i, str) for i in v)
+                                              for v in old.values())):  # a hand edit, another file under its name
+            raise UserError(f"{recorded}: not a split; expected the run's split as it was written at its start "
+                            f"({{set name: [sample ids]}})")
     unlabelled = data.official.get("unlabelled")
+    if unlabelled is not None and old is not None:  # a resume: the pool's images must still have no mask
+        masked = set(data.ids) - {data.ids[i] for i in unlabelled}
+        moved = sorted(sid for sid in old.get("train", []) if sid in masked)
+        if moved:  # a person's labels saved into the data folder make those images test images
+            raise UserError(f"{os.path.join(args.data_dir or '', 'masks')}: {len(moved)} image(s) of the run's pool "
+                            f"now have a mask there ({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}), so "
+                            f"they would leave the pool for the test set; the labels you draw go in "
+                            f"{run.path('labels')}/round_<K>/, not in the data folder: move those masks out")
     if unlabelled is not None:  # images without masks (list_folder): the person labels them, the masked ones test
         if getattr(args, "oracle", "simulated") != "folder":
             first = data.files[unlabelled[0]] if data.files else data.ids[unlabelled[0]]
@@ -225,16 +243,6 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
     elif getattr(args, "oracle", "simulated") == "folder" and not args.resume:  # nothing in the folder to label
         print("note: --oracle folder, and every image has a mask: the usual split; you label the pool's queries "
               "(their masks unused), the test set's masks score the model")
-    recorded, old = run.path("splits.json"), None
-    if args.resume and os.path.isfile(recorded):  # the data must still hold the run's samples, before any split
-        try:
-            old = read_json(recorded)
-        except ValueError as e:
-            raise UserError(f"{recorded}: unreadable ({e}); expected the run's split as it was written at its start")
-        if not (isinstance(old, dict) and all(isinstance(v, list) and all(isinstance(i, str) for i in v)
-                                              for v in old.values())):  # a hand edit, another file under its name
-            raise UserError(f"{recorded}: not a split; expected the run's split as it was written at its start "
-                            f"({{set name: [sample ids]}})")
     gone = set(sum(old.values(), [])) - set(data.ids) if old is not None else set()
     changed = UserError(f"{recorded}: the split made from {args.data_dir or data.name} now differs from the run's "
                         f"({len(gone)} of its samples gone from the data, {len(data)} samples there now): the data "

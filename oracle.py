@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from common import binary_entropy, predict, predict_batches, read_rows
-from loaders import UserError, _mask_stem, binarise_mask, check_inverted, read_image, resize_mask
+from loaders import IMAGE_EXT, INVERTED_WARN, UserError, _mask_stem, binarise_mask, border_share, read_image, resize_mask
 
 
 LABEL_README = """Round {rnd} of {script}: label {n} image(s).
@@ -65,7 +65,7 @@ def ask(run, rnd, idx, data, y, model=None, x=None, batch_size=16, device=None, 
                             f"repeat (another device than the run's?); resume where it started")
         if not os.path.isdir(lab_dir):
             raise UserError(f"{lab_dir}: folder not found; expected the {len(ids)} label files that "
-                            f"{os.path.join(ask_dir, 'README.txt')} asks for")
+                            f"{os.path.join(ask_dir, 'README.txt')} asks for" + _saved_over(ask_dir, ids))
         masks = read_labels(lab_dir, ids, data, y.shape[-1])
         y[torch.as_tensor(idx, device=y.device)] = torch.as_tensor(masks, device=y.device)
         print(f"oracle: round {rnd}: {len(ids)} labels read from {lab_dir}")
@@ -100,7 +100,11 @@ def restore(run, start, data, y):
                             f"the run trained on" + ("; it has finished (summary.json): a --resume trains nothing, it "
                             "writes predicted/ and summary.json again from the final model; put the folder back first"
                             if os.path.isfile(run.path("summary.json")) else " and trains on again from here"))
-        masks = read_labels(lab_dir, ids, data, y.shape[-1])
+        try:
+            masks = read_labels(lab_dir, ids, data, y.shape[-1])
+        except UserError as e:  # not this round's files: those of a round the run has trained on
+            raise UserError(f"{e}\nRound {rnd} has finished, and the run trained on these files as they were: put "
+                            f"them back as they were") from None
         y[torch.as_tensor([where[s] for s in ids], device=y.device)] = torch.as_tensor(masks, device=y.device)
 
 
@@ -222,21 +226,49 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
                                     labels=os.path.abspath(run.path(f"labels/round_{rnd}"))))
 
 
+def _meant(name):
+    """The image stems a label file's name may have been meant to give, in lower case: its stem (spaces at its
+    ends and repeated image extensions dropped), and that less a mask suffix (a_mask.png)."""
+    s = name.strip()
+    while os.path.splitext(s)[1].lower() in IMAGE_EXT and os.path.splitext(s)[0].strip():
+        s = os.path.splitext(s)[0].strip()
+    return {s.lower(), _mask_stem(s + ".png").lower()}
+
+
+def _saved_over(ask_dir, ids):
+    """A hint, when the label files were saved over the images to label (they share their names): ''
+    unless some <id>.png in to_label/round_K is a black and white mask."""
+    over = []
+    for sid in ids:
+        try:
+            with Image.open(os.path.join(ask_dir, f"{sid}.png")) as im:
+                if len(np.unique(np.asarray(im.convert("L")))) <= 2:
+                    over.append(f"{sid}.png")
+        except (OSError, ValueError):
+            continue
+    return (f"; {', '.join(over[:3])}{', ...' if len(over) > 3 else ''} in {ask_dir} look like masks saved over "
+            f"the images to label: label files go in the labels folder above, under the same names") if over else ""
+
+
 def read_labels(lab_dir, ids, data, size):
     """The person's label files for ids, checked all at once: missing, extra (hidden files aside), unreadable,
     not binary (loaders.binarise_mask), another aspect ratio than the image (2 % tolerance). Any problem: one UserError
-    listing all of them (nothing is changed). Labels that look inverted get the loader's warning
-    (loaders.check_inverted). Returns (n, size, size) uint8 in {0, 1}."""
+    listing all of them (nothing is changed). Labels that look inverted get one warning line naming them
+    (the loader's rule, loaders.check_inverted, file by file). Returns (n, size, size) uint8 in {0, 1}."""
     want = {f"{sid}.png": sid for sid in ids}
     present = sorted(n for n in os.listdir(lab_dir) if not n.startswith(".") and n not in ("Thumbs.db", "desktop.ini"))
-    # a file of another case, extension or with the masks/ folder's suffix (img_mask.png): named in the hint
-    stems = {k: n for n in present if n not in want for k in (os.path.splitext(n)[0], _mask_stem(n))}
-    found = lambda n, name: (f" (found {n}: rename it {name})" if n.lower().endswith(".png") else
-                             f" (found {n}: save it as PNG)")
+    # a file whose name is the asked one but for the letter case, the extension, spaces around it, an extension
+    # twice (a.png.png, Windows hiding the first) or the masks/ folder's suffix (a_mask.png): named in the hint
+    stems = {k: n for n in present if n not in want for k in _meant(n)}
+    show = lambda n: repr(n) if n != n.strip() else n  # quoted where a space at an end would not show
+    found = lambda n, name: (f" (found {show(n)}: rename it {name})" if n.strip().lower().endswith(".png") else
+                             f" (found {show(n)}: save it as PNG)")
     missing = [name for name in want if name not in present]
-    problems = [f"missing: {name}" + (found(stems[name[:-4]], name) if name[:-4] in stems else "") for name in missing]
-    hinted = {stems[name[:-4]] for name in missing if name[:-4] in stems}  # named once, in its missing line
-    problems += [f"extra (not asked this round): {name}" for name in present if name not in want and name not in hinted]
+    hint = {name: stems.get(name[:-4].lower()) for name in missing}
+    problems = [f"missing: {name}" + (found(hint[name], name) if hint[name] else "") for name in missing]
+    hinted = set(hint.values())  # named once, in its missing line
+    problems += [f"extra (not asked this round): {show(name)}" for name in present
+                 if name not in want and name not in hinted]
     masks, where = {}, {sid: k for k, sid in enumerate(data.ids)}
     for name in present:
         if name not in want:
@@ -265,7 +297,11 @@ def read_labels(lab_dir, ids, data, size):
         raise UserError(f"{lab_dir}: {len(problems)} problem(s) with the label files; nothing was changed:\n  "
                         + "\n  ".join(problems))
     labels = np.stack([masks[sid] for sid in ids])
-    check_inverted(labels, lab_dir)  # the loader's warning for --data folder, on this round's labels
+    inverted = [f"{sid}.png" for sid, m in zip(ids, labels) if border_share(m[None]) > INVERTED_WARN]
+    if inverted:  # the loader's rule (loaders.check_inverted), file by file: one inverted file among right ones
+        print(f"warning: {len(inverted)} label(s) in {lab_dir} are foreground on more than {INVERTED_WARN:.0%} of "
+              f"their border pixels ({', '.join(inverted[:5])}{', ...' if len(inverted) > 5 else ''}); expected "
+              f"the object white (255 or 1) on a black background: are they inverted?")
     if len(ids) > 1 and not labels.any():  # one empty label may be right (no object); all of them seldom are
         print(f"warning: all {len(ids)} labels in {lab_dir} are empty (black): the model learns background only "
               f"from them; expected the object white on black (saved from the right layer?)")

@@ -430,3 +430,54 @@ def test_a_deleted_labels_round_says_whether_the_run_would_train_on_it(tmp_path)
                             f"trained on; it has finished (summary.json): a --resume trains nothing, it writes "
                             f"predicted/ and summary.json again from the final model; put the folder back first")
     assert open(os.path.join(run, "summary.json")).read() == summary
+
+
+def test_labels_saved_in_the_wrong_place_are_named(tmp_path):
+    """The walk-through of 2026-11-28: masks saved over to_label's images (the same names) got only "labels/round_0:
+    folder not found"; a label file gone from a finished round read as this round's problem; the answers saved
+    into the data folder's masks/ said the split "differs", not why."""
+    data = common.write_folder(common.make_synthetic(40, 32, 3, seed=0), str(tmp_path / "data"))
+    for name in sorted(os.listdir(os.path.join(data, "masks")))[:30]:  # 30 images to label, 10 with masks
+        os.remove(os.path.join(data, "masks", name))
+    flags = [*map(str, TINY), "--epochs-initial", "1", "--epochs", "1", "--data", "folder", "--data-dir", data,
+             "--out", str(tmp_path / "runs"), "--oracle", "folder"]
+    with pytest.raises(SystemExit):
+        example_tta.main(flags)
+    run = str(next((tmp_path / "runs").iterdir()))
+    asked = os.path.join(run, "to_label", "round_0")
+    ids = [r["sample_id"] for r in csv.DictReader(open(os.path.join(asked, "manifest.csv")))]
+    pattern = np.zeros((32, 32), np.uint8)
+    pattern[8:20, 8:20] = 1
+    for sid in ids:  # saved where the images to label are
+        Image.fromarray(pattern * 255).save(os.path.join(asked, f"{sid}.png"))
+    with pytest.raises(common.UserError, match=rf"labels/round_0: folder not found; .*; {ids[0]}.png, {ids[1]}.png, "
+                                               rf"{ids[2]}.png, \.\.\. in .*to_label/round_0 look like masks saved "
+                                               r"over the images to label: label files go in the labels folder"):
+        example_tta.main(["--resume", run])
+    for sid in ids:
+        shutil.copy(os.path.join(data, "images", f"{sid}.png"), asked)
+    with pytest.raises(common.UserError, match=r"labels/round_0: folder not found; expected the 6 label files "
+                                               r"that \S+ asks for$"):  # the images put back: no hint
+        example_tta.main(["--resume", run])
+    draw(run, 0, pattern)
+    with pytest.raises(SystemExit):
+        example_tta.main(["--resume", run])  # round 0 trains, round 1 asks
+    gone = os.path.join(run, "labels", "round_0", f"{ids[0]}.png")
+    os.rename(gone, gone + ".moved")
+    with pytest.raises(common.UserError) as e:
+        example_tta.main(["--resume", run])
+    assert str(e.value).splitlines()[1:] == [f"  missing: {ids[0]}.png", f"  extra (not asked this round): {ids[0]}.png.moved",
+                                             "Round 0 has finished, and the run trained on these files as they were: "
+                                             "put them back as they were"]
+    os.rename(gone + ".moved", gone)
+    later = draw(run, 1, pattern)
+    for sid in later:  # the answers saved into the data folder as masks, too
+        shutil.copy(os.path.join(run, "labels", "round_1", f"{sid}.png"), os.path.join(data, "masks", f"{sid}_mask.png"))
+    with pytest.raises(common.UserError, match=rf"masks: 4 image\(s\) of the run's pool now have a mask there "
+                                               rf"\({sorted(later)[0]}, "):
+        example_tta.main(["--resume", run])
+    for sid in later:
+        os.remove(os.path.join(data, "masks", f"{sid}_mask.png"))
+    with pytest.raises(SystemExit):  # as it was: round 1 trains, round 2 asks
+        example_tta.main(["--resume", run])
+    assert os.path.isdir(os.path.join(run, "to_label", "round_2"))
