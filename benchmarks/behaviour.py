@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,14 +73,19 @@ def run_interrupted(name, script, flags, tmp, env, device):
     out, trigger = os.path.join(tmp, f"stopped{len(os.listdir(tmp))}"), INTERRUPT.get(script, "checkpoint.pt")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags, "--out", out],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    while proc.poll() is None:
-        dirs = os.listdir(out) if os.path.isdir(out) else []
-        path = os.path.join(out, dirs[0], trigger) if dirs else ""
-        if os.path.isfile(path):  # written whole or not at all (os.replace)
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.02)
-    stdout, stderr = proc.communicate()
+    try:
+        while proc.poll() is None:
+            dirs = os.listdir(out) if os.path.isdir(out) else []
+            path = os.path.join(out, dirs[0], trigger) if dirs else ""
+            if os.path.isfile(path):  # written whole or not at all (os.replace)
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate()
+    except BaseException:  # this process stopped (Ctrl-C, timeout's SIGTERM): its run goes with it
+        proc.kill()
+        proc.wait()
+        raise
     if proc.returncode != 130:
         sys.exit(f"{name}: expected exit 130 after SIGINT (stopped once {trigger} was written), got "
                  f"{proc.returncode}\n{stderr[-2000:]}")
@@ -103,7 +109,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.interrupt and not args.repeat:
         p.error("--interrupt goes with --repeat")
-    tmp = tempfile.mkdtemp(prefix="behaviour_")
+    if set(args.only or []) - set(runs()):
+        p.error(f"--only {', '.join(sorted(set(args.only) - set(runs())))}: no such run; expected some of: "
+                f"{', '.join(repr(n) for n in runs())}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # timeout's SIGTERM cleans up as Ctrl-C does
+    tmp = tempfile.mkdtemp(prefix="behaviour_")  # the data and run folders, removed at the end, stopped or not
+    print(f"behaviour: one line per run as it ends (the no-flag runs take minutes each on a CPU); work in {tmp}",
+          flush=True)
+    try:
+        code = compare(args, tmp)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sys.exit(code)
+
+
+def compare(args, tmp):
+    """The runs main() asks for, in tmp; returns the exit status."""
     folder = common.write_folder(common.make_synthetic(90, 32, 3, seed=0), os.path.join(tmp, "data"))
     result, env = {}, dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
     for name, (script, flags) in runs().items():
@@ -129,12 +152,12 @@ def main(argv=None):
         print(f"{same} of {len(result)} runs gave the same ids and Dice twice on {args.device}"
               f"{', the second stopped and resumed' if args.interrupt else ''}"
               f"{' with --deterministic' if args.deterministic else ''}")
-        sys.exit(0 if same == len(result) else 1)
+        return 0 if same == len(result) else 1
     if args.record:  # with --only: those runs replace theirs in an existing record
         old = json.load(open(args.record)) if args.only and os.path.isfile(args.record) else {}
         json.dump({**old, **result}, open(args.record, "w"), indent=0)
         print(f"recorded {len(result)} runs in {args.record}")
-        return
+        return 0
     want = json.load(open(args.check))
     bad = [n for n in result if want.get(n) != result[n]]
     for n in bad:
@@ -142,7 +165,7 @@ def main(argv=None):
         print(f"DIFFERS: {n}: queried {'same' if w.get('queried') == g['queried'] else 'different'}, "
               f"Dice recorded {w.get('dice')} now {g['dice']}")
     print(f"{len(result) - len(bad)} of {len(result)} runs identical to {args.check}")
-    sys.exit(1 if bad else 0)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
