@@ -94,28 +94,13 @@ def test_images_are_resized_by_averaging(tmp_path):
     assert 100 < x.min() and x.max() < 155
 
 
-def test_cache_key_holds_the_modification_time(tmp_path, capsys):
-    """A mask edited in place to a file of the same size (an uncompressed PNG) is decoded again, not served stale."""
-    os.makedirs(tmp_path / "images"), os.makedirs(tmp_path / "masks")
-    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
-    m = np.zeros((16, 16), np.uint8)
-    m[2:6, 2:6] = 255
-    path = tmp_path / "masks" / "a.png"
-    Image.fromarray(m).save(path, compress_level=0)
-    first = loaders.load_data("folder", str(tmp_path), 16).y
-    size = os.path.getsize(path)
-    Image.fromarray(np.roll(m, 8, 1)).save(path, compress_level=0)
-    os.utime(path, ns=(10 ** 18, 10 ** 18))
-    assert os.path.getsize(path) == size
-    capsys.readouterr()
-    again = loaders.load_data("folder", str(tmp_path), 16)
-    assert "decoded" in capsys.readouterr().out and not (again.y == first).all()
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="st_ctime is the creation time on Windows")
-def test_cache_key_holds_the_change_time(tmp_path, capsys):
-    """A mask rewritten to a file of the same size with its old modification time put back (cp -p, rsync -t,
-    unzip over the folder) is decoded again: the inode's change time moved."""
+@pytest.mark.parametrize("mtime", ["new", "old"])
+def test_cache_key_holds_the_modification_and_change_times(tmp_path, capsys, mtime):
+    """A mask edited in place to a file of the same size (an uncompressed PNG) is decoded again, not served stale:
+    with a new modification time, and with its old one put back (cp -p, rsync -t, unzip over the folder), where
+    only the inode's change time moved."""
+    if mtime == "old" and sys.platform == "win32":
+        pytest.skip("st_ctime is the creation time on Windows")
     os.makedirs(tmp_path / "images"), os.makedirs(tmp_path / "masks")
     Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
     m = np.zeros((16, 16), np.uint8)
@@ -126,8 +111,9 @@ def test_cache_key_holds_the_change_time(tmp_path, capsys):
     first = loaders.load_data("folder", str(tmp_path), 16).y
     time.sleep(0.05)  # a change time later than the first's, on file systems that keep whole milliseconds
     Image.fromarray(np.roll(m, 8, 1)).save(path, compress_level=0)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert (os.path.getsize(path), os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    os.utime(path, ns=(10 ** 18, 10 ** 18) if mtime == "new" else (before.st_atime_ns, before.st_mtime_ns))
+    assert os.path.getsize(path) == before.st_size
+    assert (os.stat(path).st_mtime_ns == before.st_mtime_ns) == (mtime == "old")
     capsys.readouterr()
     again = loaders.load_data("folder", str(tmp_path), 16)
     assert "decoded" in capsys.readouterr().out and not (again.y == first).all()
