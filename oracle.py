@@ -175,6 +175,10 @@ def write_queries(run, rnd, idx, data, model, x, batch_size, device, amp, decide
     os.makedirs(ask_dir, exist_ok=True)
     trained = model is not None and rnd > 0  # round 0 asks before any training: no prediction worth showing
     probs = predict(model, x, idx, batch_size, device or x.device, amp).float().cpu().numpy() if trained else None
+    if probs is not None and len(probs) > 1 and ((probs > 0.5).all() or not (probs > 0.5).any()):
+        print(f"note: the model predicts {'the object on every pixel' if (probs > 0.5).all() else 'no object'} of "
+              f"the {len(probs)} images this round asks for: it has not learnt yet, and its outlines in _model.png "
+              f"show nothing (more labels or epochs help; the labels you draw are what counts)")
     rows = []
     for k, i in enumerate(idx):
         sid = data.ids[i]

@@ -481,3 +481,37 @@ def test_labels_saved_in_the_wrong_place_are_named(tmp_path):
     with pytest.raises(SystemExit):  # as it was: round 1 trains, round 2 asks
         example_tta.main(["--resume", run])
     assert os.path.isdir(os.path.join(run, "to_label", "round_2"))
+
+
+class _Constant(torch.nn.Module):
+    """A model that has learnt nothing: the same logit at every pixel."""
+
+    def __init__(self, logit):
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, xb):
+        if self.logit is None:  # one that has: brighter than the image's mean is the object
+            return 10 * (xb[:, :1] - xb[:, :1].mean((2, 3), keepdim=True))
+        return torch.full((len(xb), 1, *xb.shape[-2:]), float(self.logit))
+
+
+@pytest.mark.parametrize("logit, said", [(5.0, "the object on every pixel"), (-5.0, "no object"), (None, None)])
+def test_a_model_that_predicts_every_pixel_or_none_is_named_to_the_annotator(tmp_path, capsys, logit, said):
+    """The walk-through of 2026-11-28: with a model that had learnt nothing, _model.png outlined the image's edge
+    and nothing said why. A model whose masks differ between images says nothing."""
+    data = common.make_synthetic(4, 32)
+    run = common.Run.__new__(common.Run)  # only what write_queries reads: the folder, the script and the rounds
+    run.dir, run.script = str(tmp_path), "example_tta"
+    run.args = type("Args", (), {"strategy": "tta", "rounds": 2})()
+    x = torch.as_tensor(data.x)
+    model = _Constant(logit)
+    oracle.write_queries(run, 1, np.arange(4), data, model, x, 2, torch.device("cpu"), False, None)
+    out = capsys.readouterr().out
+    if said:
+        assert out == (f"note: the model predicts {said} of the 4 images this round asks for: it has not learnt yet, "
+                       f"and its outlines in _model.png show nothing (more labels or epochs help; the labels you draw "
+                       f"are what counts)\n")
+    else:
+        assert "note" not in out
+    assert len(os.listdir(tmp_path / "to_label" / "round_1")) == 4 * 2 + 2  # images, model panels, manifest, README
