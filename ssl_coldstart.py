@@ -236,12 +236,12 @@ def shuffle_windows(x, y0, x0, bh, bw, gen, budget=2 ** 26):
     step = nb if whole else min(nb, max(1, budget // S))  # windows per range
     xs = x.flatten(2)
     o = xs.clone()
+    last = torch.full((n * H * W,), -1, dtype=torch.long, device=dev)  # images' pixels apart: one buffer serves all
     for imgs in [slice(0, n)] if whole else [slice(i, i + 1) for i in range(n)]:
         ranges = [slice(j, j + step) for j in range(0, nb, step)]
         slots = lambda r: _window_slots(y0[imgs, r], x0[imgs, r], bh[imgs, r], bw[imgs, r], S, H, W, imgs.start,
                                         r.start)
         one = slots(ranges[0]) if len(ranges) == 1 else None  # computed once where the windows are one range
-        last = torch.full((n * H * W,), -1, dtype=torch.long, device=dev)
         for r in ranges:  # the last window over each pixel
             keep, flat, block, _ = one or slots(r)
             last.scatter_reduce_(0, flat[keep], block[keep], "amax")
