@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--table-labeled", type=int, nargs="+", default=[90, 120, 180],
                    help="labelled counts of Table 1 (default: 90 120 180; all counts if none of these is present)")
     args = common.resolve(p.parse_args(argv), DEFAULTS, kmeans_init=1, asa_members=2, asa_candidates=1, lam=0)
+    if not -1 <= args.delta < 1:  # Eq. 5 hinges a cosine, in [-1, 1]: at 1 or above L_fdl is 0 on every image
+        raise common.UserError(f"--delta {args.delta}: expected a margin in [-1, 1) (Eq. 5 compares it with a cosine)")
     return args
 
 

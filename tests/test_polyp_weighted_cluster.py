@@ -63,6 +63,14 @@ def test_fdl_gradient_pushes_class_features_apart():
     assert feats.grad.abs().max().item() == 0
 
 
+@pytest.mark.parametrize("delta", ["1", "1.5", "-1.01"])
+def test_a_margin_no_cosine_can_cross_is_refused(delta):
+    # Eq. 5 hinges cos in [-1, 1] at delta: from 1 up L_fdl is 0 on every image, below -1 only a constant is added
+    with pytest.raises(common.UserError, match=f"--delta {float(delta)}: expected a margin in \\[-1, 1\\)"):
+        pwc.parse_args(["--delta", delta])
+    assert pwc.parse_args(["--delta", "-1"]).delta == -1 and pwc.parse_args(["--delta", "0.99"]).delta == 0.99
+
+
 def test_class_mean_iou_by_hand():
     pred = torch.tensor([[[True, True], [False, False]], [[False, False], [False, False]]])
     gt = torch.tensor([[[True, False], [False, False]], [[False, False], [False, False]]])
