@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 # Data (loaders.py), figures (plots.py), the run folder (runfolder.py) live in their own files; the scripts
 # reach them through common
-from loaders import Data, UserError, default_split, load_data, make_splits, make_synthetic, write_folder  # noqa: F401
+from loaders import (Data, UserError, default_split, load_data, make_splits, make_synthetic, subfolder,  # noqa: F401
+                     write_folder)
 from plots import COLOURS, learning_curve, picks_sheet, plot, plot_hist, save_panel  # noqa: F401
 from tables import (collect_runs, markdown_table, one_schedule, out_folder, read_config, read_json,  # noqa: F401
                     read_rows, summarise)
@@ -224,14 +225,14 @@ def split_data(run, data, args, initial, query, paper_pool, split=None, pseudo=N
         masked = set(data.ids) - {data.ids[i] for i in unlabelled}
         moved = sorted(sid for sid in old.get("train", []) if sid in masked)
         if moved:  # a person's labels saved into the data folder make those images test images
-            raise UserError(f"{os.path.join(args.data_dir or '', 'masks')}: {len(moved)} image(s) of the run's pool "
+            raise UserError(f"{subfolder(args.data_dir, 'masks')}: {len(moved)} image(s) of the run's pool "
                             f"now have a mask there ({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}), so "
                             f"they would leave the pool for the test set; the labels you draw go in "
                             f"{run.path('labels')}/round_<K>/, not in the data folder: move those masks out")
     if unlabelled is not None:  # images without masks (list_folder): the person labels them, the masked ones test
         if getattr(args, "oracle", "simulated") != "folder":
             first = data.files[unlabelled[0]] if data.files else data.ids[unlabelled[0]]
-            raise UserError(f"{first}: no mask for this image in {os.path.join(args.data_dir or '', 'masks')} "
+            raise UserError(f"{first}: no mask for this image in {subfolder(args.data_dir, 'masks')} "
                             f"(expected masks/<stem>[_mask].<ext>); {len(unlabelled)} image(s) have no mask. To "
                             f"label them yourself: --oracle folder")
         given, args.split = args.split, [len(unlabelled), 0, len(data) - len(unlabelled)]

@@ -176,7 +176,7 @@ def _mask_stem(path):
     return s
 
 
-def _subfolder(root, name):
+def subfolder(root, name):
     """root/name, its name matched regardless of case (Images/ from a Windows or macOS export); two matches are an
     error, not one picked in silence."""
     found = sorted(d for d in os.listdir(root) if d.lower() == name and os.path.isdir(os.path.join(root, d)))
@@ -189,7 +189,7 @@ def _subfolder(root, name):
 def list_folder(root, what="images/ and masks/ paired by file stem (a mask stem may add _mask, _segmentation, "
                            "_lesion or _manual1)"):
     glob_files(root, [])  # a folder that cannot be listed: one line, not a traceback from os.listdir
-    img_dir, mask_dir = _subfolder(root, "images"), _subfolder(root, "masks")
+    img_dir, mask_dir = subfolder(root, "images"), subfolder(root, "masks")
     if not os.path.isdir(img_dir):
         if os.path.exists(img_dir):
             raise UserError(f"{img_dir}: a file, not a folder; expected the folder of the images")

@@ -261,20 +261,21 @@ def test_bad_label_files_one_message_nothing_changed(folder, tmp_path):
 def test_images_without_masks_are_the_pool_and_masked_ones_the_test_set(folder, tmp_path):
     """--data folder with images/ only (and masks/ for a test set): accepted with --oracle folder, refused
     without; the pool is the unmasked images, round 0 asks for the initial set, and without any mask the
-    Dice is nan (not measured), never a number made from empty masks."""
+    Dice is nan (not measured), never a number made from empty masks. The error names the masks folder as it is spelt
+    (Masks/ here)."""
     mine = tmp_path / "mine"
     shutil.copytree(os.path.join(folder, "images"), mine / "images")
-    (mine / "masks").mkdir()
+    (mine / "Masks").mkdir()
     test_ids = sorted(os.listdir(mine / "images"))[:12]
     for name in test_ids:  # a test set of 12 masked images
-        shutil.copy(os.path.join(folder, "masks", name.replace(".png", "_mask.png")), mine / "masks")
+        shutil.copy(os.path.join(folder, "masks", name.replace(".png", "_mask.png")), mine / "Masks")
     flags = [*TINY, "--data", "folder", "--data-dir", mine, "--split", 48, 0, 12]
     out = run_script("example_tta.py", *flags, "--out", tmp_path / "sim", check=False)
     assert out.returncode == 2 and "48 image(s) have no mask" in out.stderr and "--oracle folder" in out.stderr
-    assert f"{mine}/images/" in out.stderr and "no mask for this image" in out.stderr
+    assert f"{mine}/images/" in out.stderr and f"no mask for this image in {mine}/Masks " in out.stderr
     for masks, expect_nan in ((True, False), (False, True)):
         if not masks:
-            shutil.rmtree(mine / "masks")
+            shutil.rmtree(mine / "Masks")
         runs = tmp_path / f"runs_{masks}"
         with pytest.raises(SystemExit):
             example_tta.main([*map(str, flags), "--out", str(runs), "--oracle", "folder"])
