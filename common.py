@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -684,6 +685,25 @@ def head_agreement(lower, middle, final):
     Dice(lower, final) and Dice(middle, final) per image -> (B,); also returns the two terms."""
     l_dsc, m_dsc = dice_iou(lower, final)[0], dice_iou(middle, final)[0]
     return (l_dsc + m_dsc) / 2, l_dsc, m_dsc
+
+
+def kmeans(feats, k, seed, n_init=10, weight=None):
+    """scikit-learn's KMeans (k-means++, n_init restarts, the lowest inertia kept) fitted to feats (N, d) in
+    float64, on one thread: its threads sum partial centres in finishing order, so two runs could differ. Fewer
+    distinct rows than k (identical images) leave clusters empty: one note line says so, for scikit-learn's
+    two-line ConvergenceWarning."""
+    from sklearn.cluster import KMeans  # here, not at the top: a second of import for the scripts without K-means
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    feats = np.asarray(feats, np.float64)
+    distinct = len(np.unique(feats, axis=0))
+    if distinct < k:
+        print(f"note: {distinct} distinct feature vectors among the {len(feats)} pool samples (identical images?), "
+              f"fewer than the {k} clusters: {k - distinct} cluster(s) stay empty")
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Number of distinct clusters", ConvergenceWarning)
+        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(
+            feats, sample_weight=None if weight is None else np.asarray(weight, np.float64))
 
 
 def ceal_groups(scores, n_low, n_high, n_band, n_pseudo, rng, bins=80, band_bins=6, band="paper", pseudo="nearest"):

@@ -16,8 +16,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
 
 import common
 import oracle
@@ -177,9 +175,7 @@ def weighted_kmeans(feats, weights, k, seed, n_init=10):
     is K-means); kept as a factor it would weigh each cluster's mean spread equally whatever its size, a
     different partition (the tests show one), which Lloyd's algorithm does not optimise. Returns (centres (K, C),
     labels (N,), objective)."""
-    with threadpool_limits(1):  # one thread: scikit-learn's threads sum their partial centres in finishing
-        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(  # order, so --resume could differ
-            np.asarray(feats, np.float64), sample_weight=np.asarray(weights, np.float64))
+    km = common.kmeans(feats, k, seed, n_init, weight=weights)
     return km.cluster_centers_, km.labels_, float(km.inertia_)
 
 

@@ -18,8 +18,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 import common
 import oracle
@@ -456,8 +454,7 @@ def cluster_ranking(feats, k, seed):
     feats = np.asarray(feats, dtype=np.float64)
     if k > len(feats):
         raise common.UserError(f"--clusters {k}: more clusters than the {len(feats)} pool samples")
-    with threadpool_limits(1):  # one thread: scikit-learn's threads sum partial centres in finishing order,
-        km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(feats)  # so two runs could differ
+    km = common.kmeans(feats, k, seed)
     # (paper silent on the K-means settings: scikit-learn's k-means++ with 10 restarts; the authors' code runs
     # kmeans_pytorch once from a random start and ranks every sample by its distance to each centroid, members
     # or not, so one sample may serve two clusters: "in cluster C_i" (Sec. III-B) read as members only here)

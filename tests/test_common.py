@@ -111,6 +111,19 @@ def test_head_agreement_pairs_each_head_with_the_final_one():
     assert l_dsc.tolist() == [0, 1] and m_dsc.tolist() == [1, 0] and score.tolist() == [0.5, 0.5]
 
 
+def test_kmeans_on_identical_rows_says_so_in_one_line(capsys, recwarn):
+    """Identical images give identical features: fewer distinct rows than clusters leave clusters empty, said
+    in one note line, without scikit-learn's two-line ConvergenceWarning; distinct rows say nothing."""
+    feats = np.repeat(np.eye(3)[:2], 5, axis=0)  # 10 rows, 2 distinct
+    km = common.kmeans(feats, 4, seed=0)
+    assert len(set(km.labels_)) == 2 and not [w for w in recwarn if "distinct clusters" in str(w.message)]
+    assert capsys.readouterr().out == ("note: 2 distinct feature vectors among the 10 pool samples (identical "
+                                       "images?), fewer than the 4 clusters: 2 cluster(s) stay empty\n")
+    weighted = common.kmeans(np.r_[feats, np.eye(3)[2:]], 3, seed=0, weight=np.r_[np.ones(10), 2.0])
+    assert capsys.readouterr().out == "" and sorted(np.bincount(weighted.labels_)) == [1, 5, 5]
+    assert weighted.inertia_ == pytest.approx(0.0, abs=1e-12)
+
+
 def test_unet_paper_size_and_features():
     assert 30.9e6 < count_parameters(UNet(3, 1, 64)) < 31.1e6  # CEAL Sec. 1.2: "around 31 million"
     m = UNet(1, 1, 8, up="bilinear", dropout=0.1, dropout_at="bottleneck")
