@@ -43,6 +43,23 @@ def test_heads_shapes_and_stages():
     assert [float(t) for t in dsal.heads(out, [1, 0])] == [1, 0, 9]                 # --ds-stages 1 0
 
 
+def test_the_test_dice_of_a_deeply_supervised_model_is_the_final_heads():
+    """Sec. IV: the segmentation is the final output; the heads only train and select. common.evaluate (every
+    round's test Dice) and common.predict take the first of (final, [aux...]): a model whose final head gets the
+    masks right and whose auxiliary heads predict nothing scores Dice 1."""
+    y = np.zeros((3, 16, 16), np.uint8)
+    y[:, 4:9, 2:12] = 1
+
+    class Heads(torch.nn.Module):
+        def forward(self, xb):
+            final = (xb[:, :1] > 0).float() * 20 - 10  # the image holds the mask: +10 inside, -10 outside
+            return final, [torch.full_like(final, -10.0), torch.full_like(final, -10.0)]
+    x = torch.tensor(y[:, None] * 255)
+    dice, iou = common.evaluate(Heads(), x, torch.tensor(y), np.arange(3), 2, torch.device("cpu"))
+    assert dice.tolist() == [1.0] * 3 and iou.tolist() == [1.0] * 3
+    assert torch.equal(common.predict(Heads(), x, np.arange(3), 2, torch.device("cpu")) > 0.5, torch.tensor(y) > 0)
+
+
 def test_unet_has_the_authors_bottleneck_dropout_and_scores_without_it():
     """The authors' Keras U-Net (and Ronneberger et al.'s): Dropout(0.5) after the bottleneck while training, none
     elsewhere; the pool is scored with it off (get_unet_ds(dropout=False)), whatever mode the model was left in."""

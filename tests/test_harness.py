@@ -95,3 +95,36 @@ def test_every_script_on_a_real_dataset_it_was_not_written_for(script, tmp_path)
     assert [int(r["labeled"]) for r in rows] == [initial + k * query for k in range(rounds + 1)]
     assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows)
     interface.assert_interface(script, run, help=False)  # --help: checked once per script above
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_random_baseline_queries_what_query_random_draws(script, folder_data, tmp_path, monkeypatch):
+    """--strategy random is each paper's uniform baseline: every query round takes exactly the samples that
+    common.query_random returns, from the round's whole pool. A stand-in draw (the pool's last k: no rule
+    picks these) shows it in queried.csv; the query rule of the method in its place, or the draw's pool or
+    size changed, fails here."""
+    import importlib
+    mod = importlib.import_module(script[:-3])
+    calls = []
+
+    def last_k(pool, k, rng):
+        calls.append(len(pool))
+        return np.asarray(pool)[-k:]
+    monkeypatch.setattr(common, "query_random", last_k)
+    extra, initial, query = SCRIPTS[script]
+    flags = ["--data", "folder", "--data-dir", folder_data, *FAST, *extra, "--rounds", 2, "--strategy", "random",
+             "--device", "cpu", "--out", tmp_path]
+    run = mod.main([str(f) for f in flags])
+    train = json.load(open(os.path.join(run, "splits.json")))["train"]
+    rows = list(csv.DictReader(open(os.path.join(run, "queried.csv"))))
+    labelled = {r["sample_id"] for r in rows if r["round"] == "0"}
+    cold = script == "ssl_coldstart.py"  # --cold-start auto: random but for cluster, a draw at round 0 too
+    assert len(labelled) == initial and len(calls) == 2 + cold
+    if cold:
+        assert calls[0] == len(train) and sorted(labelled) == sorted(train)[-initial:]
+    for rnd in (1, 2):
+        picked = [r["sample_id"] for r in rows if r["round"] == str(rnd)]
+        pool = sorted(set(train) - labelled)
+        assert calls[rnd - 1 + cold] == len(pool) and sorted(picked) == pool[-query:], rnd
+        assert {r["how"] for r in rows if r["round"] == str(rnd)} == {"oracle-random"}
+        labelled |= set(picked)

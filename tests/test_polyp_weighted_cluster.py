@@ -295,8 +295,8 @@ def known_scorer(monkeypatch):
 
 def test_ours_queries_the_most_uncertain_member_of_each_group(known_scorer):
     """Eq. 4 with K = B: the I-weighted centroid of each group lies on its most uncertain member, which is
-    queried; unweighted (w/o UNC) the query is the member nearest the group's plain mean. (Inverting the
-    weights, or dropping them, makes the first assertion fail.)"""
+    queried, by ours and by w/o DIS alike; unweighted (w/o UNC) the query is the member nearest the group's plain
+    mean. (Inverting the weights, or dropping them, makes the first assertion fail.)"""
     _, rounds, hooks, (group, feat, unc, _) = known_scorer("ours", "--delta", -1)
     for pool, picks in rounds:
         pool = np.array(pool)
@@ -306,6 +306,8 @@ def test_ours_queries_the_most_uncertain_member_of_each_group(known_scorer):
     model, extra_loss = hooks[-1]
     model.train()
     assert 0.1 <= extra_loss(model).item() <= 0.2
+    n_hooks = len(hooks)  # (the fixture's list of hooks grows over its runs)
+    assert known_scorer("wo-dis")[1] == rounds and len(hooks) == n_hooks  # Table 2: ours' query, no L_fdl
     _, rounds, _, (group, feat, _, _) = known_scorer("wo-unc")
     for pool, picks in rounds:
         pool = np.array(pool)
