@@ -199,7 +199,8 @@ def make_fingerbones(n, size=64, seed=0):
 
 def normalise(x, how):
     """Sec. IV-A: "intensity normalization to improve the brightness and sharpness of bones" (method not given).
-    Per image, on uint8 (N, C, H, W):
+    Per image, on uint8 (N, C, H, W) already resized to --image-size (departure: the paper normalises first, then
+    crops and resizes; docs):
     - minmax (default): (x - min) / (max - min) x 255, the linear contrast stretch (Gonzalez & Woods, Digital
       Image Processing, 3rd ed., Sec. 3.2.4); it evens out the exposure of radiographs taken on different
       machines (paper Fig. 2) without amplifying noise;
