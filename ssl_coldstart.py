@@ -70,6 +70,7 @@ FLIP_P, FLIP_TIMES = 0.4, 3           # flip, repeated while rand < 0.4, at most
 SHUFFLE_P = 0.5                       # local pixel shuffling
 NONLINEAR_P, BEZIER_POINTS = 0.9, 1000  # Bezier intensity mapping (reference code samples the curve 100,000x)
 PAINT_P, OUTPAINT_P = 0.9, 0.8        # painting; out-painting 0.8, in-painting 0.2
+SAVE_EVERY_S = 60  # ssl_pretrain.pt after the first epoch, then once this many seconds have passed (GPU epochs: ~4 s)
 
 # The paper's test Dice on ISIC 2017, beside ours in summary.json and in the tables command.
 PAPER_TABLE_I_COLS = ["random, w/o SSL", "random, w/ SSL", "cluster k=10 AAP 2048, w/o SSL",
@@ -339,8 +340,9 @@ def pretrain(run, x, pool, pool_ids, args, device):
     (SGD momentum 0.9, lr 0.01, batch 1, step decay; the step, 40 epochs x 0.5, is the Models Genesis PyTorch
     code's StepLR(0.8 x patience 50)).
     Their early stopping watches a validation loss on test images: left out, the run trains --ssl-epochs.
-    Each epoch ends with ssl_pretrain.pt (model, optimiser, schedule, generators): --resume continues from the
-    last finished epoch, with the same result as a run never stopped."""
+    The first epoch, and then any epoch ending SAVE_EVERY_S or more after the last save, ends with ssl_pretrain.pt
+    (model, optimiser, schedule, generators): --resume continues from that epoch, with the same result as a run
+    never stopped, and a stop loses at most a minute of pre-training (saving every GPU epoch cost 4 %)."""
     t0 = time.time()
     model = common.prepare_model(ssl_unet(args), device, args.compile)
     if args.ssl_optim == "sgd":
@@ -374,25 +376,29 @@ def pretrain(run, x, pool, pool_ids, args, device):
         print(f"resume: pre-training after epoch {done['epoch']} of {args.ssl_epochs}")
     run.truncate_csv("ssl_epochs.csv", done["epoch"], "epoch")
 
-    losses, ends = list(done["losses"]), [t0]  # ends: when each epoch of this process ended, its save included
+    losses, saved_at, first_end = list(done["losses"]), None, None  # this process's last save, its first epoch's end
     for e, loss, s in common.train_epochs(
             model, opt, x, x, pool, args.ssl_epochs - done["epoch"], args.ssl_batch_size, device=device, amp=args.amp,
             loss_fn=lambda out, clean: F.mse_loss(torch.sigmoid(out.float()), clean),
             augment=lambda xb, _: models_genesis(xb, gen, args.shuffle_blocks), generator=order, lr_flag="--ssl-lr"):
-        run.append_csv("ssl_epochs.csv", {"epoch": done["epoch"] + e + 1, "loss": loss, "seconds": s})
+        epoch = done["epoch"] + e + 1
+        run.append_csv("ssl_epochs.csv", {"epoch": epoch, "loss": loss, "seconds": s})
         if sched is not None:
             sched.step()
         losses.append(loss)
-        state = dict(epoch=done["epoch"] + e + 1, losses=losses, seconds=done["seconds"] + time.time() - t0,
-                     model=model.state_dict(), opt=opt.state_dict(), sched=sched and sched.state_dict(),
-                     gen=gen.get_state(), order=order.get_state(), device=device.type)
-        torch.save(state, saved + ".tmp")
-        os.replace(saved + ".tmp", saved)  # whole or absent
-        ends.append(time.time())  # the first epoch (set-up, warm-up, cuDNN's search) gives no rate: no ETA yet
-        each = (ends[-1] - ends[1]) / (len(ends) - 2) if len(ends) > 2 else None
-        print(f"  ssl epoch {state['epoch']}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
+        # saved after this process's first epoch, then each SAVE_EVERY_S (the last epoch's: ssl_weights.pt, below)
+        if saved_at is None or time.time() - saved_at >= SAVE_EVERY_S and epoch < args.ssl_epochs:
+            state = dict(epoch=epoch, losses=losses, seconds=done["seconds"] + time.time() - t0,
+                         model=model.state_dict(), opt=opt.state_dict(), sched=sched and sched.state_dict(),
+                         gen=gen.get_state(), order=order.get_state(), device=device.type)
+            torch.save(state, saved + ".tmp")
+            os.replace(saved + ".tmp", saved)  # whole or absent
+            saved_at = time.time()
+        first_end = first_end or time.time()  # the first epoch (set-up, warm-up, cuDNN's search) gives no rate
+        each = (time.time() - first_end) / e if e else None
+        print(f"  ssl epoch {epoch}/{args.ssl_epochs} L2 loss {loss:.5f} ({s:.1f}s) | "
               f"{common.fmt_s(run.elapsed())} elapsed, pre-training ETA "
-              f"{'--' if each is None else common.fmt_s(each * (args.ssl_epochs - state['epoch']))}", flush=True)
+              f"{'--' if each is None else common.fmt_s(each * (args.ssl_epochs - epoch))}", flush=True)
     state, seconds = {k: v.cpu() for k, v in model.state_dict().items()}, done["seconds"] + time.time() - t0
     torch.save({"state_dict": state, "width": args.width, "image_size": args.image_size, "data": args.data,
                 "channels": args.channels, "up": args.up, "ssl_optim": args.ssl_optim, "pool": list(pool_ids),

@@ -985,16 +985,23 @@ def test_a_new_adam_each_round_and_the_authors_batch(tmp_path, monkeypatch):
         assert S.parse_args(["--data", data, "--data-dir", "x"]).batch_size == 10
 
 
-@pytest.mark.parametrize("optim", ["adam", "sgd"])
-def test_a_run_stopped_while_pre_training_goes_on_from_its_last_epoch(tmp_path, monkeypatch, optim):
-    """A kill during the Models Genesis pre-training loses at most the epoch in progress: --resume goes on from
-    ssl_pretrain.pt (model, optimiser, the SGD schedule, both generators), and the pre-trained weights, their
-    losses, ssl_epochs.csv and the run's picks equal those of a run never stopped."""
+@pytest.mark.parametrize("optim, every, saved", [("adam", 0, 2), ("sgd", S.SAVE_EVERY_S, 1)])
+def test_a_run_stopped_while_pre_training_goes_on_from_its_last_save(tmp_path, monkeypatch, optim, every, saved):
+    """A kill during the Models Genesis pre-training loses what followed the last ssl_pretrain.pt (written after
+    the first epoch, then once SAVE_EVERY_S has passed: with 0, every epoch): --resume goes on from it (model,
+    optimiser, the SGD schedule, both generators), and the pre-trained weights, their losses, ssl_epochs.csv and
+    the run's picks equal those of a run never stopped."""
+    monkeypatch.setattr(S, "SAVE_EVERY_S", every)
     flags = ("--ssl-epochs", 4, "--ssl-optim", optim, "--rounds", 1)
+    save, saves = torch.save, []
+    monkeypatch.setattr(S.torch, "save", lambda obj, path, *a, **k: (saves.append(obj.get("epoch")), save(obj, path)))
     whole = main(*flags, "--out", tmp_path / "whole")
+    every_epoch = [1, 2, 3] if every == 0 else [1]  # (the fourth, the last, is in ssl_weights.pt: no "epoch")
+    assert saves[:len(every_epoch) + 1] == every_epoch + [None]
+    monkeypatch.setattr(S.torch, "save", save)
     train = common.train_epochs
 
-    def stopped(*a, **k):  # a kill after the second epoch's end (its loop body, the save, ran)
+    def stopped(*a, **k):  # a kill after the second epoch's end (its loop body, any save, ran)
         for e, *b in train(*a, **k):
             yield e, *b
             if e == 1 and a[5] == 4:  # a[5]: the epochs asked for
@@ -1006,7 +1013,7 @@ def test_a_run_stopped_while_pre_training_goes_on_from_its_last_epoch(tmp_path, 
     monkeypatch.setattr(S.common, "train_epochs", train)
     cut = str(next((tmp_path / "cut").iterdir()))
     state = torch.load(os.path.join(cut, "ssl_pretrain.pt"), weights_only=False)
-    assert state["epoch"] == 2
+    assert state["epoch"] == saved and len(state["losses"]) == saved
     torch.save(dict(state, seconds=1000.0), os.path.join(cut, "ssl_pretrain.pt"))  # as if the stopped part ran long
     with open(os.path.join(cut, "ssl_epochs.csv"), "a") as f:
         f.write("3,0.1")  # a row cut short by the kill
