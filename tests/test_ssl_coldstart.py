@@ -342,10 +342,12 @@ def test_selected_ids_index_the_pool():
 
 
 def test_ssl_features_are_clean_and_in_pool_order():
-    x = torch.randint(0, 255, (12, 1, 32, 32), dtype=torch.uint8)
+    # 64 px: the last encoder stage is 4 x 4, so pooling to 2 x 2 averages 4 pixels (at 32 px it is 2 x 2 already,
+    # and max pooling would pass as average pooling: Sec. IV-A's AAP)
+    x = torch.randint(0, 255, (12, 1, 64, 64), dtype=torch.uint8)
     train_ids = np.array([1, 4, 5, 9, 11])
     state = UNet(1, 1, 4).state_dict()
-    args = S.parse_args(["--width", "4", "--image-size", "32", "--batch-size", "2", "--aap-grid", "2"])
+    args = S.parse_args(["--width", "4", "--image-size", "64", "--batch-size", "2", "--aap-grid", "2"])
     feats = S.ssl_features(state, x, train_ids, args, torch.device("cpu"))
     assert feats.shape == (5, 64 * 4)
     model = UNet(1, 1, 4)
