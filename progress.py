@@ -19,7 +19,8 @@ class Progress:
     first, and a resumed run starts from the costs of its finished rounds. Until some round has scored its
     pool, scoring an image is taken to cost one training image-epoch; in a round that scores, the time from
     the last round's end to its first epoch, less that epoch at the measured training cost, stands in for its
-    selection time until the round reports select_s.
+    selection time until the round reports select_s (not in a resumed process's first round, whose gap also
+    holds the start-up and, on a GPU, the warm-up: there the finished rounds' selection cost stands).
     Without a plan: the epochs still planned at the mean epoch time so far (selection time unseen)."""
 
     def __init__(self, run, total_epochs=1, done_epochs=0, plan=None):
@@ -28,8 +29,10 @@ class Progress:
         self.work = [tuple(int(v) for v in w) for w in plan] if plan else None
         self.train_s = self.train_ie = self.select_s = self.select_n = self.other_s = 0.0
         self.other_rounds, self.finished, self.cur, self.t_round = 0, -1, None, self.t_start
-        for row in (run.read_csv("rounds.csv") if self.work else []):  # --resume: the costs of the rounds done
+        rows = run.read_csv("rounds.csv") if self.work else []
+        for row in rows:  # --resume: the costs of the rounds done
             self._measured(row)
+        self.resumed = bool(rows)
 
     @staticmethod
     def plan(initial, query, rounds, epochs_initial, epochs, pool, scored=True, pseudo=None, redraw=False):
@@ -78,8 +81,8 @@ class Progress:
             gap = t_first - self.t_round  # its selection and its first epoch
             if not tie:  # the run's first epoch alone: warm-up, not a rate
                 return None
-            if s:
-                ss, sn = ss + max(0.0, gap - ts / tie * n), sn + s
+            if s and not (self.resumed and self.t_round == self.t_start):  # a resumed process's first round: its
+                ss, sn = ss + max(0.0, gap - ts / tie * n), sn + s  # gap holds start-up and warm-up too, not a rate
             left_ie, first = max(0, epochs - k) * n, rnd + 1
         for n, e, s in self.work[first:]:
             left_ie, left_n = left_ie + n * e, left_n + s

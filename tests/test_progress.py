@@ -115,3 +115,14 @@ def test_plan_of_the_usual_protocol():
     assert common.Progress.plan(10, 7, 3, 1, 1, 40, pseudo=lambda r: r * (r + 1)) == [(10, 1, 0), (19, 1, 40),
                                                                                       (30, 1, 31), (43, 1, 20)]
     assert common.Progress.plan(40, 7, 0, 3, 1, 0) == [(40, 3, 0)]  # the "full" baseline: one round
+
+
+def test_a_resumed_processs_first_round_keeps_the_finished_rounds_selection_cost(clock):
+    """In a resumed process, the time before the first round's first epoch holds the start-up (on a GPU the
+    warm-up too) besides the selection: until the round reports select_s, the ETA keeps the selection cost of
+    the finished rounds, 0.5 s per image here, instead of reading the gap as selection."""
+    plan = PLAN + [(40, 1, 50)]
+    p = common.Progress(FakeRun(clock, [row(0, "20.0", "0.0"), row(1, "30.0", "45.0")]), 5, 3, plan=plan)
+    clock.t += 60 + 35 + 30 * 1.25  # start-up and warm-up, selection, round 2's one epoch of 30 images at 1.25 s
+    p.epoch(2, 0, 1, 0.2)
+    assert p.eta_s() == pytest.approx(40 * 50 / 40 + 50 * 45 / 90)  # round 3 at the finished rounds' costs
