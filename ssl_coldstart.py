@@ -342,7 +342,8 @@ def pretrain(run, x, pool, pool_ids, args, device):
     Their early stopping watches a validation loss on test images: left out, the run trains --ssl-epochs.
     The first epoch, and then any epoch ending SAVE_EVERY_S or more after the last save, ends with ssl_pretrain.pt
     (model, optimiser, schedule, generators): --resume continues from that epoch, with the same result as a run
-    never stopped, and a stop loses at most a minute of pre-training (saving every GPU epoch cost 4 %)."""
+    never stopped; a stop loses the epoch in progress and at most a minute before it (saving every epoch cost 4 %
+    of an H200's pre-training)."""
     t0 = time.time()
     model = common.prepare_model(ssl_unet(args), device, args.compile)
     if args.ssl_optim == "sgd":
