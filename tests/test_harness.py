@@ -4,6 +4,7 @@ The split, the initial set and the query size are left to each script's DEFAULTS
 the data by common.default_split, counts as the paper's share of the pool by common.pool_share); only the
 sizes that make a test fast (image size, width, epochs, rounds, passes) are given."""
 import csv
+import importlib
 import json
 import os
 
@@ -103,7 +104,6 @@ def test_every_random_baseline_queries_what_query_random_draws(script, folder_da
     common.query_random returns, from the round's whole pool. A stand-in draw (the pool's last k: no rule
     picks these) shows it in queried.csv; the query rule of the method in its place, or the draw's pool or
     size changed, fails here."""
-    import importlib
     mod = importlib.import_module(script[:-3])
     calls = []
 
