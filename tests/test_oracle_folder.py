@@ -21,7 +21,7 @@ import example_tta
 import oracle
 from loaders import resize_mask
 from conftest import run_script
-from test_behaviour import METHOD, RECORD, TINY, record_of
+from test_behaviour import METHOD, TINY, record_of, recorded
 
 SCRIPTS = ["ceal_mcdropout", "ssl_coldstart", "region_uncertainty", "polyp_weighted_cluster", "dsal_fingerbones",
            "example_tta", "example_claspe"]
@@ -95,7 +95,7 @@ def test_annotator_in_the_loop_gives_the_simulated_run(script, folder, tmp_path)
             assert e.code == 0
             stops, asked = stops + 1, asked + annotate(run, folder)
     assert done == run and stops == 3  # round 0, 1 and 2 each asked once
-    assert record_of(run) == json.load(open(RECORD))[script], f"{script}: the annotated run differs from the simulated one"
+    assert record_of(run) == recorded(script, record_of(run)), f"{script}: the annotated run differs from the simulated one"
     # the end: a mask of every training image the person did not label (pseudo-labelled ones included), file size
     train = json.load(open(os.path.join(run, "splits.json")))["train"]
     drawn = {r["sample_id"] for r in csv.DictReader(open(os.path.join(run, "queried.csv"))) if r["how"] != "pseudo"}
