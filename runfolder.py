@@ -108,6 +108,25 @@ def run_main(main):
         Run.release_lock()
 
 
+def device_name(device):
+    """The card's name, or the CPU's: vendor, family and model (/proc/cpuinfo, Linux; else what platform says) and
+    the instruction set torch's CPU kernels use. Two CPUs can train the same run to other floats, so other picks
+    and Dice from the first round on (docs/behaviour_checks.md): config.json says which one a run had."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = {}
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip() and cpu:
+                    break  # the first processor's block
+                key, _, value = line.partition(":")
+                cpu.setdefault(key.strip(), value.strip())
+    name = (f"{cpu['vendor_id']} family {cpu.get('cpu family')} model {cpu.get('model')}" if "vendor_id" in cpu
+            else platform.processor() or platform.machine())
+    return f"{platform.machine()} {name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def git_commit():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -202,7 +221,7 @@ class Run:
             Run.made = self.dir
             self.take_lock()
             cfg = {"script": self.script, "args": vars(args), "command": " ".join(sys.argv), "commit": git_commit(),
-                   "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+                   "device": str(device), "device_name": device_name(device),
                    "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
                    "numpy": np.__version__, "pillow": PIL.__version__,  # Pillow decodes and resizes the images
                    "started": datetime.datetime.now().isoformat(timespec="seconds")}

@@ -16,7 +16,6 @@ fraction of the bf16 peak and an estimate of the full CEAL ISIC-2017 protocol, a
 """
 import argparse
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -29,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import runfolder  # noqa: E402
 import ssl_coldstart  # noqa: E402
 from unet import UNet  # noqa: E402
 
@@ -377,7 +377,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # as common.seed_everything does outside --deterministic
     peak, peak_txt = gpu_peak(device, args.peak_tflops)
     t_start = time.time()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = runfolder.device_name(device)
     print(f"speed benchmark: torch {torch.__version__}, device {device} ({name}), "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, amp {args.amp}, "
           f"compile {args.compile}, repeats {args.repeats} (median), T = {args.mc_passes}")

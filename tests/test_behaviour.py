@@ -13,18 +13,18 @@ benchmarks/behaviour.json, checked by `python benchmarks/behaviour.py --check be
 test_each_round_fine_tunes_the_last_rounds_model checks the schedule itself (epochs per round, weights and
 optimiser carried over), which a re-record would otherwise accept unseen.
 
-Recorded in-process on one thread (conftest), one record per machine (`machine()`: the CPU and torch's build): the
-same code, seed and thread count train to other floats on another CPU (an Intel Xeon model 207 with AVX-512 and AMX
-ends the TINY CEAL run at other picks than the AMD EPYC Zen 4 the first record came from; pinning MKL_CBWR and
-ONEDNN_MAX_CPU_ISA did not make them agree), so an exact record holds for the machine that made it. On a machine
-without one the run must equal one of the records, or the test skips, saying so; it never fails there for the CPU
-alone. `ALSEG_RECORD=1 python -m pytest tests/test_behaviour.py -k queried` (one process: the workers of -n would
-write the file at once) writes this machine's record: do it on a commit whose record on another machine passes."""
+Recorded in-process on one thread (conftest), one record per machine (`machine()`: the CPU, as a run's config.json
+names it, and torch's version): the same code, seed and thread count train to other floats on another CPU (on an
+Intel Xeon, family 6 model 207, the TINY CEAL run picks otherwise from round 1 than on the AMD EPYC Zen 4 the first
+records were made on, docs/cpu_channels_last_crash.md; pinning MKL_CBWR and ONEDNN_MAX_CPU_ISA did not make them
+agree), so a record is exact for the machine that made it. On a machine without one the run must equal one of the
+records, or the test skips, saying so: it never fails there for the CPU alone. `ALSEG_RECORD=1 python -m pytest
+tests/test_behaviour.py -k queried` (one process: the workers of -n would write the file at once) writes this
+machine's record: do it on a commit whose record on another machine passes."""
 import csv
 import importlib
 import json
 import os
-import platform
 import time
 
 import pytest
@@ -32,6 +32,7 @@ import torch
 
 import common
 import oracle
+import runfolder
 from conftest import ROOT
 
 RECORD = os.path.join(ROOT, "tests", "behaviour_record.json")
@@ -44,18 +45,8 @@ METHOD = {"ceal_mcdropout": ["--mc-passes", 3, "--pseudo-step", 2], "ssl_coldsta
 
 
 def machine():
-    """The machine a record's floats belong to: architecture, CPU vendor, family and model (/proc/cpuinfo on Linux),
-    torch's version and the instruction set its kernels use."""
-    cpu = {}
-    if os.path.isfile("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() in ("vendor_id", "cpu family", "model", "CPU implementer", "CPU part"):
-                cpu.setdefault(key.strip(), value.strip())
-            if not line.strip() and cpu:
-                break
-    name = " ".join(f"{k} {v}" for k, v in cpu.items()) or platform.processor()
-    return f"{platform.machine()} {name}, torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+    """The machine a record's floats belong to: the CPU (runfolder.device_name, as config.json says) and torch."""
+    return f"{runfolder.device_name(torch.device('cpu'))}, torch {torch.__version__}"
 
 
 def recorded(script, got):

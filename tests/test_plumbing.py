@@ -14,6 +14,7 @@ import torch
 
 import collect
 import common
+import runfolder
 from test_collect import fake_run
 
 CPU = torch.device("cpu")
@@ -226,6 +227,22 @@ def test_config_records_versions_device_and_threads(tmp_path):  # M31
     assert {"script", "args", "command", "commit", "device", "device_name", "threads", "python", "torch", "numpy",
             "started"} <= set(cfg)
     assert cfg["threads"] == torch.get_num_threads() and cfg["device"] == "cpu" and cfg["torch"] == torch.__version__
+
+
+def test_config_names_the_cpu_by_vendor_family_and_model(tmp_path, monkeypatch):
+    """Two CPUs can train the same run to other floats (docs/behaviour_checks.md): config.json names the CPU as
+    /proc/cpuinfo's first processor does (`x86_64` alone said nothing), with the instruction set torch's kernels use."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
+                       "model name\t: Intel(R) Xeon(R) Processor\n\nprocessor\t: 1\nvendor_id\t: OtherVendor\n")
+    real_open, real_isfile = open, runfolder.os.path.isfile
+    monkeypatch.setattr(runfolder.os.path, "isfile", lambda p: p == "/proc/cpuinfo" or real_isfile(p))
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+    name = runfolder.device_name(CPU)
+    monkeypatch.undo()
+    assert name.endswith(f"GenuineIntel family 6 model 207, {torch.backends.cpu.get_cpu_capability()}"), name
+    run = common.Run("x.py", _args(out=str(tmp_path / "runs")), CPU)
+    assert common.read_json(run.path("config.json"))["device_name"] == runfolder.device_name(CPU)
 
 
 def test_resume_refuses_data_with_samples_added(tmp_path):  # M34
