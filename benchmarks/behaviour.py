@@ -8,7 +8,9 @@
 Two runs per script: its no-flag run (`python SCRIPT.py`, the README's first command for each script) and one
 `--data folder` run on the synthetic set written in the folder layout (a small schedule; until 0da0233 it was
 width 4 and 2 + 1 epochs, whose models predicted so little that every folder run ended at Dice 0.208716). Every run gets
-OMP_NUM_THREADS=2 and --device cpu, as recorded (another thread count or CPU can round differently).
+OMP_NUM_THREADS=2 and --device cpu, as recorded (another thread count can round differently). Another CPU can too
+(docs/behaviour_checks.md): the file keeps one record per machine (`machine()`), and --check on a machine it does
+not name stops at once; record the commit before a change there, then check the change against it.
 tests/test_behaviour.py holds a smaller record of the same kind that the suite checks on every change.
 --repeat records nothing: it runs each folder run twice on --device (with REPEAT's flags: the paths that only
 some flags take) and exits 1 unless the two give the same ids and Dice, the check of --deterministic on a GPU.
@@ -30,6 +32,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import runfolder  # noqa: E402
+import torch  # noqa: E402
 
 SCRIPTS = ["ceal_mcdropout.py", "ssl_coldstart.py", "region_uncertainty.py", "polyp_weighted_cluster.py",
            "dsal_fingerbones.py", "example_tta.py", "example_claspe.py"]
@@ -49,6 +53,11 @@ def runs():
         out[s] = (s, [])
         out[f"{s} --data folder"] = (s, ["--data", "folder", "--data-dir", "{folder}", *FOLDER, *METHOD.get(s, [])])
     return out
+
+
+def machine():
+    """Whose floats a record holds: the CPU, as a run's config.json names it, and torch's version."""
+    return f"{runfolder.device_name(torch.device('cpu'))}, torch {torch.__version__}"
 
 
 def record_of(run_dir):
@@ -112,6 +121,10 @@ def main(argv=None):
     if set(args.only or []) - set(runs()):
         p.error(f"--only {', '.join(sorted(set(args.only) - set(runs())))}: no such run; expected some of: "
                 f"{', '.join(repr(n) for n in runs())}")
+    if args.check and machine() not in json.load(open(args.check)):
+        p.error(f"--check {args.check}: no record for this machine ({machine()}; the file has: "
+                f"{'; '.join(json.load(open(args.check)))}); another CPU can train the same runs to other floats. "
+                "Record the commit before the change here (--record), then --check the change against that")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # timeout's SIGTERM cleans up as Ctrl-C does
     tmp = tempfile.mkdtemp(prefix="behaviour_")  # the data and run folders, removed at the end, stopped or not
     print(f"behaviour: one line per run as it ends (the no-flag runs take minutes each on a CPU); work in {tmp}",
@@ -153,12 +166,13 @@ def compare(args, tmp):
               f"{', the second stopped and resumed' if args.interrupt else ''}"
               f"{' with --deterministic' if args.deterministic else ''}")
         return 0 if same == len(result) else 1
-    if args.record:  # with --only: those runs replace theirs in an existing record
-        old = json.load(open(args.record)) if args.only and os.path.isfile(args.record) else {}
-        json.dump({**old, **result}, open(args.record, "w"), indent=0)
-        print(f"recorded {len(result)} runs in {args.record}")
+    if args.record:  # this machine's record; with --only: those runs replace theirs in it
+        records = json.load(open(args.record)) if os.path.isfile(args.record) else {}
+        records[machine()] = {**(records.get(machine(), {}) if args.only else {}), **result}
+        json.dump(records, open(args.record, "w"), indent=0)
+        print(f"recorded {len(result)} runs in {args.record} for {machine()}")
         return 0
-    want = json.load(open(args.check))
+    want = json.load(open(args.check))[machine()]
     bad = [n for n in result if want.get(n) != result[n]]
     for n in bad:
         w, g = want.get(n, {}), result[n]
