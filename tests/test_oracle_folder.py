@@ -95,7 +95,6 @@ def test_annotator_in_the_loop_gives_the_simulated_run(script, folder, tmp_path)
             assert e.code == 0
             stops, asked = stops + 1, asked + annotate(run, folder)
     assert done == run and stops == 3  # round 0, 1 and 2 each asked once
-    assert record_of(run) == recorded(script, record_of(run)), f"{script}: the annotated run differs from the simulated one"
     # the end: a mask of every training image the person did not label (pseudo-labelled ones included), file size
     train = json.load(open(os.path.join(run, "splits.json")))["train"]
     drawn = {r["sample_id"] for r in csv.DictReader(open(os.path.join(run, "queried.csv"))) if r["how"] != "pseudo"}
@@ -107,6 +106,8 @@ def test_annotator_in_the_loop_gives_the_simulated_run(script, folder, tmp_path)
         with Image.open(os.path.join(run, "predicted", r["mask"])) as im:
             assert im.size == (32, 32) and set(np.unique(np.asarray(im))) <= {0, 255}
     assert [float(r["uncertainty"]) for r in rows] == sorted((float(r["uncertainty"]) for r in rows), reverse=True)
+    # last: on a machine with no behaviour record whose floats match none, this skips (the checks above still ran)
+    assert record_of(run) == recorded(script, record_of(run)), f"{script}: the annotated run differs from the simulated one"
 
 
 def test_the_images_not_labelled_get_the_final_models_masks_at_their_own_size(tmp_path):
