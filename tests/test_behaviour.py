@@ -23,6 +23,7 @@ tests/test_behaviour.py -k queried` (one process: the workers of -n would write 
 machine's record: do it on a commit whose record on another machine passes."""
 import csv
 import importlib
+import importlib.util
 import json
 import os
 import time
@@ -32,7 +33,6 @@ import torch
 
 import common
 import oracle
-import runfolder
 from conftest import ROOT
 
 RECORD = os.path.join(ROOT, "tests", "behaviour_record.json")
@@ -44,9 +44,10 @@ METHOD = {"ceal_mcdropout": ["--mc-passes", 3, "--pseudo-step", 2], "ssl_coldsta
           "region_uncertainty": ["--image-size", 64, "--width", 16, "--lr", 0.03]}
 
 
-def machine():
-    """The machine a record's floats belong to: the CPU (runfolder.device_name, as config.json says) and torch."""
-    return f"{runfolder.device_name(torch.device('cpu'))}, torch {torch.__version__}"
+_spec = importlib.util.spec_from_file_location("behaviour", os.path.join(ROOT, "benchmarks", "behaviour.py"))
+behaviour = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(behaviour)
+machine = behaviour.machine  # a record's key, as benchmarks/behaviour.py writes it: the CPU (config.json's) and torch
 
 
 def recorded(script, got):
@@ -113,7 +114,10 @@ def test_a_machine_without_a_record_accepts_any_machines_record_or_skips(monkeyp
     records = json.load(open(RECORD))
     monkeypatch.setitem(globals(), "machine", lambda: "a machine not recorded")
     for record in records.values():
-        assert recorded("ceal_mcdropout", record["ceal_mcdropout"]) == record["ceal_mcdropout"]
+        try:
+            assert recorded("ceal_mcdropout", record["ceal_mcdropout"]) == record["ceal_mcdropout"]
+        except pytest.skip.Exception:
+            pytest.fail("a run equal to a machine's record skipped on a machine without one")
     with pytest.raises(pytest.skip.Exception, match="no behaviour record for this machine"):
         recorded("ceal_mcdropout", {"queried": [], "dice": []})
     mine = next(iter(records))
